@@ -1,0 +1,64 @@
+"""attnprof.kernels: softmax attention that also returns group-wise sums of P.
+
+Pure compute on ``q, k, v``; no model knowledge. One entry point,
+:func:`attention_stats`, with interchangeable backends.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .blocked import blocked_stats
+from .reference import reference_stats
+from .spec import SUMMARIES, StatsSpec, check_inputs, empty_sums, sum_shapes
+
+BACKENDS = ("auto", "reference", "torch", "triton")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``auto`` is triton on CUDA and torch elsewhere."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "triton" if torch.device(device).type == "cuda" else "torch"
+    return backend
+
+
+def attention_stats(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    spec: StatsSpec,
+    groups,
+    key_padding_mask: torch.Tensor | None = None,
+    tokens: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Softmax attention over ``[B, H, L, D]`` inputs plus the batch's statistic sums.
+
+    Returns the output (as ``scaled_dot_product_attention`` gives it, padded
+    keys masked, in the input dtype) and a dict of float64 sums on the input's
+    device, shaped as :func:`sum_shapes` says.
+    """
+    inp = check_inputs(q, k, v, key_padding_mask, groups, tokens, spec, scale)
+    name = resolve_backend(backend, q.device)
+    if name == "reference":
+        return reference_stats(inp, spec)
+    if name == "torch":
+        return blocked_stats(inp, spec)
+    from .triton_stats import triton_stats  # imported lazily: needs a working triton
+
+    return triton_stats(inp, spec)
+
+
+__all__ = [
+    "BACKENDS",
+    "SUMMARIES",
+    "StatsSpec",
+    "attention_stats",
+    "empty_sums",
+    "resolve_backend",
+    "sum_shapes",
+]

@@ -1,0 +1,163 @@
+"""The statistics contract shared by every backend.
+
+A backend takes ``q, k, v`` of shape ``[B, H, L, D]``, a key padding mask
+``[B, L]`` (True = padding), group codes ``[B]`` (-1 = not counted), optional
+token ids ``[B, L]`` and a :class:`StatsSpec`; it returns the attention output
+and a dict of float64 *sums* (see :data:`SUM_SHAPES`). Sums merge by addition
+across batches, shards and machines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+#: The four per-cell head summaries, in the order of the last axis of ``summary_*``.
+SUMMARIES = ("entropy", "context_mass", "self_mass", "row_max")
+
+
+@dataclass(frozen=True)
+class StatsSpec:
+    """What to reduce the attention probabilities into.
+
+    n_groups:   number of groups G; group codes are in ``[0, G)`` or -1.
+    window:     position window W: the ``[W, W]`` top-left block of P is summed.
+    vocab_size: V, the number of token ids; gene-received sums need it and tokens.
+    panel:      K token ids whose pairwise attention is summed (unique ids).
+    n_context:  C, the number of leading context tokens for ``context_mass``.
+    """
+
+    n_groups: int
+    window: int = 64
+    vocab_size: int | None = None
+    panel: tuple[int, ...] = field(default_factory=tuple)
+    n_context: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "panel", tuple(int(t) for t in self.panel))
+        if self.n_groups < 1:
+            raise ValueError(f"n_groups must be >= 1, got {self.n_groups}")
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1, got {self.window}")
+        if self.vocab_size is not None and self.vocab_size < 1:
+            raise ValueError(f"vocab_size must be >= 1, got {self.vocab_size}")
+        if self.n_context < 0:
+            raise ValueError(f"n_context must be >= 0, got {self.n_context}")
+        if len(set(self.panel)) != len(self.panel):
+            raise ValueError(f"panel token ids must be unique, got {list(self.panel)}")
+        if self.panel and self.vocab_size is None:
+            raise ValueError("a gene-pair panel needs vocab_size (panel entries are token ids)")
+        bad = [t for t in self.panel if not 0 <= t < (self.vocab_size or 0)]
+        if bad:
+            raise ValueError(f"panel token ids {bad} are outside the vocabulary [0, {self.vocab_size})")
+
+    @property
+    def gene_stats(self) -> bool:
+        return self.vocab_size is not None
+
+
+def sum_shapes(spec: StatsSpec, n_heads: int) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every sum a backend returns for this spec."""
+    G, H, W, C = spec.n_groups, n_heads, spec.window, len(SUMMARIES)
+    shapes = {
+        "cells": (G,),
+        "pos_sum": (G, H, W, W),
+        "pos_sq": (G, H, W, W),
+        "pos_count": (G, W, W),
+        "summary_sum": (G, H, C),
+        "summary_sq": (G, H, C),
+    }
+    if spec.gene_stats:
+        V = spec.vocab_size
+        shapes.update(recv_sum=(G, H, V), recv_sq=(G, H, V), recv_count=(G, V))
+    if spec.panel:
+        K = len(spec.panel)
+        shapes.update(pair_sum=(G, H, K, K), pair_sq=(G, H, K, K), pair_count=(G, K, K))
+    return shapes
+
+
+def empty_sums(spec: StatsSpec, n_heads: int, device=None) -> dict[str, torch.Tensor]:
+    return {
+        name: torch.zeros(shape, dtype=torch.float64, device=device)
+        for name, shape in sum_shapes(spec, n_heads).items()
+    }
+
+
+@dataclass
+class Inputs:
+    """Checked, normalized backend inputs."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    padding: torch.Tensor  # [B, L] bool, True = padding
+    groups: torch.Tensor  # [B] int64
+    tokens: torch.Tensor | None  # [B, L] int64
+    scale: float
+
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_inputs(q, k, v, key_padding_mask, groups, tokens, spec: StatsSpec, scale) -> Inputs:
+    """Validate shapes, dtypes and ranges; raise ``ValueError`` naming the problem and the fix."""
+    if q.dim() != 4:
+        raise ValueError(f"q must have shape [B, H, L, D], got {tuple(q.shape)}")
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(
+            f"q, k, v must have the same shape [B, H, L, D] (self-attention); "
+            f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(
+            f"q, k, v must share one dtype of float32, float16 or bfloat16; "
+            f"got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
+    B, H, L, D = q.shape
+    if B == 0 or L == 0:
+        raise ValueError(f"empty batch: q has shape {tuple(q.shape)}; pass at least one cell and one token")
+    groups = torch.as_tensor(groups, device=q.device)
+    if groups.shape != (B,):
+        raise ValueError(f"groups must have shape [B] = [{B}], got {tuple(groups.shape)} (mismatched batch sizes?)")
+    if groups.dtype.is_floating_point or groups.dtype == torch.bool:
+        raise ValueError(f"groups must be integer codes in [0, {spec.n_groups}) or -1, got dtype {groups.dtype}")
+    groups = groups.long()
+    bad = groups[(groups < -1) | (groups >= spec.n_groups)]
+    if bad.numel():
+        raise ValueError(
+            f"group codes {sorted(set(bad.tolist()))} are out of range: codes must be in "
+            f"[0, {spec.n_groups}) or -1 (not counted); raise n_groups or fix the labels"
+        )
+    if key_padding_mask is None:
+        padding = torch.zeros(B, L, dtype=torch.bool, device=q.device)
+    else:
+        padding = torch.as_tensor(key_padding_mask, device=q.device)
+        if padding.shape != (B, L):
+            raise ValueError(f"key_padding_mask must have shape [B, L] = [{B}, {L}], got {tuple(padding.shape)}")
+        if padding.dtype != torch.bool:
+            raise ValueError(f"key_padding_mask must be bool (True = padding), got {padding.dtype}")
+    empty = (padding.all(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"cells {empty[:10]} have no real token (all keys are padding); drop zero-length cells first")
+    if spec.gene_stats:
+        if tokens is None:
+            raise ValueError("this spec has vocab_size set, so gene statistics need token ids: pass tokens [B, L]")
+        tokens = torch.as_tensor(tokens, device=q.device)
+        if tokens.shape != (B, L):
+            raise ValueError(f"tokens must have shape [B, L] = [{B}, {L}], got {tuple(tokens.shape)}")
+        if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+            raise ValueError(f"tokens must be integer token ids, got dtype {tokens.dtype}")
+        tokens = tokens.long()
+        real_tokens = tokens[~padding]
+        out = real_tokens[(real_tokens < 0) | (real_tokens >= spec.vocab_size)]
+        if out.numel():
+            raise ValueError(
+                f"token ids {sorted(set(out.tolist()))[:10]} are outside the vocabulary [0, {spec.vocab_size}); "
+                f"raise vocab_size or fix the tokenizer"
+            )
+    elif tokens is not None:
+        tokens = torch.as_tensor(tokens, device=q.device).long()
+    if scale is None:
+        scale = D**-0.5
+    return Inputs(q, k, v, padding, groups, tokens, float(scale))

@@ -1,0 +1,31 @@
+"""attnprof: exact group-wise attention statistics for transformer models.
+
+Swap fused kernels into a model's attention layers (:class:`Profiler`), run
+batches as usual, and get a :class:`Profile` of group-wise sums per layer and
+head; ``profile.compare(a, b)`` turns it into difference tables.
+"""
+
+from attnprof.kernels import BACKENDS, SUMMARIES, StatsSpec, attention_stats
+
+from .adapters import ADAPTERS, UnsupportedAttention
+from .profile import Profile, merge
+from .session import Profiler
+from .tables import Comparison, compare
+from .validate import validate
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ADAPTERS",
+    "BACKENDS",
+    "SUMMARIES",
+    "Comparison",
+    "Profile",
+    "Profiler",
+    "StatsSpec",
+    "UnsupportedAttention",
+    "attention_stats",
+    "compare",
+    "merge",
+    "validate",
+]

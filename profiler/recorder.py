@@ -1,0 +1,150 @@
+"""Accumulates the kernels' per-batch sums per layer during a profiling run.
+
+Adapters call :meth:`Recorder.attend` from inside the model's attention
+layers; the caller says before each forward which groups and tokens the batch
+has (:meth:`Recorder.set_batch`). No model knowledge and no math lives here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from attnprof.kernels import StatsSpec, attention_stats, empty_sums
+
+from .profile import Profile
+
+
+class Recorder:
+    def __init__(
+        self,
+        groups: Sequence[str],
+        *,
+        window: int = 64,
+        genes: Sequence[str] | int | None = None,
+        panel: Sequence | None = None,
+        n_context: int = 0,
+        backend: str = "auto",
+    ):
+        self.groups = [str(g) for g in groups]
+        if len(set(self.groups)) != len(self.groups):
+            raise ValueError(f"group names must be unique, got {self.groups}")
+        if isinstance(genes, int):
+            genes = [str(i) for i in range(genes)]
+        self.genes = None if genes is None else [str(g) for g in genes]
+        self.panel = self._panel_ids(panel or [])
+        self.spec = StatsSpec(
+            n_groups=len(self.groups),
+            window=window,
+            vocab_size=None if self.genes is None else len(self.genes),
+            panel=tuple(self.panel),
+            n_context=n_context,
+        )
+        self.backend = backend
+        self.layers: list[str] = []
+        self.sums: dict[str, dict[str, torch.Tensor]] = {}
+        self.n_heads: int | None = None
+        self._batch = None
+        self._calls: dict[str, int] = {}
+
+    def _panel_ids(self, panel) -> list[int]:
+        if not panel:
+            return []
+        if self.genes is None:
+            raise ValueError("a gene-pair panel needs a vocabulary: pass genes= (names or the vocabulary size)")
+        index = {g: i for i, g in enumerate(self.genes)}
+        ids, unknown = [], []
+        for p in panel:
+            if isinstance(p, (int, np.integer)):
+                ids.append(int(p))
+            elif str(p) in index:
+                ids.append(index[str(p)])
+            else:
+                unknown.append(p)
+        if unknown:
+            raise ValueError(f"panel genes {unknown[:10]} are not in the vocabulary ({len(self.genes)} names)")
+        return ids
+
+    # -------------------------------------------------------------- the batch
+    def group_codes(self, groups) -> torch.Tensor:
+        """Group codes from int codes (-1 = not counted) or from group names."""
+        arr = np.asarray(groups)
+        if arr.dtype.kind in "iu":
+            return torch.as_tensor(arr, dtype=torch.long)
+        index = {g: i for i, g in enumerate(self.groups)}
+        unknown = sorted({str(x) for x in arr.ravel() if str(x) not in index})
+        if unknown:
+            raise ValueError(f"group labels {unknown[:10]} are not among the profiled groups {self.groups}")
+        return torch.as_tensor([index[str(x)] for x in arr.ravel()], dtype=torch.long)
+
+    def set_batch(self, groups, tokens=None) -> None:
+        """Say which group each cell of the next forward belongs to, and its token ids [B, L]."""
+        codes = self.group_codes(groups)
+        if self.genes is not None and tokens is None:
+            raise ValueError("gene statistics are on (genes= was given): pass tokens= with the batch's token ids")
+        self._batch = (codes, None if tokens is None else torch.as_tensor(tokens))
+        self._calls = {}
+
+    # ----------------------------------------------------- called by adapters
+    def register(self, layer: str) -> None:
+        if layer not in self.layers:
+            self.layers.append(layer)
+
+    def attend(self, layer: str, q, k, v, key_padding_mask=None, scale=None) -> torch.Tensor:
+        """Profiled attention for one layer: returns the output, accumulates the sums."""
+        if self._batch is None:
+            raise RuntimeError("call set_batch(groups=..., tokens=...) before each forward of the profiled model")
+        self._calls[layer] = self._calls.get(layer, 0) + 1
+        if self._calls[layer] > 1:
+            raise RuntimeError(
+                f"layer {layer!r} ran twice since the last set_batch: call set_batch before every forward"
+            )
+        codes, tokens = self._batch
+        if codes.shape[0] != q.shape[0]:
+            raise ValueError(
+                f"set_batch gave {codes.shape[0]} group codes but layer {layer!r} sees a batch of {q.shape[0]} cells"
+            )
+        out, sums = attention_stats(
+            q, k, v,
+            spec=self.spec,
+            groups=codes.to(q.device),
+            key_padding_mask=key_padding_mask,
+            tokens=None if tokens is None else tokens.to(q.device),
+            scale=scale,
+            backend=self.backend,
+        )  # fmt: skip
+        if self.n_heads is None:
+            self.n_heads = q.shape[1]
+        elif q.shape[1] != self.n_heads:
+            raise ValueError(f"layer {layer!r} has {q.shape[1]} heads, others {self.n_heads}: mixed head counts")
+        self.register(layer)
+        acc = self.sums.setdefault(layer, empty_sums(self.spec, q.shape[1], device=q.device))
+        for name, value in sums.items():
+            acc[name] += value
+        return out
+
+    # ----------------------------------------------------------------- result
+    def profile(self, meta: dict | None = None) -> Profile:
+        if not self.sums:
+            raise RuntimeError("nothing was profiled: no attention layer ran inside the profiling context")
+        missing = [name for name in self.layers if name not in self.sums]
+        if missing:
+            raise RuntimeError(f"layers {missing} never ran inside the profiling context")
+        names = self.sums[self.layers[0]].keys()
+        stacked = {
+            name: torch.stack([self.sums[layer][name] for layer in self.layers]).cpu().numpy()
+            for name in names
+        }
+        return Profile(
+            stacked,
+            layers=list(self.layers),
+            groups=list(self.groups),
+            n_heads=int(self.n_heads),
+            window=self.spec.window,
+            n_context=self.spec.n_context,
+            genes=self.genes,
+            panel=list(self.panel),
+            meta=dict(meta or {}),
+        )

@@ -1,0 +1,67 @@
+"""The public profiling context: swap the profiled attention in, run batches, get a Profile."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import ExitStack
+
+import torch
+
+from .adapters import pick_adapter
+from .profile import Profile
+from .recorder import Recorder
+
+
+class Profiler:
+    """Profile a model's attention per group while it runs as usual.
+
+    >>> with Profiler(model, groups=["female", "male"], genes=vocab, window=64) as prof:
+    ...     for x, mask, tokens, labels in batches:
+    ...         prof.set_batch(groups=labels, tokens=tokens)
+    ...         model(x, src_key_padding_mask=mask)
+    >>> profile = prof.profile
+
+    groups:    the group names; ``set_batch`` takes names or codes (-1 = not counted).
+    window:    position window W of the per-head maps.
+    genes:     vocabulary (token id -> name) or its size; turns on gene statistics.
+    panel:     genes (names or token ids) whose pairwise attention is summed.
+    n_context: leading context tokens C for the ``context_mass`` summary.
+    backend:   ``auto`` (triton on CUDA, torch on CPU), ``torch``, ``triton`` or ``reference``.
+    adapter:   ``auto`` or an adapter name from ``attnprof.adapters.ADAPTERS``.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        groups: Sequence[str],
+        *,
+        window: int = 64,
+        genes: Sequence[str] | int | None = None,
+        panel: Sequence | None = None,
+        n_context: int = 0,
+        backend: str = "auto",
+        adapter: str = "auto",
+        meta: dict | None = None,
+    ):
+        self.model = model
+        self.recorder = Recorder(groups, window=window, genes=genes, panel=panel, n_context=n_context, backend=backend)
+        self._swap = pick_adapter(model, adapter)
+        self.meta = {"backend": backend, "adapter": adapter, "model_class": type(model).__name__, **(meta or {})}
+        self._stack: ExitStack | None = None
+
+    def __enter__(self) -> Profiler:
+        self._stack = ExitStack()
+        self.layers = self._stack.enter_context(self._swap(self.model, self.recorder))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+        self._stack = None
+
+    def set_batch(self, groups, tokens=None) -> None:
+        """Before each forward: the group of every cell (names or codes) and the token ids [B, L]."""
+        self.recorder.set_batch(groups, tokens)
+
+    @property
+    def profile(self) -> Profile:
+        return self.recorder.profile(self.meta)

@@ -1,0 +1,271 @@
+"""Difference tables of one group against another, from a Profile's sums.
+
+For a contrast (a, b) every element (a position pair, a gene, a gene pair, a
+head summary) gets ``D = mean_a - mean_b`` and a Welch t with cells as the
+replicates, over elements seen in at least ``min_cells`` cells of each group.
+Heads and layers are then summarized as in the Nicheformer paper: per layer,
+the mean over heads of the mean |D| ("average attention difference") and the
+max over heads of the max |D| ("maximum attention difference").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from attnprof.kernels import SUMMARIES
+
+from .profile import Profile
+
+FAMILIES = ("position", "gene", "pair")
+
+
+@dataclass
+class Contrast:
+    """Element-wise statistics of one family, arrays shaped [layers, heads, elements]."""
+
+    mean_a: np.ndarray
+    mean_b: np.ndarray
+    diff: np.ndarray  # NaN where not valid
+    t: np.ndarray  # NaN where not valid or the standard error is zero
+    n_a: np.ndarray  # [layers, 1, elements] cells behind each element
+    n_b: np.ndarray
+    valid: np.ndarray  # [layers, 1, elements]
+
+
+def welch(sum_a, sq_a, n_a, sum_b, sq_b, n_b, min_cells: int) -> Contrast:
+    """Means, difference and Welch t from sums, sums of squares and counts (broadcasting)."""
+    valid = (n_a >= max(min_cells, 1)) & (n_b >= max(min_cells, 1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean_a, mean_b = sum_a / n_a, sum_b / n_b
+        var_a = np.clip(sq_a - n_a * mean_a**2, 0, None) / (n_a - 1)
+        var_b = np.clip(sq_b - n_b * mean_b**2, 0, None) / (n_b - 1)
+        se = np.sqrt(var_a / n_a + var_b / n_b)
+        diff = np.where(valid, mean_a - mean_b, np.nan)
+        t = np.where(valid & (se > 0), diff / se, np.nan)
+    return Contrast(mean_a, mean_b, diff, t, n_a, n_b, valid)
+
+
+class Comparison:
+    """All difference tables of group ``a`` minus group ``b``.
+
+    heads:     one row per layer, head and family (position, gene, pair).
+    layers:    one row per layer and family: mean over heads and max over heads.
+    genes:     one row per layer, head and gene seen in >= min_cells cells of both groups.
+    pairs:     one row per layer, head and panel gene pair, likewise.
+    summaries: one row per layer, head and head summary (entropy, context, self, row max).
+    """
+
+    def __init__(self, profile: Profile, a, b, min_cells: int = 1):
+        self.profile = profile
+        ia, ib = profile.group_index(a), profile.group_index(b)
+        if ia == ib:
+            raise ValueError(f"compare needs two different groups, got {a!r} twice")
+        self.a, self.b, self.min_cells = profile.groups[ia], profile.groups[ib], int(min_cells)
+        cells = profile.sums["cells"][0]
+        empty = [profile.groups[i] for i in (ia, ib) if cells[i] == 0]
+        if empty:
+            raise ValueError(f"group(s) {empty} have zero cells in this profile; cells per group: {profile.cells}")
+        self.contrasts = {family: self._contrast(family, ia, ib) for family in self._families()}
+        self.heads = self._heads_table()
+        self.layers = self._layers_table()
+        self.genes = self._element_table("gene")
+        self.pairs = self._element_table("pair")
+        self.summaries = self._summaries_table(ia, ib)
+
+    # ------------------------------------------------------------ statistics
+    def _families(self):
+        present = {"position": "pos_sum", "gene": "recv_sum", "pair": "pair_sum"}
+        return [f for f in FAMILIES if present[f] in self.profile.sums]
+
+    def _contrast(self, family: str, ia: int, ib: int) -> Contrast:
+        prefix = {"position": "pos", "gene": "recv", "pair": "pair"}[family]
+        s = self.profile.sums
+        nl, nh = len(self.profile.layers), self.profile.n_heads
+
+        def flat(name, g, heads=True):
+            x = s[f"{prefix}_{name}"][:, g]
+            return x.reshape(nl, nh if heads else 1, -1)
+
+        return welch(
+            flat("sum", ia), flat("sq", ia), flat("count", ia, heads=False),
+            flat("sum", ib), flat("sq", ib), flat("count", ib, heads=False),
+            self.min_cells,
+        )  # fmt: skip
+
+    def element_labels(self, family: str) -> np.ndarray:
+        p = self.profile
+        if family == "position":
+            i, j = np.divmod(np.arange(p.window * p.window), p.window)
+            return np.char.add(np.char.add(i.astype(str), ","), j.astype(str))
+        genes = np.asarray(p.genes, dtype=object)
+        if family == "gene":
+            return genes
+        names = genes[np.asarray(p.panel, dtype=int)]
+        return np.array([f"{u}->{v}" for u in names for v in names], dtype=object)
+
+    # ---------------------------------------------------------------- tables
+    def _heads_table(self) -> pd.DataFrame:
+        p = self.profile
+        nl, nh = len(p.layers), p.n_heads
+        frames = []
+        for family, c in self.contrasts.items():
+            absd = np.abs(c.diff)
+            valid = np.broadcast_to(c.valid, absd.shape)
+            n_el = valid.sum(-1)
+            with np.errstate(invalid="ignore"):
+                mean_abs = np.where(n_el > 0, np.nansum(absd, -1) / np.maximum(n_el, 1), np.nan)
+            filled = np.where(valid, absd, -np.inf)
+            arg = filled.argmax(-1)
+            max_abs = np.where(n_el > 0, np.take_along_axis(filled, arg[..., None], -1)[..., 0], np.nan)
+            abs_t = np.where(np.isnan(c.t), -np.inf, np.abs(c.t)).max(-1)
+            labels = self.element_labels(family)[arg]
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "layer": np.repeat(np.arange(nl), nh),
+                        "head": np.tile(np.arange(nh), nl),
+                        "family": family,
+                        "n_a": self.profile.cells[self.a],
+                        "n_b": self.profile.cells[self.b],
+                        "n_elements": n_el.ravel(),
+                        "mean_abs_diff": mean_abs.ravel(),
+                        "max_abs_diff": max_abs.ravel(),
+                        "where": np.where(n_el > 0, labels, "").ravel(),
+                        "max_abs_t": np.where(np.isfinite(abs_t), abs_t, np.nan).ravel(),
+                    }
+                )
+            )
+        return pd.concat(frames, ignore_index=True)
+
+    def _layers_table(self) -> pd.DataFrame:
+        rows = []
+        for (family, layer), df in self.heads.groupby(["family", "layer"], sort=False):
+            best = df["max_abs_diff"].idxmax() if df["max_abs_diff"].notna().any() else None
+            rows.append(
+                {
+                    "layer": layer,
+                    "layer_name": self.profile.layers[layer],
+                    "family": family,
+                    "mean_abs_diff": df["mean_abs_diff"].mean(),
+                    "max_abs_diff": df["max_abs_diff"].max(),
+                    "max_head": -1 if best is None else int(df.at[best, "head"]),
+                    "where": "" if best is None else df.at[best, "where"],
+                }
+            )
+        return pd.DataFrame(rows)
+
+    def _element_table(self, family: str) -> pd.DataFrame:
+        cols = ["layer", "head", "mean_a", "mean_b", "diff", "t", "n_a", "n_b"]
+        if family not in self.contrasts:
+            return pd.DataFrame(columns=cols[:2] + (["gene"] if family == "gene" else ["gene_a", "gene_b"]) + cols[2:])
+        c = self.contrasts[family]
+        nl, nh, ne = c.diff.shape
+        el = np.flatnonzero(c.valid[0, 0])  # counts are the same in every layer
+        layer, head, e = (x.ravel() for x in np.meshgrid(np.arange(nl), np.arange(nh), el, indexing="ij"))
+        table = {"layer": layer, "head": head}
+        if family == "gene":
+            table["gene"] = np.asarray(self.profile.genes, dtype=object)[e]
+            table["token_id"] = e
+        else:
+            panel = np.asarray(self.profile.panel)
+            names = np.asarray(self.profile.genes, dtype=object)[panel]
+            u, v = np.divmod(e, len(panel))
+            table["gene_a"], table["gene_b"] = names[u], names[v]
+        table.update(
+            mean_a=c.mean_a[layer, head, e],
+            mean_b=c.mean_b[layer, head, e],
+            diff=c.diff[layer, head, e],
+            t=c.t[layer, head, e],
+            n_a=c.n_a[layer, 0, e].astype(np.int64),
+            n_b=c.n_b[layer, 0, e].astype(np.int64),
+        )
+        return pd.DataFrame(table)
+
+    def _summaries_table(self, ia: int, ib: int) -> pd.DataFrame:
+        s = self.profile.sums
+        n = s["cells"][:, :, None, None]  # [layers, groups, 1, 1]
+        c = welch(
+            s["summary_sum"][:, ia], s["summary_sq"][:, ia], n[:, ia],
+            s["summary_sum"][:, ib], s["summary_sq"][:, ib], n[:, ib],
+            self.min_cells,
+        )  # fmt: skip
+        nl, nh, ns = c.diff.shape
+        layer, head, k = (x.ravel() for x in np.meshgrid(np.arange(nl), np.arange(nh), np.arange(ns), indexing="ij"))
+        return pd.DataFrame(
+            {
+                "layer": layer,
+                "head": head,
+                "summary": np.asarray(SUMMARIES)[k],
+                "mean_a": c.mean_a[layer, head, k],
+                "mean_b": c.mean_b[layer, head, k],
+                "diff": c.diff[layer, head, k],
+                "t": c.t[layer, head, k],
+                "n_a": self.profile.cells[self.a],
+                "n_b": self.profile.cells[self.b],
+            }
+        )
+
+    # ---------------------------------------------------------------- export
+    def to_anndata(self):
+        """The gene table as AnnData: obs = layer x head, var = genes, X = mean_a - mean_b."""
+        import anndata as ad
+
+        if "gene" not in self.contrasts:
+            raise ValueError("this profile has no gene statistics: profile with genes= (a vocabulary) to get them")
+        c = self.contrasts["gene"]
+        nl, nh, _ = c.diff.shape
+        el = np.flatnonzero(c.valid[0, 0])
+        obs = pd.DataFrame(
+            {"layer": np.repeat(np.arange(nl), nh), "head": np.tile(np.arange(nh), nl)},
+            index=[f"L{l}H{h}" for l in range(nl) for h in range(nh)],
+        )
+        var = pd.DataFrame(
+            {"token_id": el, "n_a": c.n_a[0, 0, el].astype(np.int64), "n_b": c.n_b[0, 0, el].astype(np.int64)},
+            index=pd.Index(np.asarray(self.profile.genes, dtype=object)[el].astype(str), name="gene"),
+        )
+
+        def mat(x):
+            return x[:, :, el].reshape(nl * nh, el.size)
+
+        return ad.AnnData(
+            X=mat(c.diff),
+            obs=obs,
+            var=var,
+            layers={"mean_a": mat(c.mean_a), "mean_b": mat(c.mean_b), "t": mat(c.t)},
+            uns={"attnprof": {"a": self.a, "b": self.b, "min_cells": self.min_cells}},
+        )
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        return {
+            "heads": self.heads,
+            "layers": self.layers,
+            "genes": self.genes,
+            "pairs": self.pairs,
+            "summaries": self.summaries,
+        }
+
+    def save(self, directory) -> Path:
+        """Write every table as CSV (and Parquet when pyarrow is installed) plus genes.h5ad."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            import pyarrow  # noqa: F401
+
+            parquet = True
+        except ImportError:
+            parquet = False
+        for name, df in self.tables().items():
+            df.to_csv(directory / f"{name}.csv", index=False)
+            if parquet:
+                df.to_parquet(directory / f"{name}.parquet", index=False)
+        if "gene" in self.contrasts:
+            self.to_anndata().write_h5ad(directory / "genes.h5ad")
+        return directory
+
+
+def compare(profile: Profile, a, b, min_cells: int = 1) -> Comparison:
+    return Comparison(profile, a, b, min_cells=min_cells)

@@ -1,0 +1,10 @@
+import os
+
+import torch
+
+# Triton kernels run on CPU tensors only under the interpreter, which must be
+# switched on before any kernel is decorated (i.e. before attnprof.kernels.triton_stats imports).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
