@@ -22,15 +22,25 @@ def attention_probs(inp: Inputs) -> torch.Tensor:
 def reference_stats(inp: Inputs, spec: StatsSpec):
     P = attention_probs(inp)
     out = torch.einsum("bhij,bhjd->bhid", P, inp.v.float()).to(inp.q.dtype)
-    B, H, L, _ = inp.q.shape
-    sums = empty_sums(spec, H, device=inp.q.device)
+    return out, stats_from_probs(P, inp.padding, inp.groups, inp.tokens, spec)
+
+
+def stats_from_probs(P, padding, groups, tokens, spec: StatsSpec) -> dict[str, torch.Tensor]:
+    """Every sum of the contract from given probabilities ``P [B, H, L, L]``.
+
+    Also the oracle for adapters: feed it the maps a model returns with
+    ``need_weights=True`` / ``output_attentions=True``. ``padding`` is ``[B, L]``
+    bool (True = padding); rows that are padding are not counted.
+    """
+    B, H, L, _ = P.shape
+    sums = empty_sums(spec, H, device=P.device)
     P = P.double()
     W = min(spec.window, L)
     for b in range(B):
-        g = int(inp.groups[b])
+        g = int(groups[b])
         if g < 0:
             continue
-        real = ~inp.padding[b]
+        real = ~padding[b]
         idx = real.nonzero().flatten()
         Pb = P[b][:, idx][:, :, idx]  # [H, n, n] over real tokens only
         sums["cells"][g] += 1
@@ -54,7 +64,7 @@ def reference_stats(inp: Inputs, spec: StatsSpec):
 
         if not spec.gene_stats:
             continue
-        toks = inp.tokens[b, idx]
+        toks = tokens[b, idx]
         received = Pb.mean(dim=1)  # [H, n]: mean over real query rows
         for t in toks.unique().tolist():
             r = received[:, toks == t].sum(-1)

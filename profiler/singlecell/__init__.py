@@ -1,0 +1,1 @@
+"""Single-cell front end: AnnData in, Nicheformer model, tokenization, batching."""
