@@ -129,17 +129,14 @@ class Recorder:
     def profile(self, meta: dict | None = None) -> Profile:
         if not self.sums:
             raise RuntimeError("nothing was profiled: no attention layer ran inside the profiling context")
-        missing = [name for name in self.layers if name not in self.sums]
-        if missing:
-            raise RuntimeError(f"layers {missing} never ran inside the profiling context")
-        names = self.sums[self.layers[0]].keys()
+        layers = [layer for layer in self.layers if layer in self.sums]  # in the order they first ran
         stacked = {
-            name: torch.stack([self.sums[layer][name] for layer in self.layers]).cpu().numpy()
-            for name in names
+            name: torch.stack([self.sums[layer][name] for layer in layers]).cpu().numpy()
+            for name in self.sums[layers[0]]
         }
         return Profile(
             stacked,
-            layers=list(self.layers),
+            layers=layers,
             groups=list(self.groups),
             n_heads=int(self.n_heads),
             window=self.spec.window,

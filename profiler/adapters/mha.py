@@ -39,7 +39,12 @@ def fastpath_disabled():
 
 @contextmanager
 def swap_mha(model: nn.Module, recorder):
-    """Route every ``nn.MultiheadAttention`` of ``model`` through ``recorder.attend``."""
+    """Route every ``nn.MultiheadAttention`` of ``model`` through ``recorder.attend``.
+
+    Layers are recorded in the order they first run, so a module that is
+    never called (e.g. the prototype layer a ``TransformerEncoder`` was built
+    from, kept as an attribute) is not profiled.
+    """
     modules = find_mha(model)
     if not modules:
         raise UnsupportedAttention(f"{type(model).__name__} has no torch.nn.MultiheadAttention module to profile")
@@ -48,7 +53,6 @@ def swap_mha(model: nn.Module, recorder):
         for name, module in modules:
             saved.append((module, module.__dict__.get("forward")))
             module.forward = _profiled_forward(name, module, recorder)
-            recorder.register(name)
         with fastpath_disabled():
             yield [name for name, _ in modules]
     finally:
