@@ -40,17 +40,19 @@ def attention_stats(
 
     Returns the output (as ``scaled_dot_product_attention`` gives it, padded
     keys masked, in the input dtype) and a dict of float64 sums on the input's
-    device, shaped as :func:`sum_shapes` says.
+    device, shaped as :func:`sum_shapes` says. Forward only: no gradient flows
+    through the output.
     """
     inp = check_inputs(q, k, v, key_padding_mask, groups, tokens, spec, scale)
     name = resolve_backend(backend, q.device)
-    if name == "reference":
-        return reference_stats(inp, spec)
-    if name == "torch":
-        return blocked_stats(inp, spec)
-    from .triton_stats import triton_stats  # imported lazily: needs a working triton
+    with torch.no_grad():  # a forward-only op: the output carries no autograd history
+        if name == "reference":
+            return reference_stats(inp, spec)
+        if name == "torch":
+            return blocked_stats(inp, spec)
+        from .triton_stats import triton_stats  # imported lazily: needs a working triton
 
-    return triton_stats(inp, spec)
+        return triton_stats(inp, spec)
 
 
 __all__ = [

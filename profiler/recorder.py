@@ -7,6 +7,7 @@ has (:meth:`Recorder.set_batch`). No model knowledge and no math lives here.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -48,6 +49,7 @@ class Recorder:
         self.n_heads: int | None = None
         self._batch = None
         self._calls: dict[str, int] = {}
+        self._warned_grad = False
 
     def _panel_ids(self, panel) -> list[int]:
         if not panel:
@@ -101,6 +103,13 @@ class Recorder:
             raise RuntimeError(
                 f"layer {layer!r} ran twice since the last set_batch: call set_batch before every forward"
             )
+        if q.requires_grad and not self._warned_grad:
+            warnings.warn(
+                "attnprof profiles forward passes only: the profiled attention output carries no gradient. "
+                "Run the model under torch.inference_mode() (also faster).",
+                stacklevel=3,
+            )
+            self._warned_grad = True
         codes, tokens = self._batch
         if codes.shape[0] != q.shape[0]:
             raise ValueError(
