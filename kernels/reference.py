@@ -81,4 +81,4 @@ def stats_from_probs(P, padding, groups, tokens, spec: StatsSpec) -> dict[str, t
                 sums["pair_sum"][g, :, a, c] += p
                 sums["pair_sq"][g, :, a, c] += p**2
                 sums["pair_count"][g, a, c] += 1
-    return out, sums
+    return sums
