@@ -32,6 +32,7 @@ class Profile:
     genes:     names of the token ids (the vocabulary), or None without gene statistics.
     panel:     token ids of the gene-pair panel.
     meta:      free-form run metadata (JSON-serializable), e.g. the model and options.
+    null:      sums of the same cells under label permutations (the permutation null).
     """
 
     sums: dict[str, np.ndarray]
@@ -43,6 +44,7 @@ class Profile:
     genes: list[str] | None = None
     panel: list[int] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
+    null: list[dict[str, np.ndarray]] = field(default_factory=list)
 
     # ----------------------------------------------------------------- layout
     def layout(self) -> dict:
@@ -56,6 +58,7 @@ class Profile:
             "genes": None if self.genes is None else list(self.genes),
             "panel": [int(t) for t in self.panel],
             "sums": {k: list(v.shape) for k, v in sorted(self.sums.items())},
+            "permutations": len(self.null),
         }
 
     def check_compatible(self, other: Profile) -> None:
@@ -77,9 +80,14 @@ class Profile:
     def __add__(self, other: Profile) -> Profile:
         self.check_compatible(other)
         sums = {k: self.sums[k] + other.sums[k] for k in self.sums}
+        null = [{k: mine[k] + theirs[k] for k in mine} for mine, theirs in zip(self.null, other.null)]
         meta = dict(self.meta)
         meta["merged"] = int(self.meta.get("merged", 1)) + int(other.meta.get("merged", 1))
-        return Profile(sums, **{**self._fields(), "meta": meta})
+        return Profile(sums, **{**self._fields(), "meta": meta}, null=null)
+
+    def null_profile(self, i: int) -> Profile:
+        """The profile of permutation ``i`` of the labels (same cells, shuffled groups)."""
+        return Profile(self.null[i], **self._fields())
 
     def _fields(self) -> dict:
         return dict(
@@ -108,11 +116,11 @@ class Profile:
             raise ValueError(f"unknown group {group!r}: this profile has groups {self.groups}")
         return self.groups.index(str(group))
 
-    def compare(self, a, b, min_cells: int = 1):
+    def compare(self, a, b, min_cells: int = 1, permutations: int = 0):
         """Difference tables of group ``a`` minus group ``b`` (see :class:`attnprof.Comparison`)."""
         from .tables import compare
 
-        return compare(self, a, b, min_cells=min_cells)
+        return compare(self, a, b, min_cells=min_cells, permutations=permutations)
 
     # ---------------------------------------------------------------- storage
     def save(self, path) -> Path:
@@ -122,6 +130,8 @@ class Profile:
             path = path.with_suffix(".npz")
         header = {"format_version": FORMAT_VERSION, **self._fields()}
         arrays = {f"sum_{k}": v for k, v in self.sums.items()}
+        for i, null in enumerate(self.null):
+            arrays.update({f"null{i}_{k}": v for k, v in null.items()})
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
         try:
@@ -140,7 +150,7 @@ class Profile:
         try:
             with np.load(path, allow_pickle=False) as data:
                 header = json.loads(str(data["header"]))
-                sums = {k[4:]: np.array(data[k], dtype=np.float64) for k in data.files if k.startswith("sum_")}
+                arrays = {k: np.array(data[k], dtype=np.float64) for k in data.files if k != "header"}
         except FileNotFoundError:
             raise
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError, json.JSONDecodeError) as e:
@@ -148,7 +158,12 @@ class Profile:
         version = header.pop("format_version", None)
         if version != FORMAT_VERSION:
             raise ValueError(f"{path} has profile format {version}; this attnprof reads format {FORMAT_VERSION}")
-        profile = cls(sums, **header)
+        sums = {k[4:]: v for k, v in arrays.items() if k.startswith("sum_")}
+        null = [
+            {k.split("_", 1)[1]: v for k, v in arrays.items() if k.startswith(f"null{i}_")}
+            for i in range(sum(1 for k in arrays if k.startswith("null") and k.endswith("_cells")))
+        ]
+        profile = cls(sums, **header, null=null)
         profile._check_shapes(path)
         return profile
 
@@ -157,9 +172,12 @@ class Profile:
         for name in ("cells", "pos_sum", "summary_sum"):
             if name not in self.sums:
                 raise ValueError(f"{source}: profile lacks the sum {name!r} (corrupted file?)")
-        for name, arr in self.sums.items():
-            if arr.shape[:1] != (nl,):
-                raise ValueError(f"{source}: sum {name!r} has shape {arr.shape}, expected {nl} layers first")
+        for sums in (self.sums, *self.null):
+            if sums.keys() != self.sums.keys():
+                raise ValueError(f"{source}: permutation sums do not match the sums (corrupted file?)")
+            for name, arr in sums.items():
+                if arr.shape != self.sums[name].shape or arr.shape[:1] != (nl,):
+                    raise ValueError(f"{source}: sum {name!r} has shape {arr.shape}, expected {nl} layers first")
 
 
 def merge(profiles) -> Profile:

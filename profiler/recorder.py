@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from attnprof.kernels import StatsSpec, attention_stats, empty_sums
+from attnprof.kernels import StatsSpec, attention_stats
 
 from .profile import Profile
 
@@ -50,6 +50,8 @@ class Recorder:
         self._batch = None
         self._calls: dict[str, int] = {}
         self._warned_grad = False
+        self.n_null: int | None = None
+        self.null_sums: list[dict[str, dict[str, torch.Tensor]]] = []
 
     def _panel_ids(self, panel) -> list[int]:
         if not panel:
@@ -81,12 +83,23 @@ class Recorder:
             raise ValueError(f"group labels {unknown[:10]} are not among the profiled groups {self.groups}")
         return torch.as_tensor([index[str(x)] for x in arr.ravel()], dtype=torch.long)
 
-    def set_batch(self, groups, tokens=None) -> None:
-        """Say which group each cell of the next forward belongs to, and its token ids [B, L]."""
+    def set_batch(self, groups, tokens=None, null_groups=None) -> None:
+        """Say which group each cell of the next forward belongs to, and its token ids [B, L].
+
+        null_groups: optional list of N further labelings of the same cells (label
+        permutations); each gets its own sums, for permutation p-values. Every
+        batch of a run must give the same N.
+        """
         codes = self.group_codes(groups)
         if self.genes is not None and tokens is None:
             raise ValueError("gene statistics are on (genes= was given): pass tokens= with the batch's token ids")
-        self._batch = (codes, None if tokens is None else torch.as_tensor(tokens))
+        null = [self.group_codes(g) for g in (null_groups or [])]
+        if any(n.shape != codes.shape for n in null):
+            raise ValueError("every labeling in null_groups must have one code per cell of the batch")
+        if self.n_null is not None and len(null) != self.n_null:
+            raise ValueError(f"this run has {self.n_null} null labelings per batch; set_batch gave {len(null)}")
+        self.n_null = len(null)
+        self._batch = (codes, None if tokens is None else torch.as_tensor(tokens), null)
         self._calls = {}
 
     # ----------------------------------------------------- called by adapters
@@ -110,41 +123,56 @@ class Recorder:
                 stacklevel=3,
             )
             self._warned_grad = True
-        codes, tokens = self._batch
+        codes, tokens, null = self._batch
         if codes.shape[0] != q.shape[0]:
             raise ValueError(
                 f"set_batch gave {codes.shape[0]} group codes but layer {layer!r} sees a batch of {q.shape[0]} cells"
             )
-        out, sums = attention_stats(
-            q, k, v,
-            spec=self.spec,
-            groups=codes.to(q.device),
-            key_padding_mask=key_padding_mask,
-            tokens=None if tokens is None else tokens.to(q.device),
-            scale=scale,
-            backend=self.backend,
-        )  # fmt: skip
         if self.n_heads is None:
             self.n_heads = q.shape[1]
         elif q.shape[1] != self.n_heads:
             raise ValueError(f"layer {layer!r} has {q.shape[1]} heads, others {self.n_heads}: mixed head counts")
         self.register(layer)
-        acc = self.sums.setdefault(layer, empty_sums(self.spec, q.shape[1], device=q.device))
+        tokens = None if tokens is None else tokens.to(q.device)
+
+        def stats(group_codes):
+            return attention_stats(
+                q, k, v,
+                spec=self.spec,
+                groups=group_codes.to(q.device),
+                key_padding_mask=key_padding_mask,
+                tokens=tokens,
+                scale=scale,
+                backend=self.backend,
+            )  # fmt: skip
+
+        out, sums = stats(codes)
+        self._accumulate(self.sums, layer, sums)
+        while len(self.null_sums) < len(null):
+            self.null_sums.append({})
+        for target, labels in zip(self.null_sums, null):  # one more attention pass per permutation
+            self._accumulate(target, layer, stats(labels)[1])
+        return out
+
+    def _accumulate(self, target: dict, layer: str, sums: dict) -> None:
+        acc = target.setdefault(layer, {k: torch.zeros_like(v) for k, v in sums.items()})
         for name, value in sums.items():
             acc[name] += value
-        return out
 
     # ----------------------------------------------------------------- result
     def profile(self, meta: dict | None = None) -> Profile:
         if not self.sums:
             raise RuntimeError("nothing was profiled: no attention layer ran inside the profiling context")
         layers = [layer for layer in self.layers if layer in self.sums]  # in the order they first ran
-        stacked = {
-            name: torch.stack([self.sums[layer][name] for layer in layers]).cpu().numpy()
-            for name in self.sums[layers[0]]
-        }
+
+        def stacked(sums):
+            return {
+                name: torch.stack([sums[layer][name] for layer in layers]).cpu().numpy()
+                for name in sums[layers[0]]
+            }
+
         return Profile(
-            stacked,
+            stacked(self.sums),
             layers=layers,
             groups=list(self.groups),
             n_heads=int(self.n_heads),
@@ -153,4 +181,5 @@ class Recorder:
             genes=self.genes,
             panel=list(self.panel),
             meta=dict(meta or {}),
+            null=[stacked(sums) for sums in self.null_sums],
         )

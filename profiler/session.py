@@ -58,9 +58,13 @@ class Profiler:
         self._stack.close()
         self._stack = None
 
-    def set_batch(self, groups, tokens=None) -> None:
-        """Before each forward: the group of every cell (names or codes) and the token ids [B, L]."""
-        self.recorder.set_batch(groups, tokens)
+    def set_batch(self, groups, tokens=None, null_groups=None) -> None:
+        """Before each forward: the group of every cell (names or codes) and the token ids [B, L].
+
+        ``null_groups``: N permuted labelings of the batch's cells for permutation p-values
+        (``profile.compare(a, b, permutations=N)``); each costs one more attention pass per layer.
+        """
+        self.recorder.set_batch(groups, tokens, null_groups)
 
     @property
     def profile(self) -> Profile:

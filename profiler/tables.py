@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from attnprof.kernels import SUMMARIES
 
@@ -31,9 +32,15 @@ class Contrast:
     mean_b: np.ndarray
     diff: np.ndarray  # NaN where not valid
     t: np.ndarray  # NaN where not valid or the standard error is zero
+    p: np.ndarray  # two-sided Welch p-value (Welch-Satterthwaite degrees of freedom), NaN like t
     n_a: np.ndarray  # [layers, 1, elements] cells behind each element
     n_b: np.ndarray
     valid: np.ndarray  # [layers, 1, elements]
+
+    @property
+    def q(self) -> np.ndarray:
+        """Benjamini-Hochberg q-values across every layer, head and element of the family."""
+        return bh(self.p.ravel()).reshape(self.p.shape)
 
 
 def welch(sum_a, sq_a, n_a, sum_b, sq_b, n_b, min_cells: int) -> Contrast:
@@ -43,10 +50,23 @@ def welch(sum_a, sq_a, n_a, sum_b, sq_b, n_b, min_cells: int) -> Contrast:
         mean_a, mean_b = sum_a / n_a, sum_b / n_b
         var_a = np.clip(sq_a - n_a * mean_a**2, 0, None) / (n_a - 1)
         var_b = np.clip(sq_b - n_b * mean_b**2, 0, None) / (n_b - 1)
-        se = np.sqrt(var_a / n_a + var_b / n_b)
+        ea, eb = var_a / n_a, var_b / n_b
+        se = np.sqrt(ea + eb)
         diff = np.where(valid, mean_a - mean_b, np.nan)
         t = np.where(valid & (se > 0), diff / se, np.nan)
-    return Contrast(mean_a, mean_b, diff, t, n_a, n_b, valid)
+        dof = (ea + eb) ** 2 / (ea**2 / (n_a - 1) + eb**2 / (n_b - 1))
+        p = np.where(np.isnan(t), np.nan, 2 * stats.t.sf(np.abs(t), dof))
+    return Contrast(mean_a, mean_b, diff, t, p, n_a, n_b, valid)
+
+
+def bh(p) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values (q-values) over all non-NaN entries."""
+    p = np.asarray(p, dtype=float)
+    q = np.full_like(p, np.nan)
+    ok = ~np.isnan(p)
+    if ok.any():
+        q[ok] = stats.false_discovery_control(p[ok], method="bh")
+    return q
 
 
 class Comparison:
@@ -57,9 +77,16 @@ class Comparison:
     genes:     one row per layer, head and gene seen in >= min_cells cells of both groups.
     pairs:     one row per layer, head and panel gene pair, likewise.
     summaries: one row per layer, head and head summary (entropy, context, self, row max).
+
+    Element rows carry Welch t, p and Benjamini-Hochberg q (across all layers,
+    heads and elements of the table). With ``permutations=N`` the heads and
+    layers tables also get label-permutation p-values ``p_perm_mean_abs_diff``
+    and ``p_perm_max_abs_diff``: the share of the profile's first N null
+    labelings (see ``Profiler(permutations=...)``) whose statistic is at
+    least the observed one, as ``(1 + count) / (1 + N)``.
     """
 
-    def __init__(self, profile: Profile, a, b, min_cells: int = 1):
+    def __init__(self, profile: Profile, a, b, min_cells: int = 1, permutations: int = 0, _heads_only=False):
         self.profile = profile
         ia, ib = profile.group_index(a), profile.group_index(b)
         if ia == ib:
@@ -72,11 +99,35 @@ class Comparison:
         self.contrasts = {family: self._contrast(family, ia, ib) for family in self._families()}
         self.heads = self._heads_table()
         self.layers = self._layers_table()
+        if _heads_only:
+            return
+        if permutations:
+            self._add_permutation_p(int(permutations))
         self.genes = self._element_table("gene")
         self.pairs = self._element_table("pair")
         self.summaries = self._summaries_table(ia, ib)
 
     # ------------------------------------------------------------ statistics
+    def _add_permutation_p(self, n: int) -> None:
+        available = len(self.profile.null)
+        if n < 1 or n > available:
+            raise ValueError(
+                f"compare(permutations={n}) needs that many label permutations in the profile, which has "
+                f"{available}: profile with permutations={max(n, 1)} (each costs one more attention pass per layer)"
+            )
+        nulls = [
+            Comparison(self.profile.null_profile(i), self.a, self.b, self.min_cells, _heads_only=True)
+            for i in range(n)
+        ]
+        for table in ("heads", "layers"):
+            observed = getattr(self, table)
+            for col in ("mean_abs_diff", "max_abs_diff"):
+                obs = observed[col].to_numpy()
+                null = np.stack([getattr(c, table)[col].to_numpy() for c in nulls])
+                with np.errstate(invalid="ignore"):
+                    p = (1 + (null >= obs).sum(0)) / (1 + n)
+                observed[f"p_perm_{col}"] = np.where(np.isnan(obs), np.nan, p)
+
     def _families(self):
         present = {"position": "pos_sum", "gene": "recv_sum", "pair": "pair_sum"}
         return [f for f in FAMILIES if present[f] in self.profile.sums]
@@ -122,6 +173,8 @@ class Comparison:
             arg = filled.argmax(-1)
             max_abs = np.where(n_el > 0, np.take_along_axis(filled, arg[..., None], -1)[..., 0], np.nan)
             abs_t = np.where(np.isnan(c.t), -np.inf, np.abs(c.t)).max(-1)
+            q = c.q
+            min_q = np.where(np.isnan(q), np.inf, q).min(-1)
             labels = self.element_labels(family)[arg]
             frames.append(
                 pd.DataFrame(
@@ -136,6 +189,7 @@ class Comparison:
                         "max_abs_diff": max_abs.ravel(),
                         "where": np.where(n_el > 0, labels, "").ravel(),
                         "max_abs_t": np.where(np.isfinite(abs_t), abs_t, np.nan).ravel(),
+                        "min_q": np.where(np.isfinite(min_q), min_q, np.nan).ravel(),
                     }
                 )
             )
@@ -159,7 +213,7 @@ class Comparison:
         return pd.DataFrame(rows)
 
     def _element_table(self, family: str) -> pd.DataFrame:
-        cols = ["layer", "head", "mean_a", "mean_b", "diff", "t", "n_a", "n_b"]
+        cols = ["layer", "head", "mean_a", "mean_b", "diff", "t", "p", "q", "n_a", "n_b"]
         if family not in self.contrasts:
             return pd.DataFrame(columns=cols[:2] + (["gene"] if family == "gene" else ["gene_a", "gene_b"]) + cols[2:])
         c = self.contrasts[family]
@@ -180,6 +234,8 @@ class Comparison:
             mean_b=c.mean_b[layer, head, e],
             diff=c.diff[layer, head, e],
             t=c.t[layer, head, e],
+            p=c.p[layer, head, e],
+            q=c.q[layer, head, e],
             n_a=c.n_a[layer, 0, e].astype(np.int64),
             n_b=c.n_b[layer, 0, e].astype(np.int64),
         )
@@ -204,6 +260,8 @@ class Comparison:
                 "mean_b": c.mean_b[layer, head, k],
                 "diff": c.diff[layer, head, k],
                 "t": c.t[layer, head, k],
+                "p": c.p[layer, head, k],
+                "q": c.q[layer, head, k],
                 "n_a": self.profile.cells[self.a],
                 "n_b": self.profile.cells[self.b],
             }
@@ -267,5 +325,5 @@ class Comparison:
         return directory
 
 
-def compare(profile: Profile, a, b, min_cells: int = 1) -> Comparison:
-    return Comparison(profile, a, b, min_cells=min_cells)
+def compare(profile: Profile, a, b, min_cells: int = 1, permutations: int = 0) -> Comparison:
+    return Comparison(profile, a, b, min_cells=min_cells, permutations=permutations)

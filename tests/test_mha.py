@@ -212,4 +212,4 @@ def test_group_labels_and_batch_size_are_checked():
 
 def test_model_without_attention_is_refused():
     with pytest.raises(attnprof.UnsupportedAttention, match="Linear"):
-        attnprof.Profiler(nn.Linear(3, 3), groups=["a", "b"])
+        attnprof.Profiler(nn.Linear(3, 3), groups=["a", "b"], adapter="mha")

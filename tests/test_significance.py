@@ -1,0 +1,93 @@
+"""Welch p-values, BH q-values and label-permutation p-values behave on planted and null data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import attnprof
+from attnprof.tables import bh
+
+from test_tables import FEATURE, PLANT_HEAD, VOCAB, cells, planted_model
+
+
+def profile_with_permutations(model, x, tokens, padding, codes, n_perm, seed=0, batch=16):
+    rng = np.random.default_rng(seed)
+    null = [rng.permutation(codes) for _ in range(n_perm)]  # global permutations, streamed by batch
+    genes = [f"g{i}" for i in range(VOCAB)]
+    with attnprof.Profiler(model, groups=["a", "b"], genes=genes, window=6) as prof, torch.inference_mode():
+        for s in range(0, len(codes), batch):
+            part = slice(s, s + batch)
+            prof.set_batch(groups=codes[part], tokens=tokens[part], null_groups=[n[part] for n in null])
+            model(x[part], src_key_padding_mask=padding[part])
+    return prof.profile
+
+
+def test_planted_head_is_found_and_top_ranked():
+    model = planted_model()
+    x, tokens, padding = cells(n=20, seed=3)
+    x_b = x.clone()
+    x_b[:, 0, FEATURE] = 2.0
+    codes = np.array([0] * 20 + [1] * 20)
+    profile = profile_with_permutations(model, torch.cat([x, x_b]), torch.cat([tokens, tokens]),
+                                        torch.cat([padding, padding]), codes, n_perm=19)  # fmt: skip
+    cmp = profile.compare("b", "a", permutations=19)
+    genes = cmp.heads.query("family == 'gene'")
+    top = genes.sort_values("max_abs_diff", ascending=False).iloc[0]
+    assert (top["layer"], top["head"], top["where"]) == (0, PLANT_HEAD, "g7")
+    assert top["p_perm_max_abs_diff"] == pytest.approx(1 / 20)  # beats every permutation
+    best = cmp.genes.sort_values("q").iloc[0]
+    assert (best["layer"], best["head"], best["gene"]) == (0, PLANT_HEAD, "g7") and best["q"] < 1e-3
+    assert "p_perm_mean_abs_diff" in cmp.layers
+
+
+def test_null_labels_give_about_alpha_false_positives():
+    torch.manual_seed(1)
+    layer = nn.TransformerEncoderLayer(32, 8, 64, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 3, enable_nested_tensor=False).eval()
+    n, L = 240, 12
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(n, L, 32, generator=g)
+    tokens = torch.randint(0, VOCAB, (n, L), generator=g)
+    padding = torch.arange(L)[None, :] >= torch.randint(4, L + 1, (n, 1), generator=g)
+    codes = np.random.default_rng(3).permutation(np.arange(n) % 2)  # labels unrelated to the cells
+    profile = profile_with_permutations(model, x, tokens, padding, codes, n_perm=19, batch=48)
+    cmp = profile.compare("a", "b", permutations=19)
+    welch_fp = (cmp.summaries["p"] < 0.05).mean()  # 3 layers x 8 heads x 4 summaries
+    assert welch_fp <= 0.10, welch_fp
+    perm_fp = (cmp.heads["p_perm_mean_abs_diff"] <= 0.05).mean()  # 3 x 8 heads x 2 families
+    assert perm_fp <= 0.10, perm_fp
+    assert (cmp.summaries["q"] < 0.05).sum() == 0  # BH keeps the null quiet
+    p = cmp.genes["p"].dropna()
+    assert 0.02 <= (p < 0.05).mean() <= 0.08  # thousands of gene tests: close to alpha
+
+
+def test_bh_matches_the_definition():
+    p = np.array([0.01, 0.04, np.nan, 0.03, 0.5])
+    q = bh(p)
+    ranked = np.array([0.01, 0.03, 0.04, 0.5])
+    expected = np.minimum.accumulate((ranked * 4 / np.arange(1, 5))[::-1])[::-1]
+    np.testing.assert_allclose(q[[0, 3, 1, 4]], expected)
+    assert np.isnan(q[2])
+
+
+def test_permutations_need_null_labelings():
+    model = planted_model()
+    x, tokens, padding = cells(n=6)
+    profile = profile_with_permutations(model, x, tokens, padding, np.array([0, 1] * 3), n_perm=2)
+    with pytest.raises(ValueError, match="needs that many label permutations.*has 2"):
+        profile.compare("a", "b", permutations=5)
+
+
+def test_null_labelings_survive_save_load_and_merge(tmp_path):
+    model = planted_model()
+    x, tokens, padding = cells(n=6)
+    profile = profile_with_permutations(model, x, tokens, padding, np.array([0, 1] * 3), n_perm=2)
+    loaded = attnprof.Profile.load(profile.save(tmp_path / "p.npz"))
+    assert len(loaded.null) == 2
+    for mine, theirs in zip(profile.null, loaded.null):
+        assert all(np.array_equal(mine[k], theirs[k]) for k in mine)
+    merged = loaded + profile
+    np.testing.assert_allclose(merged.null[1]["pos_sum"], 2 * profile.null[1]["pos_sum"])
