@@ -7,7 +7,7 @@ from contextlib import ExitStack
 
 import torch
 
-from .adapters import pick_adapter
+from .adapters import ADAPTERS, pick_adapter
 from .profile import Profile
 from .recorder import Recorder
 
@@ -46,6 +46,7 @@ class Profiler:
         self.model = model
         self.recorder = Recorder(groups, window=window, genes=genes, panel=panel, n_context=n_context, backend=backend)
         self._swap = pick_adapter(model, adapter)
+        adapter = next(name for name, swap in ADAPTERS.items() if swap is self._swap)
         self.meta = {"backend": backend, "adapter": adapter, "model_class": type(model).__name__, **(meta or {})}
         self._stack: ExitStack | None = None
 
@@ -54,9 +55,9 @@ class Profiler:
         self.layers = self._stack.enter_context(self._swap(self.model, self.recorder))
         return self
 
-    def __exit__(self, *exc) -> None:
-        self._stack.close()
-        self._stack = None
+    def __exit__(self, *exc):
+        stack, self._stack = self._stack, None
+        return stack.__exit__(*exc)  # adapters see the exception in flight, if any
 
     def set_batch(self, groups, tokens=None, null_groups=None) -> None:
         """Before each forward: the group of every cell (names or codes) and the token ids [B, L].
