@@ -10,6 +10,7 @@ from attnprof.kernels import BACKENDS, SUMMARIES, StatsSpec, attention_stats
 from .adapters import ADAPTERS, UnsupportedAttention
 from .profile import Profile, merge
 from .session import Profiler
+from .singlecell import Nicheformer, load_nicheformer, profile_anndata, tokenize_anndata
 from .tables import Comparison, compare
 from .validate import validate
 
@@ -26,6 +27,10 @@ __all__ = [
     "UnsupportedAttention",
     "attention_stats",
     "compare",
+    "Nicheformer",
+    "load_nicheformer",
     "merge",
+    "profile_anndata",
+    "tokenize_anndata",
     "validate",
 ]

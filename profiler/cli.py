@@ -1,0 +1,347 @@
+"""The ``attnprof`` command: run, demo, validate, plot.
+
+One small function per subcommand (``cmd_<name>``) and one parser builder
+per subcommand (``add_<name>_parser``); shared options live in
+``_add_input_options``. Bad input exits with status 2 and a one-line
+``attnprof: error: ...`` that names the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+from .profile import Profile
+
+#: Exit status for bad input (argparse uses it too).
+EXIT_USAGE = 2
+
+
+# ------------------------------------------------------------------ parsers
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="attnprof",
+        description="Exact group-wise attention statistics of transformer models (Nicheformer front end).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_run_parser(sub)
+    add_demo_parser(sub)
+    add_validate_parser(sub)
+    add_plot_parser(sub)
+    return parser
+
+
+def _add_input_options(p: argparse.ArgumentParser) -> None:
+    """Model, vocabulary, counts and tokenization options shared by run and validate."""
+    p.add_argument("data", help="the .h5ad file (read backed, chunk by chunk)")
+    m = p.add_argument_group("model")
+    m.add_argument("--model", help="Nicheformer Lightning checkpoint (.ckpt); default: an untrained small model")
+    m.add_argument("--heads", type=int, help="attention heads, for checkpoints without hyper_parameters")
+    m.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow a checkpoint that holds pickled Python objects (runs its code: trusted files only)")
+    m.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    m.add_argument("--seed", type=int, default=0, help="seed of the untrained model without --model (default 0)")
+    m.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; 1 suits small models)")
+    t = p.add_argument_group("tokenization")
+    t.add_argument("--vocab", help="the model's gene list: text file (one gene per line) or .h5ad (var names)")
+    t.add_argument("--means", help="technology mean vector (.npy, one entry per vocabulary gene); default: ones")
+    t.add_argument("--gene-key", help="var column with the gene names (default: var names)")
+    src = t.add_mutually_exclusive_group()
+    src.add_argument("--layer", help="take counts from this layer (default: X)")
+    src.add_argument("--use-raw", action="store_true", help="take counts from .raw")
+    t.add_argument("--species", default="mouse", help="species context token (default: mouse)")
+    t.add_argument("--assay", default="MERFISH", help="assay context token (default: MERFISH)")
+    t.add_argument("--modality", default="spatial", help="modality context token (default: spatial)")
+    c = p.add_argument_group("cells and statistics")
+    c.add_argument("--subset", help="obs query of the cells to profile, e.g. \"cell_type == 'neuron'\"")
+    c.add_argument("--panel", help="gene-pair panel: a file (one gene per line) or names separated by commas")
+    c.add_argument("--window", type=int, default=64, help="position window of the attention maps (default 64)")
+    c.add_argument("--backend", default="auto", help="auto, torch, triton or reference (default auto)")
+
+
+def add_run_parser(sub) -> None:
+    p = sub.add_parser(
+        "run",
+        help="profile an .h5ad and write tables, figures and the profile",
+        description="Profile a Nicheformer on the cells of an .h5ad grouped by an obs column, compare two "
+        "groups and write the tables, figures and profile.",
+    )
+    _add_input_options(p)
+    p.add_argument("--groupby", required=True, help="obs column whose values are the groups (e.g. sex)")
+    p.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                   help="the two groups to compare, A minus B (needed when the column has more than two)")
+    p.add_argument("--batch-size", type=int, default=32, help="cells per forward pass (default 32)")
+    p.add_argument("--min-cells", type=int, default=1, help="cells per group an element needs (default 1)")
+    p.add_argument("--out", help="output folder (default: attnprof_<data name>)")
+    p.add_argument("--no-figures", action="store_true", help="skip the figures")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_run)
+
+
+def add_demo_parser(sub) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="generate a small dataset and model, then profile them (no download)",
+        description="Generate a MERFISH-like dataset with planted sex-biased genes, a matching vocabulary, "
+        "means and a seeded small Nicheformer, then run `attnprof run` on them.",
+    )
+    p.add_argument("--out", default="attnprof_demo", help="output folder (default: attnprof_demo)")
+    p.add_argument("--cells", type=int, default=400, help="cells to generate (default 400)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data and the model (default 0)")
+    p.add_argument("--backend", default="auto", help="auto, torch, triton or reference (default auto)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: fastest for the tiny model)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_demo)
+
+
+def add_validate_parser(sub) -> None:
+    p = sub.add_parser(
+        "validate",
+        help="check the fast backend against the reference on a sample of cells",
+        description="Profile a sample of cells with the fast backend and with `reference`; print the error "
+        "table and exit with status 1 when any error exceeds the tolerance.",
+    )
+    _add_input_options(p)
+    p.add_argument("--groupby", help="obs column of the groups (default: all cells in one group)")
+    p.add_argument("--cells", type=int, default=64, help="cells to check, the first selected (default 64)")
+    p.set_defaults(func=cmd_validate)
+
+
+def add_plot_parser(sub) -> None:
+    p = sub.add_parser(
+        "plot",
+        help="draw the figures of a run folder (or a profile.npz)",
+        description="Read a saved profile.npz and write the figures as PNG and PDF.",
+    )
+    p.add_argument("run", help="a run folder (with profile.npz) or a profile .npz file")
+    p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="groups to compare (default: the run's contrast)")
+    p.add_argument("--layer", type=int, help="layer of the attention maps (default: the strongest difference)")
+    p.add_argument("--head", type=int, help="head of the attention maps (default: the strongest difference)")
+    p.add_argument("--min-cells", type=int, help="cells per group an element needs (default: the run's)")
+    p.add_argument("--out", help="figure folder (default: <run>/figures)")
+    p.set_defaults(func=cmd_plot)
+
+
+# ---------------------------------------------------------------- commands
+def cmd_run(args) -> int:
+    from .singlecell.batches import select_cells
+    from .singlecell.run import profile_anndata, write_outputs
+
+    with _open_data(args.data) as adata:
+        with warnings.catch_warnings():  # profiling warns about the same cells below
+            warnings.simplefilter("ignore")
+            groups = select_cells(adata.obs, args.groupby, groups=args.compare, subset=args.subset).groups
+        if args.compare is None and len(groups) != 2:
+            raise ValueError(
+                f"obs[{args.groupby!r}] has {len(groups)} groups ({', '.join(groups)}): "
+                f"name the two to compare with --compare A B"
+            )
+        model, vocab = _model_and_vocab(args, adata)
+        out = Path(args.out or f"attnprof_{Path(args.data).stem}")
+        out.mkdir(parents=True, exist_ok=True)  # fail before a long run, not after
+        profile = profile_anndata(
+            model, adata, args.groupby, groups=groups, vocab=vocab, means=args.means, panel=_panel(args.panel),
+            layer=args.layer, use_raw=args.use_raw, gene_key=args.gene_key, subset=args.subset,
+            species=args.species, assay=args.assay, modality=args.modality, window=args.window,
+            batch_size=args.batch_size, backend=args.backend, progress=not args.quiet,
+        )  # fmt: skip
+    result = write_outputs(profile, groups[0], groups[1], out, min_cells=args.min_cells, figures=not args.no_figures)
+    record = {
+        "command": ["attnprof", *sys.argv[1:]] if args.argv is None else ["attnprof", *args.argv],
+        "contrast": [groups[0], groups[1]],
+        "cells": profile.cells,
+        "elapsed_s": profile.meta.get("elapsed_s"),
+        "outputs": sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()),
+    }
+    (out / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(layer_summary(result["comparison"], profile))
+    figures = "" if args.no_figures else ", figures/ (PNG, PDF)"
+    print(f"\nwrote {out}/: profile.npz, run.json, tables/ (CSV, Parquet, genes.h5ad){figures}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .singlecell.demo import write_demo_inputs
+
+    out = Path(args.out)
+    inputs = write_demo_inputs(out / "inputs", n_cells=args.cells, seed=args.seed)
+    argv = [
+        "run", str(inputs["data.h5ad"]), "--groupby", "sex", "--compare", "female", "male",
+        "--model", str(inputs["model.ckpt"]), "--vocab", str(inputs["vocab.txt"]),
+        "--means", str(inputs["means.npy"]), "--panel", str(inputs["panel.txt"]),
+        "--backend", args.backend, "--threads", str(args.threads), "--out", str(out),
+    ] + (["--quiet"] if args.quiet else [])  # fmt: skip
+    print(f"demo inputs in {out / 'inputs'}; profiling them as:\n  attnprof {shlex.join(argv)}\n")
+    run_args = build_parser().parse_args(argv)
+    run_args.argv = argv
+    return cmd_run(run_args)
+
+
+def cmd_validate(args) -> int:
+    from .singlecell.batches import make_batches, select_cells
+    from .singlecell.tokenize import Tokenizer, iter_token_chunks
+    from .singlecell.vocab import N_CONTEXT
+    from .validate import validate
+
+    if args.cells < 1:
+        raise ValueError(f"--cells must be at least 1, got {args.cells}")
+    with _open_data(args.data) as adata:
+        selection = select_cells(adata.obs, args.groupby, subset=args.subset, min_groups=1).head(args.cells)
+        model, vocab = _model_and_vocab(args, adata)
+        tokenizer = Tokenizer(vocab, args.means, context_length=model.context_length,
+                              species=args.species, assay=args.assay, modality=args.modality)  # fmt: skip
+        chunks = iter_token_chunks(adata, tokenizer, rows=selection.rows, layer=args.layer,
+                                   use_raw=args.use_raw, gene_key=args.gene_key)  # fmt: skip
+        batch = next(make_batches(chunks, selection.codes_for, batch_size=len(selection), bucket_size=len(selection)))
+    device = next(model.parameters()).device
+    tokens = batch.tokens.to(device)
+    table = validate(
+        model, (tokens,), groups=batch.codes, tokens=tokens, group_names=selection.groups, backend=args.backend,
+        genes=vocab.token_names(), panel=_panel(args.panel), window=args.window, n_context=N_CONTEXT,
+    )  # fmt: skip
+    print(f"{len(batch)} cells x {tokens.shape[1]} tokens, backend {args.backend} vs reference:")
+    print(table.to_string(index=False, float_format=lambda x: f"{x:.2e}"))
+    failed = table.loc[~table["ok"], "quantity"].tolist()
+    if failed:
+        print(f"\nFAILED: {', '.join(failed)} exceed the tolerance", file=sys.stderr)
+        return 1
+    print("\nall quantities within tolerance")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from .plots import save_figures
+
+    source = Path(args.run)
+    path = source / "profile.npz" if source.is_dir() else source
+    if not path.exists():
+        raise FileNotFoundError(f"no profile at {path}: give a run folder of `attnprof run` or a profile .npz")
+    profile = Profile.load(path)
+    contrast = profile.meta.get("contrast", {})
+    a, b = args.compare or (contrast.get("a"), contrast.get("b"))
+    if a is None:
+        if len(profile.groups) != 2:
+            raise ValueError(f"the profile has groups {profile.groups}: name the two to compare with --compare A B")
+        a, b = profile.groups
+    min_cells = args.min_cells if args.min_cells is not None else contrast.get("min_cells", 1)
+    comparison = profile.compare(a, b, min_cells=min_cells)
+    out = Path(args.out) if args.out else path.parent / "figures"
+    for written in save_figures(profile, comparison, out, layer=args.layer, head=args.head):
+        print(written)
+    return 0
+
+
+# ----------------------------------------------------------------- helpers
+@contextmanager
+def _open_data(path):
+    import anndata as ad
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    adata = ad.read_h5ad(path, backed="r")  # X and raw.X stay on disk
+    try:
+        yield adata
+    finally:
+        adata.file.close()
+
+
+def _model_and_vocab(args, adata):
+    """The model on its device and its vocabulary (the data's own genes for an untrained model)."""
+    import torch
+
+    from .singlecell.nicheformer import load_nicheformer, small_nicheformer
+    from .singlecell.tokenize import count_matrix, gene_names
+    from .singlecell.vocab import Vocabulary
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    vocab = Vocabulary.from_file(args.vocab) if args.vocab else None
+    if args.model:
+        if vocab is None:
+            raise ValueError(
+                "--model needs --vocab: the gene list the checkpoint was trained with "
+                "(a text file or an .h5ad whose var names are the genes, e.g. Nicheformer's model.h5ad)"
+            )
+        model = load_nicheformer(args.model, n_heads=args.heads, trust_checkpoint=args.trust_checkpoint)
+    else:
+        if vocab is None:
+            var = count_matrix(adata, args.layer, args.use_raw)[1]
+            vocab = Vocabulary(gene_names(var, args.gene_key), source="the data's genes")
+        warnings.warn(
+            f"no --model: profiling an untrained small Nicheformer (seed {args.seed}) over {vocab.source}; "
+            f"the numbers exercise the pipeline, they say nothing about biology",
+            stacklevel=2,
+        )
+        model = small_nicheformer(vocab.n_tokens, seed=args.seed)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device), vocab
+
+
+def _panel(value: str | None) -> list[str] | None:
+    """Panel genes from a file (one per line) or a comma-separated list."""
+    if value is None:
+        return None
+    path = Path(value)
+    names = path.read_text().splitlines() if path.is_file() else value.split(",")
+    names = [n.strip() for n in names if n.strip()]
+    if not names:
+        raise ValueError(f"--panel {value!r} names no genes")
+    return names
+
+
+def layer_summary(comparison, profile: Profile) -> str:
+    """The layer table as a few lines: mean over heads and max over heads (head) per family."""
+    cells = ", ".join(f"{g} {n}" for g, n in profile.cells.items())
+    elapsed = profile.meta.get("elapsed_s") or float("nan")
+    total = sum(profile.cells.values())
+    rate = total / elapsed if elapsed > 0 else float("nan")
+    lines = [
+        f"profiled {total} cells ({cells}) in {elapsed:.1f} s ({rate:.0f} cells/s), "
+        f"backend {profile.meta.get('backend_used', profile.meta.get('backend'))}",
+        f"attention difference per layer, {comparison.a} − {comparison.b}: mean over heads / max over heads (head)",
+    ]
+    table = comparison.layers
+    families = list(dict.fromkeys(table["family"]))
+    header = "layer  " + "".join(f"{f:>26}" for f in families)
+    lines.append(header)
+    for layer, rows in table.groupby("layer", sort=True):
+        by_family = rows.set_index("family")
+        cells_txt = []
+        for f in families:
+            r = by_family.loc[f]
+            cells_txt.append(f"{r['mean_abs_diff']:>10.3g} / {r['max_abs_diff']:<8.3g}({int(r['max_head']):>2})")
+        lines.append(f"{layer:>5}  " + "".join(f"{c:>26}" for c in cells_txt))
+    return "\n".join(lines)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"attnprof: warning: {message}", file=sys.stderr if file is None else file)
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "argv"):
+        args.argv = None if argv is None else list(argv)
+    previous = warnings.showwarning
+    warnings.showwarning = _show_warning  # one plain line per warning, without source lines
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as e:  # bad input; anything else is a bug: show its traceback
+        print(f"attnprof: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("attnprof: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        warnings.showwarning = previous
+
+
+if __name__ == "__main__":
+    sys.exit(main())

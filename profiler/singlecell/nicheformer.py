@@ -1,0 +1,243 @@
+"""The Nicheformer encoder in plain PyTorch, with the public checkpoints' module names.
+
+Module names and state-dict keys match the Lightning checkpoints of
+theislab/nicheformer: ``embeddings``, ``positional_embedding``, ``encoder``
+(``nn.TransformerEncoder`` of post-norm layers) and the ``encoder_layer``
+prototype it was built from, which the encoder deep-copies and never calls.
+The training heads of the checkpoints (``classifier_head``, ``pooler_head``,
+``cls_head``) are not needed for attention and are skipped on load.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .vocab import EXTRA_EMBEDDINGS, PAD
+
+#: Checkpoint keys of training heads: present in public checkpoints, unused here.
+TRAINING_HEADS = ("classifier_head.", "pooler_head.", "cls_head.")
+#: Lightning hyper-parameter name -> NicheformerConfig field.
+HPARAM_NAMES = {
+    "n_tokens": "n_tokens",
+    "dim_model": "d_model",
+    "nheads": "n_heads",
+    "dim_feedforward": "d_ff",
+    "nlayers": "n_layers",
+    "context_length": "context_length",
+    "dropout": "dropout",
+}
+ANCHOR = "encoder.layers.0.self_attn.in_proj_weight"  # a key every Nicheformer state dict has
+
+
+@dataclass(frozen=True)
+class NicheformerConfig:
+    """Architecture of a Nicheformer encoder (defaults: the published 12-layer model)."""
+
+    n_tokens: int = 20_340
+    d_model: int = 512
+    n_heads: int = 16
+    d_ff: int = 1024
+    n_layers: int = 12
+    context_length: int = 1500
+    dropout: float = 0.0
+
+    @classmethod
+    def small(cls, n_tokens: int, **changes) -> NicheformerConfig:
+        """A tiny configuration for demos and tests: 3 layers, 4 heads, d_model 32, context 128."""
+        return cls(**{"n_tokens": n_tokens, "d_model": 32, "n_heads": 4, "d_ff": 64, "n_layers": 3,
+                      "context_length": 128, **changes})  # fmt: skip
+
+    def hyper_parameters(self) -> dict:
+        """The Lightning ``hyper_parameters`` of a checkpoint with this architecture."""
+        fields = asdict(self)
+        hp = {name: fields[field] for name, field in HPARAM_NAMES.items()}
+        return {**hp, "batch_first": True, "learnable_pe": True, "specie": True, "assay": True, "modality": True}
+
+
+class Nicheformer(nn.Module):
+    """Nicheformer encoder: ``forward(tokens [B, L]) -> hidden states [B, L, d_model]``.
+
+    Padding (id 1) is masked as keys; position ``i`` gets positional embedding ``i``.
+    """
+
+    def __init__(self, config: NicheformerConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        if c.d_model % c.n_heads:
+            raise ValueError(f"d_model {c.d_model} is not divisible by n_heads {c.n_heads}")
+        self.encoder_layer = nn.TransformerEncoderLayer(
+            d_model=c.d_model,
+            nhead=c.n_heads,
+            dim_feedforward=c.d_ff,
+            dropout=c.dropout,
+            batch_first=True,
+            layer_norm_eps=1e-12,
+        )
+        self.encoder = nn.TransformerEncoder(self.encoder_layer, num_layers=c.n_layers, enable_nested_tensor=False)
+        self.embeddings = nn.Embedding(c.n_tokens + EXTRA_EMBEDDINGS, c.d_model, padding_idx=PAD)
+        self.positional_embedding = nn.Embedding(c.context_length, c.d_model)
+        self.dropout = nn.Dropout(c.dropout)
+        for m in self.modules():  # as the public model initializes its linear layers
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_normal_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    @property
+    def n_tokens(self) -> int:
+        return self.config.n_tokens
+
+    @property
+    def context_length(self) -> int:
+        return self.config.context_length
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must have shape [cells, length], got {tuple(tokens.shape)}")
+        L = tokens.shape[1]
+        if L > self.config.context_length:
+            raise ValueError(f"{L} tokens per cell exceed the context length {self.config.context_length}")
+        positions = torch.arange(L, device=tokens.device)
+        x = self.dropout(self.embeddings(tokens) + self.positional_embedding(positions))
+        return self.encoder(x, src_key_padding_mask=tokens == PAD)
+
+
+def small_nicheformer(n_tokens: int, seed: int = 0, **changes) -> Nicheformer:
+    """The small configuration with weights drawn from a fixed seed (demos, tests, dry runs)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Nicheformer(NicheformerConfig.small(n_tokens, **changes)).eval()
+
+
+# ------------------------------------------------------------- checkpoints
+def save_checkpoint(model: Nicheformer, path, prefix: str = "") -> Path:
+    """Write a Lightning-style checkpoint (``state_dict`` + ``hyper_parameters``) as the public ones are."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {prefix + k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "hyper_parameters": model.config.hyper_parameters()}, path)
+    return path
+
+
+def load_nicheformer(path, *, n_heads: int | None = None, trust_checkpoint: bool = False) -> Nicheformer:
+    """Load a Nicheformer Lightning checkpoint (or a bare state dict) into :class:`Nicheformer`.
+
+    The state dict may sit under a prefix (``model.``, ``backbone.``); the
+    architecture comes from ``hyper_parameters`` when present, else from the
+    weight shapes (``n_heads`` must then be given: shapes do not show it).
+    Files are read with ``weights_only=True``; a file that holds other Python
+    objects loads only with ``trust_checkpoint=True`` (runs its pickled code).
+    """
+    path = Path(path)
+    checkpoint = _read(path, trust_checkpoint)
+    state, hparams = _split(checkpoint, path)
+    state = _strip_prefix(state, path)
+    config = _config(state, hparams, n_heads, path)
+    model = Nicheformer(config)
+    _load_state(model, state, path)
+    return model.eval()
+
+
+def _read(path: Path, trust: bool):
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = f" (e.g. {found.group(1)})" if found else ""
+        raise ValueError(
+            f"{path} holds Python objects besides tensors{what}, which weights_only loading refuses; "
+            f"if you trust the file, load it with trust_checkpoint=True (--trust-checkpoint)"
+        ) from e
+    except (RuntimeError, EOFError) as e:
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint: {e}") from e
+
+
+def _split(checkpoint, path):
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path} holds a {type(checkpoint).__name__}, expected a checkpoint dict or a state dict")
+    if "state_dict" in checkpoint:
+        return checkpoint["state_dict"], checkpoint.get("hyper_parameters")
+    if all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        return checkpoint, None
+    raise ValueError(f"{path} has no 'state_dict' (its keys: {list(checkpoint)[:10]}); is it a Lightning checkpoint?")
+
+
+def _strip_prefix(state: dict, path) -> dict:
+    prefixes = {k[: -len(ANCHOR)] for k in state if k.endswith(ANCHOR)}
+    if not prefixes:
+        raise ValueError(
+            f"{path} is not a Nicheformer checkpoint: no key ends in {ANCHOR!r} "
+            f"(first keys: {list(state)[:6]}); attnprof loads Nicheformer encoders (nn.TransformerEncoder) only"
+        )
+    if len(prefixes) > 1:
+        raise ValueError(f"{path} holds several encoders (key prefixes {sorted(prefixes)}); save one model per file")
+    prefix = prefixes.pop()
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _config(state: dict, hparams, n_heads, path) -> NicheformerConfig:
+    for key in ("embeddings.weight", "positional_embedding.weight", "encoder.layers.0.linear1.weight"):
+        if key not in state:
+            hint = " (a sinusoidal positional encoding is not supported)" if "positional" in key else ""
+            raise ValueError(f"{path} is not a Nicheformer checkpoint: it lacks {key!r}{hint}")
+    n_layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.layers."))
+    shapes = {
+        "n_tokens": state["embeddings.weight"].shape[0] - EXTRA_EMBEDDINGS,
+        "d_model": state["embeddings.weight"].shape[1],
+        "d_ff": state["encoder.layers.0.linear1.weight"].shape[0],
+        "n_layers": n_layers,
+        "context_length": state["positional_embedding.weight"].shape[0],
+    }
+    hp = {}
+    if hparams:
+        hparams = dict(hparams)
+        if hparams.get("learnable_pe", True) is False:
+            raise ValueError(f"{path} uses a sinusoidal positional encoding (learnable_pe=False), not supported")
+        hp = {field: hparams[name] for name, field in HPARAM_NAMES.items() if name in hparams}
+        wrong = {k: (hp[k], v) for k, v in shapes.items() if k in hp and int(hp[k]) != v}
+        if wrong:
+            details = ", ".join(f"{k}: hyper_parameters say {a}, weights have {b}" for k, (a, b) in wrong.items())
+            raise ValueError(f"{path}: hyper_parameters disagree with the weights ({details})")
+    heads = hp.get("n_heads", n_heads)
+    if heads is None:
+        raise ValueError(
+            f"{path} has no hyper_parameters, and the number of attention heads cannot be read from weight "
+            f"shapes: pass n_heads= (--heads; the published Nicheformer has 16)"
+        )
+    if n_heads is not None and int(n_heads) != int(heads):
+        raise ValueError(f"{path}: hyper_parameters say {heads} heads but n_heads={n_heads} was given")
+    return NicheformerConfig(**shapes, n_heads=int(heads), dropout=float(hp.get("dropout", 0.0)))
+
+
+def _load_state(model: Nicheformer, state: dict, path) -> None:
+    expected = model.state_dict()
+    # the encoder_layer prototype never runs: checkpoints without it are fine
+    required = {k for k in expected if not k.startswith("encoder_layer.")}
+    missing = sorted(required - state.keys())
+    if missing:
+        raise ValueError(
+            f"{path} lacks {len(missing)} weights of a Nicheformer with {model.config.n_layers} layers "
+            f"(e.g. {missing[:5]}): is it a different architecture?"
+        )
+    wrong = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in state.items()
+             if k in expected and v.shape != expected[k].shape]  # fmt: skip
+    if wrong:
+        details = "; ".join(f"{k}: {a} in the file, {b} expected" for k, a, b in wrong[:5])
+        raise ValueError(f"{path} has weights of a different architecture ({details})")
+    unknown = sorted(k for k in state.keys() - expected.keys() if not k.startswith(TRAINING_HEADS))
+    if unknown:
+        warnings.warn(
+            f"{path} has {len(unknown)} weights a Nicheformer encoder does not use, ignored (e.g. {unknown[:5]})",
+            stacklevel=3,
+        )
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)

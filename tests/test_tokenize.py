@@ -1,0 +1,231 @@
+"""Nicheformer tokenization: a hand-computed example, the tie rule, backed streaming, bad input."""
+
+from __future__ import annotations
+
+import warnings
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from attnprof.singlecell.tokenize import Tokenizer, align_genes, iter_token_chunks, tokenize_anndata
+from attnprof.singlecell.vocab import Vocabulary, context_id, load_means
+
+# ---------------------------------------------------------------- the example
+# vocabulary index: 0 Actb, 1 Gfap, 2 Mbp, 3 Snap25, 4 Sst, 5 Xist -> token ids 30..35
+VOCAB = ["Actb", "Gfap", "Mbp", "Snap25", "Sst", "Xist"]
+MEANS = [1.0, 2.0, 0.0, 1.0, 4.0, 1.0]  # Mbp's mean 0 counts as 1 (as in Nicheformer)
+# the data: another column order, "Unknown1" is not in the vocabulary, "Xist" is not measured
+DATA_GENES = ["Mbp", "Actb", "Unknown1", "Sst", "Gfap", "Snap25"]
+COUNTS = np.array(
+    [
+        # Mbp Actb Unk Sst Gfap Snap25
+        [1, 3, 6, 8, 0, 2],  # /20*1e4: Actb 1500, Sst 4000/4 = 1000 = Snap25 (tie), Mbp 500
+        [0, 0, 5, 0, 0, 0],  # counts only in a gene outside the vocabulary
+        [0, 0, 0, 0, 0, 0],  # a zero-count cell
+        [0, 2, 0, 0, 2, 0],  # Actb 2x, Gfap 2x / mean 2
+        [4, 0, 0, 0, 0, 0],  # Mbp alone (mean 0 -> 1)
+    ],
+    dtype=np.float32,
+)
+CONTEXT = [6, 7, 4]  # mouse, MERFISH, spatial
+# by hand, context length 6 (three genes): the Snap25/Sst tie goes to Snap25 (lower vocabulary
+# index) although Sst comes first in the data; Mbp (500) is cut by the context length
+EXPECTED_6 = np.array(
+    [
+        CONTEXT + [30, 33, 34],
+        CONTEXT + [1, 1, 1],
+        CONTEXT + [1, 1, 1],
+        CONTEXT + [30, 31, 1],
+        CONTEXT + [32, 1, 1],
+    ]
+)
+EXPECTED_FULL_ROW0 = CONTEXT + [30, 33, 34, 32]
+
+
+def example(sparse: bool, **extra) -> ad.AnnData:
+    X = sp.csr_matrix(COUNTS) if sparse else COUNTS.copy()
+    obs = pd.DataFrame({"sex": ["female", "male", "female", "male", "female"]}, index=[f"c{i}" for i in range(5)])
+    return ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=DATA_GENES), **extra)
+
+
+def tokenize(adata, context_length=6, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the dropped gene; tested on its own below
+        return tokenize_anndata(adata, VOCAB, MEANS, context_length=context_length, **kw)
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_hand_computed_example(sparse):
+    np.testing.assert_array_equal(tokenize(example(sparse)), EXPECTED_6)
+    full = tokenize(example(sparse), context_length=10)
+    np.testing.assert_array_equal(full[0], EXPECTED_FULL_ROW0 + [1, 1, 1])
+
+
+def test_lengths_and_chunk_width():
+    tok = Tokenizer(VOCAB, MEANS, context_length=6)
+    with pytest.warns(UserWarning):
+        alignment = align_genes(DATA_GENES, tok.vocab)
+    tokens, lengths = tok.tokenize_rows(COUNTS, alignment)
+    np.testing.assert_array_equal(lengths, [6, 3, 3, 5, 4])
+    assert tokens.shape == (5, 6)
+    tokens, lengths = tok.tokenize_rows(COUNTS[1:3], alignment)
+    assert tokens.shape == (2, 3)  # a chunk is only as wide as its longest cell
+
+
+def test_missing_genes_dropped_with_count_warning():
+    expected = r"1 of the data's 6 genes are not in the vocabulary.*5 are tokenized.*Unknown1"
+    with pytest.warns(UserWarning, match=expected):
+        align_genes(DATA_GENES, VOCAB)
+
+
+def test_no_overlap_is_an_error_that_names_both_sides():
+    with pytest.raises(ValueError, match=r"none of the data's 3 genes.*vocabulary of 6 genes.*gene_key"):
+        align_genes(["ENSMUSG1", "ENSMUSG2", "ENSMUSG3"], VOCAB)
+
+
+def test_duplicate_data_genes_are_an_error():
+    with pytest.raises(ValueError, match="more than once.*var_names_make_unique"):
+        align_genes(["Actb", "Actb"], VOCAB)
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_backed_file_streams_identical_tokens(tmp_path, sparse):
+    path = tmp_path / "example.h5ad"
+    example(sparse).write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    try:
+        streamed = tokenize(backed, chunk_size=2)
+        with pytest.warns(UserWarning, match="1 of the data's 6 genes"):
+            chunks = list(iter_token_chunks(backed, Tokenizer(VOCAB, MEANS, context_length=6), chunk_size=2))
+    finally:
+        backed.file.close()
+    np.testing.assert_array_equal(streamed, EXPECTED_6)
+    assert [len(c) for c in chunks] == [2, 2, 1]  # read two rows at a time
+
+
+def test_rows_select_cells_and_skip_chunks():
+    adata = example(True)
+    rows = np.array([0, 3, 4])
+    np.testing.assert_array_equal(tokenize(adata, rows=rows, chunk_size=2), EXPECTED_6[rows])
+    tok = Tokenizer(VOCAB, MEANS, context_length=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        chunks = list(iter_token_chunks(adata, tok, rows=np.array([4]), chunk_size=2))
+    assert len(chunks) == 1 and chunks[0].rows.tolist() == [4]
+
+
+def test_layer_and_raw_are_tokenized_not_x():
+    counts = example(True)
+    adata = example(True)
+    adata.layers["counts"] = counts.X.copy()
+    adata.raw = counts
+    adata.X = sp.csr_matrix(np.log1p(COUNTS) * 3.7)  # normalized data in X must not be used
+    np.testing.assert_array_equal(tokenize(adata, layer="counts"), EXPECTED_6)
+    np.testing.assert_array_equal(tokenize(adata, use_raw=True), EXPECTED_6)
+    with pytest.raises(ValueError, match="no layer 'spliced'.*counts"):
+        tokenize(adata, layer="spliced")
+    with pytest.raises(ValueError, match="not both"):
+        tokenize(adata, layer="counts", use_raw=True)
+    with pytest.raises(ValueError, match="no .raw"):
+        tokenize(example(True), use_raw=True)
+
+
+def test_gene_key_picks_a_var_column():
+    adata = example(False)
+    adata.var["symbol"] = adata.var_names
+    adata.var_names = [f"ENS{i}" for i in range(6)]
+    np.testing.assert_array_equal(tokenize(adata, gene_key="symbol"), EXPECTED_6)
+    with pytest.raises(ValueError, match="no column 'name'.*symbol"):
+        tokenize(adata, gene_key="name")
+
+
+def test_non_integer_counts_warn_and_negative_counts_fail():
+    adata = example(False)
+    adata.X = COUNTS * 0.5
+    with pytest.warns(UserWarning, match="non-integer values.*raw counts"):
+        tokenize_anndata(adata, DATA_GENES, context_length=6)
+    adata.X = COUNTS - 1
+    with pytest.raises(ValueError, match="negative values.*raw counts"):
+        tokenize_anndata(adata, DATA_GENES, context_length=6)
+
+
+def test_nan_counts_are_zero():
+    with_nan = COUNTS.copy()
+    with_nan[0, 0] = np.nan  # Mbp of cell 0: it drops out and the library shrinks by 1
+    adata = example(False)
+    adata.X = with_nan
+    tokens = tokenize(adata, context_length=10)
+    np.testing.assert_array_equal(tokens[0], CONTEXT + [30, 33, 34, 1, 1, 1, 1])
+
+
+# ------------------------------------------------------- the tie rule, at large
+def plain_tokens(counts, data_genes, vocab, means, context, context_length):
+    """Per cell, in plain Python: value = count * (1e4 / library) / mean, sorted by (-value, vocab index)."""
+    index = {g: i for i, g in enumerate(vocab)}
+    means = [1.0 if m == 0 else m for m in means]
+    out = []
+    for cell in counts:
+        library = float(sum(float(x) for x in cell)) or 1.0
+        scored = []
+        for g, x in zip(data_genes, cell):
+            if g in index and x > 0:
+                scored.append((-(float(x) * (1e4 / library) / means[index[g]]), index[g]))
+        ids = [i + 30 for _, i in sorted(scored)][: context_length - 3]
+        out.append(context + ids + [1] * (context_length - 3 - len(ids)))
+    return np.array(out)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_matches_plain_python_with_many_ties(data):
+    n_genes = data.draw(st.integers(1, 8))
+    n_cells = data.draw(st.integers(1, 6))
+    counts = np.array(
+        data.draw(st.lists(st.lists(st.integers(0, 3), min_size=n_genes, max_size=n_genes),
+                           min_size=n_cells, max_size=n_cells)), dtype=np.float64)  # fmt: skip
+    data_genes = [f"g{j}" for j in range(n_genes)]
+    vocab = data.draw(st.permutations(data_genes + ["extra0", "extra1"]))
+    means = data.draw(st.lists(st.sampled_from([0.0, 1.0, 2.0, 3.0]), min_size=len(vocab), max_size=len(vocab)))
+    context_length = data.draw(st.integers(4, 12))
+    sparse = data.draw(st.booleans())
+    adata = ad.AnnData(X=sp.csr_matrix(counts) if sparse else counts, var=pd.DataFrame(index=data_genes))
+    tokens = tokenize_anndata(adata, vocab, means, context_length=context_length, chunk_size=4)
+    np.testing.assert_array_equal(tokens, plain_tokens(counts, data_genes, vocab, means, CONTEXT, context_length))
+
+
+# ------------------------------------------------ vocabulary, means, context ids
+def test_vocabulary_files(tmp_path):
+    (tmp_path / "genes.txt").write_text("\n".join(VOCAB) + "\n\n")
+    assert Vocabulary.from_file(tmp_path / "genes.txt").genes == VOCAB
+    ad.AnnData(X=np.zeros((1, 6)), var=pd.DataFrame(index=VOCAB)).write_h5ad(tmp_path / "model.h5ad")
+    assert Vocabulary.from_file(tmp_path / "model.h5ad").genes == VOCAB
+    (tmp_path / "gappy.txt").write_text("Actb\n\nGfap\n")
+    with pytest.raises(ValueError, match="blank lines.*line 2"):
+        Vocabulary.from_file(tmp_path / "gappy.txt")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Vocabulary.from_file(tmp_path / "missing.txt")
+
+
+def test_token_names_cover_the_embedding_table():
+    names = Vocabulary(VOCAB).token_names()
+    assert len(names) == len(VOCAB) + 30 + 5
+    assert names[:3] == ["<mask>", "<pad>", "<cls>"]
+    assert names[4] == "<modality:spatial>" and names[6] == "<species:mouse>" and names[7] == "<assay:MERFISH>"
+    assert names[30:36] == VOCAB
+    assert len(set(names)) == len(names)
+
+
+def test_means_and_context_ids(tmp_path):
+    np.save(tmp_path / "means.npy", np.array(MEANS))
+    np.testing.assert_array_equal(load_means(tmp_path / "means.npy", 6), [1, 2, 1, 1, 4, 1])
+    with pytest.raises(ValueError, match="5 entries but the vocabulary has 6 genes"):
+        load_means(np.ones(5), 6)
+    assert context_id("species", "Mus musculus") == 6 and context_id("assay", "cosmx") == 8
+    assert context_id("assay", "10x 3' v3") == 11 and context_id("modality", 3) == 3
+    with pytest.raises(ValueError, match="unknown assay 'seqFISH'.*MERFISH"):
+        context_id("assay", "seqFISH")

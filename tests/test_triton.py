@@ -1,0 +1,273 @@
+"""The triton backend equals the reference on the output, the log-sum-exp and every statistic.
+
+Without CUDA this runs under TRITON_INTERPRET=1 (tests/conftest.py), where the
+kernels use one 32x32 tile config: L = 1 and 7 fit in one tile, L = 65 and 130
+leave a ragged last tile, and a cell whose first 33+ positions are padding
+gives query rows whose first key tiles are all masked.
+
+Tolerances. fp32: 1e-5 on outputs, log-sum-exps and every statistic as a mean
+(what the torch backend meets). fp16: the kernels compute scores in fp32 from
+the same fp16 inputs as the reference, so the log-sum-exps and statistics keep
+1e-5; the output is rounded to fp16 and, as in every flash kernel, P is rounded
+to fp16 before P @ V, each costing at most 2**-11 * max|v|: atol = 2**-10 * max|v|.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from attnprof import Profiler
+from attnprof.kernels import StatsSpec, attention_stats, sum_shapes
+from attnprof.kernels.triton_forward import INTERPRET, triton_forward
+
+from helpers import assert_sums_close, random_batch, spec_for
+
+pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() or INTERPRET), reason="needs CUDA or TRITON_INTERPRET=1")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FP16, FP32 = torch.float16, torch.float32
+
+
+def batch(seed, B, H, L, D, dtype=FP32):
+    """random_batch (cell 0 full, cell 1 one real token, padding anywhere), plus a cell 2 whose real
+    tokens are only the last quarter, and fixed groups: codes 1 and 3 empty, cell 3 not counted."""
+    q, k, v, padding, _, tokens = random_batch(seed, B, H, L, D, n_groups=4, dtype=dtype)
+    if B > 2:
+        padding[2] = torch.arange(L) < L - max(1, L // 4)
+    groups = torch.tensor([0, 2, 0, -1, 2, 0])[:B]
+    return [x.to(DEVICE) for x in (q, k, v, padding, groups, tokens)]
+
+
+def out_tol(v):
+    return dict(atol=2**-10 * v.abs().max().item(), rtol=0) if v.dtype == FP16 else dict(atol=1e-5, rtol=1e-5)
+
+
+def both(q, k, v, padding, groups, tokens, spec):
+    kw = dict(spec=spec, groups=groups, key_padding_mask=padding, tokens=tokens)
+    return attention_stats(q, k, v, backend="triton", **kw), attention_stats(q, k, v, backend="reference", **kw)
+
+
+@pytest.mark.parametrize("dtype", [FP32, FP16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("L, D", [(1, 16), (7, 24), (65, 8), (130, 32), (40, 128)])
+def test_forward_is_sdpa_with_key_padding_and_keeps_the_lse(L, D, dtype):
+    q, k, v, padding, _, _ = batch(L, 4, 2, L, D, dtype)
+    scale = 0.3
+    out, lse = triton_forward(q, k, v, padding, scale=scale)
+    keep = ~padding[:, None, None, :]
+    expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=keep, scale=scale)
+    scores = torch.einsum("bhid,bhjd->bhij", q.float(), k.float()) * scale
+    assert out.dtype == dtype and lse.dtype == FP32 and lse.shape == padding.shape[:1] + q.shape[1:3]
+    torch.testing.assert_close(out.float(), expected, **out_tol(v))  # padded query rows included
+    torch.testing.assert_close(lse, scores.masked_fill(~keep, float("-inf")).logsumexp(-1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "B, H, L, D, window, n_context, dtype",
+    [
+        (5, 3, 1, 16, 4, 2, FP32),  # one token per cell, window > L
+        (5, 2, 7, 24, 3, 2, FP32),  # window < L, head dim not a power of two
+        (5, 2, 7, 8, 64, 0, FP16),  # no context tokens, head dim < 16
+        (5, 3, 65, 16, 20, 2, FP32),  # ragged last tile
+        (5, 2, 65, 32, 65, 3, FP16),  # window = L
+        (5, 2, 130, 32, 200, 2, FP32),  # window > L over several tiles
+        (4, 2, 130, 16, 40, 1, FP16),
+    ],
+    ids=lambda x: str(x).replace("torch.", ""),
+)
+def test_stats_equal_reference(B, H, L, D, window, n_context, dtype):
+    q, k, v, padding, groups, tokens = batch(B + L, B, H, L, D, dtype)
+    spec = spec_for(4, L, window=window, n_context=n_context)  # vocab 12, panel (1, 3, 4): ids repeat
+    (out, sums), (out_ref, ref) = both(q, k, v, padding, groups, tokens, spec)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), out_ref.float(), **out_tol(v))
+    assert_sums_close(sums, ref, atol=1e-5, rtol=1e-5)
+    assert {name: tuple(x.shape) for name, x in sums.items()} == sum_shapes(spec, H)
+    assert all(x.dtype == torch.float64 for x in sums.values())
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    B=st.integers(1, 4),
+    H=st.integers(1, 3),
+    L=st.integers(1, 70),
+    D=st.integers(1, 40),
+    G=st.integers(1, 3),
+    window=st.integers(1, 80),
+    n_context=st.integers(0, 4),
+    fp16=st.booleans(),
+    trailing=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_stats_equal_reference_random(B, H, L, D, G, window, n_context, fp16, trailing, seed):
+    dtype = FP16 if fp16 else FP32
+    data = [x.to(DEVICE) for x in random_batch(seed, B, H, L, D, G, dtype=dtype, trailing=trailing)]
+    spec = spec_for(G, L, window=window, n_context=n_context)
+    (out, sums), (out_ref, ref) = both(*data, spec)
+    torch.testing.assert_close(out.float(), out_ref.float(), **out_tol(data[2]))
+    assert_sums_close(sums, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_strided_inputs_as_the_mha_adapter_makes_them():
+    """q, k, v as views of one packed projection [B, L, 3 * H * D], heads transposed: no copies needed."""
+    B, H, L, D = 3, 2, 40, 16
+    _, _, _, padding, groups, tokens = batch(2, B, H, L, D)
+    packed = torch.randn(B, L, 3 * H * D, device=DEVICE)
+    q, k, v = (x.view(B, L, H, D).transpose(1, 2) for x in packed.chunk(3, dim=-1))
+    assert not q.is_contiguous()
+    spec = spec_for(4, L, window=10)
+    (out, sums), (out_ref, ref) = both(q, k, v, padding, groups, tokens, spec)
+    torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
+    assert_sums_close(sums, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_repeated_panel_ids_with_padding_between():
+    """Cell 0: panel ids 3 and 1 three times each (a fourth 3 and a second 5 are padding), 4 absent;
+    cell 1: 1 once and 4 five times, 3 and 5 absent."""
+    q, k, v, padding, _, _ = batch(3, 2, 2, 12, 16)
+    tokens = torch.tensor([[3, 3, 1, 3, 2, 1, 0, 3, 5, 5, 1, 2], [1, 0, 0, 2, 2, 2, 4, 4, 4, 4, 4, 4]], device=DEVICE)
+    padding[:] = torch.tensor([[0, 0, 0, 1, 0, 0, 1, 0, 0, 1, 0, 0], [0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]]) > 0
+    spec = StatsSpec(n_groups=1, window=5, vocab_size=6, panel=(3, 1, 5, 4), n_context=2)
+    groups = torch.zeros(2, dtype=torch.long, device=DEVICE)
+    (_, sums), (_, ref) = both(q, k, v, padding, groups, tokens, spec)
+    assert ref["pair_count"][0].tolist() == [[1, 1, 1, 0], [1, 2, 1, 1], [1, 1, 1, 0], [0, 1, 0, 1]]
+    assert_sums_close(sums, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_cells_not_counted_give_outputs_only():
+    q, k, v, padding, _, tokens = batch(4, 3, 2, 20, 16)
+    groups = torch.full((3,), -1, device=DEVICE)
+    (out, sums), (out_ref, _) = both(q, k, v, padding, groups, tokens, spec_for(2, 20))
+    torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
+    assert all(not x.any() for x in sums.values())
+
+
+def test_transformer_encoder_profile_matches_torch_backend():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False).eval()
+    B, L, V = 3, 14, 20
+    x = torch.randn(B, L, 16)
+    tokens = torch.randint(0, V, (B, L))
+    tokens[0, :6] = torch.tensor([2, 5, 7, 5, 2, 9])  # panel ids, 5 and 2 repeated
+    mask = torch.zeros(B, L, dtype=torch.bool)
+    mask[1, 9:] = True  # trailing padding
+    mask[2, [0, 4, 5]] = True  # padding between real tokens
+    labels = ["male", "female", "male"]
+
+    def profiled(backend):
+        with Profiler(model, groups=["female", "male", "other"], genes=V, window=8, panel=[2, 5, 7], n_context=2,
+                      backend=backend) as prof:  # fmt: skip
+            ys = []
+            for step in range(2):  # two batches accumulate
+                prof.set_batch(groups=labels, tokens=tokens)
+                with torch.no_grad():
+                    ys.append(model(x.flip(0) if step else x, src_key_padding_mask=mask.flip(0) if step else mask))
+        return ys, prof.profile
+
+    ys, profile = profiled("triton")
+    ys_torch, profile_torch = profiled("torch")
+    with torch.no_grad():
+        plain = model(x, src_key_padding_mask=mask)
+    for y, y_torch in zip(ys, ys_torch):
+        torch.testing.assert_close(y, y_torch, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ys[0], plain, atol=1e-5, rtol=1e-5)
+    assert profile.layers == profile_torch.layers and len(profile.layers) == 2
+    assert profile.sums.keys() == profile_torch.sums.keys()
+    for name, value in profile.sums.items():
+        assert np.allclose(value, profile_torch.sums[name]), name
+    assert profile.sums["pair_count"].sum() > 0 and profile.sums["cells"][0].tolist() == [2, 4, 0]
+
+
+# ----------------------------------------------------------------------------- errors
+@pytest.mark.skipif(not INTERPRET, reason="only the interpreter gets bfloat16 wrong")
+def test_bfloat16_under_the_interpreter_raises():
+    q, k, v, padding, groups, tokens = batch(1, 2, 1, 5, 16, torch.bfloat16)
+    with pytest.raises(ValueError, match="computes bfloat16 wrongly"):
+        attention_stats(q, k, v, spec=StatsSpec(n_groups=4), groups=groups, key_padding_mask=padding, backend="triton")
+    with pytest.raises(ValueError, match="computes bfloat16 wrongly"):
+        triton_forward(q, k, v, padding)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(q=torch.randn(2, 2, 5, 16, dtype=torch.float64)), "one dtype of float32"),
+        (dict(k=torch.randn(2, 2, 5, 16, dtype=FP16)), "one dtype of float32"),
+        (dict(k=torch.randn(2, 2, 5, 16, device="meta")), "on one device"),
+        (dict(q=torch.randn(2, 2, 5, 130), k=torch.randn(2, 2, 5, 130), v=torch.randn(2, 2, 5, 130)), "head dims"),
+        (dict(v=torch.randn(2, 2, 4, 16)), "one shape"),
+        (dict(padding=torch.zeros(2, 4, dtype=torch.bool)), "padding must be a bool"),
+        (dict(padding=torch.zeros(2, 5)), "padding must be a bool"),
+        (dict(padding=torch.ones(2, 5, dtype=torch.bool)), "no real token"),
+    ],
+)
+def test_bad_input_is_named(change, message):
+    args = dict(q=torch.randn(2, 2, 5, 16), k=torch.randn(2, 2, 5, 16), v=torch.randn(2, 2, 5, 16), padding=None)
+    args.update(change)
+    args = {name: x if x is None or x.is_meta else x.to(DEVICE) for name, x in args.items()}
+    with pytest.raises(ValueError, match=message):
+        triton_forward(**args)
+
+
+def test_compiles_for_h100_and_cpu_tensors_need_the_interpreter():
+    """In a fresh process without TRITON_INTERPRET: CPU tensors are refused with a clear error, and every
+    kernel compiles for sm_90 (codegen the interpreter never runs, e.g. globals in kernels must be constexpr)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # silence triton 3.9's notice; fusion is its default
+    run = subprocess.run(
+        [sys.executable, "-c", "import test_triton as t; t.check_without_interpreter()"],
+        cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout + run.stderr
+
+
+def check_without_interpreter(all_configs: bool = False):
+    """Run by the test above in a fresh process; ``all_configs`` compiles every autotune config (slow)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from attnprof.kernels import triton_forward as kf
+    from attnprof.kernels import triton_stats as ks
+
+    assert not kf.INTERPRET
+    if not torch.cuda.is_available():
+        x = torch.randn(1, 1, 3, 16)
+        with pytest.raises(ValueError, match="set TRITON_INTERPRET=1 .* or use backend='torch'"):
+            attention_stats(x, x, x, spec=StatsSpec(n_groups=1), groups=[0], backend="triton")
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    for name, dtype in dtypes.items():
+        pointers = {"Q": name, "K": name, "V": name, "OUT": name, "POS_SUM": "fp64", "POS_SQ": "fp64"}
+        pointers.update(dict.fromkeys(["BIAS", "LSE2", "PMAX", "COLSUM", "PLOGP", "DIAG"], "fp32"))
+        pointers.update(dict.fromkeys(["CELLS", "ORDER", "SEG", "POS"], "i64"))
+        for kernel in (kf._forward_kernel, ks._columns_kernel, ks._window_kernel, ks._gather_kernel):
+            fn = kernel.fn
+            for config in kernel.configs if all_configs else kernel.configs[:1]:
+                consts = dict(config.kwargs, HEAD_D=24, BLOCK_D=32, DOT_PREC=kf.dot_precision(dtype), WRITE_PMAX=True)
+                consts = {a: consts[a] for a in fn.arg_names if a in consts}
+                sig = {a: "constexpr" if a in consts else "fp32" if a == "qk_scale" else
+                       "*" + pointers[a] if a in pointers else "i32" for a in fn.arg_names}  # fmt: skip
+                options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+                triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options=options)
+    print("ok")
+
+
+@pytest.mark.slow
+def test_every_autotune_config_compiles_for_h100():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run(
+        [sys.executable, "-c", "import test_triton as t; t.check_without_interpreter(all_configs=True)"],
+        cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=1200,
+    )  # fmt: skip
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout + run.stderr
