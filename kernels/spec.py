@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+#: Largest position window: 16 heads x 2 groups x 8192^2 x 8 bytes x 2 sums is already 34 GB.
+MAX_WINDOW = 8192
+
 #: The four per-cell head summaries, in the order of the last axis of ``summary_*``.
 SUMMARIES = ("entropy", "context_mass", "self_mass", "row_max")
 
@@ -38,8 +41,11 @@ class StatsSpec:
         object.__setattr__(self, "panel", tuple(int(t) for t in self.panel))
         if self.n_groups < 1:
             raise ValueError(f"n_groups must be >= 1, got {self.n_groups}")
-        if self.window < 1:
-            raise ValueError(f"window must be >= 1, got {self.window}")
+        if not 1 <= self.window <= MAX_WINDOW:
+            raise ValueError(
+                f"window must be in [1, {MAX_WINDOW}], got {self.window}: the position sums take "
+                f"groups x heads x window^2 x 8 bytes; W = the context length is the useful maximum"
+            )
         if self.vocab_size is not None and self.vocab_size < 1:
             raise ValueError(f"vocab_size must be >= 1, got {self.vocab_size}")
         if self.n_context < 0:
@@ -115,6 +121,12 @@ def check_inputs(q, k, v, key_padding_mask, groups, tokens, spec: StatsSpec, sca
             f"got {q.dtype}, {k.dtype}, {v.dtype}"
         )
     B, H, L, D = q.shape
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(
+                f"{name} contains NaN or Inf: the model's activations are not finite before attention "
+                f"(check the inputs and the dtype; fp16 overflows above 65504)"
+            )
     if B == 0 or L == 0:
         raise ValueError(f"empty batch: q has shape {tuple(q.shape)}; pass at least one cell and one token")
     groups = torch.as_tensor(groups, device=q.device)

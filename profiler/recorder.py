@@ -136,15 +136,7 @@ class Recorder:
         tokens = None if tokens is None else tokens.to(q.device)
 
         def stats(group_codes):
-            return attention_stats(
-                q, k, v,
-                spec=self.spec,
-                groups=group_codes.to(q.device),
-                key_padding_mask=key_padding_mask,
-                tokens=tokens,
-                scale=scale,
-                backend=self.backend,
-            )  # fmt: skip
+            return self._kernel(layer, q, k, v, group_codes, key_padding_mask, tokens, scale)
 
         out, sums = stats(codes)
         self._accumulate(self.sums, layer, sums)
@@ -153,6 +145,20 @@ class Recorder:
         for target, labels in zip(self.null_sums, null):  # one more attention pass per permutation
             self._accumulate(target, layer, stats(labels)[1])
         return out
+
+    def _kernel(self, layer, q, k, v, codes, key_padding_mask, tokens, scale):
+        try:
+            return attention_stats(
+                q, k, v,
+                spec=self.spec,
+                groups=codes.to(q.device),
+                key_padding_mask=key_padding_mask,
+                tokens=tokens,
+                scale=scale,
+                backend=self.backend,
+            )  # fmt: skip
+        except ValueError as e:  # name the layer: the kernels know none
+            raise ValueError(f"layer {layer!r}: {e}") from e
 
     def _accumulate(self, target: dict, layer: str, sums: dict) -> None:
         acc = target.setdefault(layer, {k: torch.zeros_like(v) for k, v in sums.items()})
