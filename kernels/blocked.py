@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .reduce import add_group_sums, add_pairs, add_received, add_window_counts, group_onehot, panel_positions
 from .spec import Inputs, StatsSpec, empty_sums
 
 #: Scores per block (heads x rows x keys): 2**18 fp32 = 1 MiB, about one core's L2.
@@ -23,28 +24,53 @@ def blocked_stats(inp: Inputs, spec: StatsSpec, block_elems: int = BLOCK_ELEMS):
     B, H, L, D = inp.q.shape
     out = torch.empty_like(inp.q)
     sums = empty_sums(spec, H, device=inp.q.device)
-    panel = torch.tensor(spec.panel, dtype=torch.long, device=inp.q.device)
+    cells = (inp.groups >= 0).nonzero().flatten()  # counted cells, reduced in this order
+    groups, real = inp.groups[cells], ~inp.padding[cells]
+    received = inp.q.new_zeros(len(cells), H, L, dtype=torch.float32)  # per cell: mean over real rows of P
+    summary = inp.q.new_zeros(len(cells), H, 4, dtype=torch.float32)
+    if spec.panel:
+        panel = torch.tensor(spec.panel, dtype=torch.long, device=inp.q.device)
+        pos, member = panel_positions(inp.tokens[cells], real, panel)
+        pair_block = inp.q.new_zeros(len(cells), H, pos.shape[1], pos.shape[1], dtype=torch.float32)
+    c = 0  # index of the next counted cell
     for b in range(B):
-        real = ~inp.padding[b]
-        idx = real.nonzero().flatten()
+        idx = (~inp.padding[b]).nonzero().flatten()
         q, k, v = (x[b].float() for x in (inp.q, inp.k, inp.v))
         k, v = k[:, idx], v[:, idx]
         if idx.numel() < L:  # padded query rows: output only, over the real keys
             pad = inp.padding[b].nonzero().flatten()
             out[b, :, pad] = F.scaled_dot_product_attention(q[:, pad], k, v, scale=inp.scale).to(out.dtype)
-        g = int(inp.groups[b])
-        if g < 0:  # not counted: output only
+        if inp.groups[b] < 0:  # not counted: output only
             out[b, :, idx] = F.scaled_dot_product_attention(q[:, idx], k, v, scale=inp.scale).to(out.dtype)
             continue
-        toks = inp.tokens[b, idx] if spec.gene_stats else None
-        o, cell = _cell_stats(q[:, idx], k, v, idx, toks, panel, spec, inp.scale, block_elems)
+        # panel positions as indices into the compacted (real) tokens
+        at = torch.searchsorted(idx, pos[c][pos[c] >= 0]) if spec.panel else None
+        o, cell = _cell_stats(q[:, idx], k, v, idx, at, spec, inp.scale, block_elems)
         out[b, :, idx] = o.to(out.dtype)
-        _add_cell(sums, g, idx, toks, panel, spec, cell)
+        received[c][:, idx] = cell["colsum"] / idx.numel()
+        summary[c] = cell["summary"]
+        if spec.panel:
+            pair_block[c, :, : at.numel(), : at.numel()] = cell["pair"]
+        _add_window(sums, int(inp.groups[b]), idx, cell["window"])
+        c += 1
+    onehot = group_onehot(groups, spec.n_groups)
+    sums["cells"] += onehot.sum(0)
+    add_group_sums(sums, "summary", onehot, summary)
+    add_window_counts(sums, onehot, real, min(spec.window, L))
+    if spec.gene_stats:
+        add_received(sums, groups, inp.tokens[cells], real, received, spec.vocab_size)
+    if spec.panel and pos.shape[1]:
+        add_pairs(sums, onehot, member, pair_block)
     return out, sums
 
 
-def _cell_stats(q, k, v, idx, toks, panel, spec: StatsSpec, scale, block_elems):
-    """Output rows and per-cell reductions for one cell; q, k, v are [H, n, D] over real tokens."""
+def _cell_stats(q, k, v, idx, at, spec: StatsSpec, scale, block_elems):
+    """Output rows and row reductions of one cell; q, k, v are [H, n, D] over its real tokens.
+
+    Returns the output and: ``colsum [H, n]`` (sum over rows of P), ``summary [H, 4]`` (means over
+    rows), ``window [H, nw, nw]`` (P among real positions < W) and ``pair [H, m, m]`` (P among the
+    compacted positions ``at`` of panel ids).
+    """
     H, n, _ = q.shape
     rows = max(1, block_elems // (H * n))
     nw = int((idx < spec.window).sum())  # positions < W are a prefix of the sorted real positions
@@ -54,9 +80,7 @@ def _cell_stats(q, k, v, idx, toks, panel, spec: StatsSpec, scale, block_elems):
     colsum = q.new_zeros(H, 1, n)
     summary = q.new_zeros(H, 4)  # row sums of entropy, context, self, row max
     win = q.new_zeros(H, nw, nw)
-    if panel.numel():
-        member = toks[None, :] == panel[:, None]  # [K, n]
-        at = member.any(0).nonzero().flatten()  # positions holding a panel token
+    if at is not None:
         pair_block = q.new_zeros(H, at.numel(), at.numel())
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
@@ -76,49 +100,24 @@ def _cell_stats(q, k, v, idx, toks, panel, spec: StatsSpec, scale, block_elems):
         if r0 < nw:
             w1 = min(r1, nw)
             win[:, r0:w1] = e[:, : w1 - r0, :nw] * inv_z[:, : w1 - r0]
-        if panel.numel():
+        if at is not None:
             here = (at >= r0) & (at < r1)
             sel = at[here] - r0
             pair_block[:, here] = e[:, sel][:, :, at] * inv_z[:, sel]
-    cell = {"summary": summary / n, "received": colsum[:, 0] / n, "window": win}
-    if panel.numel():
-        m = member[:, at].to(q.dtype)  # [K, m] which panel id sits at each panel position
-        rows_mean = m / m.sum(1, keepdim=True).clamp(min=1)
-        cell["pair"] = rows_mean @ pair_block @ m.T  # [H, K, K]: mean over u's rows of mass on v
-        present = member.any(1)
-        cell["pair_present"] = present[:, None] & present[None, :]
+    cell = {"summary": summary / n, "colsum": colsum[:, 0], "window": win}
+    if at is not None:
+        cell["pair"] = pair_block
     return out, cell
 
 
-def _add_cell(sums, g, idx, toks, panel, spec, cell):
-    """Add one counted cell's reductions into the group sums (float64)."""
-    sums["cells"][g] += 1
-    summary = cell["summary"].double()
-    sums["summary_sum"][g] += summary
-    sums["summary_sq"][g] += summary**2
-    nw = cell["window"].shape[-1]
-    win = cell["window"].double()
+def _add_window(sums, g, idx, win):
+    """Add one cell's window (P among its real positions < W) into group g's position sums."""
+    nw = win.shape[-1]
+    win = win.double()
     if nw == 0 or int(idx[nw - 1]) == nw - 1:  # no padding inside the window: a plain slice
         sums["pos_sum"][g, :, :nw, :nw] += win
         sums["pos_sq"][g, :, :nw, :nw] += win**2
-        sums["pos_count"][g, :nw, :nw] += 1
     else:
         iw = idx[:nw]
         sums["pos_sum"][g][:, iw[:, None], iw[None, :]] += win
         sums["pos_sq"][g][:, iw[:, None], iw[None, :]] += win**2
-        sums["pos_count"][g][iw[:, None], iw[None, :]] += 1
-    if toks is None:
-        return
-    ids, inverse = toks.unique(return_inverse=True)  # repeated ids sum within the cell
-    r = cell["received"].new_zeros(cell["received"].shape[0], ids.numel())
-    r.index_add_(1, inverse, cell["received"])
-    r = r.double()
-    sums["recv_sum"][g].index_add_(1, ids, r)
-    sums["recv_sq"][g].index_add_(1, ids, r**2)
-    sums["recv_count"][g].index_add_(0, ids, torch.ones_like(ids, dtype=r.dtype))
-    if panel.numel():
-        present = cell["pair_present"]
-        pair = cell["pair"].double() * present
-        sums["pair_sum"][g] += pair
-        sums["pair_sq"][g] += pair**2
-        sums["pair_count"][g] += present

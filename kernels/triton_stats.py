@@ -30,6 +30,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .reduce import add_group_sums, add_pairs, add_received, add_window_counts, group_onehot, panel_positions
 from .spec import Inputs, StatsSpec, empty_sums
 from .triton_forward import (
     LN2_C,
@@ -191,7 +192,7 @@ def triton_stats(inp: Inputs, spec: StatsSpec):
         return out, sums
     groups = inp.groups[cells]
     real = ~inp.padding[cells]  # [C, L]
-    onehot = F.one_hot(groups, spec.n_groups).double()  # [C, G]: group sums as a matmul, in a fixed order
+    onehot = group_onehot(groups, spec.n_groups)
     kern = StatsKernels(q, k, bias, lse2, inp.scale)
 
     sums["cells"] += onehot.sum(0)
@@ -210,9 +211,9 @@ def triton_stats(inp: Inputs, spec: StatsSpec):
         ],
         dim=-1,
     )  # [C, H, 4] in the order of SUMMARIES
-    _add_group_sums(sums, "summary", onehot, summary)
+    add_group_sums(sums, "summary", onehot, summary)
     if spec.gene_stats:
-        _add_received(sums, groups, inp.tokens[cells], real, received, spec.vocab_size)
+        add_received(sums, groups, inp.tokens[cells], real, received, spec.vocab_size)
     if spec.panel:
         panel = torch.tensor(spec.panel, dtype=torch.long, device=q.device)
         _add_pairs(sums, kern, cells, onehot, inp.tokens[cells], real, panel)
@@ -263,50 +264,14 @@ class StatsKernels:
         return block
 
 
-def _add_group_sums(sums, name, onehot, x):
-    """``{name}_sum/_sq[g] += sum over the cells c of g of x[c], x[c]**2`` (x float64, first axis cells)."""
-    sums[f"{name}_sum"] += torch.einsum("cg,c...->g...", onehot, x)
-    sums[f"{name}_sq"] += torch.einsum("cg,c...->g...", onehot, x * x)
-
-
 def _window(sums, kern, cells, groups, real, onehot, W):
     order = torch.argsort(groups, stable=True)  # counted cells, group by group
     seg = F.pad(torch.bincount(groups, minlength=onehot.shape[1]).cumsum(0), (1, 0))  # group g: order[seg[g]:seg[g+1]]
     kern.window(cells[order], seg, sums["pos_sum"], sums["pos_sq"], W)  # the kernel stores, sums start at 0
-    both = real[:, :W].double()
-    sums["pos_count"][:, :W, :W] += torch.einsum("cg,ci,cj->gij", onehot, both, both)
-
-
-def _add_received(sums, groups, toks, real, received, V):
-    """Scatter the per-cell column means by token id: occurrences of an id in a cell sum, the cell counts once."""
-    H = received.shape[1]
-    G = sums["cells"].shape[0]
-    cell, pos = real.nonzero(as_tuple=True)
-    ids, inverse = (cell * V + toks[cell, pos]).unique(return_inverse=True)  # one per (cell, id) present
-    r = received.new_zeros(H, ids.numel()).index_add_(1, inverse, received[cell, :, pos].T)
-    slot = groups[ids // V] * V + ids % V  # (group, id) flattened
-    acc = received.new_zeros(2, H, G * V)
-    acc[0].index_add_(1, slot, r)
-    acc[1].index_add_(1, slot, r * r)
-    sums["recv_sum"] += acc[0].view(H, G, V).transpose(0, 1)
-    sums["recv_sq"] += acc[1].view(H, G, V).transpose(0, 1)
-    sums["recv_count"].view(-1).index_add_(0, slot, torch.ones_like(r[0]))
+    add_window_counts(sums, onehot, real, W)
 
 
 def _add_pairs(sums, kern, cells, onehot, toks, real, panel):
-    """Pair means from P at each cell's panel positions: mean over u's rows of the mass on all of v's keys."""
-    member = (toks[:, None, :] == panel[None, :, None]) & real[:, None, :]  # [C, K, L]
-    at = member.any(1)  # positions holding a panel id
-    count = at.sum(1)
-    M = int(count.max())
-    if M == 0:
-        return
-    pos = torch.argsort((~at).to(torch.uint8), dim=1, stable=True)[:, :M]  # panel positions first, in order
-    has = torch.arange(M, device=pos.device) < count[:, None]
-    m = (member.gather(2, pos[:, None, :].expand(-1, panel.numel(), -1)) & has[:, None, :]).double()  # [C, K, M]
-    block = kern.gather(cells, torch.where(has, pos, -1)).double()  # [C, H, M, M]
-    rows_mean = m / m.sum(-1, keepdim=True).clamp(min=1)
-    pair = torch.einsum("ckm,chmn,cln->chkl", rows_mean, block, m)  # 0 unless both ids are present
-    _add_group_sums(sums, "pair", onehot, pair)
-    present = (m.sum(-1) > 0).double()
-    sums["pair_count"] += torch.einsum("cg,ck,cl->gkl", onehot, present, present)
+    pos, member = panel_positions(toks, real, panel)
+    if pos.shape[1]:
+        add_pairs(sums, onehot, member, kern.gather(cells, pos))
