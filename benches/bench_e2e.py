@@ -1,0 +1,168 @@
+"""End to end on a Nicheformer: profiling against plain inference and the usual approaches.
+
+The same batches for every contender (full mode: Nicheformer scale, 12 layers, 16 heads, d_model 512,
+FFN 1024, context 1500, random weights):
+
+- plain inference, fused fast path and regular path (the faster one is the baseline);
+- attnprof, ``auto`` backend, W = 64, gene statistics on;
+- attnprof with the ``reference`` backend;
+- keep-every-map: every attention called with ``need_weights=True, average_attn_weights=False``,
+  every cell's ``[H, L, L]`` maps kept, averaged per group at the end (as helical and the scGPT
+  tutorial do).
+
+Each contender reports cells/s and its peak resident memory (``VmHWM``, reset before it runs).
+Cells are full-length (1,500 tokens) or panel-length (about 200 real tokens, as MERFISH data are),
+the latter both trimmed to the longest cell of the batch and padded to 1,500.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import attnprof
+from attnprof.adapters.mha import fastpath_disabled
+from attnprof.singlecell.nicheformer import Nicheformer, NicheformerConfig
+
+N_GROUPS = 2
+
+
+def peak_rss_mb(fn):
+    """Run ``fn`` and return (its result, the process's peak resident memory during it, in MB)."""
+    with open("/proc/self/clear_refs", "w") as f:  # Linux: resets VmHWM to the current RSS
+        f.write("5")
+    result = fn()
+    with open("/proc/self/status") as f:
+        hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
+    return result, hwm / 1024
+
+
+@pytest.fixture(scope="module")
+def setup(full):
+    config = NicheformerConfig() if full else NicheformerConfig.small(n_tokens=2000, context_length=256)
+    torch.manual_seed(0)
+    model = Nicheformer(config).eval()
+    cells, batch = (4, 4) if full else (8, 4)
+    g = torch.Generator().manual_seed(0)
+    L, V = config.context_length, config.n_tokens + 5
+
+    def tokens(n_real):
+        t = torch.ones(cells, L, dtype=torch.long)  # 1 = padding
+        t[:, :3] = torch.tensor([4, 6, 7])  # spatial, mouse, MERFISH
+        for c in range(cells):
+            n = int(n_real[c])
+            t[c, 3:n] = torch.randperm(V - 30, generator=g)[: n - 3] + 30
+        return t
+
+    full_len = tokens(torch.full((cells,), L))
+    panel_len = tokens(torch.randint(L * 2 // 15 - 20, L * 2 // 15 + 20, (cells,), generator=g))
+    labels = np.arange(cells) % N_GROUPS
+    return dict(model=model, batch=batch, full=full_len, panel=panel_len, labels=labels, vocab=V, L=L)
+
+
+def batches(tokens, labels, size, trim):
+    for s in range(0, len(tokens), size):
+        t = tokens[s : s + size]
+        if trim:
+            t = t[:, : int((t != 1).sum(1).max())]
+        yield t, labels[s : s + size]
+
+
+def plain(model, tokens, labels, size, trim, fast):
+    with torch.inference_mode():
+        if fast:
+            for t, _ in batches(tokens, labels, size, trim):
+                model(t)
+        else:
+            with fastpath_disabled():
+                for t, _ in batches(tokens, labels, size, trim):
+                    model(t)
+
+
+def profiled(model, tokens, labels, size, trim, backend, vocab):
+    with attnprof.Profiler(model, groups=["a", "b"], genes=vocab, window=64, n_context=3, backend=backend) as prof:
+        with torch.inference_mode():
+            for t, lab in batches(tokens, labels, size, trim):
+                prof.set_batch(groups=lab, tokens=t)
+                model(t)
+    return prof.profile
+
+
+def keep_every_map(model, tokens, labels, size, trim):
+    """The usual approach: keep each cell's [H, L, L] maps of every layer, average per group at the end."""
+    maps = {i: [] for i in range(len(model.encoder.layers))}
+    groups = []
+
+    def sa_block(layer, i):
+        def block(x, attn_mask, key_padding_mask, is_causal=False):
+            out, w = layer.self_attn(x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+                                     need_weights=True, average_attn_weights=False)  # fmt: skip
+            maps[i].extend(w.numpy())  # every cell's map, kept
+            return layer.dropout1(out)
+
+        return block
+
+    layers = list(model.encoder.layers)
+    for i, layer in enumerate(layers):
+        layer._sa_block = sa_block(layer, i)
+    try:
+        with torch.inference_mode(), fastpath_disabled():
+            for t, lab in batches(tokens, labels, size, trim):
+                model(t)
+                groups.extend(lab)
+    finally:
+        for layer in layers:
+            del layer._sa_block
+    groups = np.asarray(groups)
+    return {i: [np.mean([m for m, g in zip(maps[i], groups) if g == k], axis=0) for k in range(N_GROUPS)]
+            for i in maps}  # fmt: skip
+
+
+CONTENDERS = {
+    "plain inference (fast path)": lambda s, t, trim: plain(s["model"], t, s["labels"], s["batch"], trim, True),
+    "plain inference (regular path)": lambda s, t, trim: plain(s["model"], t, s["labels"], s["batch"], trim, False),
+    "attnprof auto": lambda s, t, trim: profiled(s["model"], t, s["labels"], s["batch"], trim, "auto", s["vocab"]),
+    "attnprof reference": lambda s, t, trim: profiled(
+        s["model"], t, s["labels"], s["batch"], trim, "reference", s["vocab"]
+    ),
+    # maps of one shape to average: the usual approach pads every batch to the context length
+    "keep every map": lambda s, t, trim: keep_every_map(s["model"], t, s["labels"], s["batch"], trim=False),
+}
+
+
+def _run(benchmark, setup, name, cells, trim, group):
+    tokens = setup[cells]
+    benchmark.group = group
+    _, peak = peak_rss_mb(lambda: CONTENDERS[name](setup, tokens, trim))
+    slow = name in ("attnprof reference", "keep every map")
+    benchmark.pedantic(lambda: CONTENDERS[name](setup, tokens, trim), rounds=1 if slow else 2, iterations=1)
+    benchmark.extra_info.update(
+        contender=name,
+        cells=len(tokens),
+        cells_per_s=round(len(tokens) / benchmark.stats.stats.median, 3),
+        peak_rss_mb=round(peak),
+        baseline=name.startswith("plain inference"),  # the report takes the faster path as the baseline
+    )
+
+
+@pytest.mark.parametrize("name", list(CONTENDERS))
+def test_full_length_cells(benchmark, setup, name):
+    _run(benchmark, setup, name, "full", trim=False, group="e2e full-length cells")
+
+
+@pytest.mark.parametrize("name", list(CONTENDERS))
+def test_panel_length_cells(benchmark, setup, name):
+    _run(benchmark, setup, name, "panel", trim=True, group="e2e panel-length cells (trimmed)")
+
+
+@pytest.mark.parametrize("trim", [True, False], ids=["trimmed", "padded to context"])
+def test_padding_trimming(benchmark, setup, trim):
+    benchmark.group = "e2e panel-length cells: trimming"
+    tokens = setup["panel"]
+    benchmark.pedantic(lambda: CONTENDERS["attnprof auto"](setup, tokens, trim), rounds=2, iterations=1)
+    benchmark.extra_info.update(
+        contender=f"attnprof auto, {'trimmed' if trim else 'padded to context'}",
+        cells_per_s=round(len(tokens) / benchmark.stats.stats.median, 3),
+        baseline=not trim,
+    )
