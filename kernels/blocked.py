@@ -67,46 +67,49 @@ def blocked_stats(inp: Inputs, spec: StatsSpec, block_elems: int = BLOCK_ELEMS):
 def _cell_stats(q, k, v, idx, at, spec: StatsSpec, scale, block_elems):
     """Output rows and row reductions of one cell; q, k, v are [H, n, D] over its real tokens.
 
+    One pass over row blocks does the heavy part (output, log-sum-exp, entropy, column sums);
+    the statistics of a few entries (window, panel, context, diagonal) are then recomputed
+    exactly as ``exp(q.k * scale - lse)`` on just those entries.
+
     Returns the output and: ``colsum [H, n]`` (sum over rows of P), ``summary [H, 4]`` (means over
     rows), ``window [H, nw, nw]`` (P among real positions < W) and ``pair [H, m, m]`` (P among the
     compacted positions ``at`` of panel ids).
     """
     H, n, _ = q.shape
     rows = max(1, block_elems // (H * n))
-    nw = int((idx < spec.window).sum())  # positions < W are a prefix of the sorted real positions
-    nc = int((idx < spec.n_context).sum())
+    q = q * scale
+    kt = k.transpose(1, 2)
     out = torch.empty_like(q)
-    kt = (k * scale).transpose(1, 2)
+    lse = q.new_empty(H, n)
+    entropy = q.new_empty(H, n)
+    row_max = q.new_empty(H, n)
     colsum = q.new_zeros(H, 1, n)
-    summary = q.new_zeros(H, 4)  # row sums of entropy, context, self, row max
-    win = q.new_zeros(H, nw, nw)
-    if at is not None:
-        pair_block = q.new_zeros(H, at.numel(), at.numel())
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
-        s = torch.bmm(q[:, r0:r1], kt)  # [H, r, n] scaled scores
-        s.sub_(s.amax(-1, keepdim=True))  # s - rowmax <= 0; kept for the entropy
+        s = torch.bmm(q[:, r0:r1], kt)  # [H, r, n] scaled scores, computed once
+        m = s.amax(-1, keepdim=True)
+        s.sub_(m)  # s - rowmax <= 0
         e = s.exp()  # unnormalized: p = e / z, so no pass divides the block
         z = e.sum(-1, keepdim=True)
         inv_z = z.reciprocal()
         torch.bmm(e, v, out=out[:, r0:r1]).mul_(inv_z)
-        # entropy of a row = log z - sum_j p_j (s_j - rowmax)
-        e_dot_s = s.mul_(e).sum(-1)  # s is not needed after this
-        summary[:, 0] += z.log().sum((1, 2)) - (e_dot_s * inv_z[..., 0]).sum(-1)
-        summary[:, 1] += (e[:, :, :nc].sum(-1, keepdim=True) * inv_z).sum((1, 2))
-        summary[:, 2] += (torch.diagonal(e[:, :, r0:r1], dim1=1, dim2=2) * inv_z[..., 0]).sum(-1)
-        summary[:, 3] += inv_z.sum((1, 2))  # max_j p_j = exp(0) / z
-        colsum.baddbmm_(inv_z.transpose(1, 2), e)  # sum over rows of p
-        if r0 < nw:
-            w1 = min(r1, nw)
-            win[:, r0:w1] = e[:, : w1 - r0, :nw] * inv_z[:, : w1 - r0]
-        if at is not None:
-            here = (at >= r0) & (at < r1)
-            sel = at[here] - r0
-            pair_block[:, here] = e[:, sel][:, :, at] * inv_z[:, sel]
-    cell = {"summary": summary / n, "colsum": colsum[:, 0], "window": win}
+        log_z = z.log()[..., 0]
+        lse[:, r0:r1] = m[..., 0] + log_z
+        entropy[:, r0:r1] = log_z - s.mul_(e).sum(-1) * inv_z[..., 0]  # log z - sum_j p_j (s_j - max)
+        row_max[:, r0:r1] = inv_z[..., 0]  # max_j p_j = exp(0) / z
+        colsum.baddbmm_(inv_z.transpose(1, 2), e)
+
+    def probs(rows_, cols):  # exact P on a few entries, from the row log-sum-exp
+        return torch.bmm(q[:, rows_], kt[:, :, cols]).sub_(lse[:, rows_, None]).exp_()
+
+    nw = int((idx < spec.window).sum())  # positions < W are a prefix of the sorted real positions
+    nc = int((idx < spec.n_context).sum())
+    context = probs(slice(None), slice(nc)).sum(-1)
+    self_mass = (q * k).sum(-1).sub_(lse).exp_()
+    rows_ = torch.stack([entropy, context, self_mass, row_max], dim=-1)  # [H, n, 4]
+    cell = {"summary": rows_.mean(1), "colsum": colsum[:, 0], "window": probs(slice(nw), slice(nw))}
     if at is not None:
-        cell["pair"] = pair_block
+        cell["pair"] = probs(at, at)
     return out, cell
 
 
