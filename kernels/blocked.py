@@ -1,9 +1,11 @@
 """The fast CPU path (runs on CUDA too): exact softmax in row blocks.
 
 Per cell, keys are compacted to the real tokens, so no mask is needed and
-padded keys cost nothing. Real query rows go in blocks of ``rows`` rows; a
-full row of keys fits in cache, so each block of scores is computed once and
-shared by the exact softmax, ``P @ V`` and every reduction. Padded query rows
+padded keys cost nothing. Real query rows go in blocks; a full row of keys
+fits in cache, so each block of scores is computed once and shared by the
+exact softmax, ``P @ V`` and the row and column reductions. On CPU that pass
+is one compiled, fused kernel (:mod:`.fused_rows`, built on first use); the
+eager row-block loop is the fallback and the CUDA path. Padded query rows
 only need their output (they are never counted) and get one plain
 ``scaled_dot_product_attention`` call over the real keys.
 """
@@ -13,11 +15,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import fused_rows
 from .reduce import add_group_sums, add_pairs, add_received, add_window_counts, group_onehot, panel_positions
 from .spec import Inputs, StatsSpec, empty_sums
 
-#: Scores per block (heads x rows x keys): 2**18 fp32 = 1 MiB, about one core's L2.
-BLOCK_ELEMS = 2**18
+#: Scores per eager block (heads x rows x keys): 2**20 fp32 = 4 MiB (measured fastest here).
+BLOCK_ELEMS = 2**20
 
 
 def blocked_stats(inp: Inputs, spec: StatsSpec, block_elems: int = BLOCK_ELEMS):
@@ -67,22 +70,42 @@ def blocked_stats(inp: Inputs, spec: StatsSpec, block_elems: int = BLOCK_ELEMS):
 def _cell_stats(q, k, v, idx, at, spec: StatsSpec, scale, block_elems):
     """Output rows and row reductions of one cell; q, k, v are [H, n, D] over its real tokens.
 
-    One pass over row blocks does the heavy part (output, log-sum-exp, entropy, column sums);
-    the statistics of a few entries (window, panel, context, diagonal) are then recomputed
-    exactly as ``exp(q.k * scale - lse)`` on just those entries.
+    One pass over row blocks does the heavy part (output, log-sum-exp, entropy, row max, column
+    sums): compiled and fused (:mod:`.fused_rows`) on CPU when it can be built, else in eager
+    row blocks. The statistics of a few entries (window, panel, context, diagonal) are then
+    recomputed exactly as ``exp(q.k * scale - lse)`` on just those entries.
 
     Returns the output and: ``colsum [H, n]`` (sum over rows of P), ``summary [H, 4]`` (means over
     rows), ``window [H, nw, nw]`` (P among real positions < W) and ``pair [H, m, m]`` (P among the
     compacted positions ``at`` of panel ids).
     """
+    q = q * scale
+    if q.device.type == "cpu" and fused_rows.available():
+        out, lse, entropy, row_max, colsum = fused_rows.cell_rows(q, k, v)
+    else:
+        out, lse, entropy, row_max, colsum = _rows_eager(q, k, v, block_elems)
+
+    def probs(rows, cols):  # exact P on a few entries, from the row log-sum-exp
+        return torch.bmm(q[:, rows], k[:, cols].transpose(1, 2)).sub_(lse[:, rows, None]).exp_()
+
+    nw = int((idx < spec.window).sum())  # positions < W are a prefix of the sorted real positions
+    nc = int((idx < spec.n_context).sum())
+    context = probs(slice(None), slice(nc)).sum(-1)
+    self_mass = (q * k).sum(-1).sub_(lse).exp_()
+    per_row = torch.stack([entropy, context, self_mass, row_max], dim=-1)  # [H, n, 4]
+    cell = {"summary": per_row.mean(1), "colsum": colsum, "window": probs(slice(nw), slice(nw))}
+    if at is not None:
+        cell["pair"] = probs(at, at)
+    return out, cell
+
+
+def _rows_eager(q, k, v, block_elems):
+    """The row pass in eager row blocks: (out, lse, entropy, row_max, colsum); q already scaled."""
     H, n, _ = q.shape
     rows = max(1, block_elems // (H * n))
-    q = q * scale
     kt = k.transpose(1, 2)
     out = torch.empty_like(q)
-    lse = q.new_empty(H, n)
-    entropy = q.new_empty(H, n)
-    row_max = q.new_empty(H, n)
+    lse, entropy, row_max = q.new_empty(3, H, n)
     colsum = q.new_zeros(H, 1, n)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
@@ -98,19 +121,7 @@ def _cell_stats(q, k, v, idx, at, spec: StatsSpec, scale, block_elems):
         entropy[:, r0:r1] = log_z - s.mul_(e).sum(-1) * inv_z[..., 0]  # log z - sum_j p_j (s_j - max)
         row_max[:, r0:r1] = inv_z[..., 0]  # max_j p_j = exp(0) / z
         colsum.baddbmm_(inv_z.transpose(1, 2), e)
-
-    def probs(rows_, cols):  # exact P on a few entries, from the row log-sum-exp
-        return torch.bmm(q[:, rows_], kt[:, :, cols]).sub_(lse[:, rows_, None]).exp_()
-
-    nw = int((idx < spec.window).sum())  # positions < W are a prefix of the sorted real positions
-    nc = int((idx < spec.n_context).sum())
-    context = probs(slice(None), slice(nc)).sum(-1)
-    self_mass = (q * k).sum(-1).sub_(lse).exp_()
-    rows_ = torch.stack([entropy, context, self_mass, row_max], dim=-1)  # [H, n, 4]
-    cell = {"summary": rows_.mean(1), "colsum": colsum[:, 0], "window": probs(slice(nw), slice(nw))}
-    if at is not None:
-        cell["pair"] = probs(at, at)
-    return out, cell
+    return out, lse, entropy, row_max, colsum[:, 0]
 
 
 def _add_window(sums, g, idx, win):

@@ -1,4 +1,4 @@
-"""The ``attnprof`` command: run, demo, validate, plot.
+"""The ``attnprof`` command: run, merge, demo, validate, plot.
 
 One small function per subcommand (``cmd_<name>``) and one parser builder
 per subcommand (``add_<name>_parser``); shared options live in
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_run_parser(sub)
+    add_merge_parser(sub)
     add_demo_parser(sub)
     add_validate_parser(sub)
     add_plot_parser(sub)
@@ -44,7 +45,8 @@ def _add_input_options(p: argparse.ArgumentParser) -> None:
     m.add_argument("--heads", type=int, help="attention heads, for checkpoints without hyper_parameters")
     m.add_argument("--trust-checkpoint", action="store_true",
                    help="allow a checkpoint that holds pickled Python objects (runs its code: trusted files only)")
-    m.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    m.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:1, ... (default: cuda when available; cuda:LOCAL_RANK under torchrun)")
     m.add_argument("--seed", type=int, default=0, help="seed of the untrained model without --model (default 0)")
     m.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; 1 suits small models)")
     t = p.add_argument_group("tokenization")
@@ -69,7 +71,10 @@ def add_run_parser(sub) -> None:
         "run",
         help="profile an .h5ad and write tables, figures and the profile",
         description="Profile a Nicheformer on the cells of an .h5ad grouped by an obs column, compare two "
-        "groups and write the tables, figures and profile.",
+        "groups and write the tables, figures and profile. Large datasets: --shard I/N profiles one shard "
+        "(sum the shards with `attnprof merge`); under torchrun (`torchrun --nproc_per_node N -m attnprof.cli "
+        "run ...`) every rank profiles its share, the sums are all-reduced and rank 0 writes the outputs; "
+        "--checkpoint-every N lets the same command resume after a crash.",
     )
     _add_input_options(p)
     p.add_argument("--groupby", required=True, help="obs column whose values are the groups (e.g. sex)")
@@ -80,7 +85,40 @@ def add_run_parser(sub) -> None:
     p.add_argument("--out", help="output folder (default: attnprof_<data name>)")
     p.add_argument("--no-figures", action="store_true", help="skip the figures")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    big = p.add_argument_group("large datasets")
+    big.add_argument("--shard", metavar="I/N",
+                     help="profile only shard I of N (every N-th selected cell from the I-th, I = 0..N-1); "
+                     "sum the shards' profile.npz with `attnprof merge`")
+    big.add_argument("--checkpoint-every", type=int, metavar="CELLS",
+                     help="save the sums every CELLS cells to OUT/checkpoint.npz; rerunning the same command "
+                     "after a crash resumes from it (default: no checkpoints)")
+    big.add_argument("--permutations", type=int, default=0, metavar="N",
+                     help="label permutations for permutation p-values (p_perm_* in the heads and layers tables); "
+                     "each costs one more attention pass per layer (default 0)")
+    big.add_argument("--permutation-seed", type=int, default=0, metavar="SEED",
+                     help="seed of the permutations; shards of one run need the same (default 0)")
     p.set_defaults(func=cmd_run)
+
+
+def add_merge_parser(sub) -> None:
+    p = sub.add_parser(
+        "merge",
+        help="sum the profiles of shards into one (and write its tables)",
+        description="Sum the profiles of shards of one dataset (from `attnprof run --shard I/N`, or runs over "
+        "different files or subsets with the same model and options) into one profile: the same result as "
+        "profiling every cell in one run. Refuses profiles of another layout, model, options or vocabulary, "
+        "and the same cells twice. Give -o for the merged profile, --out for a run folder (tables, figures), "
+        "or both.",
+    )
+    p.add_argument("profiles", nargs="+", metavar="PROFILE", help="profile .npz files or run folders (profile.npz)")
+    p.add_argument("-o", "--output", metavar="FILE", help="write the merged profile to this .npz")
+    p.add_argument("--out", metavar="DIR", help="write a run folder: profile.npz, tables/, figures/")
+    p.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                   help="groups to compare for --out, A minus B (default: the profiles' contrast)")
+    p.add_argument("--min-cells", type=int, metavar="N",
+                   help="cells per group an element needs (default: the profiles')")
+    p.add_argument("--no-figures", action="store_true", help="skip the figures")
+    p.set_defaults(func=cmd_merge)
 
 
 def add_demo_parser(sub) -> None:
@@ -129,9 +167,19 @@ def add_plot_parser(sub) -> None:
 
 # ---------------------------------------------------------------- commands
 def cmd_run(args) -> int:
+    from .distributed import process_group
+
+    device = _device(args.device)
+    with process_group(device) as (rank, world):
+        with _silenced(rank != 0):  # one job, one set of warnings and outputs: rank 0's
+            return _run(args, device, rank, world)
+
+
+def _run(args, device, rank: int, world: int) -> int:
     from .singlecell.batches import select_cells
     from .singlecell.run import profile_anndata, write_outputs
 
+    shard = _shard(args.shard)
     with _open_data(args.data) as adata:
         with warnings.catch_warnings():  # profiling warns about the same cells below
             warnings.simplefilter("ignore")
@@ -141,7 +189,7 @@ def cmd_run(args) -> int:
                 f"obs[{args.groupby!r}] has {len(groups)} groups ({', '.join(groups)}): "
                 f"name the two to compare with --compare A B"
             )
-        model, vocab = _model_and_vocab(args, adata)
+        model, vocab = _model_and_vocab(args, adata, device)
         out = Path(args.out or f"attnprof_{Path(args.data).stem}")
         out.mkdir(parents=True, exist_ok=True)  # fail before a long run, not after
         profile = profile_anndata(
@@ -149,12 +197,19 @@ def cmd_run(args) -> int:
             layer=args.layer, use_raw=args.use_raw, gene_key=args.gene_key, subset=args.subset,
             species=args.species, assay=args.assay, modality=args.modality, window=args.window,
             batch_size=args.batch_size, backend=args.backend, progress=not args.quiet,
+            permutations=args.permutations, seed=args.permutation_seed, shard=shard, **_checkpointing(args, out),
         )  # fmt: skip
+    if rank != 0:
+        return 0
     result = write_outputs(profile, groups[0], groups[1], out, min_cells=args.min_cells, figures=not args.no_figures)
     record = {
         "command": ["attnprof", *sys.argv[1:]] if args.argv is None else ["attnprof", *args.argv],
         "contrast": [groups[0], groups[1]],
         "cells": profile.cells,
+        "shard": list(shard) if shard else None,
+        "world_size": world,
+        "permutations": args.permutations,
+        "resumed_cells": profile.meta.get("resumed_cells", 0),
         "elapsed_s": profile.meta.get("elapsed_s"),
         "outputs": sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()),
     }
@@ -165,9 +220,50 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_merge(args) -> int:
+    from .singlecell.run import write_outputs
+
+    if not args.output and not args.out:
+        raise ValueError("say where to write: -o FILE for the merged profile, --out DIR for its tables, or both")
+    paths = [_profile_path(p) for p in args.profiles]
+    merged = merge_files(paths)
+    cells = ", ".join(f"{g} {n}" for g, n in merged.cells.items())
+    headline = f"merged {len(paths)} profiles: {sum(merged.cells.values())} cells ({cells})"
+    if args.output:
+        print(f"wrote {merged.save(args.output)}")
+    if not args.out:
+        print(headline)
+        return 0
+    a, b, min_cells = _contrast(merged, args.compare, args.min_cells)
+    result = write_outputs(merged, a, b, args.out, min_cells=min_cells, figures=not args.no_figures)
+    print(layer_summary(result["comparison"], merged, headline=headline))
+    figures = "" if args.no_figures else ", figures/"
+    print(f"\nwrote {args.out}/: profile.npz, tables/{figures}")
+    return 0
+
+
+def merge_files(paths) -> Profile:
+    """Load and sum saved profiles; an error names the file that does not fit."""
+    paths = [Path(p) for p in paths]
+    seen = set()
+    for path in paths:
+        if path.resolve() in seen:
+            raise ValueError(f"{path} is given twice: merging it twice would count its cells twice")
+        seen.add(path.resolve())
+    total = Profile.load(paths[0])
+    for path in paths[1:]:
+        try:
+            total = total + Profile.load(path)
+        except ValueError as e:
+            raise ValueError(f"cannot merge {path} into {paths[0]}: {e}") from e
+    return total
+
+
 def cmd_demo(args) -> int:
     from .singlecell.demo import write_demo_inputs
 
+    if args.cells < 2:
+        raise ValueError(f"--cells must be at least 2 (a female and a male cell to compare), got {args.cells}")
     out = Path(args.out)
     inputs = write_demo_inputs(out / "inputs", n_cells=args.cells, seed=args.seed)
     argv = [
@@ -217,18 +313,9 @@ def cmd_validate(args) -> int:
 def cmd_plot(args) -> int:
     from .plots import save_figures
 
-    source = Path(args.run)
-    path = source / "profile.npz" if source.is_dir() else source
-    if not path.exists():
-        raise FileNotFoundError(f"no profile at {path}: give a run folder of `attnprof run` or a profile .npz")
+    path = _profile_path(args.run)
     profile = Profile.load(path)
-    contrast = profile.meta.get("contrast", {})
-    a, b = args.compare or (contrast.get("a"), contrast.get("b"))
-    if a is None:
-        if len(profile.groups) != 2:
-            raise ValueError(f"the profile has groups {profile.groups}: name the two to compare with --compare A B")
-        a, b = profile.groups
-    min_cells = args.min_cells if args.min_cells is not None else contrast.get("min_cells", 1)
+    a, b, min_cells = _contrast(profile, args.compare, args.min_cells)
     comparison = profile.compare(a, b, min_cells=min_cells)
     out = Path(args.out) if args.out else path.parent / "figures"
     for written in save_figures(profile, comparison, out, layer=args.layer, head=args.head):
@@ -251,7 +338,67 @@ def _open_data(path):
         adata.file.close()
 
 
-def _model_and_vocab(args, adata):
+def _profile_path(source) -> Path:
+    """A profile .npz given as itself or as the run folder that holds profile.npz."""
+    source = Path(source)
+    path = source / "profile.npz" if source.is_dir() else source
+    if not path.exists():
+        raise FileNotFoundError(f"no profile at {path}: give a run folder of `attnprof run` or a profile .npz")
+    return path
+
+
+def _contrast(profile: Profile, compare, min_cells) -> tuple[str, str, int]:
+    """Groups A, B and min_cells: as given, else the profile's saved contrast, else its two groups."""
+    contrast = profile.meta.get("contrast", {})
+    a, b = compare or (contrast.get("a"), contrast.get("b"))
+    if a is None:
+        if len(profile.groups) != 2:
+            raise ValueError(f"the profile has groups {profile.groups}: name the two to compare with --compare A B")
+        a, b = profile.groups
+    return a, b, min_cells if min_cells is not None else contrast.get("min_cells", 1)
+
+
+def _shard(value: str | None) -> tuple[int, int] | None:
+    """--shard I/N as (I, N)."""
+    if value is None:
+        return None
+    try:
+        index, count = (int(x) for x in value.split("/"))
+    except ValueError:
+        index, count = -1, 0
+    if not 0 <= index < count:
+        raise ValueError(f"--shard takes I/N with 0 <= I < N, e.g. 0/4 for the first of four shards; got {value!r}")
+    return index, count
+
+
+def _checkpointing(args, out: Path) -> dict:
+    """profile_anndata's checkpoint options for --checkpoint-every (the file lives in the output folder)."""
+    if args.checkpoint_every is None:
+        return {}
+    if args.checkpoint_every < 1:
+        raise ValueError(f"--checkpoint-every must be at least 1 cell, got {args.checkpoint_every}")
+    return {"checkpoint": out / "checkpoint.npz", "checkpoint_every": args.checkpoint_every}
+
+
+def _device(name: str):
+    """The torch device of --device; ``auto``: this rank's GPU when there is one, else the CPU."""
+    import torch
+
+    from .distributed import local_device
+
+    return local_device() if name == "auto" else torch.device(name)
+
+
+@contextmanager
+def _silenced(silent: bool):
+    """Warnings off while ``silent`` (the other ranks of a torchrun job: rank 0 speaks for all)."""
+    with warnings.catch_warnings():
+        if silent:
+            warnings.simplefilter("ignore")
+        yield
+
+
+def _model_and_vocab(args, adata, device=None):
     """The model on its device and its vocabulary (the data's own genes for an untrained model)."""
     import torch
 
@@ -279,8 +426,7 @@ def _model_and_vocab(args, adata):
             stacklevel=2,
         )
         model = small_nicheformer(vocab.n_tokens, seed=args.seed)
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device), vocab
+    return model.to(device if device is not None else _device(args.device)), vocab
 
 
 def _panel(value: str | None) -> list[str] | None:
@@ -295,15 +441,22 @@ def _panel(value: str | None) -> list[str] | None:
     return names
 
 
-def layer_summary(comparison, profile: Profile) -> str:
-    """The layer table as a few lines: mean over heads and max over heads (head) per family."""
-    cells = ", ".join(f"{g} {n}" for g, n in profile.cells.items())
-    elapsed = profile.meta.get("elapsed_s") or float("nan")
-    total = sum(profile.cells.values())
-    rate = total / elapsed if elapsed > 0 else float("nan")
+def layer_summary(comparison, profile: Profile, headline: str | None = None) -> str:
+    """The layer table as a few lines: mean over heads and max over heads (head) per family.
+
+    headline: the first line (default: cells profiled, time and backend).
+    """
+    if headline is None:
+        cells = ", ".join(f"{g} {n}" for g, n in profile.cells.items())
+        elapsed = profile.meta.get("elapsed_s") or float("nan")
+        total = sum(profile.cells.values())
+        rate = total / elapsed if elapsed > 0 else float("nan")
+        headline = (
+            f"profiled {total} cells ({cells}) in {elapsed:.1f} s ({rate:.0f} cells/s), "
+            f"backend {profile.meta.get('backend_used', profile.meta.get('backend'))}"
+        )
     lines = [
-        f"profiled {total} cells ({cells}) in {elapsed:.1f} s ({rate:.0f} cells/s), "
-        f"backend {profile.meta.get('backend_used', profile.meta.get('backend'))}",
+        headline,
         f"attention difference per layer, {comparison.a} − {comparison.b}: mean over heads / max over heads (head)",
     ]
     table = comparison.layers

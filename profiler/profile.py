@@ -10,6 +10,7 @@ import json
 import os
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,8 @@ class Profile:
     genes:     names of the token ids (the vocabulary), or None without gene statistics.
     panel:     token ids of the gene-pair panel.
     meta:      free-form run metadata (JSON-serializable), e.g. the model and options.
+               ``meta["data"]["cells_digest"]``, where present, names the set of cells
+               profiled: merging two profiles of the same cells is refused.
     null:      sums of the same cells under label permutations (the permutation null).
     """
 
@@ -62,28 +65,42 @@ class Profile:
         }
 
     def check_compatible(self, other: Profile) -> None:
+        """Raise ``ValueError`` naming what differs when ``other`` cannot be summed with this profile.
+
+        Compared: the layout, and the ``model`` and ``options`` metadata (what must agree between
+        shards of one run); the ``data`` metadata (source, subset, cells) is per shard and may differ.
+        """
         mine, theirs = self.layout(), other.layout()
         diff = [k for k in mine if mine[k] != theirs[k]]
         if diff:
             details = "; ".join(f"{k}: {_short(mine[k])} vs {_short(theirs[k])}" for k in diff)
+            hint = " (a vocabulary mismatch: profile with the model's own gene list)" if "genes" in diff else ""
             raise ValueError(
-                f"cannot merge profiles of different layout ({details}); "
+                f"cannot merge profiles of different layout ({details}){hint}; "
                 f"profile every shard with the same model, groups, window, vocabulary and panel"
             )
         for key in ("model", "options"):
             if key in self.meta and key in other.meta and self.meta[key] != other.meta[key]:
+                where = ", ".join(_differing_keys(self.meta[key], other.meta[key], key))
                 raise ValueError(
-                    f"cannot merge profiles made with a different {key}: "
-                    f"{_short(self.meta[key])} vs {_short(other.meta[key])}"
+                    f"cannot merge profiles made with a different {key} ({where}): "
+                    f"{_short(self.meta[key])} vs {_short(other.meta[key])}; profile every shard the same way"
                 )
 
     def __add__(self, other: Profile) -> Profile:
+        """The sum of two shards' profiles, with both shards' data recorded in ``meta["data"]["shards"]``."""
         self.check_compatible(other)
+        return self._summed(other, _merged_meta(self.meta, other.meta))
+
+    def accumulate(self, other: Profile, meta: dict | None = None) -> Profile:
+        """The sums of both with ``meta`` (default: this profile's): two parts of one run (a checkpoint, the rest)."""
+        self.check_compatible(other)
+        return self._summed(other, self.meta if meta is None else meta)
+
+    def _summed(self, other: Profile, meta: dict) -> Profile:
         sums = {k: self.sums[k] + other.sums[k] for k in self.sums}
         null = [{k: mine[k] + theirs[k] for k in mine} for mine, theirs in zip(self.null, other.null)]
-        meta = dict(self.meta)
-        meta["merged"] = int(self.meta.get("merged", 1)) + int(other.meta.get("merged", 1))
-        return Profile(sums, **{**self._fields(), "meta": meta}, null=null)
+        return Profile(sums, **{**self._fields(), "meta": dict(meta)}, null=null)
 
     def null_profile(self, i: int) -> Profile:
         """The profile of permutation ``i`` of the labels (same cells, shuffled groups)."""
@@ -128,43 +145,49 @@ class Profile:
         path = Path(path)
         if path.suffix != ".npz":
             path = path.with_suffix(".npz")
-        header = {"format_version": FORMAT_VERSION, **self._fields()}
-        arrays = {f"sum_{k}": v for k, v in self.sums.items()}
-        for i, null in enumerate(self.null):
-            arrays.update({f"null{i}_{k}": v for k, v in null.items()})
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez_compressed(f, header=np.array(json.dumps(header)), **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_npz(path, self.to_arrays())
         return path
 
     @classmethod
     def load(cls, path) -> Profile:
         path = Path(path)
+        return cls.from_arrays(read_npz(path, "attnprof profile"), path)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The arrays of the ``.npz`` file: a JSON ``header``, ``sum_<name>`` and ``null<i>_<name>``."""
+        header = {"format_version": FORMAT_VERSION, **self._fields()}
         try:
-            with np.load(path, allow_pickle=False) as data:
-                header = json.loads(str(data["header"]))
-                arrays = {k: np.array(data[k], dtype=np.float64) for k in data.files if k != "header"}
-        except FileNotFoundError:
-            raise
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path} is not a readable attnprof profile (truncated or corrupted?): {e}") from e
+            arrays = {"header": np.array(json.dumps(header))}
+        except TypeError as e:  # before any file is touched
+            raise ValueError(f"cannot save the profile: its meta must be JSON-serializable ({e})") from e
+        arrays.update({f"sum_{k}": v for k, v in self.sums.items()})
+        for i, null in enumerate(self.null):
+            arrays.update({f"null{i}_{k}": v for k, v in null.items()})
+        return arrays
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], source) -> Profile:
+        """The inverse of :meth:`to_arrays`; other keys are ignored. ``source`` names the file in errors."""
+        if "header" not in arrays:
+            raise ValueError(f"{source} is not an attnprof profile (no header; corrupted file?)")
+        try:
+            header = json.loads(str(arrays["header"]))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{source} has an unreadable profile header (corrupted file?): {e}") from e
         version = header.pop("format_version", None)
         if version != FORMAT_VERSION:
-            raise ValueError(f"{path} has profile format {version}; this attnprof reads format {FORMAT_VERSION}")
-        sums = {k[4:]: v for k, v in arrays.items() if k.startswith("sum_")}
+            raise ValueError(f"{source} has profile format {version}; this attnprof reads format {FORMAT_VERSION}")
+        sums = {k[4:]: _float64(arrays[k]) for k in arrays if k.startswith("sum_")}
+        n_null = sum(1 for k in arrays if k.startswith("null") and k.endswith("_cells"))
         null = [
-            {k.split("_", 1)[1]: v for k, v in arrays.items() if k.startswith(f"null{i}_")}
-            for i in range(sum(1 for k in arrays if k.startswith("null") and k.endswith("_cells")))
+            {k.split("_", 1)[1]: _float64(arrays[k]) for k in arrays if k.startswith(f"null{i}_")}
+            for i in range(n_null)
         ]
-        profile = cls(sums, **header, null=null)
-        profile._check_shapes(path)
+        try:
+            profile = cls(sums, **header, null=null)
+        except TypeError as e:  # a header with unknown or missing fields
+            raise ValueError(f"{source} has an unexpected profile header (corrupted file?): {e}") from e
+        profile._check_shapes(source)
         return profile
 
     def _check_shapes(self, source) -> None:
@@ -181,14 +204,93 @@ class Profile:
 
 
 def merge(profiles) -> Profile:
-    """Sum profiles of the same layout (shards of one dataset)."""
+    """Sum profiles of the same layout (shards of one dataset).
+
+    Refuses, with the reason, profiles of another layout, model, options or vocabulary,
+    and two profiles of the same cells (which would count them twice).
+    """
     profiles = list(profiles)
     if not profiles:
         raise ValueError("merge needs at least one profile")
+    wrong = [type(p).__name__ for p in profiles if not isinstance(p, Profile)]
+    if wrong:
+        raise TypeError(f"merge takes Profile objects, got {wrong[0]}: load saved ones with attnprof.Profile.load")
     total = profiles[0]
     for p in profiles[1:]:
         total = total + p
     return total
+
+
+# ----------------------------------------------------------------- files
+def write_npz(path: Path, arrays: dict[str, np.ndarray], compress: bool = True) -> None:
+    """Write arrays to ``path`` atomically: a temporary file in the same folder, then a rename.
+
+    A crash or an error leaves the previous file at ``path`` untouched (and no temporary file).
+    ``compress=False`` writes about 10x faster and twice as large (for frequent, transient checkpoints).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            (np.savez_compressed if compress else np.savez)(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_npz(path: Path, what: str) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` file (no pickles); a truncated or corrupted file raises ``ValueError``."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: np.array(data[k]) for k in data.files}
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, zlib.error, EOFError) as e:
+        raise ValueError(f"{path} is not a readable {what} (truncated or corrupted?): {e}") from e
+
+
+def _float64(x: np.ndarray) -> np.ndarray:
+    if x.dtype.kind not in "fiu":
+        raise ValueError(f"a profile sum has dtype {x.dtype}, expected numbers (corrupted file?)")
+    return x.astype(np.float64, copy=False)
+
+
+# ------------------------------------------------------------------ meta
+def _merged_meta(a: dict, b: dict) -> dict:
+    """Meta of a merge: ``a``'s, with the shards' ``data`` listed and compute time summed."""
+    meta = dict(a)
+    meta["merged"] = int(a.get("merged", 1)) + int(b.get("merged", 1))
+    if "elapsed_s" in a or "elapsed_s" in b:
+        meta["elapsed_s"] = round(float(a.get("elapsed_s") or 0) + float(b.get("elapsed_s") or 0), 3)
+    if "data" in a or "data" in b:
+        shards = _shards(a) + _shards(b)
+        digests = [s["cells_digest"] for s in shards if s.get("cells_digest")]
+        twice = sorted({d for d in digests if digests.count(d) > 1})
+        if twice:
+            raise ValueError(
+                f"two of the profiles cover the same cells (cells digest {twice[0]}): merging would count "
+                f"them twice; merge each shard once"
+            )
+        meta["data"] = {"shards": shards}
+    return meta
+
+
+def _shards(meta: dict) -> list[dict]:
+    data = meta.get("data") or {}
+    return list(data["shards"]) if "shards" in data else [dict(data)]
+
+
+def _differing_keys(a, b, prefix: str) -> list[str]:
+    """Dotted names of the entries that differ between two nested dicts."""
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return [prefix]
+    out = []
+    for k in sorted(set(a) | set(b), key=str):
+        if a.get(k) != b.get(k):
+            out += _differing_keys(a.get(k), b.get(k), f"{prefix}.{k}")
+    return out
 
 
 def _short(x, n: int = 80) -> str:

@@ -97,7 +97,7 @@ def test_outputs_and_statistics_match_eager_attention(cls, form):
         assert not P.masked_select(~real[:, None, None, :]).any()  # the oracle gives padded keys zero
         want = stats_from_probs(P, ~real, torch.as_tensor(groups), ids, prof.recorder.spec)
         for name, value in want.items():
-            np.testing.assert_allclose(profile.sums[name][i], value.numpy(), atol=1e-6, err_msg=name)
+            np.testing.assert_allclose(profile.sums[name][i], value.numpy(), atol=1e-5, rtol=1e-5, err_msg=name)
 
 
 @torch.no_grad()

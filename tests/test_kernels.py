@@ -48,8 +48,10 @@ def test_torch_equals_reference(B, H, L, D, G, window, n_context, trailing, seed
 
 @pytest.mark.parametrize("L", [1, 7, 64, 65, 257])
 @pytest.mark.parametrize("block_elems", [1, 97, 4096])
-def test_row_blocks_of_any_size(L, block_elems):
-    """Blocks of 1 row, of a prime number of elements, and larger than the cell give the same sums."""
+def test_eager_row_blocks_of_any_size(L, block_elems, monkeypatch):
+    """The eager fallback of the fused row pass: blocks of 1 row, of a prime number of elements,
+    and larger than the cell give the reference's output and sums."""
+    monkeypatch.setenv("ATTNPROF_FUSED", "0")
     q, k, v, padding, groups, tokens = random_batch(L, 4, 3, L, 16, 2)
     spec = spec_for(2, L, window=min(L, 9))
     inp = check_inputs(q, k, v, padding, groups, tokens, spec, None)

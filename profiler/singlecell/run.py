@@ -2,8 +2,11 @@
 
 :func:`profile_anndata` is the one call: select cells, tokenize them in
 chunks, bucket and trim batches, and run them through the model inside a
-:class:`attnprof.Profiler`. :func:`profile_batches` is the run loop itself;
-:func:`write_outputs` writes a run's folder (profile, tables, figures).
+:class:`attnprof.Profiler`. It also shards the cells (``shard=``, or by rank
+inside a ``torch.distributed`` job, whose sums it all-reduces), draws label
+permutations for permutation p-values, and saves checkpoints a rerun resumes
+from. :func:`profile_batches` is the run loop itself; :func:`write_outputs`
+writes a run's folder (profile, tables, figures).
 """
 
 from __future__ import annotations
@@ -11,9 +14,10 @@ from __future__ import annotations
 import hashlib
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, dataclass, is_dataclass
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +26,13 @@ from tqdm.auto import tqdm
 
 from attnprof.kernels import resolve_backend
 
+from ..checkpoint import Checkpoint
+from ..distributed import all_reduce_profile, rank_and_world, shard as shard_indices, sum_over_ranks
 from ..profile import Profile
 from ..session import Profiler
-from .batches import Batch, make_batches, select_cells
+from .batches import Batch, CellSelection, make_batches, select_cells
 from .tokenize import Tokenizer, count_matrix, gene_names, iter_token_chunks
-from .vocab import N_CONTEXT, Vocabulary, as_vocabulary
+from .vocab import N_CONTEXT, PAD, Vocabulary, as_vocabulary
 
 
 def profile_anndata(
@@ -51,6 +57,11 @@ def profile_anndata(
     bucket_size: int = 2048,
     backend: str = "auto",
     trim_padding: bool = True,
+    permutations: int = 0,
+    seed: int = 0,
+    shard: tuple[int, int] | None = None,
+    checkpoint=None,
+    checkpoint_every: int = 10_000,
     progress: bool = True,
 ) -> Profile:
     """Group-wise attention sums of a Nicheformer over the cells of ``adata``.
@@ -65,57 +76,75 @@ def profile_anndata(
     layer, use_raw, gene_key: where the counts and gene names are (default ``X`` and var names).
     subset:   an obs query, e.g. ``"cell_type == 'neuron'"``.
     species, assay, modality: the context tokens, by name or id.
-    window:   position window of the per-head maps.
+    window:   position window of the per-head maps (at most the model's context length).
     trim_padding: cut each batch to its longest cell (same results, less work).
+    permutations: N label permutations for permutation p-values (``compare(..., permutations=N)``):
+              N global shuffles of the selected cells' groups drawn with ``numpy.random.default_rng(seed)``.
+              Each costs one more attention pass per layer: the run does N + 1 of them.
+    shard:    ``(i, n)``: profile only every n-th selected cell starting at the i-th; the shards'
+              profiles sum to the whole (:func:`attnprof.merge`). Inside an initialized
+              ``torch.distributed`` default group the shard is ``(rank, world size)`` and the
+              returned profile is already summed over the ranks (on every rank).
+    checkpoint: a file to save the sums and the cells done to every ``checkpoint_every`` cells
+              (atomically). If it exists, the run resumes from it: only the cells it lacks are
+              profiled, and the result is that of an uninterrupted run. A checkpoint of another
+              run (data, cells, model or options) is refused. Deleted when the run succeeds.
+              With shards each keeps its own file, ``<name>.shard<i>of<n>.npz``.
 
     Returns a :class:`attnprof.Profile` with the token names as genes and ``n_context=3``.
     """
     n_tokens, context_length = _model_shape(model)
+    _check_options(window, context_length, permutations, chunk_size, bucket_size)
+    shard, distributed = _this_shard(shard)
     with _opened(adata) as (adata, source):
         selection = select_cells(adata.obs, groupby, groups=groups, subset=subset)
-        if vocab is None:
-            vocab = Vocabulary(gene_names(count_matrix(adata, layer, use_raw)[1], gene_key), source="the data's genes")
-        vocab = as_vocabulary(vocab)
-        if vocab.n_tokens != n_tokens:
-            raise ValueError(
-                f"the vocabulary ({vocab.source}) has {len(vocab)} genes, so the model would need "
-                f"n_tokens={vocab.n_tokens}, but it has n_tokens={n_tokens} ({n_tokens - 30} genes): "
-                f"pass the gene list the model was trained with"
-            )
+        vocab = _model_vocabulary(vocab, adata, layer, use_raw, gene_key, n_tokens)
         tokenizer = Tokenizer(
             vocab, means, context_length=context_length, species=species, assay=assay, modality=modality
         )
-        chunks = iter_token_chunks(
-            adata, tokenizer, rows=selection.rows, layer=layer, use_raw=use_raw, gene_key=gene_key,
-            chunk_size=chunk_size,
-        )  # fmt: skip
-        context_only = []  # cells with no vocabulary gene counted: only their context tokens
-        chunks = _counting_context_only(chunks, context_only)
-        batches = make_batches(
-            chunks, selection.codes_for, batch_size=batch_size, bucket_size=bucket_size, trim=trim_padding,
-            pad_to=context_length,
-        )  # fmt: skip
+        plan = plan_cells(selection, shard, permutations, seed)
+        names = adata.obs_names
         meta = {
             "model": model_description(model),
             "options": {
                 "groupby": groupby,
                 "tokenizer": tokenizer.settings(),
                 "counts": {"layer": layer, "use_raw": bool(use_raw), "gene_key": gene_key},
+                "permutations": {"n": int(permutations), "seed": int(seed) if permutations else None},
             },
-            "data": {"source": source, "n_obs": int(adata.n_obs), "subset": subset, "cells": selection.counts()},
-        }
-        profile = profile_batches(
-            model, batches, groups=selection.groups, genes=vocab.token_names(), panel=_unique(panel),
-            window=window, n_context=N_CONTEXT, backend=backend, meta=meta, n_cells=len(selection),
-            progress=progress,
+            "data": {
+                "source": source, "n_obs": int(adata.n_obs), "subset": subset, "cells": plan.counts(),
+                "shard": None if shard == (0, 1) else list(shard), "cells_digest": plan.digest(names),
+            },
+        }  # fmt: skip
+        run = _Run(
+            reading=dict(layer=layer, use_raw=use_raw, gene_key=gene_key, chunk_size=chunk_size),
+            batching=dict(batch_size=batch_size, bucket_size=bucket_size, trim=trim_padding, pad_to=context_length),
+            stats=dict(groups=selection.groups, genes=vocab.token_names(), panel=_unique(panel), window=window,
+                       n_context=N_CONTEXT, backend=backend),
+            progress=progress and rank_and_world()[0] == 0,
         )  # fmt: skip
-    if sum(context_only):
+        whole = None  # names every shard's cells: for a checkpoint's fingerprint and a summed profile
+        if checkpoint is not None or distributed:
+            whole = _cells_digest(names, selection.rows, selection.codes, selection.groups)
+        ckpt = None
+        if checkpoint is not None:
+            fingerprint = run.fingerprint(meta, whole, shard)
+            ckpt = Checkpoint.open(checkpoint, fingerprint, checkpoint_every, shard=shard)
+        profile, context_only = run.profile(model, adata, tokenizer, plan, meta, ckpt)
+    if distributed:
+        profile = all_reduce_profile(profile)
+        context_only = sum_over_ranks(context_only)
+        profile.meta["data"].update(cells=selection.counts(), shard=None, cells_digest=whole)
+    profile.meta["data"]["context_only_cells"] = int(context_only)
+    if context_only and rank_and_world()[0] == 0:
         warnings.warn(
-            f"{sum(context_only)} cells have no counts in vocabulary genes and were profiled with only "
+            f"{context_only} cells have no counts in vocabulary genes and were profiled with only "
             f"their {N_CONTEXT} context tokens",
             stacklevel=2,
         )
-    profile.meta["data"]["context_only_cells"] = int(sum(context_only))
+    if ckpt is not None:
+        ckpt.remove()  # the result is complete: a rerun starts afresh
     return profile
 
 
@@ -132,8 +161,15 @@ def profile_batches(
     meta: dict,
     n_cells: int | None = None,
     progress: bool = True,
+    null_codes_of: Callable[[np.ndarray], list[np.ndarray]] | None = None,
+    after_batch: Callable[[Profiler, Batch], None] | None = None,
 ) -> Profile:
-    """The run loop: every batch through the model inside one profiling session."""
+    """The run loop: every batch through the model inside one profiling session.
+
+    null_codes_of: row positions -> the permuted group codes of those cells, one array per
+                   permutation (the ``null_groups`` of :meth:`Profiler.set_batch`).
+    after_batch:   called after each forward with the profiler and the batch (e.g. to checkpoint).
+    """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()  # dropout off: attention must be the model's deterministic attention
@@ -144,9 +180,12 @@ def profile_batches(
                       backend=backend, meta=meta) as prof, torch.inference_mode():  # fmt: skip
             for batch in batches:
                 tokens = batch.tokens.to(device)
-                prof.set_batch(groups=batch.codes, tokens=tokens)
+                null = None if null_codes_of is None else null_codes_of(batch.rows)
+                prof.set_batch(groups=batch.codes, tokens=tokens, null_groups=null)
                 model(tokens)
                 bar.update(len(batch))
+                if after_batch is not None:
+                    after_batch(prof, batch)
     finally:
         bar.close()
         model.train(was_training)
@@ -156,20 +195,131 @@ def profile_batches(
     return profile
 
 
-def write_outputs(profile: Profile, a, b, out, *, min_cells: int = 1, figures: bool = True) -> dict:
+def write_outputs(
+    profile: Profile, a, b, out, *, min_cells: int = 1, permutations: int | None = None, figures: bool = True
+) -> dict:
     """Write a run's folder: ``profile.npz``, ``tables/`` (CSV, Parquet, genes.h5ad) and ``figures/``.
 
+    permutations: label permutations behind the ``p_perm_*`` columns (default: all the profile has).
     Returns the comparison of ``a`` minus ``b`` and the written paths.
     """
     out = Path(out)
-    comparison = profile.compare(a, b, min_cells=min_cells)
-    profile.meta["contrast"] = {"a": comparison.a, "b": comparison.b, "min_cells": int(min_cells)}
+    permutations = len(profile.null) if permutations is None else int(permutations)
+    comparison = profile.compare(a, b, min_cells=min_cells, permutations=permutations)
+    profile.meta["contrast"] = {
+        "a": comparison.a, "b": comparison.b, "min_cells": int(min_cells), "permutations": permutations,
+    }  # fmt: skip
     written = {"profile": profile.save(out / "profile.npz"), "tables": comparison.save(out / "tables")}
     if figures:
         from ..plots import save_figures
 
         written["figures"] = save_figures(profile, comparison, out / "figures")
     return {"comparison": comparison, "paths": written}
+
+
+# ------------------------------------------------------------ cells and runs
+@dataclass
+class CellPlan:
+    """The cells this process profiles: sorted row positions, group codes and permuted codes.
+
+    A code of -1 runs the cell without counting it: an empty shard runs one such cell, so that it
+    still has (zero) sums of the run's layout to add to the others.
+    """
+
+    rows: np.ndarray
+    codes: np.ndarray
+    null: np.ndarray  # [permutations, cells]
+    groups: list[str]
+
+    def codes_for(self, rows: np.ndarray) -> np.ndarray:
+        return self.codes[np.searchsorted(self.rows, rows)]
+
+    def null_for(self, rows: np.ndarray) -> list[np.ndarray]:
+        return list(self.null[:, np.searchsorted(self.rows, rows)])
+
+    def counts(self) -> dict[str, int]:
+        counted = self.codes[self.codes >= 0]
+        return {g: int(n) for g, n in zip(self.groups, np.bincount(counted, minlength=len(self.groups)))}
+
+    def digest(self, obs_names) -> str | None:
+        """Names the counted cells (None for none): merging two profiles of the same cells is refused."""
+        counted = self.codes >= 0
+        if not counted.any():
+            return None
+        return _cells_digest(obs_names, self.rows[counted], self.codes[counted], self.groups)
+
+
+def plan_cells(selection: CellSelection, shard: tuple[int, int], permutations: int, seed: int) -> CellPlan:
+    """The shard's cells, and its slice of ``permutations`` global shuffles of the selection's group codes.
+
+    Shuffling the whole selection (then slicing) makes the shards' null sums add up to those of one run.
+    """
+    index = shard_indices(len(selection), *shard)
+    rng = np.random.default_rng(seed)
+    dtype = np.int8 if len(selection.groups) < 128 else np.int64  # N x cells codes: keep them small
+    null = np.empty((permutations, len(index)), dtype=dtype)
+    for i in range(permutations):
+        null[i] = rng.permutation(selection.codes)[index]
+    if not len(index):
+        return CellPlan(selection.rows[:1], np.full(1, -1), np.full((permutations, 1), -1, dtype=dtype),
+                        selection.groups)  # fmt: skip
+    return CellPlan(selection.rows[index], selection.codes[index], null, selection.groups)
+
+
+@dataclass
+class _Run:
+    """How one profile_anndata run reads, batches and profiles its cells."""
+
+    reading: dict
+    batching: dict
+    stats: dict
+    progress: bool
+
+    def fingerprint(self, meta: dict, selection_digest: str, shard: tuple[int, int]) -> dict:
+        """What a checkpoint must share with this run to be resumed by it (the backend may differ)."""
+        data = {k: meta["data"][k] for k in ("source", "n_obs", "subset")}
+        options = {**meta["options"], **self.reading, **self.batching}
+        options.update({k: self.stats[k] for k in ("groups", "genes", "panel", "window", "n_context")})
+        options["genes"] = hashlib.blake2b("\n".join(options["genes"]).encode(), digest_size=8).hexdigest()
+        return {"data": {**data, "cells": selection_digest, "shard": list(shard)}, "model": meta["model"],
+                "options": options}  # fmt: skip
+
+    def profile(self, model, adata, tokenizer, plan: CellPlan, meta: dict, ckpt: Checkpoint | None):
+        """The profile of the plan's cells (a checkpoint's sums plus the cells it lacks) and the context-only count."""
+        rows = plan.rows if ckpt is None else ckpt.remaining(plan.rows)
+        context_only = _ContextOnly(0 if ckpt is None else ckpt.counters.get("context_only_cells", 0))
+        chunks = iter_token_chunks(adata, tokenizer, rows=rows, **self.reading)
+        batches = make_batches(chunks if ckpt is None else ckpt.watch(chunks), plan.codes_for, **self.batching)
+        batches = _nonempty(batches if ckpt is None else ckpt.skip_done(batches))
+        if batches is None:  # the checkpoint holds every cell: the run had finished
+            return ckpt.prior, context_only.n
+
+        def after_batch(prof: Profiler, batch: Batch) -> None:
+            context_only.add(batch)
+            if ckpt is not None:
+                ckpt.ran(batch.rows, lambda: (prof.profile, {"context_only_cells": context_only.n}))
+
+        current = profile_batches(
+            model, batches, **self.stats, meta=meta, progress=self.progress,
+            n_cells=len(plan.rows) - (0 if ckpt is None else ckpt.n_done),
+            null_codes_of=plan.null_for if plan.null.shape[0] else None, after_batch=after_batch,
+        )  # fmt: skip
+        if ckpt is None or ckpt.prior is None:
+            return current, context_only.n
+        total = ckpt.total(current)
+        total.meta["resumed_cells"] = ckpt.n_done
+        return total, context_only.n
+
+
+class _ContextOnly:
+    """Counts counted cells that hold only their context tokens (no vocabulary gene had counts)."""
+
+    def __init__(self, n: int = 0):
+        self.n = int(n)
+
+    def add(self, batch: Batch) -> None:
+        lengths = (batch.tokens != PAD).sum(1).numpy()
+        self.n += int(np.sum((lengths == N_CONTEXT) & (np.asarray(batch.codes) >= 0)))
 
 
 # ----------------------------------------------------------------- helpers
@@ -213,13 +363,67 @@ def _opened(adata):
         yield adata, source
 
 
-def _counting_context_only(chunks, counter: list):
-    for chunk in chunks:
-        counter.append(int(np.sum(chunk.lengths == N_CONTEXT)))
-        yield chunk
-
-
 def _unique(panel):
     if panel is None:
         return None
     return list(dict.fromkeys(str(g) for g in panel))
+
+
+def _check_options(window: int, context_length: int, permutations: int, chunk_size: int, bucket_size: int) -> None:
+    if not 1 <= window <= context_length:
+        raise ValueError(
+            f"window={window} is outside [1, {context_length}]: the model reads at most {context_length} tokens "
+            f"per cell (its context length), so the window must lie within; e.g. window={min(64, context_length)}"
+        )
+    if permutations < 0:
+        raise ValueError(f"permutations must be >= 0 (0: no permutation p-values), got {permutations}")
+    for name, value in (("chunk_size", chunk_size), ("bucket_size", bucket_size)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1 cell, got {value}")
+
+
+def _this_shard(shard) -> tuple[tuple[int, int], bool]:
+    """(index, count) of this process's shard, and whether it is a rank of a distributed job."""
+    rank, world = rank_and_world()
+    if world > 1:
+        if shard is not None and tuple(shard) != (rank, world):
+            raise ValueError(
+                f"shard={tuple(shard)} inside a torch.distributed job of {world} ranks: the job shards the cells "
+                f"by rank already; drop shard="
+            )
+        return (rank, world), True
+    if shard is None:
+        return (0, 1), False
+    index, count = (int(x) for x in shard)
+    if not 0 <= index < count:
+        raise ValueError(f"shard=({index}, {count}) needs 0 <= index < count, e.g. (0, 4) for the first of four")
+    return (index, count), False
+
+
+def _model_vocabulary(vocab, adata, layer, use_raw, gene_key, n_tokens: int) -> Vocabulary:
+    """The vocabulary (default: the data's genes), checked against the model's embedding size."""
+    if vocab is None:
+        vocab = Vocabulary(gene_names(count_matrix(adata, layer, use_raw)[1], gene_key), source="the data's genes")
+    vocab = as_vocabulary(vocab)
+    if vocab.n_tokens != n_tokens:
+        raise ValueError(
+            f"the vocabulary ({vocab.source}) has {len(vocab)} genes, so the model would need "
+            f"n_tokens={vocab.n_tokens}, but it has n_tokens={n_tokens} ({n_tokens - 30} genes): "
+            f"pass the gene list the model was trained with"
+        )
+    return vocab
+
+
+def _cells_digest(obs_names, rows: np.ndarray, codes: np.ndarray, groups: Sequence[str]) -> str:
+    """A short hash of which cells (by obs name) are profiled in which group."""
+    digest = hashlib.blake2b(digest_size=8)
+    digest.update("\n".join(str(g) for g in groups).encode())
+    digest.update("\n".join(map(str, obs_names[rows])).encode())
+    digest.update(np.ascontiguousarray(codes, dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def _nonempty(items: Iterator) -> Iterator | None:
+    """The iterator unchanged, or None when it yields nothing."""
+    first = next(items, None)
+    return None if first is None else chain([first], items)

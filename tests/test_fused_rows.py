@@ -1,0 +1,145 @@
+"""The fused CPU row kernel equals the eager row pass of the torch backend."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from attnprof.kernels import fused_rows
+
+ATOL = RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def built():
+    if not fused_rows._enabled():
+        pytest.skip("ATTNPROF_FUSED=0 is set")
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        ok = fused_rows.available()
+    if not ok:
+        pytest.skip(f"the fused CPU row kernel cannot be built here: {fused_rows._failed}")
+    return fused_rows._module
+
+
+def eager_rows(q, k, v):
+    """Plain-torch reference (fp32), q already scaled: out, lse, entropy, row_max, colsum."""
+    s = q @ k.transpose(1, 2)
+    m = s.amax(-1, keepdim=True)
+    p = torch.softmax(s, -1)
+    z = torch.exp(s - m).sum(-1)
+    log_z = z.log()
+    entropy = log_z - (p * (s - m)).sum(-1)
+    return p @ v, m[..., 0] + log_z, entropy, 1 / z, p.sum(1)
+
+
+def make(H, n, D, seed=0, spread=1.0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(H, n, D, generator=g) for _ in range(3))
+    return q * (spread * D**-0.5), k, v
+
+
+def check(got, want):
+    names = ("out", "lse", "entropy", "row_max", "colsum")
+    for name, a, b in zip(names, got, want):
+        assert a.shape == b.shape and a.dtype == torch.float32, name
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL, msg=lambda m, name=name: f"{name}: {m}")
+
+
+SHAPES = [
+    (1, 1, 8), (1, 2, 9), (2, 7, 16), (3, 7, 13), (1, 8, 64), (4, 31, 24), (2, 65, 8), (5, 65, 33),
+    (16, 65, 32), (1, 127, 40), (3, 129, 7), (8, 200, 48), (16, 300, 32), (2, 300, 64), (1, 513, 11),
+]
+
+
+@pytest.mark.parametrize("H,n,D", SHAPES)
+def test_matches_eager(built, H, n, D):
+    q, k, v = make(H, n, D, seed=H * 1000 + n + D)
+    check(fused_rows.cell_rows(q, k, v), eager_rows(q, k, v))
+
+
+def test_matches_eager_nicheformer(built):
+    q, k, v = make(16, 1500, 32, seed=1)
+    check(fused_rows.cell_rows(q, k, v), eager_rows(q, k, v))
+
+
+@pytest.mark.parametrize("spread", [0.0, 8.0, 40.0])
+def test_flat_and_peaked_rows(built, spread):
+    """Uniform rows (all scores equal) and very peaked ones (exp underflows for most keys)."""
+    q, k, v = make(4, 97, 16, seed=3, spread=spread)
+    check(fused_rows.cell_rows(q, k, v), eager_rows(q, k, v))
+
+
+@pytest.mark.parametrize("fast_exp", [True, False])
+@pytest.mark.parametrize("rows", [1, 5, 32, 128])
+def test_block_sizes_and_exp(built, rows, fast_exp):
+    q, k, v = make(3, 150, 20, seed=4)
+    check(fused_rows.cell_rows(q, k, v, rows=rows, fast_exp=fast_exp), eager_rows(q, k, v))
+
+
+def test_mm_fallback(built):
+    """Without an exported sgemm_ the kernel uses at::mm on views; same results."""
+    q, k, v = make(3, 70, 12, seed=5)
+    built.set_force_mm(True)
+    try:
+        got = fused_rows.cell_rows(q, k, v, rows=32)
+    finally:
+        built.set_force_mm(False)
+    check(got, eager_rows(q, k, v))
+
+
+def test_noncontiguous_inputs(built):
+    q, k, v = make(4, 50, 16, seed=6)
+    qt, kt, vt = (x.transpose(0, 1).contiguous().transpose(0, 1) for x in (q, k, v))
+    assert not qt.is_contiguous()
+    check(fused_rows.cell_rows(qt, kt, vt), eager_rows(q, k, v))
+
+
+def test_deterministic_across_threads(built):
+    q, k, v = make(2, 400, 32, seed=7)  # 2 heads: several row-block tasks per head
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fused_rows.cell_rows(q, k, v)
+        torch.set_num_threads(2)
+        two = fused_rows.cell_rows(q, k, v)
+    finally:
+        torch.set_num_threads(prev)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+
+
+def test_exp_accuracy(built):
+    x = torch.linspace(-86, 0, 200_001)
+    ref = torch.exp(x.double())
+    for fast in (True, False):
+        rel = ((built.exp_check(x, fast).double() - ref) / ref).abs().max().item()
+        assert rel < 1e-6, (fast, rel)
+
+
+def test_env_disables(monkeypatch, built):
+    monkeypatch.setenv("ATTNPROF_FUSED", "0")
+    assert not fused_rows.available()
+    monkeypatch.setenv("ATTNPROF_FUSED", "1")
+    assert fused_rows.available()
+
+
+def test_build_failure_warns_once(monkeypatch):
+    import torch.utils.cpp_extension as ce
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Error building extension 'x': no compiler")
+
+    monkeypatch.setenv("ATTNPROF_FUSED", "1")
+    monkeypatch.setattr(fused_rows, "_module", None)
+    monkeypatch.setattr(fused_rows, "_failed", None)
+    monkeypatch.setattr(ce, "load_inline", broken)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert not fused_rows.available()
+        assert not fused_rows.available()
+    assert len(caught) == 1 and "no compiler" in str(caught[0].message)
+    with pytest.raises(RuntimeError, match="not available"):
+        fused_rows.cell_rows(*make(1, 3, 4))
