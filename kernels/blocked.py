@@ -23,10 +23,10 @@ from .spec import Inputs, StatsSpec, empty_sums
 BLOCK_ELEMS = 2**20
 
 
-def blocked_stats(inp: Inputs, spec: StatsSpec, block_elems: int = BLOCK_ELEMS):
+def blocked_stats(inp: Inputs, spec: StatsSpec, sums=None, block_elems: int = BLOCK_ELEMS):
     B, H, L, D = inp.q.shape
     out = torch.empty_like(inp.q)
-    sums = empty_sums(spec, H, device=inp.q.device)
+    sums = empty_sums(spec, H, device=inp.q.device) if sums is None else sums
     cells = (inp.groups >= 0).nonzero().flatten()  # counted cells, reduced in this order
     groups, real = inp.groups[cells], ~inp.padding[cells]
     received = inp.q.new_zeros(len(cells), H, L, dtype=torch.float32)  # per cell: mean over real rows of P

@@ -35,18 +35,16 @@ def add_received(sums, groups, toks, real, received, V: int) -> None:
     Occurrences of an id in one cell sum; the cell counts once for that id.
     """
     H = received.shape[1]
-    G = sums["cells"].shape[0]
     received = received.double()
     cell, pos = real.nonzero(as_tuple=True)
     ids, inverse = (cell * V + toks[cell, pos]).unique(return_inverse=True)  # one per (cell, id) present
     r = received.new_zeros(H, ids.numel()).index_add_(1, inverse, received[cell, :, pos].T)
-    slot = groups[ids // V] * V + ids % V  # (group, id) flattened
-    acc = received.new_zeros(2, H, G * V)
-    acc[0].index_add_(1, slot, r)
-    acc[1].index_add_(1, slot, r * r)
-    sums["recv_sum"] += acc[0].view(H, G, V).transpose(0, 1)
-    sums["recv_sq"] += acc[1].view(H, G, V).transpose(0, 1)
-    sums["recv_count"].view(-1).index_add_(0, slot, torch.ones_like(r[0]))
+    group, token = groups[ids // V], ids % V
+    # straight into the [G, H, V] sums: work in proportion to the ids present, not to V
+    slot = ((group * H)[None, :] + torch.arange(H, device=r.device)[:, None]) * V + token[None, :]
+    sums["recv_sum"].view(-1).index_add_(0, slot.ravel(), r.ravel())
+    sums["recv_sq"].view(-1).index_add_(0, slot.ravel(), (r * r).ravel())
+    sums["recv_count"].view(-1).index_add_(0, group * V + token, torch.ones_like(r[0]))
 
 
 def panel_positions(toks, real, panel):

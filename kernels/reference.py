@@ -19,21 +19,21 @@ def attention_probs(inp: Inputs) -> torch.Tensor:
     return torch.softmax(scores, dim=-1)
 
 
-def reference_stats(inp: Inputs, spec: StatsSpec):
+def reference_stats(inp: Inputs, spec: StatsSpec, sums=None):
     P = attention_probs(inp)
     out = torch.einsum("bhij,bhjd->bhid", P, inp.v.float()).to(inp.q.dtype)
-    return out, stats_from_probs(P, inp.padding, inp.groups, inp.tokens, spec)
+    return out, stats_from_probs(P, inp.padding, inp.groups, inp.tokens, spec, sums)
 
 
-def stats_from_probs(P, padding, groups, tokens, spec: StatsSpec) -> dict[str, torch.Tensor]:
+def stats_from_probs(P, padding, groups, tokens, spec: StatsSpec, sums=None) -> dict[str, torch.Tensor]:
     """Every sum of the contract from given probabilities ``P [B, H, L, L]``.
 
     Also the oracle for adapters: feed it the maps a model returns with
     ``need_weights=True`` / ``output_attentions=True``. ``padding`` is ``[B, L]``
-    bool (True = padding); rows that are padding are not counted.
+    bool (True = padding); rows that are padding are not counted. ``sums``: add into these.
     """
     B, H, L, _ = P.shape
-    sums = empty_sums(spec, H, device=P.device)
+    sums = empty_sums(spec, H, device=P.device) if sums is None else sums
     P = P.double()
     W = min(spec.window, L)
     for b in range(B):

@@ -135,18 +135,19 @@ class Recorder:
         self.register(layer)
         tokens = None if tokens is None else tokens.to(q.device)
 
-        def stats(group_codes):
-            return self._kernel(layer, q, k, v, group_codes, key_padding_mask, tokens, scale)
+        def stats(group_codes, target: dict):  # adds into the run's sums of this layer
+            into = target.get(layer)
+            out, target[layer] = self._kernel(layer, q, k, v, group_codes, key_padding_mask, tokens, scale, into)
+            return out
 
-        out, sums = stats(codes)
-        self._accumulate(self.sums, layer, sums)
+        out = stats(codes, self.sums)
         while len(self.null_sums) < len(null):
             self.null_sums.append({})
         for target, labels in zip(self.null_sums, null):  # one more attention pass per permutation
-            self._accumulate(target, layer, stats(labels)[1])
+            stats(labels, target)
         return out
 
-    def _kernel(self, layer, q, k, v, codes, key_padding_mask, tokens, scale):
+    def _kernel(self, layer, q, k, v, codes, key_padding_mask, tokens, scale, into):
         try:
             return attention_stats(
                 q, k, v,
@@ -156,14 +157,10 @@ class Recorder:
                 tokens=tokens,
                 scale=scale,
                 backend=self.backend,
+                into=into,
             )  # fmt: skip
         except ValueError as e:  # name the layer: the kernels know none
             raise ValueError(f"layer {layer!r}: {e}") from e
-
-    def _accumulate(self, target: dict, layer: str, sums: dict) -> None:
-        acc = target.setdefault(layer, {k: torch.zeros_like(v) for k, v in sums.items()})
-        for name, value in sums.items():
-            acc[name] += value
 
     # ----------------------------------------------------------------- result
     def profile(self, meta: dict | None = None) -> Profile:

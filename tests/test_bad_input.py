@@ -18,14 +18,6 @@ from attnprof.singlecell import profile_anndata, small_nicheformer
 from attnprof.singlecell.demo import demo_vocabulary, make_demo_data, technology_means, write_demo_inputs
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ------------------------------------------------------------ the kernels
 SPEC = StatsSpec(n_groups=2, window=4, vocab_size=10, panel=(1, 2), n_context=1)
 

@@ -23,15 +23,6 @@ TABLES = ("heads", "layers", "genes", "pairs", "summaries")
 FIGURES = ("layer_differences", "attention_maps", "head_differences")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny tensors: one thread avoids waiting on busy cores of a shared machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """A small h5ad with a matching vocabulary, means, panel and checkpoint (public key layout)."""

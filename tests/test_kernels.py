@@ -199,3 +199,19 @@ def test_bad_input_is_named(change, message):
 def test_bad_spec_is_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         StatsSpec(**kwargs)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_into_adds_to_running_sums(backend):
+    q, k, v, padding, groups, tokens = random_batch(4, 3, 2, 19, 8, 2)
+    spec = spec_for(2, 19)
+    _, once = run(backend, q, k, v, padding, groups, tokens, spec)
+    running = {name: value.clone() for name, value in once.items()}
+    _, total = attention_stats(q, k, v, spec=spec, groups=groups, key_padding_mask=padding, tokens=tokens,
+                               backend=backend, into=running)  # fmt: skip
+    assert total is running
+    for name in once:
+        torch.testing.assert_close(total[name], 2 * once[name], msg=name)
+    with pytest.raises(ValueError, match="into= must hold float64 sums"):
+        attention_stats(q, k, v, spec=spec, groups=groups, key_padding_mask=padding, tokens=tokens,
+                        backend=backend, into={"cells": torch.zeros(2)})  # fmt: skip

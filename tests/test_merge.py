@@ -15,15 +15,6 @@ from attnprof.singlecell import Vocabulary
 from attnprof.singlecell.demo import demo_vocabulary, make_demo_data, technology_means, write_demo_inputs
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny tensors: one thread avoids waiting on busy cores of a shared machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def adata():
     return make_demo_data(n_cells=48, n_genes=40, seed=3)

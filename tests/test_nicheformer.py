@@ -17,15 +17,6 @@ from attnprof.singlecell.nicheformer import (
 N_TOKENS = 50  # 20 genes + 30 reserved ids
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny tensors: one thread avoids waiting on busy cores of a shared machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def model():
     return small_nicheformer(N_TOKENS, seed=3, n_layers=2, context_length=32)

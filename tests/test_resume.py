@@ -20,14 +20,6 @@ from attnprof.singlecell import profile_anndata, small_nicheformer
 from attnprof.singlecell.demo import demo_vocabulary, make_demo_data, technology_means, write_demo_inputs
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def assert_same_sums(actual: Profile, expected: Profile):
     """Counts exactly (no cell twice, none lost); sums to rounding (checkpoint + rest vs one accumulation)."""
     assert actual.layout() == expected.layout()

@@ -14,15 +14,6 @@ from attnprof.singlecell.demo import demo_vocabulary, make_demo_data, technology
 from attnprof.singlecell.tokenize import Tokenizer, iter_token_chunks
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny tensors: one thread avoids waiting on busy cores of a shared machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def adata():
     return make_demo_data(n_cells=80, n_genes=60, seed=1)
