@@ -19,6 +19,10 @@ from . import fused_rows
 from .reduce import add_group_sums, add_pairs, add_received, add_window_counts, group_onehot, panel_positions
 from .spec import Inputs, StatsSpec, empty_sums
 
+#: The fused kernel pays off (and is built, once) only for cells with at least this many scores
+#: (heads x tokens^2); smaller cells, e.g. of demo-sized models, stay on the eager loop.
+FUSED_MIN_SCORES = 2**18
+
 #: Scores per eager block (heads x rows x keys): 2**20 fp32 = 4 MiB (measured fastest here).
 BLOCK_ELEMS = 2**20
 
@@ -71,8 +75,8 @@ def _cell_stats(q, k, v, idx, at, spec: StatsSpec, scale, block_elems):
     """Output rows and row reductions of one cell; q, k, v are [H, n, D] over its real tokens.
 
     One pass over row blocks does the heavy part (output, log-sum-exp, entropy, row max, column
-    sums): compiled and fused (:mod:`.fused_rows`) on CPU when it can be built, else in eager
-    row blocks. The statistics of a few entries (window, panel, context, diagonal) are then
+    sums): compiled and fused (:mod:`.fused_rows`) on CPU for cells large enough to pay for it,
+    else in eager row blocks. The statistics of a few entries (window, panel, context, diagonal) are then
     recomputed exactly as ``exp(q.k * scale - lse)`` on just those entries.
 
     Returns the output and: ``colsum [H, n]`` (sum over rows of P), ``summary [H, 4]`` (means over
@@ -80,7 +84,8 @@ def _cell_stats(q, k, v, idx, at, spec: StatsSpec, scale, block_elems):
     compacted positions ``at`` of panel ids).
     """
     q = q * scale
-    if q.device.type == "cpu" and fused_rows.available():
+    H, n, _ = q.shape
+    if q.device.type == "cpu" and H * n * n >= FUSED_MIN_SCORES and fused_rows.available():
         out, lse, entropy, row_max, colsum = fused_rows.cell_rows(q, k, v)
     else:
         out, lse, entropy, row_max, colsum = _rows_eager(q, k, v, block_elems)

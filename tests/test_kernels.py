@@ -61,6 +61,23 @@ def test_eager_row_blocks_of_any_size(L, block_elems, monkeypatch):
     assert_sums_close(fast, ref)
 
 
+@pytest.mark.parametrize("shape", [(3, 2, 37, 8), (2, 4, 130, 33), (2, 16, 300, 32)])
+def test_fused_row_pass_equals_reference(shape, monkeypatch):
+    """The compiled row pass (forced on for every cell size) inside the torch backend."""
+    from attnprof.kernels import blocked, fused_rows
+
+    if not fused_rows.available():
+        pytest.skip("the fused CPU kernel cannot be built here (the eager path is tested above)")
+    monkeypatch.setattr(blocked, "FUSED_MIN_SCORES", 0)
+    B, H, L, D = shape
+    q, k, v, padding, groups, tokens = random_batch(L, B, H, L, D, 2)
+    spec = spec_for(2, L, window=min(L, 40))
+    out_ref, ref = run("reference", q, k, v, padding, groups, tokens, spec)
+    out, fast = run("torch", q, k, v, padding, groups, tokens, spec)
+    torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
+    assert_sums_close(fast, ref, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_inputs(dtype):
     """fp16/bf16 inputs: both backends compute in fp32 from the same rounded inputs, so the
