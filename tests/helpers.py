@@ -86,3 +86,30 @@ def assert_sums_close(actual: dict, expected: dict, atol: float = 1e-5, rtol: fl
 
 def nonzero(x) -> bool:
     return bool(np.abs(np.asarray(x)).sum() > 0)
+
+
+def demo_fixtures(n_cells: int, n_genes: int, seed: int, context_length: int):
+    """Module-scoped fixtures ``adata``, ``vocab``, ``means`` and ``model`` of a small demo dataset
+    (assign the returned tuple to module names; pytest finds them by their ``name``)."""
+    import pytest
+
+    from attnprof.singlecell import small_nicheformer
+    from attnprof.singlecell.demo import demo_vocabulary, make_demo_data, technology_means
+
+    @pytest.fixture(scope="module", name="adata")
+    def adata_():
+        return make_demo_data(n_cells=n_cells, n_genes=n_genes, seed=seed)
+
+    @pytest.fixture(scope="module", name="vocab")
+    def vocab_(adata):
+        return demo_vocabulary(adata, seed=seed)
+
+    @pytest.fixture(scope="module", name="means")
+    def means_(adata, vocab):
+        return technology_means(adata, vocab)
+
+    @pytest.fixture(scope="module", name="model")
+    def model_(vocab):
+        return small_nicheformer(vocab.n_tokens, seed=seed + 1, n_layers=2, context_length=context_length)
+
+    return adata_, vocab_, means_, model_

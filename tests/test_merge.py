@@ -2,37 +2,24 @@
 
 from __future__ import annotations
 
+import attnprof
 import numpy as np
 import pandas as pd
 import pytest
-import torch
-
-import attnprof
 from attnprof import Profile
 from attnprof.cli import main
-from attnprof.singlecell import profile_anndata, small_nicheformer, write_outputs
-from attnprof.singlecell import Vocabulary
-from attnprof.singlecell.demo import demo_vocabulary, make_demo_data, technology_means, write_demo_inputs
+from attnprof.singlecell import (
+    Vocabulary,
+    profile_anndata,
+    small_nicheformer,
+    write_outputs,
+)
+from attnprof.singlecell.demo import (
+    write_demo_inputs,
+)
+from helpers import demo_fixtures
 
-
-@pytest.fixture(scope="module")
-def adata():
-    return make_demo_data(n_cells=48, n_genes=40, seed=3)
-
-
-@pytest.fixture(scope="module")
-def vocab(adata):
-    return demo_vocabulary(adata, seed=3)
-
-
-@pytest.fixture(scope="module")
-def means(adata, vocab):
-    return technology_means(adata, vocab)
-
-
-@pytest.fixture(scope="module")
-def model(vocab):
-    return small_nicheformer(vocab.n_tokens, seed=4, n_layers=2, context_length=40)
+adata, vocab, means, model = demo_fixtures(n_cells=48, n_genes=40, seed=3, context_length=40)
 
 
 def run(model, data, vocab, means, **kw):

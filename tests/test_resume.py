@@ -12,12 +12,15 @@ import time
 import numpy as np
 import pytest
 import torch
-
 from attnprof import Profile
 from attnprof.checkpoint import Checkpoint
 from attnprof.cli import main
 from attnprof.singlecell import profile_anndata, small_nicheformer
-from attnprof.singlecell.demo import demo_vocabulary, make_demo_data, technology_means, write_demo_inputs
+from attnprof.singlecell.demo import (
+    technology_means,
+    write_demo_inputs,
+)
+from helpers import demo_fixtures
 
 
 def assert_same_sums(actual: Profile, expected: Profile):
@@ -83,19 +86,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(inputs, tmp_path):
 
 
 # ------------------------------------------------- failures in the Python API
-@pytest.fixture(scope="module")
-def adata():
-    return make_demo_data(n_cells=40, n_genes=40, seed=10)
-
-
-@pytest.fixture(scope="module")
-def vocab(adata):
-    return demo_vocabulary(adata, seed=10)
-
-
-@pytest.fixture(scope="module")
-def model(vocab):
-    return small_nicheformer(vocab.n_tokens, seed=11, n_layers=2, context_length=40)
+adata, vocab, means, model = demo_fixtures(n_cells=40, n_genes=40, seed=10, context_length=40)
 
 
 def run(model, adata, vocab, **kw):

@@ -8,31 +8,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
-from attnprof.singlecell import make_batches, profile_anndata, select_cells, small_nicheformer, tokenize_anndata
-from attnprof.singlecell.demo import demo_vocabulary, make_demo_data, technology_means
+from attnprof.singlecell import (
+    make_batches,
+    profile_anndata,
+    select_cells,
+    tokenize_anndata,
+)
 from attnprof.singlecell.tokenize import Tokenizer, iter_token_chunks
+from helpers import demo_fixtures
 
-
-@pytest.fixture(scope="module")
-def adata():
-    return make_demo_data(n_cells=80, n_genes=60, seed=1)
-
-
-@pytest.fixture(scope="module")
-def vocab(adata):
-    return demo_vocabulary(adata, seed=1)
-
-
-@pytest.fixture(scope="module")
-def means(adata, vocab):
-    return technology_means(adata, vocab)
-
-
-@pytest.fixture(scope="module")
-def model(vocab):
-    # context 48 < the longest cells: truncation happens, and the window (32) is shorter than most cells
-    return small_nicheformer(vocab.n_tokens, seed=2, n_layers=2, context_length=48)
+# context 48 < the longest cells: truncation happens, and the window (32) is shorter than most cells
+adata, vocab, means, model = demo_fixtures(n_cells=80, n_genes=60, seed=1, context_length=48)
 
 
 def run(model, data, vocab, means, **kw):
