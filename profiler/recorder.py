@@ -114,7 +114,8 @@ class Recorder:
         self._calls[layer] = self._calls.get(layer, 0) + 1
         if self._calls[layer] > 1:
             raise RuntimeError(
-                f"layer {layer!r} ran twice since the last set_batch: call set_batch before every forward"
+                f"layer {layer!r} ran twice since the last set_batch: call set_batch before every forward "
+                f"(a module that calls attention twice per forward is not supported)"
             )
         if q.requires_grad and not self._warned_grad:
             warnings.warn(
