@@ -84,8 +84,16 @@ def assert_sums_close(actual: dict, expected: dict, atol: float = 1e-5, rtol: fl
             torch.testing.assert_close(ma[name], me[name], atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
 
 
-def nonzero(x) -> bool:
-    return bool(np.abs(np.asarray(x)).sum() > 0)
+def assert_same_sums(actual, expected):
+    """Two Profiles of the same cells: counts exactly (no cell twice, none lost), sums to rounding
+    (the same per-batch sums added in another order), permutation nulls included."""
+    assert actual.layout() == expected.layout()
+    for sums, ref in zip([actual.sums, *actual.null], [expected.sums, *expected.null]):
+        for name in ref:
+            if "count" in name or name == "cells":
+                np.testing.assert_array_equal(sums[name], ref[name], err_msg=name)
+            else:
+                np.testing.assert_allclose(sums[name], ref[name], rtol=1e-12, atol=0, err_msg=name)
 
 
 def demo_fixtures(n_cells: int, n_genes: int, seed: int, context_length: int):

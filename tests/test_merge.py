@@ -17,7 +17,7 @@ from attnprof.singlecell import (
 from attnprof.singlecell.demo import (
     write_demo_inputs,
 )
-from helpers import demo_fixtures
+from helpers import assert_same_sums, demo_fixtures
 
 adata, vocab, means, model = demo_fixtures(n_cells=48, n_genes=40, seed=3, context_length=40)
 
@@ -26,17 +26,6 @@ def run(model, data, vocab, means, **kw):
     options = dict(vocab=vocab, means=means, window=16, batch_size=8, chunk_size=16,
                    bucket_size=24, panel=["Esr1", "Ar"], backend="torch", progress=False)  # fmt: skip
     return profile_anndata(model, data, "sex", **{**options, **kw})
-
-
-def assert_same_sums(actual: Profile, expected: Profile):
-    """Counts exactly, sums to rounding (a merge adds the same per-batch sums in another order)."""
-    assert actual.layout() == expected.layout()
-    for sums, ref in zip([actual.sums, *actual.null], [expected.sums, *expected.null]):
-        for name in ref:
-            if "count" in name or name == "cells":
-                np.testing.assert_array_equal(sums[name], ref[name], err_msg=name)
-            else:
-                np.testing.assert_allclose(sums[name], ref[name], rtol=1e-12, atol=0, err_msg=name)
 
 
 def test_shards_merge_to_the_whole_with_their_permutation_nulls(model, adata, vocab, means):

@@ -20,18 +20,7 @@ from attnprof.singlecell.demo import (
     technology_means,
     write_demo_inputs,
 )
-from helpers import demo_fixtures
-
-
-def assert_same_sums(actual: Profile, expected: Profile):
-    """Counts exactly (no cell twice, none lost); sums to rounding (checkpoint + rest vs one accumulation)."""
-    assert actual.layout() == expected.layout()
-    for sums, ref in zip([actual.sums, *actual.null], [expected.sums, *expected.null]):
-        for name in ref:
-            if "count" in name or name == "cells":
-                np.testing.assert_array_equal(sums[name], ref[name], err_msg=name)
-            else:
-                np.testing.assert_allclose(sums[name], ref[name], rtol=1e-12, atol=0, err_msg=name)
+from helpers import assert_same_sums, demo_fixtures
 
 
 # ------------------------------------------------------- a killed CLI run
