@@ -41,7 +41,10 @@ def _add_input_options(p: argparse.ArgumentParser) -> None:
     """Model, vocabulary, counts and tokenization options shared by run and validate."""
     p.add_argument("data", help="the .h5ad file (read backed, chunk by chunk)")
     m = p.add_argument_group("model")
-    m.add_argument("--model", help="Nicheformer Lightning checkpoint (.ckpt); default: an untrained small model")
+    m.add_argument("--model", help="Nicheformer Lightning checkpoint (.ckpt), Geneformer or scGPT model folder; "
+                   "default: an untrained small Nicheformer")
+    m.add_argument("--family", choices=("nicheformer", "geneformer", "scgpt"),
+                   help="model family (default: detected from --model, else nicheformer)")
     m.add_argument("--heads", type=int, help="attention heads, for checkpoints without hyper_parameters")
     m.add_argument("--trust-checkpoint", action="store_true",
                    help="allow a checkpoint that holds pickled Python objects (runs its code: trusted files only)")
@@ -59,6 +62,15 @@ def _add_input_options(p: argparse.ArgumentParser) -> None:
     t.add_argument("--species", default="mouse", help="species context token (default: mouse)")
     t.add_argument("--assay", default="MERFISH", help="assay context token (default: MERFISH)")
     t.add_argument("--modality", default="spatial", help="modality context token (default: spatial)")
+    f = p.add_argument_group("Geneformer and scGPT")
+    f.add_argument("--token-dictionary", help="Geneformer token dictionary (.pkl)")
+    f.add_argument("--gene-medians", help="Geneformer gene median dictionary (.pkl)")
+    f.add_argument("--counts-key", default="n_counts", help="obs column of total counts for Geneformer (default n_counts)")
+    f.add_argument("--max-length", type=int,
+                   help="tokens per cell (default: Geneformer 2048 (V1) or 4096 (V2); scGPT 1200)")
+    f.add_argument("--scgpt-mode", choices=("embed", "tutorial"), default="embed",
+                   help="scGPT preprocessing: embed (scgpt.tasks.embed_data) or tutorial (fine-tuning tutorials)")
+    f.add_argument("--scgpt-seed", type=int, default=0, help="seed of scGPT's random binning and sampling (default 0)")
     c = p.add_argument_group("cells and statistics")
     c.add_argument("--subset", help="obs query of the cells to profile, e.g. \"cell_type == 'neuron'\"")
     c.add_argument("--panel", help="gene-pair panel: a file (one gene per line) or names separated by commas")
@@ -189,7 +201,7 @@ def _run(args, device, rank: int, world: int) -> int:
                 f"obs[{args.groupby!r}] has {len(groups)} groups ({', '.join(groups)}): "
                 f"name the two to compare with --compare A B"
             )
-        model, vocab = _model_and_vocab(args, adata, device)
+        model, vocab, front = _model_and_front(args, adata, device)
         out = Path(args.out or f"attnprof_{Path(args.data).stem}")
         out.mkdir(parents=True, exist_ok=True)  # fail before a long run, not after
         profile = profile_anndata(
@@ -198,6 +210,7 @@ def _run(args, device, rank: int, world: int) -> int:
             species=args.species, assay=args.assay, modality=args.modality, window=args.window,
             batch_size=args.batch_size, backend=args.backend, progress=not args.quiet,
             permutations=args.permutations, seed=args.permutation_seed, shard=shard, **_checkpointing(args, out),
+            family=front,
         )  # fmt: skip
     if rank != 0:
         return 0
@@ -427,6 +440,28 @@ def _model_and_vocab(args, adata, device=None):
         )
         model = small_nicheformer(vocab.n_tokens, seed=args.seed)
     return model.to(device if device is not None else _device(args.device)), vocab
+
+
+def _model_and_front(args, adata, device):
+    """(model, vocab, None) of a Nicheformer, or (model, None, front end) of a Geneformer or scGPT."""
+    from .singlecell.family import detect_family, load_front_end
+
+    family = args.family or (detect_family(args.model) if args.model else None) or "nicheformer"
+    if family == "nicheformer":
+        from .singlecell.family import check_family
+
+        if args.model:
+            check_family(family, args.model)
+        return (*_model_and_vocab(args, adata, device), None)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    model, front = load_front_end(
+        family, args.model, token_dictionary=args.token_dictionary, gene_medians=args.gene_medians,
+        counts_key=args.counts_key, max_length=args.max_length, scgpt_mode=args.scgpt_mode, seed=args.scgpt_seed,
+    )  # fmt: skip
+    return model.to(device), None, front
 
 
 def _panel(value: str | None) -> list[str] | None:

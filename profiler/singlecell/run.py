@@ -31,6 +31,7 @@ from ..distributed import all_reduce_profile, rank_and_world, shard as shard_ind
 from ..profile import Profile
 from ..session import Profiler
 from .batches import Batch, CellSelection, make_batches, select_cells
+from .family import iter_family_chunks
 from .tokenize import Tokenizer, count_matrix, gene_names, iter_token_chunks
 from .vocab import N_CONTEXT, PAD, Vocabulary, as_vocabulary
 
@@ -63,6 +64,7 @@ def profile_anndata(
     checkpoint=None,
     checkpoint_every: int = 10_000,
     progress: bool = True,
+    family=None,
 ) -> Profile:
     """Group-wise attention sums of a Nicheformer over the cells of ``adata``.
 
@@ -91,24 +93,30 @@ def profile_anndata(
               run (data, cells, model or options) is refused. Deleted when the run succeeds.
               With shards each keeps its own file, ``<name>.shard<i>of<n>.npz``.
 
+    family:   a :class:`~attnprof.singlecell.family.FrontEnd` (Geneformer, scGPT) that tokenizes and calls
+              ``model`` in its family's way; ``vocab``, ``means`` and the context tokens are then unused.
+
     Returns a :class:`attnprof.Profile` with the token names as genes and ``n_context=3``.
     """
-    n_tokens, context_length = _model_shape(model)
+    n_tokens, context_length = _model_shape(model) if family is None else (None, family.context_length)
     _check_options(window, context_length, permutations, chunk_size, bucket_size)
     shard, distributed = _this_shard(shard)
     with _opened(adata) as (adata, source):
         selection = select_cells(adata.obs, groupby, groups=groups, subset=subset)
-        vocab = _model_vocabulary(vocab, adata, layer, use_raw, gene_key, n_tokens)
-        tokenizer = Tokenizer(
-            vocab, means, context_length=context_length, species=species, assay=assay, modality=modality
-        )
+        if family is None:
+            vocab = _model_vocabulary(vocab, adata, layer, use_raw, gene_key, n_tokens)
+            tokenizer = Tokenizer(
+                vocab, means, context_length=context_length, species=species, assay=assay, modality=modality
+            )
+        else:
+            tokenizer = family
         plan = plan_cells(selection, shard, permutations, seed)
         names = adata.obs_names
         meta = {
             "model": model_description(model),
             "options": {
                 "groupby": groupby,
-                "tokenizer": tokenizer.settings(),
+                "tokenizer": tokenizer.settings(),  # a family's: its name and tokenizer settings
                 "counts": {"layer": layer, "use_raw": bool(use_raw), "gene_key": gene_key},
                 "permutations": {"n": int(permutations), "seed": int(seed) if permutations else None},
             },
@@ -120,8 +128,9 @@ def profile_anndata(
         run = _Run(
             reading=dict(layer=layer, use_raw=use_raw, gene_key=gene_key, chunk_size=chunk_size),
             batching=dict(batch_size=batch_size, bucket_size=bucket_size, trim=trim_padding, pad_to=context_length),
-            stats=dict(groups=selection.groups, genes=vocab.token_names(), panel=_unique(panel), window=window,
-                       n_context=N_CONTEXT, backend=backend),
+            stats=dict(groups=selection.groups, genes=vocab.token_names() if family is None else family.genes,
+                       panel=_unique(panel), window=window, n_context=N_CONTEXT if family is None else family.n_context,
+                       backend=backend, family=family),
             progress=progress and rank_and_world()[0] == 0,
         )  # fmt: skip
         whole = None  # names every shard's cells: for a checkpoint's fingerprint and a summed profile
@@ -140,7 +149,7 @@ def profile_anndata(
     if context_only and rank_and_world()[0] == 0:
         warnings.warn(
             f"{context_only} cells have no counts in vocabulary genes and were profiled with only "
-            f"their {N_CONTEXT} context tokens",
+            f"their {N_CONTEXT} context tokens" if family is None else family.left_out_message(context_only),
             stacklevel=2,
         )
     if ckpt is not None:
@@ -163,12 +172,15 @@ def profile_batches(
     progress: bool = True,
     null_codes_of: Callable[[np.ndarray], list[np.ndarray]] | None = None,
     after_batch: Callable[[Profiler, Batch], None] | None = None,
+    family=None,
 ) -> Profile:
     """The run loop: every batch through the model inside one profiling session.
 
     null_codes_of: row positions -> the permuted group codes of those cells, one array per
                    permutation (the ``null_groups`` of :meth:`Profiler.set_batch`).
     after_batch:   called after each forward with the profiler and the batch (e.g. to checkpoint).
+    family:        a family front end whose ``gene_ids`` and ``forward`` read the batch's codes (default:
+                   the tokens are the model's input and the gene ids, as for Nicheformer).
     """
     device = next(model.parameters()).device
     was_training = model.training
@@ -177,12 +189,14 @@ def profile_batches(
     bar = tqdm(total=n_cells, unit="cells", desc="profiling", disable=not progress, smoothing=0.1)
     try:
         with Profiler(model, groups, window=window, genes=genes, panel=panel, n_context=n_context,
-                      backend=backend, meta=meta) as prof, torch.inference_mode():  # fmt: skip
+                      backend=backend, meta=meta, adapter="auto" if family is None else family.adapter) as prof, \
+                torch.inference_mode():  # fmt: skip
             for batch in batches:
                 tokens = batch.tokens.to(device)
                 null = None if null_codes_of is None else null_codes_of(batch.rows)
-                prof.set_batch(groups=batch.codes, tokens=tokens, null_groups=null)
-                model(tokens)
+                ids = tokens if family is None else family.gene_ids(tokens)
+                prof.set_batch(groups=batch.codes, tokens=ids, null_groups=null)
+                model(tokens) if family is None else family.forward(model, tokens)
                 bar.update(len(batch))
                 if after_batch is not None:
                     after_batch(prof, batch)
@@ -287,15 +301,21 @@ class _Run:
     def profile(self, model, adata, tokenizer, plan: CellPlan, meta: dict, ckpt: Checkpoint | None):
         """The profile of the plan's cells (a checkpoint's sums plus the cells it lacks) and the context-only count."""
         rows = plan.rows if ckpt is None else ckpt.remaining(plan.rows)
-        context_only = _ContextOnly(0 if ckpt is None else ckpt.counters.get("context_only_cells", 0))
-        chunks = iter_token_chunks(adata, tokenizer, rows=rows, **self.reading)
+        # a family's left-out cells are never done, so a resumed run counts them all again: start at 0
+        resumed = 0 if ckpt is None or self.stats["family"] is not None else ckpt.counters.get("context_only_cells", 0)
+        context_only = _ContextOnly(resumed)
+        if self.stats["family"] is None:
+            chunks = iter_token_chunks(adata, tokenizer, rows=rows, **self.reading)
+        else:  # the family's tokenizer; the cells it leaves out are counted instead of context-only cells
+            chunks = iter_family_chunks(adata, tokenizer, rows=rows, left_out=context_only, **self.reading)
         batches = make_batches(chunks if ckpt is None else ckpt.watch(chunks), plan.codes_for, **self.batching)
         batches = _nonempty(batches if ckpt is None else ckpt.skip_done(batches))
         if batches is None:  # the checkpoint holds every cell: the run had finished
             return ckpt.prior, context_only.n
 
         def after_batch(prof: Profiler, batch: Batch) -> None:
-            context_only.add(batch)
+            if self.stats["family"] is None:
+                context_only.add(batch)
             if ckpt is not None:
                 ckpt.ran(batch.rows, lambda: (prof.profile, {"context_only_cells": context_only.n}))
 

@@ -1,0 +1,196 @@
+"""The model-family seam: how a family tokenizes cells and calls its model.
+
+``profile_anndata`` runs Nicheformer by default. A :class:`FrontEnd`
+(Geneformer, scGPT) replaces the three family-specific steps and leaves the
+rest of the run (cells, shards, checkpoints, permutations, outputs) as is:
+
+- ``tokenizer.tokenize(block, rows, alignment)``: rows of counts -> per-position codes;
+- ``gene_ids(codes)``: the token ids the gene statistics count (``genes[id]`` names them);
+- ``forward(model, codes)``: the model call on one batch.
+
+Batches are built by the shared :func:`~attnprof.singlecell.batches.make_batches`,
+which pads with id 1, so each position travels as one int64 *code*:
+``code = 2 + token_id * n_values + (value - min_value)`` (codes 0 and 1 are
+never used; 1 marks padding). Geneformer has no values (``n_values = 1``,
+``code = token id + 2``); scGPT carries its binned expression value.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .tokenize import TokenChunk, align_genes, count_matrix, gene_names
+from .vocab import PAD
+
+FAMILIES = ("nicheformer", "geneformer", "scgpt")
+
+
+@dataclass(frozen=True)
+class Packing:
+    """Token ids and integer values in one int64 code per position (see the module docstring)."""
+
+    min_value: int = 0
+    n_values: int = 1
+
+    def pack(self, ids: np.ndarray, values: np.ndarray | None = None) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        if values is None:
+            return ids * self.n_values + 2
+        offset = np.asarray(values, dtype=np.int64) - self.min_value
+        if offset.size and (offset.min() < 0 or offset.max() >= self.n_values):
+            raise ValueError(f"values outside [{self.min_value}, {self.min_value + self.n_values})")
+        return ids * self.n_values + offset + 2
+
+    def unpack(self, codes: torch.Tensor, pad_id: int, pad_value: int = 0):
+        """(ids, values, padding) of a batch of codes; padded positions get ``pad_id`` and ``pad_value``."""
+        padding = codes == PAD
+        shifted = (codes - 2).clamp(min=0)
+        ids = torch.where(padding, pad_id, shifted // self.n_values)
+        values = torch.where(padding, pad_value, shifted % self.n_values + self.min_value)
+        return ids, values, padding
+
+
+class FrontEnd:
+    """One model family's tokenizer and model call (subclasses: Geneformer, scGPT).
+
+    Attributes set by subclasses: ``name``, ``adapter`` (``hf`` or ``mha``),
+    ``tokenizer`` (with ``vocab``, ``tokenize`` and ``settings()``), ``genes``
+    (token id -> name), ``n_context`` (leading special tokens), ``context_length``.
+    """
+
+    name: str
+    adapter: str
+    n_context: int
+    context_length: int
+    genes: list[str]
+
+    def gene_ids(self, codes: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, model, codes: torch.Tensor):
+        raise NotImplementedError
+
+    def settings(self) -> dict:
+        return {"family": self.name, **self.tokenizer.settings()}
+
+    def left_out_message(self, n: int) -> str:
+        return f"{n} cells have no counts in vocabulary genes and were left out"
+
+
+def iter_family_chunks(
+    adata,
+    front: FrontEnd,
+    *,
+    rows: np.ndarray,
+    layer: str | None = None,
+    use_raw: bool = False,
+    gene_key: str | None = None,
+    chunk_size: int = 1024,
+    left_out=None,
+) -> Iterator[TokenChunk]:
+    """Tokenize the cells ``rows`` (sorted) ``chunk_size`` rows at a time, in row order.
+
+    Row order matters: families with random draws (scGPT's binning) consume
+    their stream cell by cell, as the family's own code does. Cells the
+    tokenizer gives length 0 are left out of the chunks and counted in ``left_out.n``.
+    """
+    matrix, var = count_matrix(adata, layer=layer, use_raw=use_raw)
+    alignment = align_genes(gene_names(var, gene_key), front.tokenizer.vocab)
+    rows = np.asarray(rows, dtype=np.int64)
+    front.tokenizer.start(adata, alignment)
+    for start in range(0, matrix.shape[0], chunk_size):
+        stop = min(start + chunk_size, matrix.shape[0])
+        lo, hi = np.searchsorted(rows, [start, stop])
+        if lo == hi:
+            continue
+        wanted = rows[lo:hi]
+        block = matrix[start:stop][wanted - start]  # one contiguous read, as iter_token_chunks
+        codes, lengths = front.tokenizer.tokenize(block, wanted, alignment)
+        kept = lengths > 0
+        if left_out is not None and not kept.all():
+            left_out.n += int((~kept).sum())
+        if kept.any():
+            yield TokenChunk(wanted[kept], codes[kept], lengths[kept])
+
+
+def dense(block) -> np.ndarray:
+    """A block of rows as a dense ndarray in its own dtype."""
+    return block.toarray() if hasattr(block, "toarray") else np.asarray(block)
+
+
+def pad_rows(cells: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Variable-length code rows -> ``[n, width]`` padded with PAD, and their lengths."""
+    lengths = np.array([len(c) for c in cells], dtype=np.int64)
+    out = np.full((len(cells), max(1, int(lengths.max(initial=0)))), PAD, dtype=np.int64)
+    for i, c in enumerate(cells):
+        out[i, : len(c)] = c
+    return out, lengths
+
+
+# ------------------------------------------------------------------ detection
+def detect_family(model_path) -> str | None:
+    """The family of the files at ``model_path`` when the files say so unambiguously, else None.
+
+    A folder with ``config.json`` of ``model_type`` ``bert``: Geneformer; a folder with
+    ``args.json`` and ``vocab.json``: scGPT; a single file: Nicheformer (its Lightning checkpoint).
+    """
+    path = Path(model_path)
+    if path.is_file():
+        return "nicheformer"
+    if not path.is_dir():
+        return None
+    if (path / "args.json").is_file() and (path / "vocab.json").is_file():
+        return "scgpt"
+    config = path / "config.json"
+    if config.is_file():
+        try:
+            model_type = json.loads(config.read_text()).get("model_type")
+        except (json.JSONDecodeError, AttributeError):
+            return None
+        return "geneformer" if model_type == "bert" else None
+    return None
+
+
+def check_family(family: str, model_path) -> str:
+    """The family to run: as asked, checked against the model files (a mismatch is an error)."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; choose one of {', '.join(FAMILIES)}")
+    found = None if model_path is None else detect_family(model_path)
+    if found is not None and found != family:
+        raise ValueError(
+            f"{model_path} holds a {found} model, but --family {family} was given: "
+            f"pass --family {found}, or the {family} model's files"
+        )
+    return family
+
+
+def load_front_end(family: str, model_path, *, token_dictionary=None, gene_medians=None, counts_key="n_counts",
+                   max_length=None, scgpt_mode="embed", seed=0):
+    """(model, front end) of a Geneformer or scGPT from its published files; errors name the missing file."""
+    check_family(family, model_path)
+    if model_path is None:
+        raise ValueError(f"--family {family} needs --model: the {family} model folder")
+    if family == "geneformer":
+        from .geneformer import geneformer_front_end, load_geneformer_model
+
+        missing = [n for n, v in (("--token-dictionary", token_dictionary), ("--gene-medians", gene_medians)) if v is None]
+        if missing:
+            raise ValueError(
+                f"--family geneformer needs {' and '.join(missing)}: Geneformer's token dictionary and gene "
+                f"median dictionary (.pkl) of the model's release"
+            )
+        model = load_geneformer_model(model_path)
+        front = geneformer_front_end(model, token_dictionary, gene_medians, input_size=max_length, counts_key=counts_key)
+        return model, front
+    if family == "scgpt":
+        from .scgpt import load_scgpt, scgpt_front_end
+
+        model, vocab, args = load_scgpt(model_path)
+        return model, scgpt_front_end(vocab, args, mode=scgpt_mode, max_length=max_length, seed=seed)
+    raise ValueError(f"load_front_end loads geneformer or scgpt models, not {family!r}")
