@@ -293,6 +293,7 @@ def cmd_demo(args) -> int:
 
 def cmd_validate(args) -> int:
     from .singlecell.batches import make_batches, select_cells
+    from .singlecell.family import iter_family_chunks
     from .singlecell.tokenize import Tokenizer, iter_token_chunks
     from .singlecell.vocab import N_CONTEXT
     from .validate import validate
@@ -301,17 +302,25 @@ def cmd_validate(args) -> int:
         raise ValueError(f"--cells must be at least 1, got {args.cells}")
     with _open_data(args.data) as adata:
         selection = select_cells(adata.obs, args.groupby, subset=args.subset, min_groups=1).head(args.cells)
-        model, vocab = _model_and_vocab(args, adata)
-        tokenizer = Tokenizer(vocab, args.means, context_length=model.context_length,
-                              species=args.species, assay=args.assay, modality=args.modality)  # fmt: skip
-        chunks = iter_token_chunks(adata, tokenizer, rows=selection.rows, layer=args.layer,
-                                   use_raw=args.use_raw, gene_key=args.gene_key)  # fmt: skip
+        model, vocab, front = _model_and_front(args, adata, _device(args.device))
+        reading = dict(rows=selection.rows, layer=args.layer, use_raw=args.use_raw, gene_key=args.gene_key)
+        if front is None:
+            tokenizer = Tokenizer(vocab, args.means, context_length=model.context_length,
+                                  species=args.species, assay=args.assay, modality=args.modality)  # fmt: skip
+            chunks = iter_token_chunks(adata, tokenizer, **reading)
+        else:
+            chunks = iter_family_chunks(adata, front, **reading)
         batch = next(make_batches(chunks, selection.codes_for, batch_size=len(selection), bucket_size=len(selection)))
     device = next(model.parameters()).device
     tokens = batch.tokens.to(device)
+    if front is None:
+        inputs, ids, genes, n_context, adapter = (tokens,), tokens, vocab.token_names(), N_CONTEXT, "auto"
+    else:
+        inputs, ids, genes, n_context, adapter = front.inputs(tokens), front.gene_ids(tokens), front.genes, \
+            front.n_context, front.adapter  # fmt: skip
     table = validate(
-        model, (tokens,), groups=batch.codes, tokens=tokens, group_names=selection.groups, backend=args.backend,
-        genes=vocab.token_names(), panel=_panel(args.panel), window=args.window, n_context=N_CONTEXT,
+        model, inputs, groups=batch.codes, tokens=ids, group_names=selection.groups, backend=args.backend,
+        genes=genes, panel=_panel(args.panel), window=args.window, n_context=n_context, adapter=adapter,
     )  # fmt: skip
     print(f"{len(batch)} cells x {tokens.shape[1]} tokens, backend {args.backend} vs reference:")
     print(table.to_string(index=False, float_format=lambda x: f"{x:.2e}"))

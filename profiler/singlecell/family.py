@@ -6,7 +6,7 @@ rest of the run (cells, shards, checkpoints, permutations, outputs) as is:
 
 - ``tokenizer.tokenize(block, rows, alignment)``: rows of counts -> per-position codes;
 - ``gene_ids(codes)``: the token ids the gene statistics count (``genes[id]`` names them);
-- ``forward(model, codes)``: the model call on one batch.
+- ``inputs(codes)``: the model's keyword arguments for one batch (``forward`` calls it).
 
 Batches are built by the shared :func:`~attnprof.singlecell.batches.make_batches`,
 which pads with id 1, so each position travels as one int64 *code*:
@@ -73,8 +73,11 @@ class FrontEnd:
     def gene_ids(self, codes: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, model, codes: torch.Tensor):
+    def inputs(self, codes: torch.Tensor) -> dict:
         raise NotImplementedError
+
+    def forward(self, model, codes: torch.Tensor):
+        return model(**self.inputs(codes))
 
     def settings(self) -> dict:
         return {"family": self.name, **self.tokenizer.settings()}

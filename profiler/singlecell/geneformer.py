@@ -149,9 +149,9 @@ class GeneformerFrontEnd(FrontEnd):
     def gene_ids(self, codes: torch.Tensor) -> torch.Tensor:
         return self.tokenizer.packing.unpack(codes, self.pad_id)[0]
 
-    def forward(self, model, codes: torch.Tensor):
+    def inputs(self, codes: torch.Tensor) -> dict:
         ids, _, padding = self.tokenizer.packing.unpack(codes, self.pad_id)
-        return model(input_ids=ids, attention_mask=(~padding).long())
+        return {"input_ids": ids, "attention_mask": (~padding).long()}
 
     def left_out_message(self, n: int) -> str:
         return (

@@ -12,6 +12,7 @@ writes a run's folder (profile, tables, figures).
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -346,7 +347,8 @@ class _ContextOnly:
 def model_description(model: torch.nn.Module) -> dict:
     """Architecture and a fingerprint of the weights: profiles merge only when made by the same model."""
     config = getattr(model, "config", None)
-    described = asdict(config) if is_dataclass(config) else {}
+    # JSON-safe: a transformers config is a dataclass too, with a torch dtype among its fields
+    described = json.loads(json.dumps(asdict(config), default=str)) if is_dataclass(config) else {}
     digest = hashlib.blake2b(digest_size=8)
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())

@@ -371,9 +371,9 @@ class ScGPTFrontEnd(FrontEnd):
     def gene_ids(self, codes: torch.Tensor) -> torch.Tensor:
         return self._unpack(codes)[0]
 
-    def forward(self, model, codes: torch.Tensor):
+    def inputs(self, codes: torch.Tensor) -> dict:
         ids, values, padding = self._unpack(codes)
-        return model(ids, values.float(), padding)
+        return {"genes": ids, "values": values.float(), "src_key_padding_mask": padding}
 
     def left_out_message(self, n: int) -> str:
         if self.tokenizer.mode == "embed":
