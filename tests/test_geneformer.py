@@ -177,3 +177,26 @@ def test_bad_inputs_get_clear_errors(tmp_path):
         (tmp_path / "scgpt" / name).write_text("{}")
     with pytest.raises(ValueError, match="holds a scgpt model"):
         load_front_end("geneformer", tmp_path / "scgpt", token_dictionary="t", gene_medians="m")
+
+
+def unsorted_with_explicit_zeros(counts):
+    """The same counts as CSR with explicit zeros and unsorted column indices (valid, and seen in the wild)."""
+    X = sp.csr_matrix(counts)
+    rows, cols = np.repeat(np.arange(counts.shape[0]), np.diff(X.indptr)), X.indices
+    rows = np.concatenate([rows, [0, 1]])
+    cols = np.concatenate([cols, [1, 0]])  # (0, 1) and (1, 0) are zero in COUNTS
+    data = np.concatenate([X.data, [0, 0]]).astype(counts.dtype)
+    order = np.lexsort((-cols, rows))  # per row, columns descending
+    X = sp.csr_matrix((data[order], cols[order], np.searchsorted(rows[order], np.arange(counts.shape[0] + 1))),
+                      shape=counts.shape)  # fmt: skip
+    assert not X.has_sorted_indices and (X.data == 0).any()
+    return X
+
+
+@pytest.mark.filterwarnings("ignore:1 of the data's")
+@pytest.mark.parametrize("storage", ["dense", "csr-unsorted-zeros"])
+def test_tokens_do_not_depend_on_the_storage(storage):
+    adata = data()
+    adata.X = COUNTS.copy() if storage == "dense" else unsorted_with_explicit_zeros(COUNTS)
+    got = tokens_of(geneformer_front_end(tiny_bert(), V2_TOKENS, MEDIANS), adata)
+    assert got == {r: [2, *ranked, 3] for r, ranked in enumerate(UPSTREAM_V2_RANKED) if ranked}

@@ -179,3 +179,13 @@ def test_bad_inputs_get_clear_errors(tmp_path):
         load_front_end("scgpt", bert)
     with pytest.raises(ValueError, match="unknown scGPT preprocessing"):
         scgpt_front_end(VOCAB, ARGS, mode="hvg")
+
+
+@pytest.mark.filterwarnings("ignore:1 of the data's")
+@pytest.mark.parametrize("mode", ["embed", "tutorial"])
+def test_inputs_do_not_depend_on_the_storage(mode):
+    adata = data()
+    adata.X = COUNTS.copy()
+    max_length = 5 if mode == "embed" else 9
+    want = UPSTREAM_EMBED if mode == "embed" else UPSTREAM_TUTORIAL
+    assert inputs_of(scgpt_front_end(VOCAB, ARGS, mode=mode, max_length=max_length, seed=SEED), adata) == want

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from .tokenize import TokenChunk, align_genes, count_matrix, gene_names
@@ -125,6 +126,18 @@ def iter_family_chunks(
 def dense(block) -> np.ndarray:
     """A block of rows as a dense ndarray in its own dtype."""
     return block.toarray() if hasattr(block, "toarray") else np.asarray(block)
+
+
+def nonzero_rows(block, columns: np.ndarray) -> sp.csr_matrix:
+    """The ``columns`` of a block of rows as CSR holding only non-zero values, in column order per row.
+
+    What ``np.nonzero`` of each dense row keeps (explicit zeros dropped, duplicates summed as ``toarray``
+    would), without densifying a chunk of cells by all genes.
+    """
+    X = sp.csr_matrix(block)[:, columns]
+    X.sum_duplicates()  # also sorts the indices
+    X.eliminate_zeros()
+    return X
 
 
 def pad_rows(cells: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

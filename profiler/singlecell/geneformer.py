@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .family import FrontEnd, Packing, dense, pad_rows
+from .family import FrontEnd, Packing, nonzero_rows, pad_rows
 from .vocab import Vocabulary
 
 TARGET_SUM = 10_000  # an int, as in Geneformer: the product keeps the dtype of X / n_counts
@@ -104,17 +104,19 @@ class GeneformerTokenizer:
 
     def tokenize(self, block, rows: np.ndarray, alignment) -> tuple[np.ndarray, np.ndarray]:
         """Codes and lengths of the cells; length 0 for the cells left out (see the module docstring)."""
-        X = dense(block)[:, self.columns]
-        n_counts = self.n_counts[rows][:, None]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            X_norm = X / n_counts * TARGET_SUM / self.norm  # Geneformer's expression and order of operations
+        X = nonzero_rows(block, self.columns)
+        n_counts = self.n_counts[rows]
         cells = []
-        for i, x in enumerate(X_norm):
-            if n_counts[i, 0] == 0:
+        for i in range(X.shape[0]):
+            span = slice(X.indptr[i], X.indptr[i + 1])
+            values, columns = X.data[span], X.indices[span]
+            if n_counts[i] == 0:
                 cells.append(np.empty(0, dtype=np.int64))
                 continue
-            nonzero = np.flatnonzero(x)  # the entries scipy's csr_matrix(X_norm) keeps, in column order
-            ranked = self.tokens[nonzero][np.argsort(-x[nonzero])]  # default (unstable) argsort, as rank_genes
+            # Geneformer's X / n_counts * 10_000 / median, elementwise on the non-zero entries only: the same
+            # operations on the same dtypes give the same values; zeros stay 0 and are not ranked either way
+            normed = values / n_counts[i : i + 1] * TARGET_SUM / self.norm[columns]
+            ranked = self.tokens[columns][np.argsort(-normed)]  # default (unstable) argsort, as rank_genes
             if ranked.size and self.special:
                 ranked = np.concatenate([[self.token_dict["<cls>"]], ranked[: self.input_size - 2],
                                          [self.token_dict["<eos>"]]])  # fmt: skip

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .family import FrontEnd, Packing, dense, pad_rows
+from .family import FrontEnd, Packing, dense, nonzero_rows, pad_rows
 from .vocab import Vocabulary
 
 SPECIAL_TOKENS = ("<pad>", "<cls>", "<eoc>")  # appended to the vocabulary when absent, as embed_data does
@@ -305,8 +305,11 @@ class ScGPTTokenizer:
         self.generator = torch.Generator().manual_seed(self.seed)
 
     def tokenize(self, block, rows: np.ndarray, alignment) -> tuple[np.ndarray, np.ndarray]:
-        X = dense(block)[:, self.columns]  # genes outside the vocabulary are dropped first, in both paths
-        cells = self._tutorial(X, rows) if self.mode == "tutorial" else self._embed(X)
+        # genes outside the vocabulary are dropped first, in both paths
+        if self.mode == "tutorial":
+            cells = self._tutorial(dense(block)[:, self.columns], rows)  # normalize_total sums dense rows
+        else:
+            cells = self._embed(nonzero_rows(block, self.columns))
         return pad_rows([self.packing.pack(ids, values) for ids, values in cells])
 
     def _tutorial(self, X, rows):
@@ -325,13 +328,14 @@ class ScGPTTokenizer:
 
     def _embed(self, X):
         cells = []
-        for row in X:
-            keep = np.nonzero(row)[0]
+        for i in range(X.shape[0]):
+            span = slice(X.indptr[i], X.indptr[i + 1])
+            keep = X.indices[span]  # the non-zero genes, in column order: the Dataset's np.nonzero(row)
             if not len(keep):  # embed_data crashes here; attnprof leaves the cell out
                 cells.append((np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)))
                 continue
             # the Dataset casts values to float32 tensors; the collator bins them in numpy
-            values = row[keep].astype(np.float32)
+            values = X.data[span].astype(np.float32)
             binned = _collator_binning(values, self.n_bins, self.rng)
             ids = np.insert(self.ids[keep], 0, self.cls_id)
             values = np.insert(binned, 0, self.cls_value)
