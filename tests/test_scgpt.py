@@ -36,9 +36,9 @@ UPSTREAM_EMBED = {
     3: ([9, 6, 7, 4, 5], [-2, 22, 36, 7, 50]),
     4: ([9, 0], [-2, 20]),
 }
-# tutorial: Preprocessor's binning loop (its _digitize) after np.random.seed(7) and tokenize_batch(append_cls=True,
-# include_zero_gene=False), on the normalize_total + log1p values of attnprof's normalize_log1p (scanpy's
-# arithmetic; scanpy was not installed to run it).
+# tutorial: scanpy 1.11.5's normalize_total(target_sum=1e4) and log1p on the CSR counts of the vocabulary genes,
+# Preprocessor's binning loop (its _digitize) after np.random.seed(7), tokenize_batch(append_cls=True,
+# include_zero_gene=False).
 UPSTREAM_TUTORIAL = {
     0: ([9, 0, 1, 2, 3, 4, 5, 7], [0, 24, 6, 15, 7, 34, 37, 50]),
     1: ([9, 1, 3, 4, 5, 6], [0, 47, 37, 26, 17, 10]),

@@ -266,7 +266,11 @@ def bin_row(row: np.ndarray, n_bins: int, rng: np.random.RandomState) -> np.ndar
 
 
 def normalize_log1p(X: np.ndarray, target_sum: float = 1e4) -> np.ndarray:
-    """``sc.pp.normalize_total(target_sum=1e4)`` then ``sc.pp.log1p`` on dense rows (scanpy's arithmetic)."""
+    """``sc.pp.normalize_total(target_sum=1e4)`` then ``sc.pp.log1p`` on dense rows, in scanpy's arithmetic.
+
+    Checked bit for bit against scanpy 1.11.5 on dense and CSR counts during development (scanpy is no
+    dependency: this is its float32 divide by ``counts / target_sum``, empty cells left at 0).
+    """
     X = X.astype(np.float32) if np.issubdtype(X.dtype, np.integer) else X.copy()
     counts = X.sum(1)
     counts += counts == 0  # scanpy leaves empty cells at 0 instead of dividing by 0
