@@ -166,3 +166,53 @@ def test_detection(tmp_path, geneformer_files, scgpt_folder):
     assert check_family("geneformer", other) == "geneformer"  # undetected: as asked
     with pytest.raises(ValueError, match="unknown model family"):
         check_family("bert", None)
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_geneformer_runs_shard_and_resume_like_nicheformer(tmp_path, geneformer_files):
+    """The family-agnostic parts: shards sum to the whole, a crashed run resumes to the uninterrupted
+    result, left-out cells are counted once (also after a resume)."""
+    from attnprof import merge
+    from attnprof.singlecell.family import load_front_end
+    from attnprof.singlecell.run import profile_anndata
+    from helpers import assert_same_sums
+
+    folder, tokens, medians = geneformer_files
+    adata = ad.read_h5ad(write_data(tmp_path / "cells.h5ad", n_cells=40, seed=3))
+    adata.X[[5, 17]] = 0  # two more empty cells, in two buckets
+    model, front = load_front_end("geneformer", folder, token_dictionary=tokens, gene_medians=medians,
+                                  max_length=64)  # fmt: skip
+
+    def run(**kw):
+        options = dict(gene_key="ensembl_id", family=front, window=8, batch_size=4, chunk_size=8, bucket_size=12,
+                       permutations=1, backend="torch", progress=False)  # fmt: skip
+        return profile_anndata(model, adata, "sex", **{**options, **kw})
+
+    whole = run()
+    assert whole.meta["data"]["context_only_cells"] == 3
+    assert_same_sums(merge([run(shard=(0, 2)), run(shard=(1, 2))]), whole)
+
+    calls = []
+
+    def crash(module, args, kwargs):
+        calls.append(1)
+        if len(calls) > 4:
+            raise Crash
+
+    handle = model.register_forward_pre_hook(crash, with_kwargs=True)
+    try:
+        with pytest.raises(Crash):
+            run(checkpoint=tmp_path / "ckpt.npz", checkpoint_every=4)
+    finally:
+        handle.remove()
+    with np.load(tmp_path / "ckpt.npz") as saved:
+        done = len(saved["ckpt_done"])
+    assert 0 < done < 37
+    resumed = run(checkpoint=tmp_path / "ckpt.npz", checkpoint_every=4)
+    assert resumed.meta["resumed_cells"] == done
+    assert resumed.meta["data"]["context_only_cells"] == 3
+    assert_same_sums(resumed, whole)
