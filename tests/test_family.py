@@ -216,3 +216,43 @@ def test_geneformer_runs_shard_and_resume_like_nicheformer(tmp_path, geneformer_
     assert resumed.meta["resumed_cells"] == done
     assert resumed.meta["data"]["context_only_cells"] == 3
     assert_same_sums(resumed, whole)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_scgpt_random_draws_do_not_depend_on_shards_or_resume(tmp_path, scgpt_folder):
+    """Each cell gets the draws of one whole run: the shards sum to it, a resumed run ends at it."""
+    from attnprof import merge
+    from attnprof.singlecell.family import load_front_end
+    from attnprof.singlecell.run import profile_anndata
+    from helpers import assert_same_sums
+
+    adata = ad.read_h5ad(write_data(tmp_path / "cells.h5ad", n_cells=40, seed=4))
+    model, front = load_front_end("scgpt", scgpt_folder, max_length=12, seed=5)  # cells longer than 12: sampled
+
+    def run(**kw):
+        options = dict(family=front, window=8, batch_size=4, chunk_size=8, bucket_size=12, backend="torch",
+                       progress=False)  # fmt: skip
+        return profile_anndata(model, adata, "sex", **{**options, **kw})
+
+    whole = run()
+    assert_same_sums(merge([run(shard=(0, 3)), run(shard=(1, 3)), run(shard=(2, 3))]), whole)
+    other_seed = load_front_end("scgpt", scgpt_folder, max_length=12, seed=6)[1]
+    assert not np.allclose(run(family=other_seed).sums["pos_sum"], whole.sums["pos_sum"])  # the draws matter
+
+    calls = []
+
+    def crash(module, args):
+        calls.append(1)
+        if len(calls) > 3:
+            raise Crash
+
+    handle = model.register_forward_pre_hook(crash)
+    try:
+        with pytest.raises(Crash):
+            run(checkpoint=tmp_path / "ckpt.npz", checkpoint_every=4)
+    finally:
+        handle.remove()
+    resumed = run(checkpoint=tmp_path / "ckpt.npz", checkpoint_every=4)
+    assert resumed.meta["resumed_cells"] > 0
+    assert resumed.meta["data"]["context_only_cells"] == whole.meta["data"]["context_only_cells"] == 1
+    assert_same_sums(resumed, whole)

@@ -61,7 +61,7 @@ class FrontEnd:
     """One model family's tokenizer and model call (subclasses: Geneformer, scGPT).
 
     Attributes set by subclasses: ``name``, ``adapter`` (``hf`` or ``mha``),
-    ``tokenizer`` (with ``vocab``, ``tokenize`` and ``settings()``), ``genes``
+    ``tokenizer`` (with ``vocab``, ``draws``, ``start``, ``tokenize`` and ``settings()``), ``genes``
     (token id -> name), ``n_context`` (leading special tokens), ``context_length``.
     """
 
@@ -97,30 +97,35 @@ def iter_family_chunks(
     gene_key: str | None = None,
     chunk_size: int = 1024,
     left_out=None,
+    stream_rows: np.ndarray | None = None,
 ) -> Iterator[TokenChunk]:
     """Tokenize the cells ``rows`` (sorted) ``chunk_size`` rows at a time, in row order.
 
-    Row order matters: families with random draws (scGPT's binning) consume
-    their stream cell by cell, as the family's own code does. Cells the
-    tokenizer gives length 0 are left out of the chunks and counted in ``left_out.n``.
+    Tokenizers with random draws (scGPT's binning and sampling; ``tokenizer.draws``) consume one
+    stream cell by cell, as the family's own code does, over ``stream_rows`` (sorted, a superset of
+    ``rows``: all selected cells of a run): the cells of other shards and the cells a resumed run
+    has done are tokenized too and dropped, so every cell gets the draws it gets in one whole run.
+    Cells the tokenizer gives length 0 are left out of the chunks and counted in ``left_out.n``.
     """
     matrix, var = count_matrix(adata, layer=layer, use_raw=use_raw)
     alignment = align_genes(gene_names(var, gene_key), front.tokenizer.vocab)
     rows = np.asarray(rows, dtype=np.int64)
+    read = rows if stream_rows is None or not front.tokenizer.draws else np.asarray(stream_rows, dtype=np.int64)
     front.tokenizer.start(adata, alignment)
     for start in range(0, matrix.shape[0], chunk_size):
         stop = min(start + chunk_size, matrix.shape[0])
-        lo, hi = np.searchsorted(rows, [start, stop])
+        lo, hi = np.searchsorted(read, [start, stop])
         if lo == hi:
             continue
-        wanted = rows[lo:hi]
-        block = matrix[start:stop][wanted - start]  # one contiguous read, as iter_token_chunks
-        codes, lengths = front.tokenizer.tokenize(block, wanted, alignment)
-        kept = lengths > 0
-        if left_out is not None and not kept.all():
-            left_out.n += int((~kept).sum())
+        tokenized = read[lo:hi]
+        block = matrix[start:stop][tokenized - start]  # one contiguous read, as iter_token_chunks
+        codes, lengths = front.tokenizer.tokenize(block, tokenized, alignment)
+        wanted = np.isin(tokenized, rows, assume_unique=True)
+        kept = wanted & (lengths > 0)
+        if left_out is not None:
+            left_out.n += int((wanted & (lengths == 0)).sum())
         if kept.any():
-            yield TokenChunk(wanted[kept], codes[kept], lengths[kept])
+            yield TokenChunk(tokenized[kept], codes[kept], lengths[kept])
 
 
 def dense(block) -> np.ndarray:

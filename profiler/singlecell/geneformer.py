@@ -66,6 +66,8 @@ class GeneformerTokenizer:
     counts_key:   the obs column with each cell's total counts (Geneformer's ``n_counts``).
     """
 
+    draws = False  # deterministic: no random stream to keep in step
+
     def __init__(self, token_dict: dict, medians: dict, input_size: int | None = None, counts_key: str = "n_counts"):
         self.token_dict = token_dict
         self.special = "<cls>" in token_dict and "<eos>" in token_dict

@@ -133,6 +133,7 @@ def profile_anndata(
                        panel=_unique(panel), window=window, n_context=N_CONTEXT if family is None else family.n_context,
                        backend=backend, family=family),
             progress=progress and rank_and_world()[0] == 0,
+            stream_rows=selection.rows,
         )  # fmt: skip
         whole = None  # names every shard's cells: for a checkpoint's fingerprint and a summed profile
         if checkpoint is not None or distributed:
@@ -289,6 +290,7 @@ class _Run:
     batching: dict
     stats: dict
     progress: bool
+    stream_rows: np.ndarray | None = None  # every selected cell: a family's random draws run over them all
 
     def fingerprint(self, meta: dict, selection_digest: str, shard: tuple[int, int]) -> dict:
         """What a checkpoint must share with this run to be resumed by it (the backend may differ)."""
@@ -308,7 +310,8 @@ class _Run:
         if self.stats["family"] is None:
             chunks = iter_token_chunks(adata, tokenizer, rows=rows, **self.reading)
         else:  # the family's tokenizer; the cells it leaves out are counted instead of context-only cells
-            chunks = iter_family_chunks(adata, tokenizer, rows=rows, left_out=context_only, **self.reading)
+            chunks = iter_family_chunks(adata, tokenizer, rows=rows, left_out=context_only,
+                                        stream_rows=self.stream_rows, **self.reading)  # fmt: skip
         batches = make_batches(chunks if ckpt is None else ckpt.watch(chunks), plan.codes_for, **self.batching)
         batches = _nonempty(batches if ckpt is None else ckpt.skip_done(batches))
         if batches is None:  # the checkpoint holds every cell: the run had finished

@@ -32,10 +32,11 @@ Random draws: a value on several equal quantile edges gets a random bin
 (``np.random.rand`` per cell, drawn for every non-zero value as scGPT does).
 Both paths draw from ``np.random.RandomState(seed)`` and the embed path's
 sampling from ``torch.Generator().manual_seed(seed)``, cell by cell in row
-order: the draws of scGPT after ``np.random.seed(seed)`` and
-``torch.manual_seed(seed)`` on the AnnData of the profiled cells, with the
+order over all selected cells: the draws of scGPT after ``np.random.seed(seed)``
+and ``torch.manual_seed(seed)`` on the AnnData of the selected cells, with the
 collator in the main process (``num_workers=0``; worker processes reseed).
-Shards and resumed runs start the stream afresh on their own cells.
+Shards and resumed runs tokenize the other cells too, to give each cell the
+draws it gets in one whole run.
 """
 
 from __future__ import annotations
@@ -281,6 +282,8 @@ def normalize_log1p(X: np.ndarray, target_sum: float = 1e4) -> np.ndarray:
 
 class ScGPTTokenizer:
     """Cells -> scGPT (gene id, value) pairs, by one of scGPT's two preprocessing paths (``MODES``)."""
+
+    draws = True  # random bins and samples: one stream over all selected cells (see iter_family_chunks)
 
     def __init__(self, vocab: dict, config: ScGPTConfig, *, mode: str = "embed", max_length: int = 1200, seed: int = 0):
         if mode not in MODES:
