@@ -82,8 +82,8 @@ def add_run_parser(sub) -> None:
     p = sub.add_parser(
         "run",
         help="profile an .h5ad and write tables, figures and the profile",
-        description="Profile a Nicheformer on the cells of an .h5ad grouped by an obs column, compare two "
-        "groups and write the tables, figures and profile. Large datasets: --shard I/N profiles one shard "
+        description="Profile a Nicheformer, Geneformer or scGPT on the cells of an .h5ad grouped by an obs column, "
+        "compare two groups and write the tables, figures and profile. Large datasets: --shard I/N profiles one shard "
         "(sum the shards with `attnprof merge`); under torchrun (`torchrun --nproc_per_node N -m attnprof.cli "
         "run ...`) every rank profiles its share, the sums are all-reduced and rank 0 writes the outputs; "
         "--checkpoint-every N lets the same command resume after a crash.",
@@ -456,6 +456,7 @@ def _model_and_front(args, adata, device):
     from .singlecell.family import detect_family, load_front_end
 
     family = args.family or (detect_family(args.model) if args.model else None) or "nicheformer"
+    _check_family_options(args, family)
     if family == "nicheformer":
         from .singlecell.family import check_family
 
@@ -471,6 +472,28 @@ def _model_and_front(args, adata, device):
         counts_key=args.counts_key, max_length=args.max_length, scgpt_mode=args.scgpt_mode, seed=args.scgpt_seed,
     )  # fmt: skip
     return model.to(device), None, front
+
+
+#: Options that only one family reads, with their defaults: given to another family they would be ignored.
+FAMILY_OPTIONS = {
+    "nicheformer": {"vocab": None, "means": None, "heads": None, "species": "mouse", "assay": "MERFISH",
+                    "modality": "spatial", "trust_checkpoint": False},
+    "geneformer": {"token_dictionary": None, "gene_medians": None, "counts_key": "n_counts"},
+    "scgpt": {"scgpt_mode": "embed", "scgpt_seed": 0},
+}
+
+
+def _check_family_options(args, family: str) -> None:
+    """Refuse options of another family: silently ignoring them would profile other inputs than asked."""
+    foreign = [f"--{name.replace('_', '-')}" for other, options in FAMILY_OPTIONS.items() if other != family
+               for name, default in options.items() if getattr(args, name, default) != default]  # fmt: skip
+    if foreign:
+        raise ValueError(f"{', '.join(foreign)} {'is' if len(foreign) == 1 else 'are'} not read for a {family} model "
+                         f"(--family {family}): drop {'it' if len(foreign) == 1 else 'them'}, or pick the family "
+                         f"{'it belongs' if len(foreign) == 1 else 'they belong'} to")  # fmt: skip
+    if family == "nicheformer" and getattr(args, "max_length", None) is not None:
+        raise ValueError("--max-length is read for Geneformer and scGPT; a Nicheformer reads its context length "
+                         "from the checkpoint")  # fmt: skip
 
 
 def _panel(value: str | None) -> list[str] | None:

@@ -256,3 +256,18 @@ def test_scgpt_random_draws_do_not_depend_on_shards_or_resume(tmp_path, scgpt_fo
     assert resumed.meta["resumed_cells"] > 0
     assert resumed.meta["data"]["context_only_cells"] == whole.meta["data"]["context_only_cells"] == 1
     assert_same_sums(resumed, whole)
+
+
+def test_options_of_another_family_are_refused(tmp_path, capsys, geneformer_files, scgpt_folder):
+    folder, tokens, medians = geneformer_files
+    data = write_data(tmp_path / "cells.h5ad")
+    base = ["run", str(data), "--groupby", "sex", "--quiet", "--out", str(tmp_path / "o")]
+    code, _, err = run(base + ["--model", str(scgpt_folder), "--vocab", "v.txt", "--assay", "10x"], capsys)
+    assert code == 2 and "--vocab, --assay are not read for a scgpt model" in err
+    code, _, err = run(base + ["--token-dictionary", str(tokens)], capsys)  # no --model: Nicheformer
+    assert code == 2 and "--token-dictionary is not read for a nicheformer model" in err
+    code, _, err = run(base + ["--model", str(folder), "--token-dictionary", str(tokens), "--gene-medians",
+                               str(medians), "--scgpt-mode", "tutorial"], capsys)  # fmt: skip
+    assert code == 2 and "--scgpt-mode is not read for a geneformer model" in err
+    code, _, err = run(base + ["--max-length", "10"], capsys)
+    assert code == 2 and "--max-length is read for Geneformer and scGPT" in err
