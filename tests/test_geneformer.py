@@ -113,14 +113,19 @@ def test_cells_with_zero_n_counts_are_left_out_and_counted():
     assert sorted(got) == [0, 3, 4]
 
 
-def save_folder(model, path):
+def save_folder(model, path, layout="safetensors"):
+    """A model folder as released: config.json with model.safetensors (V2) or pytorch_model.bin (V1)."""
     model.save_pretrained(path)
+    if layout == "bin":
+        (path / "model.safetensors").unlink()
+        torch.save({k: v.clone() for k, v in model.state_dict().items()}, path / "pytorch_model.bin")
     return path
 
 
-def test_checkpoint_loads_and_profile_equals_eager_attention(tmp_path):
+@pytest.mark.parametrize("layout", ["safetensors", "bin"])
+def test_checkpoint_loads_and_profile_equals_eager_attention(tmp_path, layout):
     model = tiny_bert()
-    folder = save_folder(model, tmp_path / "gf")
+    folder = save_folder(model, tmp_path / "gf", layout)
     loaded = load_geneformer_model(folder)
     ids = torch.tensor([[2, 7, 8, 4, 3, 0], [2, 9, 8, 5, 6, 3]])
     mask = (ids != 0).long()
@@ -172,6 +177,12 @@ def test_bad_inputs_get_clear_errors(tmp_path):
     del adata.obs["n_counts"]
     with pytest.raises(ValueError, match="n_counts"):
         tokens_of(geneformer_front_end(model, V2_TOKENS, MEDIANS), adata)
+    partial = save_folder(model, tmp_path / "partial", "bin")
+    state = torch.load(partial / "pytorch_model.bin")
+    del state["bert.encoder.layer.1.attention.self.query.weight"]
+    torch.save(state, partial / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="lacks or mismatches weights"):
+        load_geneformer_model(partial)
     (tmp_path / "scgpt").mkdir()
     for name in ("args.json", "vocab.json"):
         (tmp_path / "scgpt" / name).write_text("{}")
