@@ -189,3 +189,11 @@ def test_inputs_do_not_depend_on_the_storage(mode):
     max_length = 5 if mode == "embed" else 9
     want = UPSTREAM_EMBED if mode == "embed" else UPSTREAM_TUTORIAL
     assert inputs_of(scgpt_front_end(VOCAB, ARGS, mode=mode, max_length=max_length, seed=SEED), adata) == want
+
+
+def test_non_counts_are_named():
+    front = scgpt_front_end(VOCAB, ARGS, mode="tutorial", max_length=9)
+    with pytest.warns(UserWarning, match="non-integer values: scgpt tokenizes raw counts"):
+        inputs_of(front, data(COUNTS / 3))
+    with pytest.raises(ValueError, match="negative values"):
+        inputs_of(front, data(COUNTS - 1))

@@ -18,6 +18,7 @@ never used; 1 marks padding). Geneformer has no values (``n_values = 1``,
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .tokenize import TokenChunk, align_genes, count_matrix, gene_names
+from .tokenize import TokenChunk, _integer_valued, align_genes, count_matrix, gene_names
 from .vocab import PAD
 
 FAMILIES = ("nicheformer", "geneformer", "scgpt")
@@ -112,6 +113,7 @@ def iter_family_chunks(
     rows = np.asarray(rows, dtype=np.int64)
     read = rows if stream_rows is None or not front.tokenizer.draws else np.asarray(stream_rows, dtype=np.int64)
     front.tokenizer.start(adata, alignment)
+    warned = False
     for start in range(0, matrix.shape[0], chunk_size):
         stop = min(start + chunk_size, matrix.shape[0])
         lo, hi = np.searchsorted(read, [start, stop])
@@ -119,6 +121,13 @@ def iter_family_chunks(
             continue
         tokenized = read[lo:hi]
         block = matrix[start:stop][tokenized - start]  # one contiguous read, as iter_token_chunks
+        if not warned and not _integer_valued(block):
+            warned = True
+            warnings.warn(
+                f"the count matrix has non-integer values: {front.name} tokenizes raw counts; if it holds normalized "
+                f"or log-transformed data pick the counts with layer= (--layer) or use_raw=True (--use-raw)",
+                stacklevel=2,
+            )
         codes, lengths = front.tokenizer.tokenize(block, tokenized, alignment)
         wanted = np.isin(tokenized, rows, assume_unique=True)
         kept = wanted & (lengths > 0)

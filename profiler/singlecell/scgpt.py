@@ -320,6 +320,9 @@ class ScGPTTokenizer:
         return pad_rows([self.packing.pack(ids, values) for ids, values in cells])
 
     def _tutorial(self, X, rows):
+        if X.size and X.min() < 0:  # the Preprocessor refuses negative data before binning
+            raise ValueError(f"the counts have negative values (min {X.min()}): scGPT's tutorial preprocessing "
+                             f"expects raw counts; pick them with --layer or --use-raw")  # fmt: skip
         cells = []
         for row, r in zip(normalize_log1p(X), rows):
             binned = bin_row(row, self.n_bins, self.rng)
