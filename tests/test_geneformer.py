@@ -10,6 +10,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 transformers = pytest.importorskip("transformers")
 
@@ -211,3 +213,40 @@ def test_tokens_do_not_depend_on_the_storage(storage):
     adata.X = COUNTS.copy() if storage == "dense" else unsorted_with_explicit_zeros(COUNTS)
     got = tokens_of(geneformer_front_end(tiny_bert(), V2_TOKENS, MEDIANS), adata)
     assert got == {r: [2, *ranked, 3] for r, ranked in enumerate(UPSTREAM_V2_RANKED) if ranked}
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.sampled_from([np.float32, np.float64, np.int32]),
+    st.sampled_from([np.float32, np.float64, np.int64]),
+    st.sampled_from([np.float32, np.float64]),
+    st.integers(0, 2**31 - 1),
+)
+def test_sparse_tokenization_equals_the_dense_expression_bit_for_bit(x_dtype, counts_dtype, median_dtype, seed):
+    """attnprof computes on the non-zero entries only; Geneformer on dense chunks: X / n_counts * 10_000 / medians
+    with X's, n_counts' and the medians' dtypes, then csr_matrix and argsort(-values). Same tokens, also on ties."""
+    rng = np.random.default_rng(seed)
+    n_cells, n_genes = 6, 25
+    counts = (rng.poisson(0.8, (n_cells, n_genes)) * rng.integers(1, 3, n_genes)).astype(x_dtype)  # many ties
+    counts[0] = 0
+    genes = [f"ENSG{i:03d}" for i in range(n_genes)]
+    token_dict = {"<pad>": 0, "<mask>": 1, "<cls>": 2, "<eos>": 3,
+                  **{g: 4 + int(t) for g, t in zip(genes, rng.permutation(n_genes))}}  # fmt: skip
+    medians = {g: median_dtype(m) for g, m in zip(genes, rng.choice([0.5, 1.0, 1.5, 3.0], n_genes))}
+    n_counts = (counts.sum(1) + rng.integers(0, 4, n_cells)).astype(counts_dtype)  # totals include other genes
+    adata = ad.AnnData(sp.csr_matrix(counts), var=pd.DataFrame({"ensembl_id": genes}, index=genes))
+    adata.obs["n_counts"] = n_counts
+    adata.obs["sex"] = "female"
+    got = tokens_of(geneformer_front_end(tiny_bert(vocab_size=n_genes + 4), token_dict, medians), adata)
+
+    norm = np.array([medians[g] for g in genes])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dense = sp.csr_matrix(counts).toarray() / n_counts[:, None] * 10_000 / norm
+    tokens = np.array([token_dict[g] for g in genes])
+    for r in range(n_cells):
+        row = sp.csr_matrix(dense[r : r + 1])
+        ranked = tokens[row.indices][np.argsort(-row.data)]
+        if n_counts[r] == 0 or not ranked.size:
+            assert r not in got
+        else:
+            assert got[r] == [2, *ranked.tolist(), 3]
