@@ -19,7 +19,10 @@ Quirks named, and what attnprof does about them:
   every gene of the data in the sort's NaN order; attnprof leaves such a cell out;
 - a cell with no counts in dictionary genes: V2's ``tokenize_anndata`` drops
   it with a warning, V1's keeps an empty input the model cannot attend over;
-  attnprof leaves it out (both: with a warning that counts them).
+  attnprof leaves it out (both: with a warning that counts them);
+- Ensembl ids are used as given, as with ``collapse_gene_ids=False``: the
+  mapping file that renames and sums ids is not read, duplicates are an error;
+- the ``filter_pass`` obs column is not read: select cells with ``subset``.
 """
 
 from __future__ import annotations
