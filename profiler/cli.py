@@ -453,13 +453,11 @@ def _model_and_vocab(args, adata, device=None):
 
 def _model_and_front(args, adata, device):
     """(model, vocab, None) of a Nicheformer, or (model, None, front end) of a Geneformer or scGPT."""
-    from .singlecell.family import detect_family, load_front_end
+    from .singlecell.family import check_family, check_family_options, detect_family, load_front_end
 
     family = args.family or (detect_family(args.model) if args.model else None) or "nicheformer"
-    _check_family_options(args, family)
+    check_family_options(family, vars(args))
     if family == "nicheformer":
-        from .singlecell.family import check_family
-
         if args.model:
             check_family(family, args.model)
         return (*_model_and_vocab(args, adata, device), None)
@@ -472,28 +470,6 @@ def _model_and_front(args, adata, device):
         counts_key=args.counts_key, max_length=args.max_length, scgpt_mode=args.scgpt_mode, seed=args.scgpt_seed,
     )  # fmt: skip
     return model.to(device), None, front
-
-
-#: Options that only one family reads, with their defaults: given to another family they would be ignored.
-FAMILY_OPTIONS = {
-    "nicheformer": {"vocab": None, "means": None, "heads": None, "species": "mouse", "assay": "MERFISH",
-                    "modality": "spatial", "trust_checkpoint": False},
-    "geneformer": {"token_dictionary": None, "gene_medians": None, "counts_key": "n_counts"},
-    "scgpt": {"scgpt_mode": "embed", "scgpt_seed": 0},
-}
-
-
-def _check_family_options(args, family: str) -> None:
-    """Refuse options of another family: silently ignoring them would profile other inputs than asked."""
-    foreign = [f"--{name.replace('_', '-')}" for other, options in FAMILY_OPTIONS.items() if other != family
-               for name, default in options.items() if getattr(args, name, default) != default]  # fmt: skip
-    if foreign:
-        raise ValueError(f"{', '.join(foreign)} {'is' if len(foreign) == 1 else 'are'} not read for a {family} model "
-                         f"(--family {family}): drop {'it' if len(foreign) == 1 else 'them'}, or pick the family "
-                         f"{'it belongs' if len(foreign) == 1 else 'they belong'} to")  # fmt: skip
-    if family == "nicheformer" and getattr(args, "max_length", None) is not None:
-        raise ValueError("--max-length is read for Geneformer and scGPT; a Nicheformer reads its context length "
-                         "from the checkpoint")  # fmt: skip
 
 
 def _panel(value: str | None) -> list[str] | None:

@@ -200,6 +200,30 @@ def check_family(family: str, model_path) -> str:
     return family
 
 
+#: Options (CLI names with underscores) that only one family reads, with their defaults.
+FAMILY_OPTIONS = {
+    "nicheformer": {"vocab": None, "means": None, "heads": None, "species": "mouse", "assay": "MERFISH",
+                    "modality": "spatial", "trust_checkpoint": False, "seed": 0},
+    "geneformer": {"token_dictionary": None, "gene_medians": None, "counts_key": "n_counts"},
+    "scgpt": {"scgpt_mode": "embed", "scgpt_seed": 0},
+}
+
+
+def check_family_options(family: str, given: dict) -> None:
+    """Refuse options of another family (``given``: option -> value): ignoring them would profile other inputs."""
+    foreign = [f"--{name.replace('_', '-')}" for other, options in FAMILY_OPTIONS.items() if other != family
+               for name, default in options.items() if given.get(name, default) != default]  # fmt: skip
+    if foreign:
+        one = len(foreign) == 1
+        raise ValueError(
+            f"{', '.join(foreign)} {'is' if one else 'are'} not read for a {family} model (--family {family}): "
+            f"drop {'it' if one else 'them'}, or pick the family {'it belongs' if one else 'they belong'} to"
+        )
+    if family == "nicheformer" and given.get("max_length") is not None:
+        raise ValueError("--max-length is read for Geneformer and scGPT; a Nicheformer reads its context length "
+                         "from the checkpoint")  # fmt: skip
+
+
 def load_front_end(family: str, model_path, *, token_dictionary=None, gene_medians=None, counts_key="n_counts",
                    max_length=None, scgpt_mode="embed", seed=0):
     """(model, front end) of a Geneformer or scGPT from its published files; errors name the missing file."""
