@@ -63,8 +63,8 @@ def _add_input_options(p: argparse.ArgumentParser) -> None:
     t.add_argument("--assay", default="MERFISH", help="assay context token (default: MERFISH)")
     t.add_argument("--modality", default="spatial", help="modality context token (default: spatial)")
     f = p.add_argument_group("Geneformer and scGPT")
-    f.add_argument("--token-dictionary", help="Geneformer token dictionary (.pkl)")
-    f.add_argument("--gene-medians", help="Geneformer gene median dictionary (.pkl)")
+    f.add_argument("--token-dictionary", help="Geneformer token dictionary (.pkl; a pickle: trusted files only)")
+    f.add_argument("--gene-medians", help="Geneformer gene median dictionary (.pkl; a pickle: trusted files only)")
     f.add_argument("--counts-key", default="n_counts", help="obs column of total counts for Geneformer (default n_counts)")
     f.add_argument("--max-length", type=int,
                    help="tokens per cell (default: Geneformer 2048 (V1) or 4096 (V2); scGPT 1200)")
