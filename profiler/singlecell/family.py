@@ -27,7 +27,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .tokenize import TokenChunk, _integer_valued, align_genes, count_matrix, gene_names
+from .tokenize import TokenChunk, align_genes, count_matrix, gene_names
 from .vocab import PAD
 
 FAMILIES = ("nicheformer", "geneformer", "scgpt")
@@ -135,6 +135,11 @@ def iter_family_chunks(
             left_out.n += int((wanted & (lengths == 0)).sum())
         if kept.any():
             yield TokenChunk(tokenized[kept], codes[kept], lengths[kept])
+
+
+def _integer_valued(block) -> bool:
+    data = block.data if sp.issparse(block) else np.asarray(block)
+    return bool(np.all(data == np.round(data)))
 
 
 def dense(block) -> np.ndarray:
