@@ -1,22 +1,34 @@
-"""Nicheformer tokenization of an AnnData, streamed chunk by chunk.
+"""Nicheformer tokenization of an AnnData, streamed chunk by chunk, equal to Nicheformer's own tokens.
 
-Per cell: counts are scaled to 10,000 (library size over all of the data's
-genes), divided by the technology mean of each gene, and the non-zero genes
-are ranked by that value, highest first. **Ties** (equal float64 values) are
-broken by vocabulary order: the gene with the lower vocabulary index comes
-first, so the tokens never depend on the data's column order. Each gene
-becomes its token id (vocabulary index + 30); the context tokens
-``[species, assay, modality]`` are prepended, the sequence is cut to the
-context length and padded with id 1.
+Nicheformer's public code is the specification, quirks included. Per cell:
+the counts of the vocabulary genes (genes outside it are dropped *before*
+normalizing: upstream first aligns the data to the vocabulary) are scaled
+to 10,000 (``sf_normalize``, in the data's float precision: float32 data
+gives a float32 scale factor and product), divided (in float64) by the
+technology mean of each gene, and every gene whose value is not 0 is ranked
+by ``np.argsort(-value)`` compiled by numba. Each gene becomes its token id
+(vocabulary index + 30); the context tokens ``[species, assay, modality]``
+are prepended, the sequence is cut to the context length and padded with 1.
 
-Genes of the data that are not in the vocabulary are dropped (with a
-warning); the library size still counts them, which leaves each cell's
-ranking unchanged. A cell with no counts keeps only its three context tokens.
+Two upstream paths differ in the means (``tokenization=``):
+
+* ``"notebook"`` (default): the tokenization notebooks, which made the
+  pretraining tokens: NaN means -> 0, rounded half up, 0 -> 1.
+* ``"dataset"``: ``NicheformerDataset``: only 0 -> 1. A NaN mean makes
+  the gene's value NaN in *every* cell (0 / NaN is NaN, and NaN is "not 0"),
+  so all NaN-mean genes follow the expressed genes, in numba's NaN-last order.
+
+Negative means (the published MERFISH file has 48) give negative values on
+both paths, ranked after the positive ones. **Ties** are ordered as numba's
+quicksort orders them (see :mod:`.argsort`), which is not index order once
+a cell has 16 or more ranked genes. A cell with no counts keeps only its
+context tokens (plus the NaN-mean genes on the dataset path).
 
 Rows are read ``chunk_size`` at a time with ``matrix[start:stop]``, which
 anndata's backed mode (``read_h5ad(path, backed="r")``) serves from disk for
 ``X`` and ``raw.X``, so a dataset larger than memory streams through.
-(anndata loads ``layers`` into memory when it opens a backed file.)
+(anndata loads ``layers`` into memory when it opens a backed file.) One
+pass over the cells first checks the counts (:mod:`.counts`).
 """
 
 from __future__ import annotations
@@ -30,7 +42,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .vocab import GENE_OFFSET, N_CONTEXT, PAD, as_vocabulary, context_id, load_means
+from .argsort import SMALL_QUICKSORT, argsort_segments
+from .counts import expm1, inspect_counts, read_rows
+from .vocab import GENE_OFFSET, N_CONTEXT, PAD, TOKENIZATIONS, as_vocabulary, context_id, load_means, technology_means
 
 TARGET_SUM = 10_000.0
 
@@ -113,10 +127,11 @@ class Tokenizer:
     """Turns rows of a count matrix into Nicheformer token ids.
 
     vocab:          the model's gene list (Vocabulary, path or names).
-    means:          technology mean per vocabulary gene (array or ``.npy`` path);
-                    None ranks by normalized counts alone (all means 1).
+    means:          technology mean per vocabulary gene (array or ``.npy`` path), as
+                    published (NaN and negative entries allowed); None: all ones.
     context_length: tokens per cell including the three context tokens.
-    species, assay, modality: context tokens, by name (``"mouse"``, ``"MERFISH"``, ``"spatial"``) or id.
+    species, assay, modality: context tokens, by name (``"mouse"``, ``"Xenium"``) or id (``9``, ``"9"``).
+    tokenization:   which upstream path to reproduce, ``"notebook"`` or ``"dataset"`` (module docstring).
     """
 
     def __init__(
@@ -128,9 +143,16 @@ class Tokenizer:
         species="mouse",
         assay="MERFISH",
         modality="spatial",
+        tokenization: str = "notebook",
     ):
         self.vocab = as_vocabulary(vocab)
-        self.means = np.ones(len(self.vocab)) if means is None else load_means(means, len(self.vocab))
+        if tokenization not in TOKENIZATIONS:
+            raise ValueError(f"unknown tokenization {tokenization!r}; choose one of: {', '.join(TOKENIZATIONS)}")
+        self.tokenization = tokenization
+        raw = np.ones(len(self.vocab)) if means is None else load_means(means, len(self.vocab))
+        self.raw_means = raw
+        self.means = technology_means(raw, tokenization)
+        self.nan_genes = np.flatnonzero(np.isnan(self.means))  # dataset path: ranked NaN in every cell
         if context_length <= N_CONTEXT:
             raise ValueError(f"context_length must exceed the {N_CONTEXT} context tokens, got {context_length}")
         self.context_length = int(context_length)
@@ -144,7 +166,8 @@ class Tokenizer:
         return {
             "vocabulary": self.vocab.digest(),
             "n_genes": len(self.vocab),
-            "means": hashlib.blake2b(self.means.tobytes(), digest_size=8).hexdigest(),
+            "means": hashlib.blake2b(self.raw_means.tobytes(), digest_size=8).hexdigest(),
+            "tokenization": self.tokenization,
             "context": self.context.tolist(),
             "context_length": self.context_length,
         }
@@ -154,18 +177,29 @@ class Tokenizer:
 
         ``width`` is the longest cell of these rows (at most the context length).
         """
-        X = _as_csr(X)
+        X, dtype = _as_csr(X)
         _check_counts(X)
         n = X.shape[0]
-        library = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
-        scale = TARGET_SUM / np.where(library == 0, 1.0, library)
-        kept = X[:, alignment.columns].tocoo()
-        vocab_index = alignment.vocab_index[kept.col]
-        value = kept.data * scale[kept.row] / self.means[vocab_index]
-        nonzero = value > 0
-        row, vocab_index, value = kept.row[nonzero], vocab_index[nonzero], value[nonzero]
-        # by cell, then value descending, then vocabulary index ascending (the tie rule)
-        order = np.lexsort((vocab_index, -value, row))
+        kept = X[:, alignment.columns]  # the vocabulary genes: upstream aligns before normalizing
+        row = np.repeat(np.arange(n), np.diff(kept.indptr))
+        vocab_index = alignment.vocab_index[kept.indices]
+        # sf_normalize: counts += counts == 0; 10000. / counts and the product in the data's precision
+        library = _library(kept.data, row, vocab_index, n, len(self.vocab), dtype)
+        library += library == 0
+        scale = dtype.type(TARGET_SUM) / library
+        scaled = kept.data * scale[row]
+        value = scaled.astype(np.float64) / self.means[vocab_index]
+        if self.nan_genes.size:  # x / NaN is NaN for every cell and gene, counted or not
+            has_mean = ~np.isnan(self.means[vocab_index])
+            row = np.concatenate([row[has_mean], np.repeat(np.arange(n), self.nan_genes.size)])
+            vocab_index = np.concatenate([vocab_index[has_mean], np.tile(self.nan_genes, n)])
+            value = np.concatenate([value[has_mean], np.full(n * self.nan_genes.size, np.nan)])
+        ranked = value != 0  # np.nonzero(cell): NaN counts as non-zero, -0.0 does not
+        row, vocab_index, value = row[ranked], vocab_index[ranked], value[ranked]
+        # upstream's argsort input: each cell's genes in vocabulary order
+        order = np.lexsort((vocab_index, row))
+        row, vocab_index, keys = row[order], vocab_index[order], -value[order]
+        order = _numba_order(row, keys, n)
         row, vocab_index = row[order], vocab_index[order]
         n_genes = np.bincount(row, minlength=n)
         first = np.concatenate([[0], np.cumsum(n_genes)[:-1]])
@@ -179,18 +213,65 @@ class Tokenizer:
         return tokens, lengths
 
 
-def _as_csr(X) -> sp.csr_matrix:
-    """A float64 CSR copy of a chunk of rows, NaN counted as 0 (as Nicheformer does)."""
-    if sp.issparse(X):
-        X = sp.csr_matrix(X, dtype=np.float64, copy=True)
-    else:
-        X = sp.csr_matrix(np.nan_to_num(np.asarray(X, dtype=np.float64)))
-    X.data = np.nan_to_num(X.data)
+def _numba_order(row: np.ndarray, keys: np.ndarray, n: int) -> np.ndarray:
+    """Positions putting each cell's ``keys`` (cells contiguous) in numba's ``np.argsort`` order.
+
+    Cells without tied keys, or with fewer than 16 (numba then runs only its
+    stable insertion sort), have one possible order: one vectorized stable
+    sort (NaN last, as numba). The rest go through numba's quicksort.
+    """
+    order = np.lexsort((np.arange(row.size), keys, row))
+    k, r = keys[order], row[order]
+    tie = (r[1:] == r[:-1]) & ((k[1:] == k[:-1]) | (np.isnan(k[1:]) & np.isnan(k[:-1])))
+    n_genes = np.bincount(row, minlength=n)
+    tied = np.unique(r[1:][tie])
+    tied = tied[n_genes[tied] > SMALL_QUICKSORT]
+    if tied.size:
+        first = np.concatenate([[0], np.cumsum(n_genes)[:-1]])
+        quick = argsort_segments(keys, first[tied], first[tied] + n_genes[tied])
+        at = np.isin(row, tied)  # a cell's positions are the same in both orders
+        order[at] = quick[at]
+    return order
+
+
+def _library(data, row, vocab_index, n: int, n_vocab: int, dtype) -> np.ndarray:
+    """Each cell's total over the vocabulary genes, in ``dtype``, as ``X.sum(axis=1)`` on upstream's dense rows.
+
+    Integer totals below 2**mantissa are exact in any summation order; otherwise
+    the dense, vocabulary-wide rows are rebuilt so numpy's pairwise sum sees
+    the same numbers in the same places.
+    """
+    exact_below = 2.0 ** (np.finfo(dtype).nmant + 1)
+    totals = np.bincount(row, weights=data.astype(np.float64), minlength=n)
+    if np.all(data == np.round(data)) and totals.max(initial=0) < exact_below:
+        return totals.astype(dtype)
+    library = np.empty(n, dtype=dtype)
+    step = max(1, 2**22 // n_vocab)  # rows per dense block: a few MB at a time
+    for lo in range(0, n, step):
+        hi = min(lo + step, n)
+        dense = np.zeros((hi - lo, n_vocab), dtype=dtype)
+        at = (row >= lo) & (row < hi)
+        dense[row[at] - lo, vocab_index[at]] = data[at]
+        library[lo:hi] = dense.sum(axis=1)
+    return library
+
+
+def _as_csr(X) -> tuple[sp.csr_matrix, np.dtype]:
+    """A CSR copy of a chunk of rows in the precision upstream computes in, and that dtype.
+
+    float64 data stays float64; float32 stays float32; integer (and float16)
+    data is computed as float32, the precision of .h5ad files upstream reads.
+    """
+    dtype = np.dtype(np.float64) if X.dtype == np.float64 else np.dtype(np.float32)
+    X = sp.csr_matrix(X, dtype=dtype, copy=True) if sp.issparse(X) else sp.csr_matrix(np.asarray(X, dtype=dtype))
+    X.sum_duplicates()
     X.eliminate_zeros()
-    return X
+    return X, dtype
 
 
 def _check_counts(X: sp.csr_matrix) -> None:
+    if not np.isfinite(X.data).all():
+        raise ValueError("the counts hold NaN or Inf values: repair the data (e.g. np.nan_to_num) first")
     if X.data.size and X.data.min() < 0:
         raise ValueError(
             f"the count matrix has negative values (min {X.data.min():.3g}): tokenization needs raw counts; "
@@ -228,30 +309,13 @@ def iter_token_chunks(
     rows = np.arange(n_obs) if rows is None else np.asarray(rows, dtype=np.int64)
     if rows.size and (np.any(np.diff(rows) <= 0) or rows[0] < 0 or rows[-1] >= n_obs):
         raise ValueError(f"rows must be sorted, unique positions in [0, {n_obs})")
-    warned = False
-    for start in range(0, n_obs, chunk_size):
-        stop = min(start + chunk_size, n_obs)
-        lo, hi = np.searchsorted(rows, [start, stop])
-        if lo == hi:
-            continue  # no wanted cell here: skip the read
-        wanted = rows[lo:hi]
-        block = matrix[start:stop]  # contiguous read: what backed storage serves fast
-        block = block[wanted - start]
-        if not warned and not _integer_valued(block):
-            warned = True
-            warnings.warn(
-                "the count matrix has non-integer values: Nicheformer tokenizes raw counts; if it holds "
-                "normalized or log-transformed data pick the counts with layer= (--layer) or use_raw=True (--use-raw)",
-                stacklevel=2,
-            )
+    names = gene_names(var)
+    reading = inspect_counts(adata, matrix, rows, chunk_size, names)  # refuses bad counts before the work
+    for wanted, block in read_rows(matrix, rows, chunk_size):
+        if reading == "expm1":
+            block = expm1(block)
         tokens, lengths = tokenizer.tokenize_rows(block, alignment)
         yield TokenChunk(wanted, tokens, lengths)
-
-
-def _integer_valued(block) -> bool:
-    data = block.data if sp.issparse(block) else np.asarray(block)
-    data = data[np.isfinite(data)]
-    return bool(np.all(data == np.round(data)))
 
 
 def tokenize_anndata(
@@ -263,6 +327,7 @@ def tokenize_anndata(
     species="mouse",
     assay="MERFISH",
     modality="spatial",
+    tokenization: str = "notebook",
     layer: str | None = None,
     use_raw: bool = False,
     gene_key: str | None = None,
@@ -273,7 +338,10 @@ def tokenize_anndata(
 
     For data larger than memory, iterate :func:`iter_token_chunks` instead.
     """
-    tokenizer = Tokenizer(vocab, means, context_length=context_length, species=species, assay=assay, modality=modality)
+    tokenizer = Tokenizer(
+        vocab, means, context_length=context_length, species=species, assay=assay, modality=modality,
+        tokenization=tokenization,
+    )
     n = count_matrix(adata, layer, use_raw)[0].shape[0] if rows is None else len(rows)
     out = np.full((n, context_length), PAD, dtype=np.int64)
     at = 0
