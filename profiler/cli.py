@@ -56,9 +56,12 @@ def _add_input_options(p: argparse.ArgumentParser) -> None:
     src = t.add_mutually_exclusive_group()
     src.add_argument("--layer", help="take counts from this layer (default: X)")
     src.add_argument("--use-raw", action="store_true", help="take counts from .raw")
-    t.add_argument("--species", default="mouse", help="species context token (default: mouse)")
-    t.add_argument("--assay", default="MERFISH", help="assay context token (default: MERFISH)")
-    t.add_argument("--modality", default="spatial", help="modality context token (default: spatial)")
+    t.add_argument("--tokenization", choices=("notebook", "dataset"), default="notebook",  # vocab.TOKENIZATIONS
+                   help="which of Nicheformer's tokenizations to reproduce: its tokenization notebooks (the "
+                        "pretraining tokens; default) or its NicheformerDataset class")
+    t.add_argument("--species", default="mouse", help="species context token, name or id (default: mouse)")
+    t.add_argument("--assay", default="MERFISH", help="assay context token, name or id, e.g. Xenium or 9 (default: MERFISH)")
+    t.add_argument("--modality", default="spatial", help="modality context token, name or id (default: spatial)")
     c = p.add_argument_group("cells and statistics")
     c.add_argument("--subset", help="obs query of the cells to profile, e.g. \"cell_type == 'neuron'\"")
     c.add_argument("--panel", help="gene-pair panel: a file (one gene per line) or names separated by commas")
@@ -195,7 +198,8 @@ def _run(args, device, rank: int, world: int) -> int:
         profile = profile_anndata(
             model, adata, args.groupby, groups=groups, vocab=vocab, means=args.means, panel=_panel(args.panel),
             layer=args.layer, use_raw=args.use_raw, gene_key=args.gene_key, subset=args.subset,
-            species=args.species, assay=args.assay, modality=args.modality, window=args.window,
+            species=args.species, assay=args.assay, modality=args.modality, tokenization=args.tokenization,
+            window=args.window,
             batch_size=args.batch_size, backend=args.backend, progress=not args.quiet,
             permutations=args.permutations, seed=args.permutation_seed, shard=shard, **_checkpointing(args, out),
         )  # fmt: skip
@@ -290,7 +294,8 @@ def cmd_validate(args) -> int:
         selection = select_cells(adata.obs, args.groupby, subset=args.subset, min_groups=1).head(args.cells)
         model, vocab = _model_and_vocab(args, adata)
         tokenizer = Tokenizer(vocab, args.means, context_length=model.context_length,
-                              species=args.species, assay=args.assay, modality=args.modality)  # fmt: skip
+                              species=args.species, assay=args.assay, modality=args.modality,
+                              tokenization=args.tokenization)  # fmt: skip
         chunks = iter_token_chunks(adata, tokenizer, rows=selection.rows, layer=args.layer,
                                    use_raw=args.use_raw, gene_key=args.gene_key)  # fmt: skip
         batch = next(make_batches(chunks, selection.codes_for, batch_size=len(selection), bucket_size=len(selection)))
