@@ -3,8 +3,7 @@
 Nicheformer's public code is the specification, quirks included. Per cell:
 the counts of the vocabulary genes (genes outside it are dropped *before*
 normalizing: upstream first aligns the data to the vocabulary) are scaled
-to 10,000 (``sf_normalize``, in the data's float precision: float32 data
-gives a float32 scale factor and product), divided (in float64) by the
+to 10,000 (``sf_normalize``, in float64: see :func:`_as_csr`), divided by the
 technology mean of each gene, and every gene whose value is not 0 is ranked
 by ``np.argsort(-value)`` compiled by numba. Each gene becomes its token id
 (vocabulary index + 30); the context tokens ``[species, assay, modality]``
@@ -177,28 +176,27 @@ class Tokenizer:
 
         ``width`` is the longest cell of these rows (at most the context length).
         """
-        X, dtype = _as_csr(X)
+        X = _as_csr(X)
         _check_counts(X)
         n = X.shape[0]
         kept = X[:, alignment.columns]  # the vocabulary genes: upstream aligns before normalizing
         row = np.repeat(np.arange(n), np.diff(kept.indptr))
         vocab_index = alignment.vocab_index[kept.indices]
-        # sf_normalize: counts += counts == 0; 10000. / counts and the product in the data's precision
-        library = _library(kept.data, row, vocab_index, n, len(self.vocab), dtype)
+        order = np.lexsort((vocab_index, row))  # each cell's genes in vocabulary order, as upstream holds them
+        row, vocab_index, counts = row[order], vocab_index[order], kept.data[order]
+        # sf_normalize: counts += counts == 0; scaled = x * (10000. / counts)
+        library = _library(counts, row, vocab_index, n, len(self.vocab), dense=self.tokenization == "dataset")
         library += library == 0
-        scale = dtype.type(TARGET_SUM) / library
-        scaled = kept.data * scale[row]
-        value = scaled.astype(np.float64) / self.means[vocab_index]
+        value = counts * (TARGET_SUM / library)[row] / self.means[vocab_index]
         if self.nan_genes.size:  # x / NaN is NaN for every cell and gene, counted or not
             has_mean = ~np.isnan(self.means[vocab_index])
             row = np.concatenate([row[has_mean], np.repeat(np.arange(n), self.nan_genes.size)])
             vocab_index = np.concatenate([vocab_index[has_mean], np.tile(self.nan_genes, n)])
             value = np.concatenate([value[has_mean], np.full(n * self.nan_genes.size, np.nan)])
+            order = np.lexsort((vocab_index, row))  # back to each cell's genes in vocabulary order
+            row, vocab_index, value = row[order], vocab_index[order], value[order]
         ranked = value != 0  # np.nonzero(cell): NaN counts as non-zero, -0.0 does not
-        row, vocab_index, value = row[ranked], vocab_index[ranked], value[ranked]
-        # upstream's argsort input: each cell's genes in vocabulary order
-        order = np.lexsort((vocab_index, row))
-        row, vocab_index, keys = row[order], vocab_index[order], -value[order]
+        row, vocab_index, keys = row[ranked], vocab_index[ranked], -value[ranked]  # upstream's argsort input
         order = _numba_order(row, keys, n)
         row, vocab_index = row[order], vocab_index[order]
         n_genes = np.bincount(row, minlength=n)
@@ -234,39 +232,41 @@ def _numba_order(row: np.ndarray, keys: np.ndarray, n: int) -> np.ndarray:
     return order
 
 
-def _library(data, row, vocab_index, n: int, n_vocab: int, dtype) -> np.ndarray:
-    """Each cell's total over the vocabulary genes, in ``dtype``, as ``X.sum(axis=1)`` on upstream's dense rows.
+def _library(counts, row, vocab_index, n: int, n_vocab: int, dense: bool) -> np.ndarray:
+    """Each cell's total over the vocabulary genes, summed as upstream sums its rows (float64).
 
-    Integer totals below 2**mantissa are exact in any summation order; otherwise
-    the dense, vocabulary-wide rows are rebuilt so numpy's pairwise sum sees
-    the same numbers in the same places.
+    Integer totals below 2**53 are exact in any order. Other values are summed
+    as upstream does: the notebooks by scipy over sparse rows in vocabulary
+    order, ``NicheformerDataset`` by numpy's pairwise sum over dense rows.
     """
-    exact_below = 2.0 ** (np.finfo(dtype).nmant + 1)
-    totals = np.bincount(row, weights=data.astype(np.float64), minlength=n)
-    if np.all(data == np.round(data)) and totals.max(initial=0) < exact_below:
-        return totals.astype(dtype)
-    library = np.empty(n, dtype=dtype)
-    step = max(1, 2**22 // n_vocab)  # rows per dense block: a few MB at a time
+    totals = np.bincount(row, weights=counts, minlength=n)
+    if np.all(counts == np.round(counts)) and totals.max(initial=0) < 2.0**53:
+        return totals
+    if not dense:
+        rows = sp.csr_matrix((counts, vocab_index, np.searchsorted(row, np.arange(n + 1))), shape=(n, n_vocab))
+        return np.asarray(rows.sum(axis=1), dtype=np.float64).ravel()
+    library = np.empty(n)
+    step = max(1, 2**21 // n_vocab)  # rows per dense block: a few MB at a time
     for lo in range(0, n, step):
         hi = min(lo + step, n)
-        dense = np.zeros((hi - lo, n_vocab), dtype=dtype)
+        block = np.zeros((hi - lo, n_vocab))
         at = (row >= lo) & (row < hi)
-        dense[row[at] - lo, vocab_index[at]] = data[at]
-        library[lo:hi] = dense.sum(axis=1)
+        block[row[at] - lo, vocab_index[at]] = counts[at]
+        library[lo:hi] = block.sum(axis=1)
     return library
 
 
-def _as_csr(X) -> tuple[sp.csr_matrix, np.dtype]:
-    """A CSR copy of a chunk of rows in the precision upstream computes in, and that dtype.
+def _as_csr(X) -> sp.csr_matrix:
+    """A float64 CSR copy of a chunk of rows.
 
-    float64 data stays float64; float32 stays float32; integer (and float16)
-    data is computed as float32, the precision of .h5ad files upstream reads.
+    float64 because upstream aligns the data to the vocabulary with
+    ``ad.concat([model, data])``, and model.h5ad's float64 X makes the
+    concatenated counts float64.
     """
-    dtype = np.dtype(np.float64) if X.dtype == np.float64 else np.dtype(np.float32)
-    X = sp.csr_matrix(X, dtype=dtype, copy=True) if sp.issparse(X) else sp.csr_matrix(np.asarray(X, dtype=dtype))
+    X = sp.csr_matrix(X, dtype=np.float64, copy=True) if sp.issparse(X) else sp.csr_matrix(np.asarray(X, np.float64))
     X.sum_duplicates()
     X.eliminate_zeros()
-    return X, dtype
+    return X
 
 
 def _check_counts(X: sp.csr_matrix) -> None:
