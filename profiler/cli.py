@@ -60,7 +60,8 @@ def _add_input_options(p: argparse.ArgumentParser) -> None:
                    help="which of Nicheformer's tokenizations to reproduce: its tokenization notebooks (the "
                         "pretraining tokens; default) or its NicheformerDataset class")
     t.add_argument("--species", default="mouse", help="species context token, name or id (default: mouse)")
-    t.add_argument("--assay", default="MERFISH", help="assay context token, name or id, e.g. Xenium or 9 (default: MERFISH)")
+    t.add_argument("--assay", default="MERFISH",
+                   help="assay context token, name or id, e.g. Xenium or 9 (default: MERFISH)")
     t.add_argument("--modality", default="spatial", help="modality context token, name or id (default: spatial)")
     c = p.add_argument_group("cells and statistics")
     c.add_argument("--subset", help="obs query of the cells to profile, e.g. \"cell_type == 'neuron'\"")

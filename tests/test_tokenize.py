@@ -163,7 +163,8 @@ def test_nan_or_inf_counts_are_refused_before_the_first_chunk(bad, sparse):
     counts[14, 3] = bad  # a second gene
     adata = ad.AnnData(X=sp.csr_matrix(counts) if sparse else counts, var=pd.DataFrame(index=DATA_GENES))
     chunks = iter_token_chunks(adata, Tokenizer(VOCAB, MEANS, context_length=6), chunk_size=4)
-    with pytest.raises(ValueError, match=r"NaN or Inf values in 2 of 15 cells and 2 genes \(e.g. cell '12', gene 'Mbp'\)"):
+    expected = r"NaN or Inf values in 2 of 15 cells and 2 genes \(e.g. cell '12', gene 'Mbp'\)"
+    with pytest.raises(ValueError, match=expected):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             next(chunks)  # nothing is tokenized before the check
@@ -277,7 +278,8 @@ def test_a_means_vector_like_the_merfish_file_is_accepted():
     for tokenization in ("notebook", "dataset"):
         tok = Tokenizer(vocab, means, context_length=1500, tokenization=tokenization)
         assert np.isnan(tok.means).sum() == (14_505 if tokenization == "dataset" else 0)
-        assert (tok.means < 0).sum() == 48 and np.nanmin(tok.means) == (-2370.0 if tokenization == "notebook" else -2370.27)
+        assert (tok.means < 0).sum() == 48
+        assert np.nanmin(tok.means) == (-2370.0 if tokenization == "notebook" else -2370.27)
     # a 300-gene panel holding negative- and NaN-mean genes tokenizes (every expressed gene ranked)
     panel = np.concatenate([finite[:100], np.flatnonzero(np.isnan(means))[:200]])
     counts = np.random.default_rng(1).poisson(1.0, (8, 300)).astype(np.float32)

@@ -201,7 +201,8 @@ def test_forty_way_tie_equals_upstream_restated():
     counts[1, ::3] = 2
     for tokenization in ("notebook", "dataset"):
         expected = upstream_restated(counts, np.ones(40), tokenization, 30)
-        np.testing.assert_array_equal(tokens(shuffled_with_extra_gene(counts, True), np.ones(40), tokenization, 30), expected)
+        got = tokens(shuffled_with_extra_gene(counts, True), np.ones(40), tokenization, 30)
+        np.testing.assert_array_equal(got, expected)
 
 
 def test_argsort_is_not_index_order_on_large_ties():
