@@ -78,5 +78,6 @@ def test_attnprof_compiled_sort(benchmark, cells):
 def test_attnprof_python_sort(benchmark, cells, monkeypatch):
     counts, tok, alignment = cells
     _info(benchmark, len(counts), "attnprof, plain Python sort (no numba)")
+    monkeypatch.setattr(tokenize, "compiled_available", lambda: False)  # as without numba installed
     monkeypatch.setattr(tokenize, "argsort_segments", functools.partial(argsort.argsort_segments, compiled=False))
     benchmark.pedantic(tok.tokenize_rows, (sp.csr_matrix(counts), alignment), rounds=1, iterations=1)

@@ -122,6 +122,15 @@ def _make(wrap):
 _SORTS: dict[bool, object] = {}
 
 
+def compiled_available() -> bool:
+    """Whether numba is installed to compile the sort."""
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _sort(compiled: bool):
     """The Python sort, or the same functions compiled by numba when numba is installed."""
     if compiled not in _SORTS:

@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .argsort import SMALL_QUICKSORT, argsort_segments
+from .argsort import SMALL_QUICKSORT, argsort_segments, compiled_available
 from .counts import expm1, inspect_counts, read_rows
 from .vocab import GENE_OFFSET, N_CONTEXT, PAD, TOKENIZATIONS, as_vocabulary, context_id, load_means, technology_means
 
@@ -82,6 +82,11 @@ class GeneAlignment:
     columns: np.ndarray  # data column indices kept
     vocab_index: np.ndarray  # their vocabulary indices
     n_data_genes: int
+
+    @property
+    def by_vocab(self) -> np.ndarray:
+        """Positions of ``columns`` in vocabulary order."""
+        return np.argsort(self.vocab_index, kind="stable")
 
 
 def align_genes(data_genes: Sequence[str], vocab) -> GeneAlignment:
@@ -179,11 +184,12 @@ class Tokenizer:
         X = _as_csr(X)
         _check_counts(X)
         n = X.shape[0]
-        kept = X[:, alignment.columns]  # the vocabulary genes: upstream aligns before normalizing
+        # the vocabulary genes (upstream aligns before normalizing), each cell's in vocabulary order
+        kept = X[:, alignment.columns[alignment.by_vocab]]
+        kept.sort_indices()
         row = np.repeat(np.arange(n), np.diff(kept.indptr))
-        vocab_index = alignment.vocab_index[kept.indices]
-        order = np.lexsort((vocab_index, row))  # each cell's genes in vocabulary order, as upstream holds them
-        row, vocab_index, counts = row[order], vocab_index[order], kept.data[order]
+        vocab_index = alignment.vocab_index[alignment.by_vocab][kept.indices]
+        counts = kept.data
         # sf_normalize: counts += counts == 0; scaled = x * (10000. / counts)
         library = _library(counts, row, vocab_index, n, len(self.vocab), dense=self.tokenization == "dataset")
         library += library == 0
@@ -214,18 +220,21 @@ class Tokenizer:
 def _numba_order(row: np.ndarray, keys: np.ndarray, n: int) -> np.ndarray:
     """Positions putting each cell's ``keys`` (cells contiguous) in numba's ``np.argsort`` order.
 
-    Cells without tied keys, or with fewer than 16 (numba then runs only its
-    stable insertion sort), have one possible order: one vectorized stable
-    sort (NaN last, as numba). The rest go through numba's quicksort.
+    With numba installed every cell goes through the compiled quicksort. Without
+    it, cells without tied keys, or with fewer than 16 (numba then runs only its
+    stable insertion sort), have one possible order: one vectorized stable sort
+    (NaN last, as numba); only the rest go through the Python quicksort.
     """
+    n_genes = np.bincount(row, minlength=n)
+    first = np.concatenate([[0], np.cumsum(n_genes)[:-1]])
+    if compiled_available():
+        return argsort_segments(keys, first, first + n_genes)
     order = np.lexsort((np.arange(row.size), keys, row))
     k, r = keys[order], row[order]
     tie = (r[1:] == r[:-1]) & ((k[1:] == k[:-1]) | (np.isnan(k[1:]) & np.isnan(k[:-1])))
-    n_genes = np.bincount(row, minlength=n)
     tied = np.unique(r[1:][tie])
     tied = tied[n_genes[tied] > SMALL_QUICKSORT]
     if tied.size:
-        first = np.concatenate([[0], np.cumsum(n_genes)[:-1]])
         quick = argsort_segments(keys, first[tied], first[tied] + n_genes[tied])
         at = np.isin(row, tied)  # a cell's positions are the same in both orders
         order[at] = quick[at]
