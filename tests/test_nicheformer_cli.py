@@ -1,7 +1,8 @@
-"""Context ids and the tokenization choice from the command line: --assay Xenium, --assay 9, --tokenization."""
+"""Nicheformer options from the command line: --assay Xenium / 9, --tokenization, counts holding NaN."""
 
 from __future__ import annotations
 
+import anndata as ad
 import numpy as np
 import pytest
 import torch
@@ -47,3 +48,18 @@ def test_unknown_tokenization_and_assay_id_fail_clearly(inputs, tmp_path, capsys
     assert main(["run", str(inputs["data.h5ad"]), "--groupby", "sex", "--vocab", str(inputs["vocab.txt"]),
                  "--assay", "42", "--out", str(tmp_path / "b"), "--quiet"]) != 0  # fmt: skip
     assert "assay id 42 is not a Nicheformer assay token" in capsys.readouterr().err
+
+
+def test_nan_counts_stop_the_run_before_any_batch(inputs, tmp_path, capsys):
+    adata = ad.read_h5ad(inputs["data.h5ad"])
+    X = adata.X.toarray() if hasattr(adata.X, "toarray") else np.array(adata.X)
+    X[[3, 20], 5] = np.nan
+    X[20, 7] = np.inf
+    adata.X = X
+    adata.write_h5ad(tmp_path / "nan.h5ad")
+    argv = ["run", str(tmp_path / "nan.h5ad"), "--groupby", "sex", "--vocab", str(inputs["vocab.txt"]),
+            "--out", str(tmp_path / "out"), "--quiet"]  # fmt: skip
+    assert main(argv) != 0
+    err = capsys.readouterr().err
+    assert "NaN or Inf values in 2 of 24 cells and 2 genes" in err and "np.nan_to_num" in err
+    assert not (tmp_path / "out" / "profile.npz").exists()
