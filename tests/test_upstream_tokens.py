@@ -7,9 +7,10 @@ Two kinds of evidence:
   data were aligned as the notebooks align them, ``ad.concat([model, data],
   join="outer")`` with a one-row float64 model AnnData (so the counts became
   float64, as with model.h5ad); then ``tokenize_data`` after the Xenium
-  notebook's "Technology mean" cell (``notebook``; today's scipy returns coo
-  for csr / ndarray, so the dense values scipy returned then were handed to
-  ``_sub_tokenize_data``), or ``NicheformerDataset`` (``dataset``); then the
+  notebook's "Technology mean" cell (``notebook``; with scipy's csr / ndarray
+  restored to what it was then, ``np.true_divide(X.todense(), means)``: today's
+  scipy computes ``X * (1 / means)`` as coo, other rounding), or
+  ``NicheformerDataset`` (``dataset``); then the
   model's ``on_after_batch_transfer`` + ``complete_masking``: context tokens
   prepended, cut to the context length, 0 -> 1. (Fed float32 counts instead,
   upstream gives other tokens for cell 2: precision decides some ties.)

@@ -9,6 +9,11 @@ by ``np.argsort(-value)`` compiled by numba. Each gene becomes its token id
 (vocabulary index + 30); the context tokens ``[species, assay, modality]``
 are prepended, the sequence is cut to the context length and padded with 1.
 
+The division is a true division on both paths: the notebooks divide a
+sparse matrix by the means, which the scipy of their time computed as
+``np.true_divide(X.todense(), means)`` (today's scipy multiplies by ``1 / means``,
+which rounds differently and returns a type upstream's numba loop rejects).
+
 Two upstream paths differ in the means (``tokenization=``):
 
 * ``"notebook"`` (default): the tokenization notebooks, which made the
