@@ -77,13 +77,14 @@ class _Summary:
         self.max_value = max(self.max_value, float(data.max()))
         if self.integer and not np.all(data == np.round(data)):
             self.integer = False
-        if not self.integer:
+        # expm1 sums of every cell (also those read before the first non-integer value)
+        with np.errstate(over="ignore"):  # raw counts overflow expm1 (inf): no log1p data looks like that
             sums = np.bincount(rows, weights=np.expm1(data.astype(np.float64)), minlength=block.shape[0])
-            sums = sums[np.bincount(rows, minlength=block.shape[0]) > 0]
-            if sums.size:
-                self.nonempty += sums.size
-                self.expm1_low = min(self.expm1_low, float(sums.min()))
-                self.expm1_high = max(self.expm1_high, float(sums.max()))
+        sums = sums[np.bincount(rows, minlength=block.shape[0]) > 0]
+        if sums.size:
+            self.nonempty += sums.size
+            self.expm1_low = min(self.expm1_low, float(sums.min()))
+            self.expm1_high = max(self.expm1_high, float(sums.max()))
 
 
 def log1p_tolerance(dtype, max_log: float, n_genes: int) -> float:
@@ -124,7 +125,8 @@ def inspect_counts(adata, matrix, rows: np.ndarray, chunk_size: int, gene_names)
         return None
     dtype = matrix.dtype if np.issubdtype(matrix.dtype, np.floating) else np.float64
     tol = log1p_tolerance(dtype, summary.max_value, matrix.shape[1])
-    if summary.nonempty >= 2 and summary.expm1_high - summary.expm1_low <= tol * summary.expm1_high:
+    spread = summary.expm1_high - summary.expm1_low
+    if summary.nonempty >= 2 and np.isfinite(summary.expm1_high) and spread <= tol * summary.expm1_high:
         warnings.warn(
             f"the counts are not integers and expm1 of every cell sums to {summary.expm1_high:.6g}: "
             f"they are log1p of normalized counts, so expm1 of them is tokenized (the values Nicheformer "
