@@ -59,9 +59,13 @@ def _add_input_options(p: argparse.ArgumentParser) -> None:
     src = t.add_mutually_exclusive_group()
     src.add_argument("--layer", help="take counts from this layer (default: X)")
     src.add_argument("--use-raw", action="store_true", help="take counts from .raw")
-    t.add_argument("--species", default="mouse", help="species context token (default: mouse)")
-    t.add_argument("--assay", default="MERFISH", help="assay context token (default: MERFISH)")
-    t.add_argument("--modality", default="spatial", help="modality context token (default: spatial)")
+    t.add_argument("--tokenization", choices=("notebook", "dataset"), default="notebook",  # vocab.TOKENIZATIONS
+                   help="which of Nicheformer's tokenizations to reproduce: its tokenization notebooks (the "
+                        "pretraining tokens; default) or its NicheformerDataset class")
+    t.add_argument("--species", default="mouse", help="species context token, name or id (default: mouse)")
+    t.add_argument("--assay", default="MERFISH",
+                   help="assay context token, name or id, e.g. Xenium or 9 (default: MERFISH)")
+    t.add_argument("--modality", default="spatial", help="modality context token, name or id (default: spatial)")
     f = p.add_argument_group("Geneformer and scGPT")
     f.add_argument("--token-dictionary", help="Geneformer token dictionary (.pkl; a pickle: trusted files only)")
     f.add_argument("--gene-medians", help="Geneformer gene median dictionary (.pkl; a pickle: trusted files only)")
@@ -207,7 +211,8 @@ def _run(args, device, rank: int, world: int) -> int:
         profile = profile_anndata(
             model, adata, args.groupby, groups=groups, vocab=vocab, means=args.means, panel=_panel(args.panel),
             layer=args.layer, use_raw=args.use_raw, gene_key=args.gene_key, subset=args.subset,
-            species=args.species, assay=args.assay, modality=args.modality, window=args.window,
+            species=args.species, assay=args.assay, modality=args.modality, tokenization=args.tokenization,
+            window=args.window,
             batch_size=args.batch_size, backend=args.backend, progress=not args.quiet,
             permutations=args.permutations, seed=args.permutation_seed, shard=shard, **_checkpointing(args, out),
             family=front,
@@ -306,7 +311,8 @@ def cmd_validate(args) -> int:
         reading = dict(rows=selection.rows, layer=args.layer, use_raw=args.use_raw, gene_key=args.gene_key)
         if front is None:
             tokenizer = Tokenizer(vocab, args.means, context_length=model.context_length,
-                                  species=args.species, assay=args.assay, modality=args.modality)  # fmt: skip
+                                  species=args.species, assay=args.assay, modality=args.modality,
+                                  tokenization=args.tokenization)  # fmt: skip
             chunks = iter_token_chunks(adata, tokenizer, **reading)
         else:
             chunks = iter_family_chunks(adata, front, **reading)

@@ -208,7 +208,7 @@ def check_family(family: str, model_path) -> str:
 #: Options (CLI names with underscores) that only one family reads, with their defaults.
 FAMILY_OPTIONS = {
     "nicheformer": {"vocab": None, "means": None, "heads": None, "species": "mouse", "assay": "MERFISH",
-                    "modality": "spatial", "trust_checkpoint": False, "seed": 0},
+                    "modality": "spatial", "tokenization": "notebook", "trust_checkpoint": False, "seed": 0},
     "geneformer": {"token_dictionary": None, "gene_medians": None, "counts_key": "n_counts"},
     "scgpt": {"scgpt_mode": "embed", "scgpt_seed": 0},
 }

@@ -53,6 +53,7 @@ def profile_anndata(
     species="mouse",
     assay="MERFISH",
     modality="spatial",
+    tokenization: str = "notebook",
     window: int = 64,
     batch_size: int = 32,
     chunk_size: int = 1024,
@@ -79,6 +80,7 @@ def profile_anndata(
     layer, use_raw, gene_key: where the counts and gene names are (default ``X`` and var names).
     subset:   an obs query, e.g. ``"cell_type == 'neuron'"``.
     species, assay, modality: the context tokens, by name or id.
+    tokenization: ``"notebook"`` or ``"dataset"``, the upstream path to reproduce (see tokenize.py).
     window:   position window of the per-head maps (at most the model's context length).
     trim_padding: cut each batch to its longest cell (same results, less work).
     permutations: N label permutations for permutation p-values (``compare(..., permutations=N)``):
@@ -107,7 +109,8 @@ def profile_anndata(
         if family is None:
             vocab = _model_vocabulary(vocab, adata, layer, use_raw, gene_key, n_tokens)
             tokenizer = Tokenizer(
-                vocab, means, context_length=context_length, species=species, assay=assay, modality=modality
+                vocab, means, context_length=context_length, species=species, assay=assay, modality=modality,
+                tokenization=tokenization,
             )
         else:
             tokenizer = family
