@@ -269,6 +269,8 @@ def test_options_of_another_family_are_refused(tmp_path, capsys, geneformer_file
     code, _, err = run(base + ["--model", str(folder), "--token-dictionary", str(tokens), "--gene-medians",
                                str(medians), "--scgpt-mode", "tutorial"], capsys)  # fmt: skip
     assert code == 2 and "--scgpt-mode is not read for a geneformer model" in err
+    code, _, err = run(base + ["--model", str(scgpt_folder), "--tokenization", "dataset"], capsys)
+    assert code == 2 and "--tokenization is not read for a scgpt model" in err
     code, _, err = run(base + ["--model", str(scgpt_folder), "--seed", "3"], capsys)
     assert code == 2 and "--seed is not read for a scgpt model" in err
     code, _, err = run(base + ["--max-length", "10"], capsys)
