@@ -17,9 +17,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .profile import Profile
+from .tables import DEFAULT_MIN_CELLS
 
 #: Exit status for bad input (argparse uses it too).
 EXIT_USAGE = 2
+#: Label permutations of `attnprof run`. 99 is the smallest N whose p_perm = 1/(N+1) reaches 0.01 and whose
+#: null 95th percentile rests on the 5 largest of 99 draws; once all labelings are reduced in one attention
+#: pass, each costs reductions, not attention, and one more set of sums (memory: N + 1 profiles).
+DEFAULT_PERMUTATIONS = 99
+#: The demo's: the smallest N whose p_perm reaches 0.05, so the demo stays at about ten seconds.
+DEMO_PERMUTATIONS = 19
 
 
 # ------------------------------------------------------------------ parsers
@@ -81,7 +88,8 @@ def add_run_parser(sub) -> None:
     p.add_argument("--compare", nargs=2, metavar=("A", "B"),
                    help="the two groups to compare, A minus B (needed when the column has more than two)")
     p.add_argument("--batch-size", type=int, default=32, help="cells per forward pass (default 32)")
-    p.add_argument("--min-cells", type=int, default=1, help="cells per group an element needs (default 1)")
+    p.add_argument("--min-cells", type=int, default=DEFAULT_MIN_CELLS,
+                   help=f"cells per group an element needs (default {DEFAULT_MIN_CELLS})")
     p.add_argument("--out", help="output folder (default: attnprof_<data name>)")
     p.add_argument("--no-figures", action="store_true", help="skip the figures")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -92,9 +100,9 @@ def add_run_parser(sub) -> None:
     big.add_argument("--checkpoint-every", type=int, metavar="CELLS",
                      help="save the sums every CELLS cells to OUT/checkpoint.npz; rerunning the same command "
                      "after a crash resumes from it (default: no checkpoints)")
-    big.add_argument("--permutations", type=int, default=0, metavar="N",
-                     help="label permutations for permutation p-values (p_perm_* in the heads and layers tables); "
-                     "each costs one more attention pass per layer (default 0)")
+    big.add_argument("--permutations", type=int, default=DEFAULT_PERMUTATIONS, metavar="N",
+                     help="label permutations for the null band and permutation p-values of the heads and layers "
+                     f"tables; p_perm resolves down to 1/(N+1) (default {DEFAULT_PERMUTATIONS}: 0.01; 0 turns them off)")
     big.add_argument("--permutation-seed", type=int, default=0, metavar="SEED",
                      help="seed of the permutations; shards of one run need the same (default 0)")
     p.set_defaults(func=cmd_run)
@@ -133,6 +141,8 @@ def add_demo_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the data and the model (default 0)")
     p.add_argument("--backend", default="auto", help="auto, torch, triton or reference (default auto)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: fastest for the tiny model)")
+    p.add_argument("--permutations", type=int, default=DEMO_PERMUTATIONS, metavar="N",
+                   help=f"label permutations (default {DEMO_PERMUTATIONS})")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo)
 
@@ -270,12 +280,18 @@ def cmd_demo(args) -> int:
         "run", str(inputs["data.h5ad"]), "--groupby", "sex", "--compare", "female", "male",
         "--model", str(inputs["model.ckpt"]), "--vocab", str(inputs["vocab.txt"]),
         "--means", str(inputs["means.npy"]), "--panel", str(inputs["panel.txt"]),
-        "--backend", args.backend, "--threads", str(args.threads), "--out", str(out),
+        "--backend", args.backend, "--threads", str(args.threads), "--permutations", str(args.permutations),
+        "--out", str(out),
     ] + (["--quiet"] if args.quiet else [])  # fmt: skip
     print(f"demo inputs in {out / 'inputs'}; profiling them as:\n  attnprof {shlex.join(argv)}\n")
     run_args = build_parser().parse_args(argv)
     run_args.argv = argv
-    return cmd_run(run_args)
+    status = cmd_run(run_args)
+    if status == 0:
+        from .singlecell.demo import findings
+
+        print("\n" + findings(Profile.load(out / "profile.npz").compare("female", "male")))
+    return status
 
 
 def cmd_validate(args) -> int:
@@ -355,7 +371,7 @@ def _contrast(profile: Profile, compare, min_cells) -> tuple[str, str, int]:
         if len(profile.groups) != 2:
             raise ValueError(f"the profile has groups {profile.groups}: name the two to compare with --compare A B")
         a, b = profile.groups
-    return a, b, min_cells if min_cells is not None else contrast.get("min_cells", 1)
+    return a, b, min_cells if min_cells is not None else contrast.get("min_cells", DEFAULT_MIN_CELLS)
 
 
 def _shard(value: str | None) -> tuple[int, int] | None:
