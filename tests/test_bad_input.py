@@ -306,7 +306,7 @@ def inputs(tmp_path_factory):
 def run_argv(inputs, out, *extra):
     return ["run", str(inputs["data.h5ad"]), "--groupby", "sex", "--model", str(inputs["model.ckpt"]),
             "--vocab", str(inputs["vocab.txt"]), "--means", str(inputs["means.npy"]), "--window", "8",
-            "--no-figures", "--quiet", "--out", str(out), *extra]  # fmt: skip
+            "--no-figures", "--quiet", "--permutations", "0", "--out", str(out), *extra]  # fmt: skip
 
 
 @pytest.mark.parametrize(

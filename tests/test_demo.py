@@ -19,12 +19,21 @@ PLANTED = set(FEMALE_BIASED + MALE_BIASED)
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    """`attnprof demo` as a user runs it (200 cells instead of 400 to keep the suite fast)."""
+    """The README's `attnprof demo`, as a user runs it (also CI's end-to-end smoke test)."""
     out = tmp_path_factory.mktemp("demo")
     printed = io.StringIO()
     with redirect_stdout(printed):
-        assert main(["demo", "--out", str(out), "--cells", "200", "--quiet"]) == 0
+        assert main(["demo", "--out", str(out), "--quiet"]) == 0
     return out, printed.getvalue()
+
+
+def test_demo_runs_end_to_end(demo):
+    out, printed = demo
+    assert "profiled 400 cells (female 200, male 200)" in printed
+    for name in ("profile.npz", "tables/layers.csv", "tables/genes.h5ad", "figures/layer_differences.png"):
+        assert (out / name).stat().st_size > 0
+    profile = Profile.load(out / "profile.npz")
+    assert profile.meta["contrast"]["a"] == "female" and len(profile.panel) == 10
 
 
 def test_demo_names_the_planted_head_and_lists_the_planted_genes_first(demo):
