@@ -171,6 +171,12 @@ def add_plot_parser(sub) -> None:
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="groups to compare (default: the run's contrast)")
     p.add_argument("--layer", type=int, help="layer of the attention maps (default: the strongest difference)")
     p.add_argument("--head", type=int, help="head of the attention maps (default: the strongest difference)")
+    p.add_argument("--groups", nargs="+", metavar="GROUP",
+                   help="groups whose maps of that head are drawn side by side (default: the two compared, "
+                   "with their difference); 'all' for every group of the profile")
+    p.add_argument("--gallery", metavar="L:H,...",
+                   help="draw figures/head_gallery: the maps of these layer:head pairs for one group, e.g. 0:1,3:2")
+    p.add_argument("--gallery-group", metavar="GROUP", help="the gallery's group (default: the first compared)")
     p.add_argument("--min-cells", type=int, help="cells per group an element needs (default: the run's)")
     p.add_argument("--out", help="figure folder (default: <run>/figures)")
     p.set_defaults(func=cmd_plot)
@@ -212,9 +218,11 @@ def _run(args, device, rank: int, world: int) -> int:
         )  # fmt: skip
     if rank != 0:
         return 0
-    result = write_outputs(profile, groups[0], groups[1], out, min_cells=args.min_cells, figures=not args.no_figures)
+    command = ["attnprof", *sys.argv[1:]] if args.argv is None else ["attnprof", *args.argv]
+    result = write_outputs(profile, groups[0], groups[1], out, min_cells=args.min_cells, figures=not args.no_figures,
+                           command=command)  # fmt: skip
     record = {
-        "command": ["attnprof", *sys.argv[1:]] if args.argv is None else ["attnprof", *args.argv],
+        "command": command,
         "contrast": [groups[0], groups[1]],
         "cells": profile.cells,
         "shard": list(shard) if shard else None,
@@ -227,7 +235,7 @@ def _run(args, device, rank: int, world: int) -> int:
     (out / "run.json").write_text(json.dumps(record, indent=2) + "\n")
     print(layer_summary(result["comparison"], profile))
     figures = "" if args.no_figures else ", figures/ (PNG, PDF)"
-    print(f"\nwrote {out}/: profile.npz, run.json, tables/ (CSV, Parquet, genes.h5ad){figures}")
+    print(f"\nwrote {out}/: profile.npz, run.json, report.html, tables/ (CSV, Parquet, genes.h5ad){figures}")
     return 0
 
 
@@ -249,7 +257,7 @@ def cmd_merge(args) -> int:
     result = write_outputs(merged, a, b, args.out, min_cells=min_cells, figures=not args.no_figures)
     print(layer_summary(result["comparison"], merged, headline=headline))
     figures = "" if args.no_figures else ", figures/"
-    print(f"\nwrote {args.out}/: profile.npz, tables/{figures}")
+    print(f"\nwrote {args.out}/: profile.npz, report.html, tables/{figures}")
     return 0
 
 
@@ -338,9 +346,27 @@ def cmd_plot(args) -> int:
     a, b, min_cells = _contrast(profile, args.compare, args.min_cells)
     comparison = profile.compare(a, b, min_cells=min_cells)
     out = Path(args.out) if args.out else path.parent / "figures"
-    for written in save_figures(profile, comparison, out, layer=args.layer, head=args.head):
-        print(written)
+    groups = profile.groups if args.groups == ["all"] else args.groups
+    for g in groups or []:
+        profile.group_index(g)  # an unknown group fails before drawing
+    written = save_figures(profile, comparison, out, layer=args.layer, head=args.head, groups=groups,
+                           gallery=_heads(args.gallery), gallery_group=args.gallery_group)  # fmt: skip
+    for path in written:
+        print(path)
     return 0
+
+
+def _heads(value: str | None) -> list[tuple[int, int]] | None:
+    """--gallery L:H,L:H as [(L, H), ...]."""
+    if value is None:
+        return None
+    try:
+        pairs = [tuple(int(x) for x in item.split(":")) for item in value.split(",") if item.strip()]
+    except ValueError:
+        pairs = []
+    if not pairs or any(len(p) != 2 for p in pairs):
+        raise ValueError(f"--gallery takes layer:head pairs separated by commas, e.g. 0:1,3:2; got {value!r}")
+    return pairs
 
 
 # ----------------------------------------------------------------- helpers
