@@ -151,7 +151,7 @@ def plot_attention_maps(profile: Profile, layer: int, head: int, groups=None) ->
         _map_axes(axes[-1], profile, f"difference {groups[0]} − {groups[1]}")
         fig.colorbar(im, ax=axes[-1], shrink=0.8, extend="both", label=f"difference of mean {UNIT}")
     fig.suptitle(f"Attention maps, layer {layer} ({profile.layers[layer]}), head {head}")
-    _caption(fig, profile, vmax)
+    _caption(fig, profile, vmax, diff=len(maps) == 2)
     return fig
 
 
@@ -182,8 +182,10 @@ def _map_vmax(maps) -> float:
     return float(np.quantile(finite, 0.99)) if finite.size else 1.0  # context tokens would wash out the rest
 
 
-def _caption(fig, profile: Profile, vmax: float) -> None:
-    parts = [f"colour scale from 0 to the 99th percentile ({vmax:.2g}); brighter entries are clipped"]
+def _caption(fig, profile: Profile, vmax: float, diff: bool = False) -> None:
+    parts = [f"maps: colour scale from 0 to the 99th percentile ({vmax:.2g}), brighter entries clipped"]
+    if diff:
+        parts.append("difference: symmetric scale clipped at the 99.5th percentile of |difference|")
     if profile.n_context:
         parts.insert(0, f"dashed lines: end of the {profile.n_context} context tokens (species, assay, modality)")
     parts.append("grey: no cell has both positions")

@@ -109,6 +109,7 @@ def test_attention_map_figure_reads_well(comparison):
     assert "layer 0" in fig._suptitle.get_text() and "head 1" in fig._suptitle.get_text()
     caption = fig.texts[-1].get_text()
     assert "dashed lines: end of the 3 context tokens" in caption and "colour scale from 0" in caption
+    assert "difference: symmetric scale" in caption
     assert all(ax.images[0].norm.vmin == 0 for ax in images[:2])
 
 
