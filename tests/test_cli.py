@@ -49,7 +49,7 @@ def run_out(inputs, tmp_path_factory):
 
 
 def test_run_writes_every_output(run_out, capsys):
-    expected = {"profile.npz", "run.json", "tables/genes.h5ad"}
+    expected = {"profile.npz", "run.json", "report.html", "tables/genes.h5ad"}
     expected |= {f"tables/{t}.{ext}" for t in TABLES for ext in ("csv", "parquet")}
     expected |= {f"figures/{f}.{ext}" for f in FIGURES for ext in ("png", "pdf")}
     written = {str(p.relative_to(run_out)) for p in run_out.rglob("*") if p.is_file()}
