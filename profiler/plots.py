@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 
 from .profile import Profile
@@ -209,7 +210,7 @@ def plot_head_differences(comparison: Comparison, family: str | None = None) -> 
     family = family or ("gene" if "gene" in comparison.contrasts else "position")
     p = comparison.profile
     n_layers, n_heads = len(p.layers), p.n_heads
-    fig = Figure(figsize=(max(8, 2.5 + 0.5 * n_heads * 2), 2.2 + 0.38 * max(n_layers, 4)), layout="constrained")
+    fig = Figure(figsize=(min(16, max(8, 2.5 + n_heads)), 2.4 + 0.38 * max(n_layers, 4)), layout="constrained")
     axes = fig.subplots(1, 2)
     permuted = "mean_abs_diff_null_q95" in comparison.heads
     for ax, stat in zip(axes, STATS):
@@ -230,10 +231,11 @@ def plot_head_differences(comparison: Comparison, family: str | None = None) -> 
             above = m > head_matrix(comparison, family, f"{stat}_null_q95")
             for i, j in zip(*np.nonzero(above)):
                 ax.add_patch(Rectangle((j - 0.46, i - 0.46), 0.92, 0.92, fill=False, ec="cyan", lw=2))
-            ax.plot([], [], marker="s", mfc="none", mec="cyan", ls="", ms=10, mew=2,
-                    label="above its permutation null's 95th percentile")  # fmt: skip
-            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16 - 0.01 * n_layers), frameon=False)
         fig.colorbar(im, ax=ax, shrink=0.9, label=f"|{comparison.a} − {comparison.b}| ({UNIT})")
+    if permuted:
+        outline = Line2D([], [], marker="s", mfc="none", mec="cyan", ls="", ms=10, mew=2)
+        fig.legend([outline], ["outlined: above its permutation null's 95th percentile"], loc="outside lower center",
+                   fontsize=8, frameon=False)  # fmt: skip
     fig.suptitle(f"Per-head difference, {_family_label(family, comparison.profile)}: {comparison.a} vs {comparison.b}")
     return fig
 

@@ -137,7 +137,7 @@ def test_head_difference_figure_reads_well(comparison):
     assert all(ax.images[0].norm.vmin == 0 for ax in images)
     above = head_matrix(comparison, "gene", "mean_abs_diff") > head_matrix(comparison, "gene", "mean_abs_diff_null_q95")
     assert len(images[0].patches) == above.sum()  # outlined heads: above their null's 95th percentile
-    assert images[0].get_legend().get_texts()[0].get_text() == "above its permutation null's 95th percentile"
+    assert fig.legends[0].get_texts()[0].get_text() == "outlined: above its permutation null's 95th percentile"
     assert "attention received per gene" in fig._suptitle.get_text()
     np.testing.assert_allclose(images[1].images[0].get_array(), head_matrix(comparison, "gene", "max_abs_diff"))
     assert len(images[0].texts) == 8  # the values are printed on a small grid
