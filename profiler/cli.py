@@ -102,7 +102,8 @@ def add_run_parser(sub) -> None:
                      "after a crash resumes from it (default: no checkpoints)")
     big.add_argument("--permutations", type=int, default=DEFAULT_PERMUTATIONS, metavar="N",
                      help="label permutations for the null band and permutation p-values of the heads and layers "
-                     f"tables; p_perm resolves down to 1/(N+1) (default {DEFAULT_PERMUTATIONS}: 0.01; 0 turns them off)")
+                     f"tables; p_perm resolves down to 1/(N+1) (default {DEFAULT_PERMUTATIONS}: 0.01; "
+                     "0 turns them off)")
     big.add_argument("--permutation-seed", type=int, default=0, metavar="SEED",
                      help="seed of the permutations; shards of one run need the same (default 0)")
     p.set_defaults(func=cmd_run)

@@ -83,7 +83,10 @@ def plot_layer_differences(comparison: Comparison) -> Figure:
     permuted = "mean_abs_diff_null_q95" in table
     fig = Figure(figsize=(10, 1.0 + 2.4 * len(families)), layout="constrained")
     axes = np.atleast_2d(fig.subplots(len(families), 2, sharex=True, squeeze=False))
-    titles = {"mean_abs_diff": "average: mean over heads of mean |D|", "max_abs_diff": "maximum: max over heads of max |D|"}
+    titles = {
+        "mean_abs_diff": "average: mean over heads of mean |D|",
+        "max_abs_diff": "maximum: max over heads of max |D|",
+    }
     colors = dict(zip(FAMILIES_ORDER, ("tab:blue", "tab:orange", "tab:green")))
     few_layers = table["layer"].nunique() <= 12  # head labels stay legible
     for row, family in zip(axes, families):

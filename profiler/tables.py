@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -27,7 +28,8 @@ from scipy import stats
 
 from attnprof.kernels import SUMMARIES
 
-from .profile import Profile
+if TYPE_CHECKING:  # the profile holds sums, the comparison reads them: no import at run time
+    from .profile import Profile
 
 FAMILIES = ("position", "gene", "pair")
 #: Cells per group an element needs by default: below ~10 replicates a group's variance (and so
