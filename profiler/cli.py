@@ -508,15 +508,27 @@ def layer_summary(comparison, profile: Profile, headline: str | None = None) -> 
     ]
     table = comparison.layers
     families = list(dict.fromkeys(table["family"]))
-    header = "layer  " + "".join(f"{f:>26}" for f in families)
+    header = "layer  " + "".join(f"{f:>28}" for f in families)
     lines.append(header)
+    permuted = "mean_abs_diff_null_q95" in table
+
+    def mark(r, stat) -> str:  # above the permutation null's 95th percentile
+        return "*" if permuted and r[stat] > r[f"{stat}_null_q95"] else " "
+
     for layer, rows in table.groupby("layer", sort=True):
         by_family = rows.set_index("family")
         cells_txt = []
         for f in families:
             r = by_family.loc[f]
-            cells_txt.append(f"{r['mean_abs_diff']:>10.3g} / {r['max_abs_diff']:<8.3g}({int(r['max_head']):>2})")
-        lines.append(f"{layer:>5}  " + "".join(f"{c:>26}" for c in cells_txt))
+            mean = f"{r['mean_abs_diff']:.3g}{mark(r, 'mean_abs_diff')}"
+            top = f"{r['max_abs_diff']:.3g}{mark(r, 'max_abs_diff')}"
+            cells_txt.append(f"{mean:>11}/ {top:<9}({int(r['max_head']):>2})")
+        lines.append(f"{layer:>5}  " + "".join(f"{c:>28}" for c in cells_txt))
+    if permuted:
+        lines.append(f"* above its permutation null's 95th percentile ({comparison.permutations} permutations); "
+                     f"null bands and noise floors: tables/layers.csv, report.html")  # fmt: skip
+    else:
+        lines.append("noise floors (the |difference| expected by chance): tables/layers.csv, report.html")
     return "\n".join(lines)
 
 
