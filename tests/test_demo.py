@@ -67,3 +67,16 @@ def test_context_tokens_are_not_genes(demo):
     assert {"<species:mouse>", "<assay:MERFISH>", "<modality:spatial>"} == set(context["token"])
     assert not any(name.startswith("<") for name in ad.read_h5ad(out / "tables" / "genes.h5ad").var_names)
     assert len(Profile.load(out / "profile.npz").null) == 19
+
+
+def test_plot_draws_every_group_and_a_gallery(demo, tmp_path, capsys):
+    out, _ = demo
+    argv = ["plot", str(out), "--groups", "all", "--gallery", "0:1,1:2", "--gallery-group", "male", "--out",
+            str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"head_gallery.png", "head_gallery.pdf", "attention_maps.png"} <= names
+    assert main([*argv[:-2], "--gallery", "1-2", "--out", str(tmp_path)]) == 2
+    assert "--gallery takes layer:head pairs" in capsys.readouterr().err
+    assert main(["plot", str(out), "--groups", "female", "nobody", "--out", str(tmp_path)]) == 2
+    assert "unknown group 'nobody'" in capsys.readouterr().err
