@@ -9,6 +9,7 @@ Both run the model's regular code, not attnprof's: no profiling, no kernels of o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -17,15 +18,17 @@ from torch import nn
 from .adapters.mha import fastpath_disabled, find_mha
 
 
-def own_maps(model: nn.Module, inputs) -> tuple[str, list[torch.Tensor], torch.Tensor] | None:
-    """``(how, maps, padding)``: per-layer maps ``[B, H, L, L]`` in model order and the key padding ``[B, L]``.
+def own_maps(model: nn.Module, inputs, each: Callable) -> tuple[str, list] | None:
+    """``(how, [each(P, padding) per layer])``: ``each`` gets every layer's maps ``P [B, H, L, L]`` (float32,
+    in model order) with the key padding ``[B, L]`` (True = padding) as soon as they exist, so that only one
+    layer's maps are held at a time.
 
     None when the model cannot show its maps (neither ``nn.MultiheadAttention`` nor a transformers model).
     """
     if _is_transformers(model):
-        return _hf_maps(model, inputs)
+        return _hf_maps(model, inputs, each)
     if find_mha(model):
-        return _mha_maps(model, inputs)
+        return _mha_maps(model, inputs, each)
     return None
 
 
@@ -34,8 +37,8 @@ def _run(model, inputs, **extra):
         return model(**inputs, **extra) if isinstance(inputs, dict) else model(*inputs, **extra)
 
 
-def _mha_maps(model, inputs):
-    maps, paddings = [], []
+def _mha_maps(model, inputs, each):
+    results = []
 
     def capture(module, args, kwargs, output):
         if kwargs.get("attn_mask") is not None or kwargs.get("is_causal"):
@@ -43,9 +46,8 @@ def _mha_maps(model, inputs):
         call = {k: v for k, v in kwargs.items() if k not in ("need_weights", "average_attn_weights")}
         # forward, not __call__: the hook must not see its own call
         _, weights = module.forward(*args, **call, need_weights=True, average_attn_weights=False)
-        maps.append(weights.float())
         mask = kwargs.get("key_padding_mask", args[3] if len(args) > 3 else None)
-        paddings.append(_as_padding(mask, weights))
+        results.append(each(weights.float(), _as_padding(mask, weights)))
 
     hooks = [m.register_forward_hook(capture, with_kwargs=True) for _, m in find_mha(model)]
     try:
@@ -54,7 +56,7 @@ def _mha_maps(model, inputs):
     finally:
         for h in hooks:
             h.remove()
-    return "nn.MultiheadAttention(need_weights=True, average_attn_weights=False)", maps, paddings[0]
+    return "nn.MultiheadAttention(need_weights=True, average_attn_weights=False)", results
 
 
 def _as_padding(mask, weights: torch.Tensor) -> torch.Tensor:
@@ -65,16 +67,15 @@ def _as_padding(mask, weights: torch.Tensor) -> torch.Tensor:
     return mask.cpu() if mask.dtype == torch.bool else torch.isneginf(mask).cpu()
 
 
-def _hf_maps(model, inputs):
+def _hf_maps(model, inputs, each):
     if not isinstance(inputs, dict):
         raise ValueError("a transformers model's inputs must be a dict (input_ids=..., attention_mask=...)")
-    with _eager(model):
-        out = _run(model, inputs, output_attentions=True)
-    maps = [a.float() for a in out.attentions]
+    with _eager(model):  # transformers returns every layer's maps at once
+        maps = _run(model, inputs, output_attentions=True).attentions
     mask = inputs.get("attention_mask")
     B, _, _, L = maps[0].shape
     padding = torch.zeros(B, L, dtype=torch.bool) if mask is None else (mask == 0).cpu()
-    return "transformers eager attention, output_attentions=True", maps, padding
+    return "transformers eager attention, output_attentions=True", [each(P.float(), padding) for P in maps]
 
 
 @contextmanager

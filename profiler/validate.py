@@ -88,17 +88,20 @@ def validate(
 
 def _own_sums(model, inputs, groups, tokens, options, layers) -> tuple[str, dict] | None:
     """The sums of the model's own maps, stacked like a profile's (layers first); None without maps."""
-    found = own_maps(model, inputs)
-    if found is None:
-        return None
-    how, maps, padding = found
-    if len(maps) != len(layers):
-        raise ValueError(f"the model showed {len(maps)} attention maps per forward but attnprof profiled "
-                         f"{len(layers)} layers: cannot pair them")  # fmt: skip
     spec_of = Recorder(options["groups"], **{k: v for k, v in options.items() if k in _SPEC_OPTIONS})
     codes = spec_of.group_codes(groups)
     ids = None if tokens is None else torch.as_tensor(tokens).cpu()
-    per_layer = [stats_from_probs(P.cpu(), padding, codes, ids, spec_of.spec) for P in maps]
+
+    def sums_of(P, padding):  # per layer, as soon as its maps exist
+        return stats_from_probs(P.cpu(), padding, codes, ids, spec_of.spec)
+
+    found = own_maps(model, inputs, sums_of)
+    if found is None:
+        return None
+    how, per_layer = found
+    if len(per_layer) != len(layers):
+        raise ValueError(f"the model showed {len(per_layer)} attention maps per forward but attnprof profiled "
+                         f"{len(layers)} layers: cannot pair them")  # fmt: skip
     return how, {name: np.stack([s[name].numpy() for s in per_layer]) for name in per_layer[0]}
 
 
