@@ -17,9 +17,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .profile import Profile
+from .tables import DEFAULT_MIN_CELLS
 
 #: Exit status for bad input (argparse uses it too).
 EXIT_USAGE = 2
+#: Label permutations of `attnprof run`. 99 is the smallest N whose p_perm = 1/(N+1) reaches 0.01 and whose
+#: null 95th percentile rests on the 5 largest of 99 draws; once all labelings are reduced in one attention
+#: pass, each costs reductions, not attention, and one more set of sums (memory: N + 1 profiles).
+DEFAULT_PERMUTATIONS = 99
+#: The demo's: the smallest N whose p_perm reaches 0.05, so the demo stays at about ten seconds.
+DEMO_PERMUTATIONS = 19
 
 
 # ------------------------------------------------------------------ parsers
@@ -97,7 +104,8 @@ def add_run_parser(sub) -> None:
     p.add_argument("--compare", nargs=2, metavar=("A", "B"),
                    help="the two groups to compare, A minus B (needed when the column has more than two)")
     p.add_argument("--batch-size", type=int, default=32, help="cells per forward pass (default 32)")
-    p.add_argument("--min-cells", type=int, default=1, help="cells per group an element needs (default 1)")
+    p.add_argument("--min-cells", type=int, default=DEFAULT_MIN_CELLS,
+                   help=f"cells per group an element needs (default {DEFAULT_MIN_CELLS})")
     p.add_argument("--out", help="output folder (default: attnprof_<data name>)")
     p.add_argument("--no-figures", action="store_true", help="skip the figures")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -108,9 +116,10 @@ def add_run_parser(sub) -> None:
     big.add_argument("--checkpoint-every", type=int, metavar="CELLS",
                      help="save the sums every CELLS cells to OUT/checkpoint.npz; rerunning the same command "
                      "after a crash resumes from it (default: no checkpoints)")
-    big.add_argument("--permutations", type=int, default=0, metavar="N",
-                     help="label permutations for permutation p-values (p_perm_* in the heads and layers tables); "
-                     "each costs one more attention pass per layer (default 0)")
+    big.add_argument("--permutations", type=int, default=DEFAULT_PERMUTATIONS, metavar="N",
+                     help="label permutations for the null band and permutation p-values of the heads and layers "
+                     f"tables; p_perm resolves down to 1/(N+1) (default {DEFAULT_PERMUTATIONS}: 0.01; "
+                     "0 turns them off)")
     big.add_argument("--permutation-seed", type=int, default=0, metavar="SEED",
                      help="seed of the permutations; shards of one run need the same (default 0)")
     p.set_defaults(func=cmd_run)
@@ -149,6 +158,8 @@ def add_demo_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the data and the model (default 0)")
     p.add_argument("--backend", default="auto", help="auto, torch, triton or reference (default auto)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: fastest for the tiny model)")
+    p.add_argument("--permutations", type=int, default=DEMO_PERMUTATIONS, metavar="N",
+                   help=f"label permutations (default {DEMO_PERMUTATIONS})")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo)
 
@@ -156,9 +167,10 @@ def add_demo_parser(sub) -> None:
 def add_validate_parser(sub) -> None:
     p = sub.add_parser(
         "validate",
-        help="check the fast backend against the reference on a sample of cells",
-        description="Profile a sample of cells with the fast backend and with `reference`; print the error "
-        "table and exit with status 1 when any error exceeds the tolerance.",
+        help="check the fast backend against the reference and the model's own maps on a sample of cells",
+        description="Profile a sample of cells with the fast backend, with `reference` and from the model's own "
+        "attention maps (need_weights=True); print the error table, naming the backend that ran, and exit "
+        "with status 1 when any error exceeds the tolerance.",
     )
     _add_input_options(p)
     p.add_argument("--groupby", help="obs column of the groups (default: all cells in one group)")
@@ -176,6 +188,12 @@ def add_plot_parser(sub) -> None:
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="groups to compare (default: the run's contrast)")
     p.add_argument("--layer", type=int, help="layer of the attention maps (default: the strongest difference)")
     p.add_argument("--head", type=int, help="head of the attention maps (default: the strongest difference)")
+    p.add_argument("--groups", nargs="+", metavar="GROUP",
+                   help="groups whose maps of that head are drawn side by side (default: the two compared, "
+                   "with their difference); 'all' for every group of the profile")
+    p.add_argument("--gallery", metavar="L:H,...",
+                   help="draw figures/head_gallery: the maps of these layer:head pairs for one group, e.g. 0:1,3:2")
+    p.add_argument("--gallery-group", metavar="GROUP", help="the gallery's group (default: the first compared)")
     p.add_argument("--min-cells", type=int, help="cells per group an element needs (default: the run's)")
     p.add_argument("--out", help="figure folder (default: <run>/figures)")
     p.set_defaults(func=cmd_plot)
@@ -219,9 +237,11 @@ def _run(args, device, rank: int, world: int) -> int:
         )  # fmt: skip
     if rank != 0:
         return 0
-    result = write_outputs(profile, groups[0], groups[1], out, min_cells=args.min_cells, figures=not args.no_figures)
+    command = ["attnprof", *sys.argv[1:]] if args.argv is None else ["attnprof", *args.argv]
+    result = write_outputs(profile, groups[0], groups[1], out, min_cells=args.min_cells, figures=not args.no_figures,
+                           command=command)  # fmt: skip
     record = {
-        "command": ["attnprof", *sys.argv[1:]] if args.argv is None else ["attnprof", *args.argv],
+        "command": command,
         "contrast": [groups[0], groups[1]],
         "cells": profile.cells,
         "shard": list(shard) if shard else None,
@@ -234,7 +254,7 @@ def _run(args, device, rank: int, world: int) -> int:
     (out / "run.json").write_text(json.dumps(record, indent=2) + "\n")
     print(layer_summary(result["comparison"], profile))
     figures = "" if args.no_figures else ", figures/ (PNG, PDF)"
-    print(f"\nwrote {out}/: profile.npz, run.json, tables/ (CSV, Parquet, genes.h5ad){figures}")
+    print(f"\nwrote {out}/: profile.npz, run.json, report.html, tables/ (CSV, Parquet, genes.h5ad){figures}")
     return 0
 
 
@@ -256,7 +276,7 @@ def cmd_merge(args) -> int:
     result = write_outputs(merged, a, b, args.out, min_cells=min_cells, figures=not args.no_figures)
     print(layer_summary(result["comparison"], merged, headline=headline))
     figures = "" if args.no_figures else ", figures/"
-    print(f"\nwrote {args.out}/: profile.npz, tables/{figures}")
+    print(f"\nwrote {args.out}/: profile.npz, report.html, tables/{figures}")
     return 0
 
 
@@ -288,12 +308,18 @@ def cmd_demo(args) -> int:
         "run", str(inputs["data.h5ad"]), "--groupby", "sex", "--compare", "female", "male",
         "--model", str(inputs["model.ckpt"]), "--vocab", str(inputs["vocab.txt"]),
         "--means", str(inputs["means.npy"]), "--panel", str(inputs["panel.txt"]),
-        "--backend", args.backend, "--threads", str(args.threads), "--out", str(out),
+        "--backend", args.backend, "--threads", str(args.threads), "--permutations", str(args.permutations),
+        "--out", str(out),
     ] + (["--quiet"] if args.quiet else [])  # fmt: skip
     print(f"demo inputs in {out / 'inputs'}; profiling them as:\n  attnprof {shlex.join(argv)}\n")
     run_args = build_parser().parse_args(argv)
     run_args.argv = argv
-    return cmd_run(run_args)
+    status = cmd_run(run_args)
+    if status == 0:
+        from .singlecell.demo import findings
+
+        print("\n" + findings(Profile.load(out / "profile.npz").compare("female", "male")))
+    return status
 
 
 def cmd_validate(args) -> int:
@@ -328,11 +354,14 @@ def cmd_validate(args) -> int:
         model, inputs, groups=batch.codes, tokens=ids, group_names=selection.groups, backend=args.backend,
         genes=genes, panel=_panel(args.panel), window=args.window, n_context=n_context, adapter=adapter,
     )  # fmt: skip
-    print(f"{len(batch)} cells x {tokens.shape[1]} tokens, backend {args.backend} vs reference:")
+    ran = table["backend"].iloc[0]
+    against = ", ".join(dict.fromkeys(table["against"]))
+    print(f"{len(batch)} cells x {tokens.shape[1]} tokens, backend {ran} (asked: {args.backend}) against: {against}")
     print(table.to_string(index=False, float_format=lambda x: f"{x:.2e}"))
-    failed = table.loc[~table["ok"], "quantity"].tolist()
-    if failed:
-        print(f"\nFAILED: {', '.join(failed)} exceed the tolerance", file=sys.stderr)
+    failed = table[~table["ok"]]
+    if len(failed):
+        which = ", ".join(f"{q} (vs {a.split(':')[0]})" for q, a in zip(failed["quantity"], failed["against"]))
+        print(f"\nFAILED: {which} exceed the tolerance", file=sys.stderr)
         return 1
     print("\nall quantities within tolerance")
     return 0
@@ -346,9 +375,27 @@ def cmd_plot(args) -> int:
     a, b, min_cells = _contrast(profile, args.compare, args.min_cells)
     comparison = profile.compare(a, b, min_cells=min_cells)
     out = Path(args.out) if args.out else path.parent / "figures"
-    for written in save_figures(profile, comparison, out, layer=args.layer, head=args.head):
-        print(written)
+    groups = profile.groups if args.groups == ["all"] else args.groups
+    for g in groups or []:
+        profile.group_index(g)  # an unknown group fails before drawing
+    written = save_figures(profile, comparison, out, layer=args.layer, head=args.head, groups=groups,
+                           gallery=_heads(args.gallery), gallery_group=args.gallery_group)  # fmt: skip
+    for path in written:
+        print(path)
     return 0
+
+
+def _heads(value: str | None) -> list[tuple[int, int]] | None:
+    """--gallery L:H,L:H as [(L, H), ...]."""
+    if value is None:
+        return None
+    try:
+        pairs = [tuple(int(x) for x in item.split(":")) for item in value.split(",") if item.strip()]
+    except ValueError:
+        pairs = []
+    if not pairs or any(len(p) != 2 for p in pairs):
+        raise ValueError(f"--gallery takes layer:head pairs separated by commas, e.g. 0:1,3:2; got {value!r}")
+    return pairs
 
 
 # ----------------------------------------------------------------- helpers
@@ -383,7 +430,7 @@ def _contrast(profile: Profile, compare, min_cells) -> tuple[str, str, int]:
         if len(profile.groups) != 2:
             raise ValueError(f"the profile has groups {profile.groups}: name the two to compare with --compare A B")
         a, b = profile.groups
-    return a, b, min_cells if min_cells is not None else contrast.get("min_cells", 1)
+    return a, b, min_cells if min_cells is not None else contrast.get("min_cells", DEFAULT_MIN_CELLS)
 
 
 def _shard(value: str | None) -> tuple[int, int] | None:
@@ -510,15 +557,27 @@ def layer_summary(comparison, profile: Profile, headline: str | None = None) -> 
     ]
     table = comparison.layers
     families = list(dict.fromkeys(table["family"]))
-    header = "layer  " + "".join(f"{f:>26}" for f in families)
+    header = "layer  " + "".join(f"{f:>28}" for f in families)
     lines.append(header)
+    permuted = "mean_abs_diff_null_q95" in table
+
+    def mark(r, stat) -> str:  # above the permutation null's 95th percentile
+        return "*" if permuted and r[stat] > r[f"{stat}_null_q95"] else " "
+
     for layer, rows in table.groupby("layer", sort=True):
         by_family = rows.set_index("family")
         cells_txt = []
         for f in families:
             r = by_family.loc[f]
-            cells_txt.append(f"{r['mean_abs_diff']:>10.3g} / {r['max_abs_diff']:<8.3g}({int(r['max_head']):>2})")
-        lines.append(f"{layer:>5}  " + "".join(f"{c:>26}" for c in cells_txt))
+            mean = f"{r['mean_abs_diff']:.3g}{mark(r, 'mean_abs_diff')}"
+            top = f"{r['max_abs_diff']:.3g}{mark(r, 'max_abs_diff')}"
+            cells_txt.append(f"{mean:>11}/ {top:<9}({int(r['max_head']):>2})")
+        lines.append(f"{layer:>5}  " + "".join(f"{c:>28}" for c in cells_txt))
+    if permuted:
+        lines.append(f"* above its permutation null's 95th percentile ({comparison.permutations} permutations); "
+                     f"null bands and noise floors: tables/layers.csv, report.html")  # fmt: skip
+    else:
+        lines.append("noise floors (the |difference| expected by chance): tables/layers.csv, report.html")
     return "\n".join(lines)
 
 

@@ -133,8 +133,11 @@ class Profile:
             raise ValueError(f"unknown group {group!r}: this profile has groups {self.groups}")
         return self.groups.index(str(group))
 
-    def compare(self, a, b, min_cells: int = 1, permutations: int = 0):
-        """Difference tables of group ``a`` minus group ``b`` (see :class:`attnprof.Comparison`)."""
+    def compare(self, a, b, min_cells: int | None = None, permutations: int | None = None):
+        """Difference tables of group ``a`` minus group ``b`` (see :class:`attnprof.Comparison`).
+
+        min_cells default: ``attnprof.tables.DEFAULT_MIN_CELLS`` (10); permutations default: all the profile has.
+        """
         from .tables import compare
 
         return compare(self, a, b, min_cells=min_cells, permutations=permutations)

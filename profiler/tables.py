@@ -6,12 +6,22 @@ replicates, over elements seen in at least ``min_cells`` cells of each group.
 Heads and layers are then summarized as in the Nicheformer paper: per layer,
 the mean over heads of the mean |D| ("average attention difference") and the
 max over heads of the max |D| ("maximum attention difference").
+
+Every summary is set against its chance level. Even with no true difference
+|D| is positive: for a normal difference with standard error SE its expected
+size is sqrt(2/pi)·SE, so each head's ``noise_floor`` is that value averaged
+over the same elements as ``mean_abs_diff`` (and ``excess_over_noise`` the
+difference). With label permutations the heads and layers tables also carry,
+per statistic, the null mean, the null 95th percentile, the excess over the
+null mean and the permutation p-value.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -19,9 +29,23 @@ from scipy import stats
 
 from attnprof.kernels import SUMMARIES
 
-from .profile import Profile
+if TYPE_CHECKING:  # the profile holds sums, the comparison reads them: no import at run time
+    from .profile import Profile
 
 FAMILIES = ("position", "gene", "pair")
+#: Cells per group an element needs by default: below ~10 replicates a group's variance (and so
+#: Welch t and the noise floor) is unreliable, and a token seen in one or two cells per group
+#: tops the tables by chance.
+DEFAULT_MIN_CELLS = 10
+#: E|X| = sqrt(2/pi)·sigma for X ~ N(0, sigma²): the expected |difference| of an element without effect.
+HALF_NORMAL_MEAN = float(np.sqrt(2 / np.pi))
+STATS = ("mean_abs_diff", "max_abs_diff")
+
+
+def is_special_token(name) -> bool:
+    """Context and special tokens (``<species:mouse>``, ``<pad>``, ``[CLS]``): never listed among genes."""
+    name = str(name)
+    return len(name) > 1 and ((name[0], name[-1]) in {("<", ">"), ("[", "]")})
 
 
 @dataclass
@@ -36,6 +60,17 @@ class Contrast:
     n_a: np.ndarray  # [layers, 1, elements] cells behind each element
     n_b: np.ndarray
     valid: np.ndarray  # [layers, 1, elements]
+    se: np.ndarray  # standard error of diff, NaN like diff
+
+    def restricted(self, keep: np.ndarray) -> Contrast:
+        """The same statistics with only the elements where ``keep`` ([elements], bool) valid."""
+        valid = self.valid & keep
+
+        def masked(x):
+            return np.where(valid, x, np.nan)
+
+        return Contrast(self.mean_a, self.mean_b, masked(self.diff), masked(self.t), masked(self.p),
+                        self.n_a, self.n_b, valid, masked(self.se))  # fmt: skip
 
     @property
     def q(self) -> np.ndarray:
@@ -56,7 +91,7 @@ def welch(sum_a, sq_a, n_a, sum_b, sq_b, n_b, min_cells: int) -> Contrast:
         t = np.where(valid & (se > 0), diff / se, np.nan)
         dof = (ea + eb) ** 2 / (ea**2 / (n_a - 1) + eb**2 / (n_b - 1))
         p = np.where(np.isnan(t), np.nan, 2 * stats.t.sf(np.abs(t), dof))
-    return Contrast(mean_a, mean_b, diff, t, p, n_a, n_b, valid)
+    return Contrast(mean_a, mean_b, diff, t, p, n_a, n_b, valid, np.where(valid, se, np.nan))
 
 
 def bh(p) -> np.ndarray:
@@ -74,46 +109,62 @@ class Comparison:
 
     heads:     one row per layer, head and family (position, gene, pair).
     layers:    one row per layer and family: mean over heads and max over heads.
-    genes:     one row per layer, head and gene seen in >= min_cells cells of both groups.
+    genes:     one row per layer, head and gene seen in >= min_cells cells of both groups,
+               most significant first (Welch p, then |t|); context and special tokens are not genes.
+    context:   the same for the context and special tokens (``<species:mouse>``, ...).
     pairs:     one row per layer, head and panel gene pair, likewise.
     summaries: one row per layer, head and head summary (entropy, context, self, row max).
 
-    Element rows carry Welch t, p and Benjamini-Hochberg q (across all layers,
-    heads and elements of the table). With ``permutations=N`` the heads and
-    layers tables also get label-permutation p-values ``p_perm_mean_abs_diff``
-    and ``p_perm_max_abs_diff``: the share of the profile's first N null
-    labelings (see ``Profiler(permutations=...)``) whose statistic is at
-    least the observed one, as ``(1 + count) / (1 + N)``.
+    Element rows carry Welch t, p, Benjamini-Hochberg q (across all layers,
+    heads and elements of the table) and the cells behind them. The heads and
+    layers tables carry ``noise_floor`` (the expected mean |D| without any
+    difference, from the elements' standard errors) and ``excess_over_noise``.
+    With permutations (default: every null labeling the profile holds, see
+    ``Profiler.set_batch(null_groups=...)``) they also carry, for
+    ``mean_abs_diff`` and ``max_abs_diff``: ``<stat>_null_mean``,
+    ``<stat>_null_q95`` (the null's 95th percentile), ``<stat>_excess``
+    (observed minus null mean) and ``p_perm_<stat>``, the share of null
+    labelings whose statistic is at least the observed one, as
+    ``(1 + count) / (1 + N)``.
     """
 
-    def __init__(self, profile: Profile, a, b, min_cells: int = 1, permutations: int = 0, _heads_only=False):
+    def __init__(self, profile: Profile, a, b, min_cells: int | None = None, permutations: int | None = None,
+                 _heads_only=False):  # fmt: skip
         self.profile = profile
         ia, ib = profile.group_index(a), profile.group_index(b)
         if ia == ib:
             raise ValueError(f"compare needs two different groups, got {a!r} twice")
-        self.a, self.b, self.min_cells = profile.groups[ia], profile.groups[ib], int(min_cells)
+        min_cells = DEFAULT_MIN_CELLS if min_cells is None else int(min_cells)
+        self.a, self.b, self.min_cells = profile.groups[ia], profile.groups[ib], min_cells
         cells = profile.sums["cells"][0]
         empty = [profile.groups[i] for i in (ia, ib) if cells[i] == 0]
         if empty:
             raise ValueError(f"group(s) {empty} have zero cells in this profile; cells per group: {profile.cells}")
         self.contrasts = {family: self._contrast(family, ia, ib) for family in self._families()}
+        self.token_contrast = None  # context and special tokens, apart from the genes
+        if "gene" in self.contrasts and profile.genes is not None:
+            special = np.array([is_special_token(g) for g in profile.genes], dtype=bool)
+            self.token_contrast = self.contrasts["gene"].restricted(special)
+            self.contrasts["gene"] = self.contrasts["gene"].restricted(~special)
         self.heads = self._heads_table()
         self.layers = self._layers_table()
         if _heads_only:
             return
-        if permutations:
-            self._add_permutation_p(int(permutations))
+        self.permutations = len(profile.null) if permutations is None else int(permutations)
+        if self.permutations:
+            self._add_permutation_null(self.permutations)
         self.genes = self._element_table("gene")
+        self.context = self._element_table("context")
         self.pairs = self._element_table("pair")
         self.summaries = self._summaries_table(ia, ib)
 
     # ------------------------------------------------------------ statistics
-    def _add_permutation_p(self, n: int) -> None:
+    def _add_permutation_null(self, n: int) -> None:
         available = len(self.profile.null)
         if n < 1 or n > available:
             raise ValueError(
                 f"compare(permutations={n}) needs that many label permutations in the profile, which has "
-                f"{available}: profile with permutations={max(n, 1)} (each costs one more attention pass per layer)"
+                f"{available}: profile with permutations={max(n, 1)}, or compare with permutations=0"
             )
         nulls = [
             Comparison(self.profile.null_profile(i), self.a, self.b, self.min_cells, _heads_only=True)
@@ -121,12 +172,34 @@ class Comparison:
         ]
         for table in ("heads", "layers"):
             observed = getattr(self, table)
-            for col in ("mean_abs_diff", "max_abs_diff"):
-                obs = observed[col].to_numpy()
-                null = np.stack([getattr(c, table)[col].to_numpy() for c in nulls])
-                with np.errstate(invalid="ignore"):
+            for col in STATS:
+                obs = observed[col].to_numpy(dtype=float)
+                null = np.stack([getattr(c, table)[col].to_numpy(dtype=float) for c in nulls])
+                with np.errstate(invalid="ignore"), warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)  # a head without elements: NaN, said once
                     p = (1 + (null >= obs).sum(0)) / (1 + n)
+                    mean = np.nanmean(null, 0)
+                    q95 = np.nanquantile(null, 0.95, axis=0)
+                observed[f"{col}_null_mean"] = mean
+                observed[f"{col}_null_q95"] = q95
+                observed[f"{col}_excess"] = obs - mean
                 observed[f"p_perm_{col}"] = np.where(np.isnan(obs), np.nan, p)
+
+    def ranked_heads(self, family: str = "gene") -> pd.DataFrame:
+        """The heads of one family, most convincing difference first.
+
+        With permutations: smallest ``p_perm_mean_abs_diff`` first, ties broken by the excess over the
+        null mean in units of the null's spread (null 95th percentile minus null mean). Without: the
+        largest excess over the noise floor relative to the floor.
+        """
+        heads = self.heads[self.heads["family"] == family]
+        if "p_perm_mean_abs_diff" in heads:
+            spread = heads["mean_abs_diff_null_q95"] - heads["mean_abs_diff_null_mean"]
+            score = heads["mean_abs_diff_excess"] / spread.where(spread > 0)
+            keys = heads.assign(_p=heads["p_perm_mean_abs_diff"].fillna(2.0), _s=-score.fillna(-np.inf))
+            return heads.loc[keys.sort_values(["_p", "_s"], kind="stable").index]
+        score = heads["excess_over_noise"] / heads["noise_floor"].where(heads["noise_floor"] > 0)
+        return heads.loc[(-score.fillna(-np.inf)).sort_values(kind="stable").index]
 
     def _families(self):
         present = {"position": "pos_sum", "gene": "recv_sum", "pair": "pair_sum"}
@@ -167,8 +240,12 @@ class Comparison:
             absd = np.abs(c.diff)
             valid = np.broadcast_to(c.valid, absd.shape)
             n_el = valid.sum(-1)
-            with np.errstate(invalid="ignore"):
+            with np.errstate(invalid="ignore", divide="ignore"):
                 mean_abs = np.where(n_el > 0, np.nansum(absd, -1) / np.maximum(n_el, 1), np.nan)
+                # the same average of each element's expected |D| without a difference (NaN SE: one cell)
+                floor = HALF_NORMAL_MEAN * c.se
+                n_floor = np.isfinite(floor).sum(-1)
+                noise = np.where(n_floor > 0, np.nansum(floor, -1) / np.maximum(n_floor, 1), np.nan)
             filled = np.where(valid, absd, -np.inf)
             arg = filled.argmax(-1)
             max_abs = np.where(n_el > 0, np.take_along_axis(filled, arg[..., None], -1)[..., 0], np.nan)
@@ -186,6 +263,8 @@ class Comparison:
                         "n_b": self.profile.cells[self.b],
                         "n_elements": n_el.ravel(),
                         "mean_abs_diff": mean_abs.ravel(),
+                        "noise_floor": noise.ravel(),
+                        "excess_over_noise": (mean_abs - noise).ravel(),
                         "max_abs_diff": max_abs.ravel(),
                         "where": np.where(n_el > 0, labels, "").ravel(),
                         "max_abs_t": np.where(np.isfinite(abs_t), abs_t, np.nan).ravel(),
@@ -205,6 +284,8 @@ class Comparison:
                     "layer_name": self.profile.layers[layer],
                     "family": family,
                     "mean_abs_diff": df["mean_abs_diff"].mean(),
+                    "noise_floor": df["noise_floor"].mean(),
+                    "excess_over_noise": df["excess_over_noise"].mean(),
                     "max_abs_diff": df["max_abs_diff"].max(),
                     "max_head": -1 if best is None else int(df.at[best, "head"]),
                     "where": "" if best is None else df.at[best, "where"],
@@ -213,33 +294,38 @@ class Comparison:
         return pd.DataFrame(rows)
 
     def _element_table(self, family: str) -> pd.DataFrame:
-        cols = ["layer", "head", "mean_a", "mean_b", "diff", "t", "p", "q", "n_a", "n_b"]
-        if family not in self.contrasts:
-            return pd.DataFrame(columns=cols[:2] + (["gene"] if family == "gene" else ["gene_a", "gene_b"]) + cols[2:])
-        c = self.contrasts[family]
+        """One row per layer, head and valid element; most significant first (Welch p, then |t|)."""
+        name = {"gene": ["gene"], "context": ["token"], "pair": ["gene_a", "gene_b"]}[family]
+        cols = ["layer", "head", *name, "diff", "t", "p", "q", "n_a", "n_b", "mean_a", "mean_b"]
+        c = self.token_contrast if family == "context" else self.contrasts.get(family)
+        if c is None:
+            return pd.DataFrame(columns=cols)
         nl, nh, ne = c.diff.shape
         el = np.flatnonzero(c.valid[0, 0])  # counts are the same in every layer
         layer, head, e = (x.ravel() for x in np.meshgrid(np.arange(nl), np.arange(nh), el, indexing="ij"))
         table = {"layer": layer, "head": head}
-        if family == "gene":
-            table["gene"] = np.asarray(self.profile.genes, dtype=object)[e]
-            table["token_id"] = e
-        else:
+        if family == "pair":
             panel = np.asarray(self.profile.panel)
             names = np.asarray(self.profile.genes, dtype=object)[panel]
             u, v = np.divmod(e, len(panel))
             table["gene_a"], table["gene_b"] = names[u], names[v]
+        else:
+            table[name[0]] = np.asarray(self.profile.genes, dtype=object)[e]
         table.update(
-            mean_a=c.mean_a[layer, head, e],
-            mean_b=c.mean_b[layer, head, e],
             diff=c.diff[layer, head, e],
             t=c.t[layer, head, e],
             p=c.p[layer, head, e],
             q=c.q[layer, head, e],
             n_a=c.n_a[layer, 0, e].astype(np.int64),
             n_b=c.n_b[layer, 0, e].astype(np.int64),
+            mean_a=c.mean_a[layer, head, e],
+            mean_b=c.mean_b[layer, head, e],
         )
-        return pd.DataFrame(table)
+        if family != "pair":
+            table["token_id"] = e
+        df = pd.DataFrame(table)
+        order = np.lexsort((-np.nan_to_num(np.abs(df["t"].to_numpy()), nan=-1.0), np.nan_to_num(df["p"], nan=2.0)))
+        return df.iloc[order].reset_index(drop=True)
 
     def _summaries_table(self, ia: int, ib: int) -> pd.DataFrame:
         s = self.profile.sums
@@ -302,6 +388,7 @@ class Comparison:
             "heads": self.heads,
             "layers": self.layers,
             "genes": self.genes,
+            "context": self.context,
             "pairs": self.pairs,
             "summaries": self.summaries,
         }
@@ -325,5 +412,6 @@ class Comparison:
         return directory
 
 
-def compare(profile: Profile, a, b, min_cells: int = 1, permutations: int = 0) -> Comparison:
+def compare(profile: Profile, a, b, min_cells: int | None = None, permutations: int | None = None) -> Comparison:
+    """Difference tables of ``a`` minus ``b``: min_cells default ``DEFAULT_MIN_CELLS``, permutations default all."""
     return Comparison(profile, a, b, min_cells=min_cells, permutations=permutations)

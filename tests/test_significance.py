@@ -38,9 +38,16 @@ def test_planted_head_is_found_and_top_ranked():
     top = genes.sort_values("max_abs_diff", ascending=False).iloc[0]
     assert (top["layer"], top["head"], top["where"]) == (0, PLANT_HEAD, "g7")
     assert top["p_perm_max_abs_diff"] == pytest.approx(1 / 20)  # beats every permutation
-    best = cmp.genes.sort_values("q").iloc[0]
+    best = cmp.genes.iloc[0]  # the gene table comes most significant first
     assert (best["layer"], best["head"], best["gene"]) == (0, PLANT_HEAD, "g7") and best["q"] < 1e-3
-    assert "p_perm_mean_abs_diff" in cmp.layers
+    # against the permutation null: the planted head ranks first, far above its null band
+    first = cmp.ranked_heads("gene").iloc[0]
+    assert (first["layer"], first["head"]) == (0, PLANT_HEAD)
+    assert first["p_perm_mean_abs_diff"] == cmp.heads["p_perm_mean_abs_diff"].min() == pytest.approx(1 / 20)
+    band = first["mean_abs_diff_null_q95"] - first["mean_abs_diff_null_mean"]
+    assert first["mean_abs_diff_excess"] > 3 * band > 0
+    layer0 = cmp.layers.query("layer == 0 and family == 'gene'").iloc[0]
+    assert layer0["mean_abs_diff"] > layer0["mean_abs_diff_null_q95"] and layer0["p_perm_mean_abs_diff"] == 1 / 20
 
 
 def test_null_labels_give_about_alpha_false_positives():
@@ -62,6 +69,44 @@ def test_null_labels_give_about_alpha_false_positives():
     assert (cmp.summaries["q"] < 0.05).sum() == 0  # BH keeps the null quiet
     p = cmp.genes["p"].dropna()
     assert 0.02 <= (p < 0.05).mean() <= 0.08  # thousands of gene tests: close to alpha
+
+
+@pytest.fixture(scope="module")
+def shuffled():
+    """A random encoder on cells whose labels are unrelated to them, with 39 label permutations."""
+    torch.manual_seed(1)
+    layer = nn.TransformerEncoderLayer(32, 8, 64, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 3, enable_nested_tensor=False).eval()
+    n, L = 120, 12
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(n, L, 32, generator=g)
+    tokens = torch.randint(0, VOCAB, (n, L), generator=g)
+    padding = torch.arange(L)[None, :] >= torch.randint(4, L + 1, (n, 1), generator=g)
+    codes = np.random.default_rng(3).permutation(np.arange(n) % 2)
+    return profile_with_permutations(model, x, tokens, padding, codes, n_perm=39, batch=60)
+
+
+def test_shuffled_labels_stay_within_the_null_band(shuffled):
+    """Labels and permutations are exchangeable: taking each labeling in turn as the observed one, every
+    layer's mean |D| lies at or below its null 95th percentile (the other 39) about 95% of the time."""
+    labelings = [shuffled.sums, *shuffled.null]
+    above, excess = [], []
+    for i, sums in enumerate(labelings):
+        rotated = attnprof.Profile(sums, **shuffled._fields(), null=labelings[:i] + labelings[i + 1 :])
+        layers = attnprof.compare(rotated, "a", "b").layers
+        above += list(layers["mean_abs_diff"] > layers["mean_abs_diff_null_q95"])
+        excess += list(layers["mean_abs_diff_excess"] / layers["mean_abs_diff_null_mean"])
+    assert len(above) == 40 * 3 * 2  # labelings x layers x families
+    assert 0.01 <= np.mean(above) <= 0.10, np.mean(above)
+    assert abs(np.mean(excess)) < 0.02  # the excess over the null mean centres on zero
+
+
+def test_noise_floor_predicts_the_null_mean(shuffled):
+    """Without permutations the noise floor, sqrt(2/pi)·SE averaged like mean |D|, is the chance level."""
+    cmp = shuffled.compare("a", "b")
+    for table in (cmp.heads, cmp.layers):
+        np.testing.assert_allclose(table["noise_floor"], table["mean_abs_diff_null_mean"], rtol=0.15)
+        np.testing.assert_allclose(table["excess_over_noise"], table["mean_abs_diff"] - table["noise_floor"])
 
 
 def test_bh_matches_the_definition():

@@ -9,6 +9,16 @@ measured. :func:`write_demo_inputs` writes the data with a matching
 vocabulary, technology means and a seeded small model checkpoint (in the
 public Nicheformer key layout), so ``attnprof run`` profiles them like any
 user's files. Everything is deterministic given the seed.
+
+The model is untrained except for one **planted head** (:func:`plant_head`,
+layer ``PLANTED_LAYER``, head ``PLANTED_HEAD``) that attends to the least
+expressed genes of each cell, i.e. to its last gene tokens (Nicheformer ranks
+genes by expression relative to the technology mean). The planted sex-biased
+genes rank in the middle of a cell in one sex and near its end in the other, so
+they receive different attention in females and males in that head only: a
+known answer for the whole method to recover. (A head on the *first* tokens
+would work too, but the first ranks belong to rarely detected genes, whose
+relative expression is extreme whenever they are seen: a far noisier signal.)
 """
 
 from __future__ import annotations
@@ -20,8 +30,10 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .nicheformer import save_checkpoint, small_nicheformer
-from .vocab import Vocabulary
+import torch
+
+from .nicheformer import Nicheformer, save_checkpoint, small_nicheformer
+from .vocab import N_CONTEXT, Vocabulary
 
 #: Planted sex-biased genes: higher in females, higher in males.
 FEMALE_BIASED = ["Esr1", "Pgr", "Prlr", "Greb1", "Tac1"]
@@ -34,6 +46,60 @@ CELL_TYPES = {
     "oligodendrocyte": ["Mbp", "Plp1", "Mobp", "Mog", "Ermn", "Opalin"],
     "microglia": ["Cx3cr1", "P2ry12", "Tmem119", "Hexb", "Csf1r", "Selplg"],
 }
+
+
+#: Where the demo model's constructed head sits, and how fast its attention grows with a gene's rank.
+PLANTED_LAYER, PLANTED_HEAD, RANK_SLOPE = 1, 2, 0.15
+
+
+def plant_head(model: Nicheformer, layer: int = PLANTED_LAYER, head: int = PLANTED_HEAD,
+               slope: float = RANK_SLOPE) -> Nicheformer:  # fmt: skip
+    """Make one head attend to each cell's least expressed genes, and keep every other head blind to rank.
+
+    Two residual dimensions carry the position as ``+eps·f(j)`` and ``-eps·f(j)``, with
+    ``f(j) = j - 3`` for gene positions and far below for the context tokens; as a pair they
+    survive LayerNorm (its mean shift cancels in their difference). Only the planted head reads
+    them: a constant query times a key of ``x[d1] - x[d2]`` scores key j by ``slope·(j - 3)``
+    (up to LayerNorm's scale), so attention grows with the gene's rank (the last real token most). No other weight reads
+    or writes the pair, the positional embedding is zero elsewhere (no other head sees position,
+    so no other head sees rank), and the planted head's output is not written back: later
+    layers never see what it attends to. Changes ``model`` in place and returns it.
+    """
+    c = model.config
+    E, hd = c.d_model, c.d_model // c.n_heads
+    d1, d2, eps = E - 1, E - 2, 0.05
+    with torch.no_grad():
+        j = torch.arange(c.context_length, dtype=torch.float32)
+        f = torch.where(j < N_CONTEXT, torch.full_like(j, -30.0), j - N_CONTEXT)
+        model.positional_embedding.weight.zero_()
+        model.positional_embedding.weight[:, d1] = eps * f
+        model.positional_embedding.weight[:, d2] = -eps * f
+        model.embeddings.weight[:, [d1, d2]] = 0
+        for enc in model.encoder.layers:
+            attn = enc.self_attn
+            attn.in_proj_weight[:, [d1, d2]] = 0
+            attn.out_proj.weight[[d1, d2]] = 0
+            attn.out_proj.bias[[d1, d2]] = 0
+            enc.linear1.weight[:, [d1, d2]] = 0
+            enc.linear2.weight[[d1, d2]] = 0
+            enc.linear2.bias[[d1, d2]] = 0
+            for norm in (enc.norm1, enc.norm2):
+                norm.weight[[d1, d2]], norm.bias[[d1, d2]] = 1.0, 0.0
+        attn = model.encoder.layers[layer].self_attn
+        q, k = slice(head * hd, (head + 1) * hd), slice(E + head * hd, E + (head + 1) * hd)
+        attn.in_proj_weight[q], attn.in_proj_bias[q] = 0.0, 0.0
+        attn.in_proj_weight[k], attn.in_proj_bias[k] = 0.0, 0.0
+        attn.in_proj_bias[q.start] = 1.0  # constant query ...
+        # ... times key w·(x[d1] - x[d2]) = w·2·eps·f(j) (LayerNorm-scaled), over sqrt(head dim)
+        w = slope * hd**0.5 / (2 * eps)
+        attn.in_proj_weight[k.start, d1], attn.in_proj_weight[k.start, d2] = w, -w
+        attn.out_proj.weight[:, q] = 0.0
+    return model
+
+
+def demo_model(n_tokens: int, seed: int = 0) -> Nicheformer:
+    """The demo's small Nicheformer: seeded random weights plus the planted head."""
+    return plant_head(small_nicheformer(n_tokens, seed=seed))
 
 
 def make_demo_data(n_cells: int = 400, n_genes: int = 300, seed: int = 0) -> ad.AnnData:
@@ -103,5 +169,40 @@ def write_demo_inputs(directory, *, n_cells: int = 400, n_genes: int = 300, seed
     paths["vocab.txt"].write_text("\n".join(vocab.genes) + "\n")
     np.save(paths["means.npy"], technology_means(adata, vocab))
     paths["panel.txt"].write_text("\n".join(FEMALE_BIASED + MALE_BIASED) + "\n")
-    save_checkpoint(small_nicheformer(vocab.n_tokens, seed=seed), paths["model.ckpt"])
+    save_checkpoint(demo_model(vocab.n_tokens, seed=seed), paths["model.ckpt"])
     return paths
+
+
+def findings(comparison, family: str = "gene", top: int = 10) -> str:
+    """What attnprof found, set against what was planted: the demo's closing lines."""
+    heads = comparison.ranked_heads(family)
+    layers = comparison.layers[comparison.layers["family"] == family]
+    by_p = "p_perm_mean_abs_diff" in layers
+    if by_p:
+        layers = layers.sort_values(["p_perm_mean_abs_diff", "mean_abs_diff_excess"], ascending=[True, False])
+    else:
+        layers = layers.sort_values("excess_over_noise", ascending=False)
+    best, layer = heads.iloc[0], layers.iloc[0]
+    genes = comparison.genes
+    genes = genes[(genes["layer"] == best["layer"]) & (genes["head"] == best["head"])].head(top)
+    planted = set(FEMALE_BIASED + MALE_BIASED)
+
+    def against_null(row) -> str:
+        if by_p:
+            return (f"mean |D| {row['mean_abs_diff']:.3g} vs null mean {row['mean_abs_diff_null_mean']:.3g} "
+                    f"(95th pct {row['mean_abs_diff_null_q95']:.3g}), p_perm = {row['p_perm_mean_abs_diff']:.3g}")
+        return f"mean |D| {row['mean_abs_diff']:.3g} vs noise floor {row['noise_floor']:.3g}"
+
+    n_planted = sum(g in planted for g in genes["gene"])
+    found = (int(best["layer"]), int(best["head"])) == (PLANTED_LAYER, PLANTED_HEAD)
+    lines = [
+        f"what attnprof found ({family} family, {comparison.a} − {comparison.b}):",
+        f"  top layer: {int(layer['layer'])}   {against_null(layer)}",
+        f"  top head:  layer {int(best['layer'])}, head {int(best['head'])}   {against_null(best)}",
+        f"  its top {len(genes)} genes by Welch p: "
+        + ", ".join(f"{g}{'*' if g in planted else ''}" for g in genes["gene"]),
+        f"  * planted sex-biased genes: {n_planted} of the top {len(genes)}",
+        f"planted: layer {PLANTED_LAYER}, head {PLANTED_HEAD} attends to each cell's least expressed genes -> "
+        + ("recovered" if found else "NOT recovered"),
+    ]
+    return "\n".join(lines)

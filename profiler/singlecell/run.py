@@ -215,24 +215,33 @@ def profile_batches(
 
 
 def write_outputs(
-    profile: Profile, a, b, out, *, min_cells: int = 1, permutations: int | None = None, figures: bool = True
+    profile: Profile, a, b, out, *, min_cells: int | None = None, permutations: int | None = None,
+    figures: bool = True, command: Sequence[str] | None = None,
 ) -> dict:
-    """Write a run's folder: ``profile.npz``, ``tables/`` (CSV, Parquet, genes.h5ad) and ``figures/``.
+    """Write a run's folder: ``profile.npz``, ``tables/`` (CSV, Parquet, genes.h5ad), ``figures/`` and
+    ``report.html`` (one self-contained page: settings, top findings, figures, links to the tables).
 
-    permutations: label permutations behind the ``p_perm_*`` columns (default: all the profile has).
+    min_cells: cells per group an element needs (default ``attnprof.tables.DEFAULT_MIN_CELLS``).
+    permutations: label permutations behind the null columns (default: all the profile has).
     Returns the comparison of ``a`` minus ``b`` and the written paths.
     """
+    from ..report import run_settings, write_report
+
     out = Path(out)
     permutations = len(profile.null) if permutations is None else int(permutations)
     comparison = profile.compare(a, b, min_cells=min_cells, permutations=permutations)
     profile.meta["contrast"] = {
-        "a": comparison.a, "b": comparison.b, "min_cells": int(min_cells), "permutations": permutations,
+        "a": comparison.a, "b": comparison.b, "min_cells": comparison.min_cells, "permutations": permutations,
     }  # fmt: skip
     written = {"profile": profile.save(out / "profile.npz"), "tables": comparison.save(out / "tables")}
     if figures:
         from ..plots import save_figures
 
         written["figures"] = save_figures(profile, comparison, out / "figures")
+    pngs = {p.stem: p.read_bytes() for p in written.get("figures", []) if p.suffix == ".png"}
+    tables = sorted(str(p.relative_to(out)) for p in (out / "tables").iterdir() if p.is_file())
+    written["report"] = write_report(comparison, out / "report.html", figures=pngs, tables=tables,
+                                     settings=run_settings(profile, command))  # fmt: skip
     return {"comparison": comparison, "paths": written}
 
 
