@@ -239,6 +239,7 @@ static inline void softmax_row(float* s, int64_t n, float& m, float& z, float& w
 }
 
 // A whole batch in one call: task (cell b, head h) owns every output it writes (no partials).
+// q, k, v, out are [rows, H, D] (a row of every head together, as projections give them).
 // Queries of cell b: rows cu_q[b] .. cu_q[b+1] of q, its n real rows first (in key order), then
 // output-only rows (padded positions); keys: rows cu_k[b] .. cu_k[b+1] of k and v (n real tokens).
 template <bool FAST>
@@ -253,10 +254,11 @@ static void batch_impl(const float* q, const float* k, const float* v, const int
       const int64_t b = t / H, h = t % H;
       const int64_t q0 = cu_q[b], mq = cu_q[b + 1] - q0, k0 = cu_k[b], n = cu_k[b + 1] - k0;
       const int64_t c = slot[b], nc = nctx[b], nw = nwin[b];
-      const float* qh = q + (h * Tq + q0) * D;
-      const float* kh = k + (h * Tk + k0) * D;
-      const float* vh = v + (h * Tk + k0) * D;
-      float* oh = out + (h * Tq + q0) * D;
+      const int64_t HD = H * D;  // row stride
+      const float* qh = q + q0 * HD + h * D;
+      const float* kh = k + k0 * HD + h * D;
+      const float* vh = v + k0 * HD + h * D;
+      float* oh = out + q0 * HD + h * D;
       float* cs = colsum + h * Tk + k0;
       std::fill(cs, cs + n, 0.f);
       const int64_t rows = std::max<int64_t>(32, std::min<int64_t>(128, (1 << 18) / std::max<int64_t>(n, 1)));
@@ -266,7 +268,7 @@ static void batch_impl(const float* q, const float* k, const float* v, const int
       for (int64_t r0 = 0; r0 < mq; r0 += rows) {
         const int64_t r = std::min(rows, mq - r0);
         float* S = sbuf.data();
-        gemm_cm(true, false, (int)n, (int)r, (int)D, kh, (int)D, qh + r0 * D, (int)D, S, (int)n);
+        gemm_cm(true, false, (int)n, (int)r, (int)D, kh, (int)HD, qh + r0 * HD, (int)HD, S, (int)n);
         for (int64_t i = 0; i < r; ++i) {
           float* s = S + i * n;
           float m, z, w;
@@ -300,11 +302,11 @@ static void batch_impl(const float* q, const float* k, const float* v, const int
             for (int64_t u = 0; u < M && at_c[u] >= 0; ++u) pr[u] = s[at_c[u]] * iz;
           }
         }
-        float* O = oh + r0 * D;
-        gemm_cm(false, false, (int)D, (int)r, (int)n, vh, (int)D, S, (int)n, O, (int)D);
+        float* O = oh + r0 * HD;
+        gemm_cm(false, false, (int)D, (int)r, (int)n, vh, (int)HD, S, (int)n, O, (int)HD);
         for (int64_t i = 0; i < r; ++i) {
           const Vec viz(zinv[i]);
-          float* o = O + i * D;
+          float* o = O + i * HD;
           Vec acc(0.f);
           int64_t j = 0;
           for (; j + Vec::size() <= D; j += Vec::size()) {
@@ -326,12 +328,12 @@ std::vector<at::Tensor> batch_rows(at::Tensor q, at::Tensor k, at::Tensor v, at:
                                    at::Tensor cu_k, at::Tensor slot, at::Tensor nctx, at::Tensor nwin,
                                    at::Tensor pslot, at::Tensor pat, int64_t C, int64_t W,
                                    bool fast_exp) {
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes() && q.size(0) == k.size(0) &&
-              q.size(2) == k.size(2), "q [H, Tq, D], k and v [H, Tk, D]");
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes() && q.size(1) == k.size(1) &&
+              q.size(2) == k.size(2), "q [Tq, H, D], k and v [Tk, H, D]");
   TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
               v.scalar_type() == at::kFloat, "fp32 only");
   q = q.contiguous(); k = k.contiguous(); v = v.contiguous();
-  const int64_t H = q.size(0), Tq = q.size(1), Tk = k.size(1), D = q.size(2);
+  const int64_t H = q.size(1), Tq = q.size(0), Tk = k.size(0), D = q.size(2);
   const int64_t B = cu_q.numel() - 1, M = pat.size(1);
   auto out = at::empty_like(q);
   auto lse = at::empty({H, Tq}, q.options());
@@ -474,14 +476,14 @@ def batch_rows(q, k, v, cu_q, cu_k, slot, n_context, n_window, panel_slot, panel
                fast_exp: bool = True):
     """Every cell of a batch in one call (the per-cell loop runs in the compiled kernel).
 
-    q: ``[H, Tq, D]`` fp32, already scaled, cells packed by ``cu_q [B + 1]``: each cell's n real rows
-    first (in the order of its keys), then output-only rows. k, v: ``[H, Tk, D]`` the real tokens,
+    q: ``[Tq, H, D]`` fp32, already scaled, cells packed by ``cu_q [B + 1]``: each cell's n real rows
+    first (in the order of its keys), then output-only rows. k, v: ``[Tk, H, D]`` the real tokens,
     packed by ``cu_k``. Per cell: ``slot`` (its counted-cell index, -1 if not counted), ``n_context``
     and ``n_window`` (leading real tokens in the context and the window). Per real token:
     ``panel_slot`` (its index among the cell's panel tokens, or -1); ``panel_at [C, M]`` the panel
     tokens' indices among the cell's real tokens (-1 past the count).
 
-    Returns ``out [H, Tq, D]``, ``lse [H, Tq]``, ``row_stats [H, Tk, 4]`` (entropy, context mass, self
+    Returns ``out [Tq, H, D]``, ``lse [H, Tq]``, ``row_stats [H, Tk, 4]`` (entropy, context mass, self
     mass, row max per real row), ``colsum [H, Tk]``, ``window [C, H, W, W]`` (P among each counted
     cell's first ``n_window`` real tokens), ``pair [C, H, M, M]`` (P among its panel tokens) and
     ``check [B * H]`` (the sum of each task's outputs: NaN or Inf where an output is not finite).
