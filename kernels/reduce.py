@@ -96,7 +96,8 @@ class CellResults:
 @dataclass
 class Target:
     """Where a layer's sums go: float64 tensors shaped ``[n, G, ...]`` (``sum_shapes`` with a leading
-    labeling axis) for the plan's labelings ``labelings`` (a slice of n of them).
+    labeling axis) for the plan's labelings ``labelings`` (a slice of n of them). A target without
+    the ``*_sq`` sums gets none (the permutation nulls need only sums and counts).
 
     genes: ``[V_b]`` slot of each of ``plan.genes`` in the last axis of the ``recv_*`` sums; None when
     that axis is the whole vocabulary (slot = token id).
@@ -154,8 +155,10 @@ def reduce_into(plan, cells: CellResults, target: Target) -> None:
 def _addmm(sums, name, onehot_t, x, n, G):
     """``sums[name_sum/_sq] += onehot_t @ x, x**2`` over the cells (x: ``[C, ...]``)."""
     x = x.reshape(x.shape[0], math.prod(x.shape[1:])).double()
-    for suffix, value in (("_sum", x), ("_sq", x * x)):
-        t = sums[name + suffix]
+    for suffix in ("_sum", "_sq"):
+        if name + suffix not in sums:  # a target may keep no sums of squares (permutation nulls)
+            continue
+        t, value = sums[name + suffix], (x if suffix == "_sum" else x * x)
         if t.is_contiguous():
             t.view(n * G, -1).addmm_(onehot_t, value)
         else:
@@ -183,7 +186,8 @@ def _add_received(sums, genes, plan, onehot_t, r, n, G):
         dense = r.new_zeros(C, v1 - v0, H)
         dense[plan.pair_cell[sel], plan.pair_gene[sel] - v0] = r[sel]
         dense = dense.reshape(C, (v1 - v0) * H)
-        for suffix, value in (("_sum", dense), ("_sq", dense * dense)):
+        for suffix in ("_sum", "_sq") if "recv_sq" in sums else ("_sum",):
+            value = dense if suffix == "_sum" else dense * dense
             block = (onehot_t @ value).view(n, G, v1 - v0, H).transpose(2, 3)
             slots = plan.genes[v0:v1] if genes is None else genes[v0:v1]
             sums["recv" + suffix].index_add_(3, slots, block)

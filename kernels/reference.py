@@ -35,6 +35,8 @@ def reference_planned(inp: Inputs, plan, targets) -> torch.Tensor:
         for i, labeling in enumerate(plan.labelings[target.labelings]):
             sums = stats_from_probs(P, inp.padding, labeling, inp.tokens, plan.spec)
             for name, value in sums.items():
+                if name not in target.sums:
+                    continue
                 if name.startswith("recv"):  # onto the target's gene axis (0 off the batch's genes)
                     slots = plan.genes if target.genes is None else target.genes
                     dest = target.sums[name][i]

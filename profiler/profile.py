@@ -30,6 +30,10 @@ class NullSums(Sequence):
                 panel keeps 300 entries per head, not the vocabulary's 20,000.
     vocab_size: the vocabulary's size (for the full-shape view).
 
+    A permutation keeps what permutation p-values need: sums and counts (they compare differences
+    of means). Its sums of squares may be absent (the recorder keeps none): ``null[i]`` then reads
+    them as 0, from which a variance is 0 and a Welch t NaN: a permutation gives no t, never a wrong one.
+
     Reads like the list of per-permutation sums it replaces: ``null[i]`` is a dict of arrays shaped
     like ``Profile.sums`` (gene sums spread onto the vocabulary, 0 elsewhere), built on access.
     """
@@ -60,6 +64,8 @@ class NullSums(Sequence):
                 out[name] = full
             else:
                 out[name] = arr[i]
+        for name in [n for n in out if n.endswith("_sum")]:
+            out.setdefault(name[:-4] + "_sq", np.zeros_like(out[name]))
         return out
 
     @property
@@ -107,7 +113,7 @@ class NullSums(Sequence):
         return cls.from_list(listed, vocab_size)
 
     def check_shapes(self, sums: dict[str, np.ndarray], source) -> None:
-        if len(self) and self.arrays.keys() != sums.keys():
+        if len(self) and not (self.arrays.keys() <= sums.keys() and {k for k in sums if not k.endswith("_sq")} <= self.arrays.keys()):
             raise ValueError(f"{source}: permutation sums do not match the sums (corrupted file?)")
         for name, arr in self.arrays.items():
             want = sums[name].shape

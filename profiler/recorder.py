@@ -175,12 +175,12 @@ class Recorder:
         return targets
 
     def _empty_null(self, device) -> dict[str, torch.Tensor]:
-        """A layer's sums of every permutation: the gene sums only over the ids seen so far."""
-        shapes = sum_shapes(self.spec, self.n_heads)
+        """A layer's sums of every permutation, only what permutation p-values need: sums and counts
+        (they compare differences of means; no sums of squares), gene sums over the ids seen so far."""
+        shapes = {k: s for k, s in sum_shapes(self.spec, self.n_heads).items() if not k.endswith("_sq")}
         if self.genes is not None:
             V = len(self.null_genes)
-            shapes.update(recv_sum=shapes["recv_sum"][:-1] + (V,), recv_sq=shapes["recv_sq"][:-1] + (V,),
-                          recv_count=shapes["recv_count"][:-1] + (V,))  # fmt: skip
+            shapes.update(recv_sum=shapes["recv_sum"][:-1] + (V,), recv_count=shapes["recv_count"][:-1] + (V,))
         return {k: torch.zeros((self.n_null, *s), dtype=torch.float64, device=device) for k, s in shapes.items()}
 
     def _grow_null_genes(self, plan: BatchPlan) -> torch.Tensor | None:
@@ -195,7 +195,7 @@ class Recorder:
             self.null_genes.append(t)
         if new:
             for sums in self.null_sums.values():
-                for name in ("recv_sum", "recv_sq", "recv_count"):
+                for name in ("recv_sum", "recv_count"):
                     sums[name] = torch.nn.functional.pad(sums[name], (0, len(new)))
         return torch.tensor([self._null_slot[t] for t in ids], dtype=torch.long, device=plan.device)
 
@@ -221,7 +221,7 @@ class Recorder:
             if self.genes is not None:  # the gene axis in ascending token ids
                 order = np.argsort(self.null_genes, kind="stable")
                 genes = np.asarray(self.null_genes, dtype=np.int64)[order]
-                for name in ("recv_sum", "recv_sq", "recv_count"):
+                for name in ("recv_sum", "recv_count"):
                     arrays[name] = arrays[name][..., order]
             null = NullSums(arrays, genes=genes, vocab_size=None if self.genes is None else len(self.genes))
         return Profile(
