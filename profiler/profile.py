@@ -21,10 +21,11 @@ FORMAT_VERSION = 1
 
 
 class NullSums(Sequence):
-    """The sums of N label permutations of the same cells (the permutation null), stacked.
+    """The sums of N label permutations of the same cells (the permutation null).
 
-    arrays:     name -> float64 ``[N, layers, ...]`` (the shapes of ``Profile.sums`` after the
-                permutation axis), except that the ``recv_*`` sums may span only ``genes``.
+    layers:     name -> one float64 ``[N, ...]`` array per layer (the shapes of ``Profile.sums``
+                after the layer axis, permutations first), except that the ``recv_*`` sums may span
+                only ``genes``. Kept per layer, so a finished run hands them over without a copy.
     genes:      ascending token ids of the ``recv_*`` sums' last axis, or None when it is the whole
                 vocabulary. A permutation needs gene sums only where the data has genes: a 300-gene
                 panel keeps 300 entries per head, not the vocabulary's 20,000.
@@ -38,18 +39,23 @@ class NullSums(Sequence):
     like ``Profile.sums`` (gene sums spread onto the vocabulary, 0 elsewhere), built on access.
     """
 
-    def __init__(self, arrays: dict[str, np.ndarray], genes=None, vocab_size: int | None = None):
-        self.arrays = dict(arrays)
+    def __init__(self, layers: dict[str, list[np.ndarray]], genes=None, vocab_size: int | None = None):
+        self.layers = {k: list(v) for k, v in layers.items()}
         self.genes = None if genes is None else np.asarray(genes, dtype=np.int64)
         self.vocab_size = vocab_size
 
     @classmethod
+    def stacked(cls, arrays: dict[str, np.ndarray], genes=None, vocab_size=None) -> NullSums:
+        """From arrays ``[N, layers, ...]``."""
+        return cls({k: [a[:, j] for j in range(a.shape[1])] for k, a in arrays.items()}, genes, vocab_size)
+
+    @classmethod
     def from_list(cls, sums: list[dict[str, np.ndarray]], vocab_size: int | None = None) -> NullSums:
         keys = sums[0].keys() if sums else ()
-        return cls({k: np.stack([s[k] for s in sums]) for k in keys}, vocab_size=vocab_size)
+        return cls.stacked({k: np.stack([s[k] for s in sums]) for k in keys}, vocab_size=vocab_size)
 
     def __len__(self) -> int:
-        return len(self.arrays["cells"]) if self.arrays else 0
+        return len(self.layers["cells"][0]) if self.layers and self.layers["cells"] else 0
 
     def __getitem__(self, i):
         if isinstance(i, slice):
@@ -57,20 +63,20 @@ class NullSums(Sequence):
         if not -len(self) <= i < len(self):
             raise IndexError(f"permutation {i} out of range: {len(self)} permutations")
         out = {}
-        for name, arr in self.arrays.items():
+        for name, per_layer in self.layers.items():
+            arr = np.stack([a[i] for a in per_layer])
             if self.genes is not None and name.startswith("recv"):
-                full = np.zeros(arr.shape[1:-1] + (self.vocab_size,))
-                full[..., self.genes] = arr[i]
-                out[name] = full
-            else:
-                out[name] = arr[i]
+                full = np.zeros(arr.shape[:-1] + (self.vocab_size,))
+                full[..., self.genes] = arr
+                arr = full
+            out[name] = arr
         for name in [n for n in out if n.endswith("_sum")]:
             out.setdefault(name[:-4] + "_sq", np.zeros_like(out[name]))
         return out
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.arrays.values())
+        return sum(a.nbytes for per_layer in self.layers.values() for a in per_layer)
 
     def __add__(self, other: NullSums) -> NullSums:
         """Sums of two parts of the same permutations (shards, checkpoints): the gene axes unite."""
@@ -82,18 +88,20 @@ class NullSums(Sequence):
             theirs = np.arange(other.vocab_size) if other.genes is None else other.genes
             genes = np.union1d(mine, theirs)
         out = {}
-        for name, arr in self.arrays.items():
-            if genes is not None and name.startswith("recv"):
-                total = np.zeros(arr.shape[:-1] + (len(genes),))
-                for part, ids in ((arr, mine), (other.arrays[name], theirs)):
-                    total[..., np.searchsorted(genes, ids)] += part
-                out[name] = total
-            else:
-                out[name] = arr + other.arrays[name]
+        for name, per_layer in self.layers.items():
+            out[name] = []
+            for arr, part in zip(per_layer, other.layers[name]):
+                if genes is not None and name.startswith("recv"):
+                    total = np.zeros(arr.shape[:-1] + (len(genes),))
+                    total[..., np.searchsorted(genes, mine)] += arr
+                    total[..., np.searchsorted(genes, theirs)] += part
+                    out[name].append(total)
+                else:
+                    out[name].append(arr + part)
         return NullSums(out, genes, self.vocab_size)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        arrays = {f"nullsums_{k}": v for k, v in self.arrays.items()}
+        arrays = {f"nullsums_{k}": np.stack(v, axis=1) for k, v in self.layers.items()}
         if self.genes is not None:
             arrays["nullsums_genes"] = self.genes
         return arrays
@@ -104,7 +112,7 @@ class NullSums(Sequence):
         if any(k.startswith("nullsums_") for k in arrays):
             genes = arrays.get("nullsums_genes")
             stacked = {k[9:]: _float64(v) for k, v in arrays.items() if k.startswith("nullsums_") and k != "nullsums_genes"}
-            return cls(stacked, genes, vocab_size)
+            return cls.stacked(stacked, genes, vocab_size)
         n_null = sum(1 for k in arrays if k.startswith("null") and k.endswith("_cells"))
         listed = [
             {k.split("_", 1)[1]: _float64(arrays[k]) for k in arrays if k.startswith(f"null{i}_")}
@@ -113,14 +121,17 @@ class NullSums(Sequence):
         return cls.from_list(listed, vocab_size)
 
     def check_shapes(self, sums: dict[str, np.ndarray], source) -> None:
-        if len(self) and not (self.arrays.keys() <= sums.keys() and {k for k in sums if not k.endswith("_sq")} <= self.arrays.keys()):
+        needed = {k for k in sums if not k.endswith("_sq")}
+        if len(self) and not (self.layers.keys() <= sums.keys() and needed <= self.layers.keys()):
             raise ValueError(f"{source}: permutation sums do not match the sums (corrupted file?)")
-        for name, arr in self.arrays.items():
+        for name, per_layer in self.layers.items():
             want = sums[name].shape
             if self.genes is not None and name.startswith("recv"):
                 want = want[:-1] + (len(self.genes),)
-            if arr.shape != (len(self), *want):
-                raise ValueError(f"{source}: permutation sum {name!r} has shape {arr.shape}, expected {(len(self), *want)}")
+            got = [a.shape for a in per_layer]
+            if len(per_layer) != want[0] or any(g != (len(self), *want[1:]) for g in got):
+                raise ValueError(f"{source}: permutation sum {name!r} has shapes {got[:1]}..., expected "
+                                 f"{want[0]} layers of {(len(self), *want[1:])}")  # fmt: skip
         if self.genes is not None and (np.any(self.genes < 0) or np.any(self.genes >= (self.vocab_size or 0))):
             raise ValueError(f"{source}: permutation gene ids outside the vocabulary (corrupted file?)")
 

@@ -57,6 +57,7 @@ class Recorder:
         self._null_slot: dict[int, int] = {}
         self._null_slots = None
         self._plan = None
+        self.closed = False  # the session ended: profile() may hand the sums over without a copy
 
     def _panel_ids(self, panel) -> list[int]:
         if not panel:
@@ -211,19 +212,22 @@ class Recorder:
                 for name in sums[layers[0]]
             }
 
-        null = NullSums({}, vocab_size=None if self.genes is None else len(self.genes))
+        vocab = None if self.genes is None else len(self.genes)
+        null = NullSums({}, vocab_size=vocab)
         if self.null_sums:
-            arrays = {  # [N, layers, ...]
-                name: torch.stack([self.null_sums[layer][name] for layer in layers], dim=1).cpu().numpy()
-                for name in self.null_sums[layers[0]]
-            }
+            # after the session the sums are handed over as they are (no copy of N labelings);
+            # during it (a checkpoint) the profile gets its own copy
+            own = (lambda t: t.numpy()) if self.closed else (lambda t: t.cpu().numpy().copy())
+            layered = {name: [own(self.null_sums[layer][name].cpu()) for layer in layers]
+                       for name in self.null_sums[layers[0]]}  # fmt: skip
             genes = None
             if self.genes is not None:  # the gene axis in ascending token ids
                 order = np.argsort(self.null_genes, kind="stable")
                 genes = np.asarray(self.null_genes, dtype=np.int64)[order]
-                for name in ("recv_sum", "recv_count"):
-                    arrays[name] = arrays[name][..., order]
-            null = NullSums(arrays, genes=genes, vocab_size=None if self.genes is None else len(self.genes))
+                if not np.array_equal(order, np.arange(len(order))):
+                    for name in ("recv_sum", "recv_count"):
+                        layered[name] = [a[..., order] for a in layered[name]]
+            null = NullSums(layered, genes=genes, vocab_size=vocab)
         return Profile(
             stacked(self.sums),
             layers=layers,
