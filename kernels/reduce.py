@@ -144,7 +144,7 @@ def reduce_into(plan, cells: CellResults, target: Target) -> None:
     if W == plan.spec.window:
         _addmm(sums, "pos", onehot_t, cells.window, n, G)
     else:  # a batch shorter than the window: its [W, W] corner
-        part = {k: sums[k][:, :, :, :W, :W] for k in ("pos_sum", "pos_sq")}
+        part = {k: sums[k][:, :, :, :W, :W] for k in ("pos_sum", "pos_sq") if k in sums}
         _addmm(part, "pos", onehot_t, cells.window, n, G)
     if cells.pair is not None:
         _addmm(sums, "pair", onehot_t, cells.pair, n, G)
