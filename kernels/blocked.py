@@ -1,13 +1,15 @@
-"""The fast CPU path (runs on CUDA too): exact softmax in row blocks.
+"""The fast CPU path (runs on CUDA too): exact softmax in row blocks, on a batch plan.
 
-Per cell, keys are compacted to the real tokens, so no mask is needed and
-padded keys cost nothing. Real query rows go in blocks; a full row of keys
-fits in cache, so each block of scores is computed once and shared by the
-exact softmax, ``P @ V`` and the row and column reductions. On CPU that pass
-is one compiled, fused kernel (:mod:`.fused_rows`, built on first use); the
-eager row-block loop is the fallback and the CUDA path. Padded query rows
-only need their output (they are never counted) and get one plain
-``scaled_dot_product_attention`` call over the real keys.
+Keys are compacted to each cell's real tokens, so no mask is needed and padded keys cost nothing.
+A full row of keys fits in cache, so each block of scores is computed once and shared by the exact
+softmax, ``P @ V`` and the row and column reductions. On CPU the whole batch is one call of a
+compiled kernel (:func:`.fused_rows.batch_rows`): the loop over cells and heads, the padded rows'
+output (over the real keys), the head summaries and the window and panel entries all run inside it,
+so a layer costs a handful of tensor ops whatever the batch size. The eager per-cell row-block loop
+is the fallback (no compiler, small cells) and the CUDA path.
+
+Backends return per-cell results (:class:`.reduce.CellResults`); :func:`.reduce.reduce_into` turns
+them into the group sums of every labeling of the plan.
 """
 
 from __future__ import annotations
@@ -146,9 +148,8 @@ def _fused_batch(q, k, v, plan: BatchPlan, scale: float):
 def _cell_stats(q, k, v, nw: int, nc: int, at, scale, block_elems):
     """Output rows and row reductions of one cell; q, k, v are [H, n, D] over its real tokens.
 
-    One pass over row blocks does the heavy part (output, log-sum-exp, entropy, row max, column
-    sums): compiled and fused (:mod:`.fused_rows`) on CPU for cells large enough to pay for it,
-    else in eager row blocks. The statistics of a few entries (window, panel, context, diagonal) are then
+    One pass over eager row blocks does the heavy part (output, log-sum-exp, entropy, row max,
+    column sums). The statistics of a few entries (window, panel, context, diagonal) are then
     recomputed exactly as ``exp(q.k * scale - lse)`` on just those entries.
 
     Returns the output and: ``colsum [H, n]`` (sum over rows of P), ``summary [H, 4]`` (means over
@@ -156,11 +157,7 @@ def _cell_stats(q, k, v, nw: int, nc: int, at, scale, block_elems):
     compacted positions ``at`` of panel ids).
     """
     q = q * scale
-    H, n, _ = q.shape
-    if q.device.type == "cpu" and H * n * n >= FUSED_MIN_SCORES and fused_rows.available():
-        out, lse, entropy, row_max, colsum = fused_rows.cell_rows(q, k, v)
-    else:
-        out, lse, entropy, row_max, colsum = _rows_eager(q, k, v, block_elems)
+    out, lse, entropy, row_max, colsum = _rows_eager(q, k, v, block_elems)
 
     def probs(rows, cols):  # exact P on a few entries, from the row log-sum-exp
         return torch.bmm(q[:, rows], k[:, cols].transpose(1, 2)).sub_(lse[:, rows, None]).exp_()

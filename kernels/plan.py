@@ -12,6 +12,17 @@ one); C counted cells (counted in at least one labeling); T real tokens of all c
 W = min(spec.window, L). Every tensor is on ``plan.device``; host-side copies are marked *host*.
 Building the plan syncs with the device once; a layer call using it needs no further host sync.
 
+A backend on a plan
+-------------------
+:func:`attnprof.kernels.planned_stats` (q, k, v ``[B, H, L, D]``, the plan, a list of
+:class:`~.reduce.Target`) calls the backend, which returns the output and a
+:class:`~.reduce.CellResults` (per counted cell, in ``counted`` order: head summaries ``[C, H, 4]``,
+window ``[C, H, W, W]`` in position coordinates, received ``[U, H]`` per (cell, gene) pair, panel pair
+means ``[C, H, K, K]``); :func:`~.reduce.reduce_into` then adds them into every target's labelings
+(one matmul of ``onehot`` per statistic) plus the plan's ``counts``. Helpers that turn a backend's
+natural layout into CellResults: :func:`~.reduce.received_pairs` (from ``[C, H, L]`` column means)
+and :func:`~.reduce.pair_means` (from ``[C, H, M, M]`` = P at ``panel_pos``).
+
 Fields
 ------
 spec          the :class:`StatsSpec`.
