@@ -74,8 +74,10 @@ packed_counted ``[T_c]`` int64 indices into the packed tokens of the counted cel
 counts        the q, k, v-free sums of all labelings, float64, labeling axis first: ``cells
               [N+1, G]``, ``pos_count [N+1, G, W', W']`` (W' = spec.window), ``recv_count
               [N+1, G, V_b]``, ``pair_count [N+1, G, K, K]``.
-host          host lists for CPU loops: ``lengths``, ``n_window``, ``n_context``, ``panel_count``
-              (per counted cell) and ``window_prefix``.
+host          host lists for CPU loops: ``lengths`` (per batch row); ``counted_lengths``, ``n_window``,
+              ``n_context``, ``panel_count`` and ``window_prefix`` (per counted cell).
+cache         a dict for what is derived on first use per head count or chunk size (e.g. ``cu`` =
+              ``cu_seqlens`` as a host list); backends may add their own keys.
 """
 
 from __future__ import annotations
