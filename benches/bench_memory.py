@@ -68,9 +68,51 @@ def test_peak_memory(benchmark, full, approach, scale):
                                 run_s=round(result["seconds"], 2), baseline=scale == 0)  # fmt: skip
 
 
+def run_permutations(model, n, permutations):
+    """Panel-length cells (150-250 tokens of a 300-gene panel) with label permutations, batches of 32."""
+    V, L = model.config.n_tokens + 5, model.config.context_length
+    g = torch.Generator().manual_seed(0)
+    panel = torch.randperm(V - 30, generator=g)[:300] + 30
+    rng = np.random.default_rng(0)
+    labels = np.arange(n) % 2
+    nulls = [rng.permutation(labels) for _ in range(permutations)]
+    with Profiler(model, groups=["a", "b"], genes=V, window=64, n_context=3) as prof, torch.inference_mode():
+        for s in range(0, n, 32):
+            b = min(32, n - s)
+            lengths = torch.randint(150, 251, (b,), generator=g).clamp(max=L)
+            t = torch.ones(b, int(lengths.max()), dtype=torch.long)
+            t[:, :3] = torch.tensor([4, 6, 7])
+            for c in range(b):
+                t[c, 3 : lengths[c]] = panel[torch.randperm(300, generator=g)[: lengths[c] - 3]]
+            prof.set_batch(groups=labels[s : s + b], tokens=t, null_groups=[x[s : s + b] for x in nulls])
+            model(t)
+    return prof.profile
+
+
+@pytest.mark.parametrize("cells", [64, 128])
+def test_permutations_peak_memory(benchmark, full, cells):
+    """100 permutations of a 300-gene panel dataset at Nicheformer scale (quick: 4, small model):
+    the permutations' sums are the memory; flat in the number of cells."""
+    perms = 100 if full else 4
+    benchmark.group = "memory: attnprof with permutations"
+    approach = f"permutations-{perms}-{'full' if full else 'small'}"
+    result = benchmark.pedantic(measure, args=(approach, cells if full else cells // 4), rounds=1, iterations=1)
+    benchmark.extra_info.update(contender=f"attnprof, {perms} permutations, {cells} panel cells",
+                                peak_rss_mb=round(result["peak_mb"]), run_s=round(result["seconds"], 2),
+                                baseline=cells == 64)  # fmt: skip
+
+
 if __name__ == "__main__":  # one measured run: python bench_memory.py <approach> <cells>
     torch.set_num_threads(1)
     torch.manual_seed(0)
+    if sys.argv[1].startswith("permutations-"):  # permutations-<N>-<full|small>
+        _, perms, size = sys.argv[1].split("-")
+        config = NicheformerConfig() if size == "full" else NicheformerConfig.small(n_tokens=2000, context_length=256)
+        net = Nicheformer(config).eval()
+        start = time.perf_counter()
+        _, peak = peak_rss_mb(lambda: run_permutations(net, int(sys.argv[2]), int(perms)))
+        print(json.dumps({"peak_mb": peak, "seconds": time.perf_counter() - start}))
+        sys.exit()
     net = Nicheformer(NicheformerConfig.small(n_tokens=20_340, context_length=128)).eval()
     run = run_attnprof if sys.argv[1] == "attnprof" else run_keep_every_map
     start = time.perf_counter()

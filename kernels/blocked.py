@@ -1,13 +1,15 @@
-"""The fast CPU path (runs on CUDA too): exact softmax in row blocks.
+"""The fast CPU path (runs on CUDA too): exact softmax in row blocks, on a batch plan.
 
-Per cell, keys are compacted to the real tokens, so no mask is needed and
-padded keys cost nothing. Real query rows go in blocks; a full row of keys
-fits in cache, so each block of scores is computed once and shared by the
-exact softmax, ``P @ V`` and the row and column reductions. On CPU that pass
-is one compiled, fused kernel (:mod:`.fused_rows`, built on first use); the
-eager row-block loop is the fallback and the CUDA path. Padded query rows
-only need their output (they are never counted) and get one plain
-``scaled_dot_product_attention`` call over the real keys.
+Keys are compacted to each cell's real tokens, so no mask is needed and padded keys cost nothing.
+A full row of keys fits in cache, so each block of scores is computed once and shared by the exact
+softmax, ``P @ V`` and the row and column reductions. On CPU the whole batch is one call of a
+compiled kernel (:func:`.fused_rows.batch_rows`): the loop over cells and heads, the padded rows'
+output (over the real keys), the head summaries and the window and panel entries all run inside it,
+so a layer costs a handful of tensor ops whatever the batch size. The eager per-cell row-block loop
+is the fallback (no compiler, small cells) and the CUDA path.
+
+Backends return per-cell results (:class:`.reduce.CellResults`); :func:`.reduce.reduce_into` turns
+them into the group sums of every labeling of the plan.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from . import fused_rows
-from .reduce import add_group_sums, add_pairs, add_received, add_window_counts, group_onehot, panel_positions
-from .spec import Inputs, StatsSpec, empty_sums
+from .plan import BatchPlan, build_plan
+from .reduce import CellResults, Target, pair_means, received_pairs, reduce_into
+from .spec import Inputs, StatsSpec, empty_sums, refuse_non_finite
 
 #: The fused kernel pays off (and is built, once) only for cells with at least this many scores
 #: (heads x tokens^2); smaller cells, e.g. of demo-sized models, stay on the eager loop.
@@ -28,55 +31,125 @@ BLOCK_ELEMS = 2**20
 
 
 def blocked_stats(inp: Inputs, spec: StatsSpec, sums=None, block_elems: int = BLOCK_ELEMS):
+    """One-off call on checked inputs (one labeling): ``(out, sums)`` shaped as ``sum_shapes``."""
     B, H, L, D = inp.q.shape
-    out = torch.empty_like(inp.q)
+    plan = build_plan(spec, inp.groups[None], inp.padding, inp.tokens, shape=(B, L), device=inp.q.device)
     sums = empty_sums(spec, H, device=inp.q.device) if sums is None else sums
-    cells = (inp.groups >= 0).nonzero().flatten()  # counted cells, reduced in this order
-    groups, real = inp.groups[cells], ~inp.padding[cells]
-    received = inp.q.new_zeros(len(cells), H, L, dtype=torch.float32)  # per cell: mean over real rows of P
-    summary = inp.q.new_zeros(len(cells), H, 4, dtype=torch.float32)
-    if spec.panel:
-        panel = torch.tensor(spec.panel, dtype=torch.long, device=inp.q.device)
-        pos, member = panel_positions(inp.tokens[cells], real, panel)
-        pair_block = inp.q.new_zeros(len(cells), H, pos.shape[1], pos.shape[1], dtype=torch.float32)
-    c = 0  # index of the next counted cell
-    for b in range(B):
-        idx = (~inp.padding[b]).nonzero().flatten()
-        q, k, v = (x[b].float() for x in (inp.q, inp.k, inp.v))
-        k, v = k[:, idx], v[:, idx]
-        if idx.numel() < L:  # padded query rows: output only, over the real keys
-            pad = inp.padding[b].nonzero().flatten()
-            out[b, :, pad] = F.scaled_dot_product_attention(q[:, pad], k, v, scale=inp.scale).to(out.dtype)
-        if inp.groups[b] < 0:  # not counted: output only
-            out[b, :, idx] = F.scaled_dot_product_attention(q[:, idx], k, v, scale=inp.scale).to(out.dtype)
-            continue
-        # panel positions as indices into the compacted (real) tokens
-        at = torch.searchsorted(idx, pos[c][pos[c] >= 0]) if spec.panel else None
-        o, cell = _cell_stats(q[:, idx], k, v, idx, at, spec, inp.scale, block_elems)
-        out[b, :, idx] = o.to(out.dtype)
-        received[c][:, idx] = cell["colsum"] / idx.numel()
-        summary[c] = cell["summary"]
-        if spec.panel:
-            pair_block[c, :, : at.numel(), : at.numel()] = cell["pair"]
-        _add_window(sums, int(inp.groups[b]), idx, cell["window"])
-        c += 1
-    onehot = group_onehot(groups, spec.n_groups)
-    sums["cells"] += onehot.sum(0)
-    add_group_sums(sums, "summary", onehot, summary)
-    add_window_counts(sums, onehot, real, min(spec.window, L))
-    if spec.gene_stats:
-        add_received(sums, groups, inp.tokens[cells], real, received, spec.vocab_size)
-    if spec.panel and pos.shape[1]:
-        add_pairs(sums, onehot, member, pair_block)
+    out, cells = blocked_cells(inp.q, inp.k, inp.v, plan, inp.scale, block_elems)
+    reduce_into(plan, cells, Target({k: v[None] for k, v in sums.items()}, slice(0, 1)))
     return out, sums
 
 
-def _cell_stats(q, k, v, idx, at, spec: StatsSpec, scale, block_elems):
+def blocked_cells(q, k, v, plan: BatchPlan, scale: float, block_elems: int = BLOCK_ELEMS):
+    """The torch backend on a plan: ``(out, CellResults)``; refuses non-finite q, k, v (found in the
+    row log-sum-exp and the output, with no extra pass)."""
+    B, H, L, D = q.shape
+    spec = plan.spec
+    if q.device.type == "cpu" and H * plan.max_len**2 >= FUSED_MIN_SCORES and fused_rows.available():
+        return _fused_batch(q, k, v, plan, scale)
+    out = torch.empty_like(q)
+    C, W = plan.n_counted, plan.window
+    f32 = dict(dtype=torch.float32, device=q.device)
+    received = torch.zeros(C, H, L, **f32) if spec.gene_stats else None
+    summary = torch.zeros(C, H, 4, **f32)
+    window = torch.zeros(C, H, W, W, **f32)
+    M = plan.panel_pos.shape[1]
+    pair_block = torch.zeros(C, H, M, M, **f32) if spec.panel else None
+    counted = dict(zip(plan.counted_host, range(C)))  # batch row -> counted cell
+    host = plan.host
+    finite = torch.ones((), dtype=torch.bool, device=q.device)
+    cu = plan.cache_cu()
+    for b in range(B):
+        n = host["lengths"][b]
+        idx = plan.positions[cu[b] : cu[b + 1]]  # the cell's real positions, ascending
+        qb, kb, vb = (x[b].float() for x in (q, k, v))
+        if n < L:
+            kb, vb = kb[:, idx], vb[:, idx]
+            pad = plan.padding[b].nonzero().flatten()  # padded query rows: output only, over the real keys
+            out[b, :, pad] = F.scaled_dot_product_attention(qb[:, pad], kb, vb, scale=scale).to(out.dtype)
+            qb = qb[:, idx]
+        c = counted.get(b)
+        if c is None:  # not counted in any labeling: output only
+            o = F.scaled_dot_product_attention(qb, kb, vb, scale=scale)
+            finite &= torch.isfinite(o.sum())  # no log-sum-exp here: the output shows any NaN or Inf
+        else:
+            at = plan.panel_at[c, : host["panel_count"][c]] if spec.panel else None
+            o, cell = _cell_stats(qb, kb, vb, host["n_window"][c], host["n_context"][c], at, scale, block_elems)
+            finite &= cell["finite"]
+            if received is not None:
+                received[c][:, idx] = cell["colsum"] / n
+            summary[c] = cell["summary"]
+            nw = host["n_window"][c]
+            if host["window_prefix"][c]:
+                window[c, :, :nw, :nw] = cell["window"]
+            else:
+                iw = idx[:nw]
+                window[c][:, iw[:, None], iw[None, :]] = cell["window"]
+            if pair_block is not None:
+                m = at.numel()
+                pair_block[c, :, :m, :m] = cell["pair"]
+        if n < L:
+            out[b, :, idx] = o.to(out.dtype)
+        else:
+            out[b] = o.to(out.dtype)
+    if not bool(finite):
+        refuse_non_finite(q, k, v)
+    cells = CellResults(summary=summary, window=window)
+    if received is not None:
+        cells.received = received_pairs(plan, received)
+    if pair_block is not None:
+        cells.pair = pair_means(plan, pair_block)
+    return out, cells
+
+
+def _fused_batch(q, k, v, plan: BatchPlan, scale: float):
+    """The whole batch in one compiled call (:func:`fused_rows.batch_rows`): the per-cell loop, the
+    padded rows' output, the summaries, window and panel entries all inside it."""
+    B, H, L, D = q.shape
+    C, W = plan.n_counted, plan.window
+
+    def pack(x, cell, pos):  # [B, H, L, D] -> [rows, H, D] fp32, one gather
+        return x.transpose(1, 2)[cell, pos].float()
+
+    qp = pack(q, plan.query_cell, plan.query_pos).mul_(scale)
+    kp, vp = pack(k, plan.token_cell, plan.positions), pack(v, plan.token_cell, plan.positions)
+    if "cu_q" not in plan.cache:
+        plan.cache["cu_q"] = torch.arange(0, (B + 1) * L, L, device=q.device)
+        plan.cache["q_rows"] = plan.query_cell * L + plan.query_pos
+    outp, lse, row_stats, colsum, window, pair_block, check = fused_rows.batch_rows(
+        qp, kp, vp, plan.cache["cu_q"], plan.cu_seqlens, plan.counted_slot, plan.n_context_all,
+        plan.n_window_all, plan.panel_slot, plan.panel_at, C, W,
+    )  # fmt: skip
+    if not bool(torch.isfinite(lse.sum() + check.sum())):  # see _cell_stats: no extra pass
+        refuse_non_finite(q, k, v)
+    # [B, L, H, D] memory, as the model's next projection wants it; returned as the [B, H, L, D] view
+    out = q.new_empty(B, L, H, D)
+    out.view(B * L, H, D).index_copy_(0, plan.cache["q_rows"], outp.to(q.dtype))
+    out = out.transpose(1, 2)
+    lengths = plan.lengths.to(torch.float32)
+    per_cell = q.new_zeros(B, H, 4, dtype=torch.float32).index_add_(0, plan.token_cell, row_stats.transpose(0, 1))
+    cells = CellResults(summary=(per_cell / lengths[:, None, None])[plan.counted], window=window)
+    for c, prefix in enumerate(plan.host["window_prefix"]):  # padding inside the window: to positions
+        if not prefix:
+            nw, b = plan.host["n_window"][c], plan.counted_host[c]
+            iw = plan.positions[plan.cache_cu()[b] :][:nw]
+            moved = torch.zeros_like(window[c])
+            moved[:, iw[:, None], iw[None, :]] = window[c, :, :nw, :nw]
+            window[c] = moved
+    if plan.spec.gene_stats:
+        colmean = colsum / lengths[plan.token_cell]
+        r = colmean.new_zeros(plan.pair_cell.numel(), H)
+        cells.received = r.index_add_(0, plan.gene_pairs, colmean[:, plan.packed_counted].T)
+    if plan.spec.panel:
+        cells.pair = pair_means(plan, pair_block)
+    return out, cells
+
+
+def _cell_stats(q, k, v, nw: int, nc: int, at, scale, block_elems):
     """Output rows and row reductions of one cell; q, k, v are [H, n, D] over its real tokens.
 
-    One pass over row blocks does the heavy part (output, log-sum-exp, entropy, row max, column
-    sums): compiled and fused (:mod:`.fused_rows`) on CPU for cells large enough to pay for it,
-    else in eager row blocks. The statistics of a few entries (window, panel, context, diagonal) are then
+    One pass over eager row blocks does the heavy part (output, log-sum-exp, entropy, row max,
+    column sums). The statistics of a few entries (window, panel, context, diagonal) are then
     recomputed exactly as ``exp(q.k * scale - lse)`` on just those entries.
 
     Returns the output and: ``colsum [H, n]`` (sum over rows of P), ``summary [H, 4]`` (means over
@@ -84,21 +157,18 @@ def _cell_stats(q, k, v, idx, at, spec: StatsSpec, scale, block_elems):
     compacted positions ``at`` of panel ids).
     """
     q = q * scale
-    H, n, _ = q.shape
-    if q.device.type == "cpu" and H * n * n >= FUSED_MIN_SCORES and fused_rows.available():
-        out, lse, entropy, row_max, colsum = fused_rows.cell_rows(q, k, v)
-    else:
-        out, lse, entropy, row_max, colsum = _rows_eager(q, k, v, block_elems)
+    out, lse, entropy, row_max, colsum = _rows_eager(q, k, v, block_elems)
 
     def probs(rows, cols):  # exact P on a few entries, from the row log-sum-exp
         return torch.bmm(q[:, rows], k[:, cols].transpose(1, 2)).sub_(lse[:, rows, None]).exp_()
 
-    nw = int((idx < spec.window).sum())  # positions < W are a prefix of the sorted real positions
-    nc = int((idx < spec.n_context).sum())
     context = probs(slice(None), slice(nc)).sum(-1)
     self_mass = (q * k).sum(-1).sub_(lse).exp_()
     per_row = torch.stack([entropy, context, self_mass, row_max], dim=-1)  # [H, n, 4]
-    cell = {"summary": per_row.mean(1), "colsum": colsum, "window": probs(slice(nw), slice(nw))}
+    # a non-finite q or k makes its rows' (or every row's) log-sum-exp NaN; a non-finite v makes the
+    # output rows NaN (0 * inf = NaN in P @ V): checking these costs nothing like a pass over q, k, v
+    finite = torch.isfinite(lse.sum() + out[:, 0].sum())
+    cell = {"summary": per_row.mean(1), "colsum": colsum, "window": probs(slice(nw), slice(nw)), "finite": finite}
     if at is not None:
         cell["pair"] = probs(at, at)
     return out, cell
@@ -127,16 +197,3 @@ def _rows_eager(q, k, v, block_elems):
         row_max[:, r0:r1] = inv_z[..., 0]  # max_j p_j = exp(0) / z
         colsum.baddbmm_(inv_z.transpose(1, 2), e)
     return out, lse, entropy, row_max, colsum[:, 0]
-
-
-def _add_window(sums, g, idx, win):
-    """Add one cell's window (P among its real positions < W) into group g's position sums."""
-    nw = win.shape[-1]
-    win = win.double()
-    if nw == 0 or int(idx[nw - 1]) == nw - 1:  # no padding inside the window: a plain slice
-        sums["pos_sum"][g, :, :nw, :nw] += win
-        sums["pos_sq"][g, :, :nw, :nw] += win**2
-    else:
-        iw = idx[:nw]
-        sums["pos_sum"][g][:, iw[:, None], iw[None, :]] += win
-        sums["pos_sq"][g][:, iw[:, None], iw[None, :]] += win**2

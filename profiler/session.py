@@ -51,12 +51,14 @@ class Profiler:
         self._stack: ExitStack | None = None
 
     def __enter__(self) -> Profiler:
+        self.recorder.closed = False
         self._stack = ExitStack()
         self.layers = self._stack.enter_context(self._swap(self.model, self.recorder))
         return self
 
     def __exit__(self, *exc):
         stack, self._stack = self._stack, None
+        self.recorder.closed = True  # nothing records any more
         return stack.__exit__(*exc)  # adapters see the exception in flight, if any
 
     def set_batch(self, groups, tokens=None, null_groups=None) -> None:

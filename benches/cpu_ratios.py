@@ -1,0 +1,35 @@
+"""Ratios that survive a shared, noisy machine: process CPU time on one thread, rounds interleaved.
+
+    python benches/cpu_ratios.py panel   # plain (regular path) vs attnprof vs attnprof + 100 permutations
+    python benches/cpu_ratios.py full    # the same on 1,500-token cells (no permutations)
+
+The workloads are bench_e2e's full-mode ones (Nicheformer scale; 64 panel cells of 150-250 tokens in
+batches of 32, or 4 full cells). Wall-clock ratios on a machine whose load swings by 3x within a
+minute (other jobs) are noise; CPU time of one thread counts this process's work only.
+"""
+import sys, time, torch
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+torch.set_num_threads(1)
+import bench_e2e as be
+s = be.setup._fixture_function(True)
+kind = sys.argv[1] if len(sys.argv) > 1 else "panel"
+t, lab, size = (s["panel"], s["panel_labels"], s["panel_batch"]) if kind == "panel" else (s["full"], s["labels"], s["batch"])
+runs = {
+    "plain regular": lambda: be.plain(s["model"], t, lab, size, True, False),
+    "attnprof": lambda: be.profiled(s["model"], t, lab, size, True, "auto", s["vocab"]),
+    "attnprof 100 perms": lambda: be.profiled(s["model"], t, lab, size, True, "auto", s["vocab"], permutations=100),
+}
+if kind != "panel":
+    del runs["attnprof 100 perms"]
+for f in runs.values(): f()
+res = {k: [] for k in runs}
+for r in range(3):
+    for k, f in runs.items():
+        c = time.process_time(); w = time.perf_counter(); f()
+        res[k].append((time.process_time() - c, time.perf_counter() - w))
+    print(r, {k: (round(v[-1][0], 2), round(v[-1][1], 2)) for k, v in res.items()}, flush=True)
+cpu = {k: min(x[0] for x in v) for k, v in res.items()}
+wall = {k: min(x[1] for x in v) for k, v in res.items()}
+print("cpu min", cpu, "wall min", wall)
+print("attnprof / plain: cpu %.3f wall %.3f" % (cpu["attnprof"] / cpu["plain regular"], wall["attnprof"] / wall["plain regular"]))
+if kind == "panel": print("100 perms / none: cpu %.3f wall %.3f" % (cpu["attnprof 100 perms"] / cpu["attnprof"], wall["attnprof 100 perms"] / wall["attnprof"]))
