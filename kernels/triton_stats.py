@@ -1,44 +1,42 @@
-"""The triton backend: kernel 1 (:mod:`.triton_forward`) then kernel 2, which rebuilds P and reduces it.
+"""The triton backend's kernel 2, which rebuilds P from kernel 1's log-sum-exp, and its launcher.
 
-Every statistic is a sum of ``P = exp2(t - lse2)`` over some entries, and a
-row's normaliser ``lse2`` is only known once the row has seen every key. A
-single pass with a running maximum would add up entries normalised by a
-partial sum, so the backend is two-pass: kernel 1 writes ``lse2``, kernel 2
-recomputes the scores ``t`` tile by tile (one extra ``Q K^T``, no ``P V``) and
-reduces the exact ``P``.
+Kernel 1 (:mod:`.triton_forward`) writes the output, each row's ``term =
+bias - lse2`` and the row statistics (entropy, row max, self and context mass)
+from its online softmax. What is left needs the row's *final* normaliser: a
+column sum adds ``p_ij`` over rows i, and during a single pass ``p_ij`` is only
+known up to the row's running maximum and partial sum. So kernel 2 recomputes
+``log2 p = q.k * scale * log2(e) + term`` (one FMA per score, one more ``Q K^T``,
+no ``P V``) and reduces the exact P. Each program owns everything it writes: no
+atomics, a fixed summation order, relaunching (as autotuning does) is harmless.
 
-Kernel 2 is three kernels, each program owning everything it writes: no
-atomics, a fixed summation order, and relaunching (as autotuning does) is
-harmless.
+- ``_columns_kernel``: a program owns a key tile of one (counted cell, head) and
+  loops over the cell's query tiles up to its extent; it writes per key the mean
+  over real rows of ``p_ij`` (-> gene received). Tiles past the extent are skipped.
+- ``_entries_kernel``: ``P`` at a few entries per cell: the ``[W, W]`` position
+  window, or the panel genes' positions (for the pairs).
 
-- ``_columns_kernel``: a program owns a key tile of one (cell, head) and loops
-  over all query tiles; it writes per key ``sum_i p_ij`` (-> gene received,
-  context mass), ``sum_i p_ij ln p_ij`` (-> entropy) and ``p_jj`` (-> self mass).
-- ``_window_kernel``: a program owns a tile of one group's and head's ``[W, W]``
-  window and loops over the group's cells, writing ``pos_sum``/``pos_sq``.
-- ``_gather_kernel``: ``P`` at the panel genes' positions of each cell, for the pairs.
-
-The rest is small and done in torch here: per-cell means and the four head
-summaries, group sums (a one-hot matmul, fixed order), the scatter of the
-per-cell received means by token id, the pair means and every count.
+Per-cell results are then reduced into group sums by the small torch functions of
+:mod:`.reduce` (one-hot matmuls, fixed-size scatters), shared with the torch backend.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from .reduce import add_group_sums, add_pairs, add_received, add_window_counts, group_onehot, panel_positions
-from .spec import Inputs, StatsSpec, empty_sums
+from .spec import Inputs, StatsSpec
 from .triton_forward import (
-    LN2_C,
     LOG2E,
     MASKED_C,
     block_d,
+    check_grid,
     check_tensors,
     dot_precision,
+    extents,
     forward,
     key_bias,
     load_rows,
@@ -47,18 +45,9 @@ from .triton_forward import (
 
 
 @triton.jit
-def _query_term(lse2_base, bias_base, idx, ok):
-    """``bias - lse2`` of query rows ``idx``: added to a row's scores it gives ``log2 p``, and
-    ``-1e30`` or less (``p = 0``) for a padded or absent row."""
-    lse2 = tl.load(lse2_base + idx, mask=ok, other=0.0)
-    bias = tl.load(bias_base + idx, mask=ok, other=MASKED_C)
-    return bias - lse2
-
-
-@triton.jit
 def _log2_probs(a, b, a_term, b_term, qk_scale, DOT_PREC: tl.constexpr):
-    """``log2 P`` on the tile ``a @ b^T``; one of a, b holds queries (term: ``_query_term``), the other
-    keys (term: their padding bias)."""
+    """``log2 P`` on the tile ``a @ b^T``; one of a, b holds queries (term: kernel 1's ``bias - lse2``),
+    the other keys (term: their padding bias)."""
     s = tl.dot(a, tl.trans(b), input_precision=DOT_PREC)
     return s * qk_scale + a_term[:, None] + b_term[None, :]
 
@@ -69,209 +58,179 @@ def _log2_probs(a, b, a_term, b_term, qk_scale, DOT_PREC: tl.constexpr):
 )
 @triton.jit
 def _columns_kernel(
-    Q, K, BIAS, LSE2, CELLS, COLSUM, PLOGP, DIAG,
+    Q, K, BIAS, TERM, EXTENT, INV_N, CELLS, RECEIVED, TILES,
     sqb, sqh, sql, sqd,
     skb, skh, skl, skd,
     H, L, L_BUCKET, qk_scale,
-    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, COUNT_TILES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    pid_n = tl.program_id(0)
-    ch = tl.program_id(1)  # (counted cell, head)
+    pid = tl.program_id(0)
+    n_n = tl.cdiv(L, BLOCK_N)
+    ch = pid // n_n  # (counted cell, head)
+    pid_n = pid % n_n
     h = ch % H
     b = tl.load(CELLS + ch // H)  # the cell's index in the batch
+    extent = tl.load(EXTENT + b)
     q_base = Q + b * sqb + h * sqh
-    lse2_base = LSE2 + (b * H + h) * L
-    bias_base = BIAS + b * L
+    term_base = TERM + (b * H + h) * L
     keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    key_ok = keys < L
+    key_ok = keys < extent
     k = load_rows(K + b * skb + h * skh, keys, key_ok, skl, skd, HEAD_D, BLOCK_D)
-    key_bias = tl.load(bias_base + keys, mask=key_ok, other=MASKED_C)
+    # a key tile at or beyond the extent visits no query tile (and stores zeros)
+    end = tl.where(pid_n * BLOCK_N < extent, extent, 0)
 
     # tiles are [keys, queries] (P transposed), so sums over queries run along the MMA rows,
-    # within a thread quad, like the forward's row sums (no cross-warp reduction per tile)
+    # within a thread quad, like the forward's row sums (no cross-warp reduction per tile).
+    # No key bias in the loop: a padded key's column is discarded below, so one FMA per score.
     colsum = tl.zeros([BLOCK_N], tl.float32)
-    plogp = tl.zeros([BLOCK_N], tl.float32)  # sum_i p log2 p; masked entries give 0 * (-1e30) = 0
-    for start_m in range(0, L, BLOCK_M):
+    visited = 0
+    for start_m in range(0, end, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
-        q = load_rows(q_base, rows, rows < L, sql, sqd, HEAD_D, BLOCK_D)
-        t = _log2_probs(k, q, key_bias, _query_term(lse2_base, bias_base, rows, rows < L), qk_scale, DOT_PREC)
-        p = tl.exp2(t)
-        colsum += tl.sum(p, 1)
-        plogp += tl.sum(p * t, 1)
+        q = load_rows(q_base, rows, rows < extent, sql, sqd, HEAD_D, BLOCK_D)
+        term = tl.load(term_base + rows, mask=rows < extent, other=MASKED_C)  # padded rows: p = 0
+        s = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
+        colsum += tl.sum(tl.exp2(s * qk_scale + term[None, :]), 1)
+        if COUNT_TILES:
+            visited += 1
 
-    # self mass p_jj from row j's own query: a row-wise dot instead of a branch in the loop
-    # (row j's term already masks a padded j)
-    q_diag = load_rows(q_base, keys, key_ok, sql, sqd, HEAD_D, BLOCK_D).to(tl.float32)
-    s_diag = tl.sum(q_diag * k.to(tl.float32), 1)
-    t_diag = s_diag * qk_scale + _query_term(lse2_base, bias_base, keys, key_ok)
-
-    dst = ch.to(tl.int64) * L + keys
-    tl.store(COLSUM + dst, colsum, mask=key_ok)
-    tl.store(PLOGP + dst, plogp * LN2_C, mask=key_ok)
-    tl.store(DIAG + dst, tl.exp2(t_diag), mask=key_ok)
+    key_bias = tl.load(BIAS + b * L + keys, mask=key_ok, other=MASKED_C)
+    received = tl.where(key_bias == 0.0, colsum * tl.load(INV_N + b), 0.0)  # mean over real rows
+    tl.store(RECEIVED + ch.to(tl.int64) * L + keys, received, mask=keys < L)
+    if COUNT_TILES:
+        tl.store(TILES + pid, visited)
 
 
-@triton.autotune(
-    configs=tile_configs([(64, 64, 4, 2), (32, 32, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2)]),
-    key=["W", "BLOCK_D"],
-)
+@triton.autotune(configs=tile_configs([(64, 64, 4, 2), (32, 32, 4, 2), (64, 32, 4, 2)]), key=["W", "BLOCK_D"])
 @triton.jit
-def _window_kernel(
-    Q, K, BIAS, LSE2, ORDER, SEG, POS_SUM, POS_SQ,
+def _entries_kernel(
+    Q, K, BIAS, TERM, EXTENT, CELLS, POS, OUT,
     sqb, sqh, sql, sqd,
     skb, skh, skl, skd,
-    ssg, ssh, ssi, ssj,
     H, L, W, qk_scale,
-    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, WINDOW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    gh = tl.program_id(2)  # (group, head)
-    g = gh // H
-    h = gh % H
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < W
-    col_ok = cols < W
-    # fp32 over the cells of one batch (p <= 1, at most B terms); batches add up in the fp64 sums
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    acc_sq = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for i in range(tl.load(SEG + g), tl.load(SEG + g + 1)):  # the counted cells of group g, in batch order
-        b = tl.load(ORDER + i)
-        q = load_rows(Q + b * sqb + h * sqh, rows, row_ok, sql, sqd, HEAD_D, BLOCK_D)
-        k = load_rows(K + b * skb + h * skh, cols, col_ok, skl, skd, HEAD_D, BLOCK_D)
-        query_term = _query_term(LSE2 + (b * H + h) * L, BIAS + b * L, rows, row_ok)
-        key_bias = tl.load(BIAS + b * L + cols, mask=col_ok, other=MASKED_C)
-        p = tl.exp2(_log2_probs(q, k, query_term, key_bias, qk_scale, DOT_PREC))
-        acc += p
-        acc_sq += p * p
-    dst = g.to(tl.int64) * ssg + h * ssh + rows[:, None] * ssi + cols[None, :] * ssj
-    ok = row_ok[:, None] & col_ok[None, :]
-    tl.store(POS_SUM + dst, acc.to(tl.float64), mask=ok)
-    tl.store(POS_SQ + dst, acc_sq.to(tl.float64), mask=ok)
-
-
-@triton.autotune(configs=tile_configs([(32, 32, 4, 1)]), key=["BLOCK_D"])
-@triton.jit
-def _gather_kernel(
-    Q, K, BIAS, LSE2, CELLS, POS, OUT,
-    sqb, sqh, sql, sqd,
-    skb, skh, skl, skd,
-    H, L, M, qk_scale,
-    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
-    ch = tl.program_id(2)
+    """``P[b, h, pos_i, pos_j]`` for every counted cell ``c -> b = CELLS[c]`` into ``OUT [C, H, W, W]``:
+    positions ``i < W`` (WINDOW) or ``POS[c, i]`` (a panel; -1 = none). 0 at padded or absent positions."""
+    pid = tl.program_id(0)
+    n_i = tl.cdiv(W, BLOCK_M)
+    n_j = tl.cdiv(W, BLOCK_N)
+    ch = pid // (n_i * n_j)
+    tile = pid % (n_i * n_j)
     c = ch // H
     h = ch % H
     b = tl.load(CELLS + c)
-    i = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    j = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.load(POS + c * M + i, mask=i < M, other=-1)  # -1: this cell has fewer panel positions
-    cols = tl.load(POS + c * M + j, mask=j < M, other=-1)
-    q = load_rows(Q + b * sqb + h * sqh, rows, rows >= 0, sql, sqd, HEAD_D, BLOCK_D)
-    k = load_rows(K + b * skb + h * skh, cols, cols >= 0, skl, skd, HEAD_D, BLOCK_D)
-    query_term = _query_term(LSE2 + (b * H + h) * L, BIAS + b * L, rows, rows >= 0)
-    key_bias = tl.load(BIAS + b * L + cols, mask=cols >= 0, other=MASKED_C)
-    p = tl.exp2(_log2_probs(q, k, query_term, key_bias, qk_scale, DOT_PREC))
-    dst = ch.to(tl.int64) * M * M + i[:, None] * M + j[None, :]
-    tl.store(OUT + dst, p, mask=(i[:, None] < M) & (j[None, :] < M))
+    extent = tl.load(EXTENT + b)
+    i = (tile // n_j) * BLOCK_M + tl.arange(0, BLOCK_M)
+    j = (tile % n_j) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if WINDOW:
+        rows, cols = i, j
+    else:
+        rows = tl.load(POS + c * W + i, mask=i < W, other=-1)
+        cols = tl.load(POS + c * W + j, mask=j < W, other=-1)
+    # beyond the extent nothing is loaded (a tile past it is all zeros)
+    row_ok = (i < W) & (rows >= 0) & (rows < extent)
+    col_ok = (j < W) & (cols >= 0) & (cols < extent)
+    q = load_rows(Q + b * sqb + h * sqh, rows, row_ok, sql, sqd, HEAD_D, BLOCK_D)
+    k = load_rows(K + b * skb + h * skh, cols, col_ok, skl, skd, HEAD_D, BLOCK_D)
+    term = tl.load(TERM + (b * H + h) * L + rows, mask=row_ok, other=MASKED_C)
+    key_bias = tl.load(BIAS + b * L + cols, mask=col_ok, other=MASKED_C)
+    p = tl.exp2(_log2_probs(q, k, term, key_bias, qk_scale, DOT_PREC))
+    dst = ch.to(tl.int64) * W * W + i[:, None] * W + j[None, :]
+    tl.store(OUT + dst, p, mask=(i[:, None] < W) & (j[None, :] < W))
 
 
-# ----------------------------------------------------------------------------- launcher
-def triton_stats(inp: Inputs, spec: StatsSpec):
-    """The ``triton`` backend of :func:`attnprof.kernels.attention_stats` on checked inputs."""
-    q, k = inp.q, inp.k
-    check_tensors(q, k, inp.v)
+# ----------------------------------------------------------------------------- launchers
+@dataclass
+class CellResults:
+    """Per counted cell (in the order of ``cells``), everything a layer's group sums are made of."""
+
+    summary: torch.Tensor  # [C, H, 4] float32: means over real rows, in the order of SUMMARIES
+    received: torch.Tensor | None  # [C, H, L] float32: mean over real rows of P (0 at padded keys)
+    window: torch.Tensor  # [C, H, W, W] float32: P among positions < W (0 where either is padding)
+    pair: torch.Tensor | None  # [C, H, M, M] float32: P among each cell's panel positions
+
+
+def cell_results(
+    q, k, v, scale: float, *, bias, extent, inv_n, cells, window: int, n_context: int = 0,
+    panel_pos=None, received: bool = True, tiles: dict | None = None,
+):  # fmt: skip
+    """Kernel 1, then kernel 2 on the counted cells: ``(out, CellResults)``.
+
+    Everything data-dependent comes in as device tensors (built once per forward), so nothing here
+    waits for the device: ``bias`` [B, L] float32 (0 real, MASKED padding), ``extent`` [B] int32 (one
+    past the last real token), ``inv_n`` [B] float32 (1 / real tokens), ``cells`` [C] int64 (counted
+    cells' batch indices), ``panel_pos`` [C, M] int64 (-1 = none) or None; ``window`` is min(W, L).
+    ``tiles``: {"forward": buf, "columns": buf} zeroed int32 buffers (one entry per program, at least
+    ``B * H * L`` and ``C * H * L``) to count the tiles each program visits (tests).
+    """
+    check_tensors(q, k, v)
     B, H, L, D = q.shape
-    bias = key_bias(inp.padding)
-    out, lse2, pmax = forward(q, k, inp.v, bias, inp.scale, want_pmax=True)
-    sums = empty_sums(spec, H, device=q.device)
+    C = cells.shape[0]
+    check_grid(C * H * max(L, window * window), "counted cells x heads x max(L, W^2)")
+    tiles = tiles or {}
+    out, term, rowstats = forward(
+        q, k, v, bias, extent, scale, inv_n=inv_n, n_context=n_context, tiles=tiles.get("forward")
+    )
+    summary = rowstats.sum(-1).index_select(0, cells)  # [C, H, 4]: rows come weighted by real / n
+    common = (*q.stride(), *k.stride())
+    meta = dict(HEAD_D=D, BLOCK_D=block_d(D), DOT_PREC=dot_precision(q.dtype))
+    qk_scale = scale * LOG2E
+    recv = None
+    if received:
+        recv = torch.empty(C, H, L, dtype=torch.float32, device=q.device)
+        grid = lambda meta: (C * H * triton.cdiv(L, meta["BLOCK_N"]),)  # noqa: E731
+        cols = tiles.get("columns")
+        _columns_kernel[grid](
+            q, k, bias, term, extent, inv_n, cells, recv, cols if cols is not None else extent,
+            *common, H, L, triton.next_power_of_2(L), qk_scale, **meta, COUNT_TILES=cols is not None,
+        )  # fmt: skip
+    win = _entries(q, k, bias, term, extent, cells, None, window, common, L, qk_scale, meta)
+    pair = None
+    if panel_pos is not None and panel_pos.shape[1]:
+        pair = _entries(q, k, bias, term, extent, cells, panel_pos, panel_pos.shape[1], common, L, qk_scale, meta)
+    return out, CellResults(summary, recv, win, pair)
+
+
+def _entries(q, k, bias, term, extent, cells, pos, W, common, L, qk_scale, meta):
+    C, H = cells.shape[0], q.shape[1]
+    block = torch.empty(C, H, W, W, dtype=torch.float32, device=q.device)
+    grid = lambda m: (C * H * triton.cdiv(W, m["BLOCK_M"]) * triton.cdiv(W, m["BLOCK_N"]),)  # noqa: E731
+    _entries_kernel[grid](
+        q, k, bias, term, extent, cells, pos if pos is not None else cells, block,
+        *common, H, L, W, qk_scale, **meta, WINDOW=pos is None,
+    )  # fmt: skip
+    return block
+
+
+def triton_stats(inp: Inputs, spec: StatsSpec, sums):
+    """The ``triton`` backend of :func:`attnprof.kernels.attention_stats` on checked inputs: adds the
+    batch's statistics into ``sums`` (in place) and returns ``(out, sums)``."""
+    B, H, L, D = inp.q.shape
+    real = ~inp.padding
     cells = (inp.groups >= 0).nonzero().flatten()  # only counted cells are reduced
+    n = real.sum(1)
+    inv_n = n.float().reciprocal()
+    groups, real_c = inp.groups[cells], real[cells]
+    panel_pos = member = None
+    if spec.panel and cells.numel():
+        panel = torch.tensor(spec.panel, dtype=torch.long, device=inp.q.device)
+        panel_pos, member = panel_positions(inp.tokens[cells], real_c, panel)
+    W = min(spec.window, L)
+    out, res = cell_results(
+        inp.q, inp.k, inp.v, inp.scale, bias=key_bias(inp.padding), extent=extents(inp.padding), inv_n=inv_n,
+        cells=cells, window=W, n_context=spec.n_context, panel_pos=panel_pos, received=spec.gene_stats,
+    )  # fmt: skip
     if cells.numel() == 0:
         return out, sums
-    groups = inp.groups[cells]
-    real = ~inp.padding[cells]  # [C, L]
     onehot = group_onehot(groups, spec.n_groups)
-    kern = StatsKernels(q, k, bias, lse2, inp.scale)
-
     sums["cells"] += onehot.sum(0)
-    _window(sums, kern, cells, groups, real, onehot, min(spec.window, L))
-
-    colsum, plogp, diag = kern.columns(cells)
-    n = real.sum(1, dtype=torch.float64)[:, None]  # real query rows per cell
-    received = colsum.double() / n[..., None]  # [C, H, L]: mean over real rows of P
-    context = real & (torch.arange(L, device=q.device) < spec.n_context)
-    summary = torch.stack(
-        [
-            -plogp.double().sum(-1) / n,
-            (received * context[:, None]).sum(-1),
-            diag.double().sum(-1) / n,
-            (pmax[cells].double() * real[:, None]).sum(-1) / n,
-        ],
-        dim=-1,
-    )  # [C, H, 4] in the order of SUMMARIES
-    add_group_sums(sums, "summary", onehot, summary)
+    add_group_sums(sums, "summary", onehot, res.summary)
+    add_group_sums({f"pos_{x}": sums[f"pos_{x}"][:, :, :W, :W] for x in ("sum", "sq")}, "pos", onehot, res.window)
+    add_window_counts(sums, onehot, real_c, W)
     if spec.gene_stats:
-        add_received(sums, groups, inp.tokens[cells], real, received, spec.vocab_size)
-    if spec.panel:
-        panel = torch.tensor(spec.panel, dtype=torch.long, device=q.device)
-        _add_pairs(sums, kern, cells, onehot, inp.tokens[cells], real, panel)
+        add_received(sums, groups, inp.tokens[cells], real_c, res.received, spec.vocab_size)
+    if res.pair is not None:
+        add_pairs(sums, onehot, member, res.pair)
     return out, sums
-
-
-class StatsKernels:
-    """Launches the kernel-2 family on one batch's q, k, bias and lse2."""
-
-    def __init__(self, q, k, bias, lse2, scale):
-        H, L, D = q.shape[1:]
-        self.q, self.k, self.bias, self.lse2 = q, k, bias, lse2
-        self.H, self.L = H, L
-        self.args = (*q.stride(), *k.stride())
-        self.meta = dict(HEAD_D=D, BLOCK_D=block_d(D), DOT_PREC=dot_precision(q.dtype))
-        self.qk_scale = scale * LOG2E
-
-    def columns(self, cells):
-        """Per counted cell, head and key: ``sum_i p_ij``, ``sum_i p_ij ln p_ij``, ``p_jj`` (float32)."""
-        H, L = self.H, self.L
-        colsum, plogp, diag = torch.empty(3, cells.numel(), H, L, dtype=torch.float32, device=self.q.device)
-        grid = lambda meta: (triton.cdiv(L, meta["BLOCK_N"]), cells.numel() * H)  # noqa: E731
-        _columns_kernel[grid](
-            self.q, self.k, self.bias, self.lse2, cells, colsum, plogp, diag,
-            *self.args, H, L, triton.next_power_of_2(L), self.qk_scale, **self.meta,
-        )  # fmt: skip
-        return colsum, plogp, diag
-
-    def window(self, order, seg, pos_sum, pos_sq, W):
-        """Store every group's window sums into ``pos_sum/pos_sq[:, :, :W, :W]`` (group g: cells
-        ``order[seg[g]:seg[g + 1]]``)."""
-        G, H = pos_sum.shape[:2]
-        grid = lambda meta: (triton.cdiv(W, meta["BLOCK_M"]), triton.cdiv(W, meta["BLOCK_N"]), G * H)  # noqa: E731
-        _window_kernel[grid](
-            self.q, self.k, self.bias, self.lse2, order, seg, pos_sum, pos_sq,
-            *self.args, *pos_sum.stride(), H, self.L, W, self.qk_scale, **self.meta,
-        )  # fmt: skip
-
-    def gather(self, cells, pos):
-        """``P[b, h, pos[c, i], pos[c, j]]`` for counted cell ``c = cells -> b``; 0 where ``pos`` is -1."""
-        C, M = pos.shape
-        block = torch.empty(C, self.H, M, M, dtype=torch.float32, device=self.q.device)
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(M, meta["BLOCK_N"]), C * self.H)  # noqa: E731
-        _gather_kernel[grid](
-            self.q, self.k, self.bias, self.lse2, cells, pos.contiguous(), block,
-            *self.args, self.H, self.L, M, self.qk_scale, **self.meta,
-        )  # fmt: skip
-        return block
-
-
-def _window(sums, kern, cells, groups, real, onehot, W):
-    order = torch.argsort(groups, stable=True)  # counted cells, group by group
-    seg = F.pad(torch.bincount(groups, minlength=onehot.shape[1]).cumsum(0), (1, 0))  # group g: order[seg[g]:seg[g+1]]
-    kern.window(cells[order], seg, sums["pos_sum"], sums["pos_sq"], W)  # the kernel stores, sums start at 0
-    add_window_counts(sums, onehot, real, W)
-
-
-def _add_pairs(sums, kern, cells, onehot, toks, real, panel):
-    pos, member = panel_positions(toks, real, panel)
-    if pos.shape[1]:
-        add_pairs(sums, onehot, member, kern.gather(cells, pos))

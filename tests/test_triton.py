@@ -248,13 +248,15 @@ def check_without_interpreter(all_configs: bool = False):
             attention_stats(x, x, x, spec=StatsSpec(n_groups=1), groups=[0], backend="triton")
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     for name, dtype in dtypes.items():
-        pointers = {"Q": name, "K": name, "V": name, "OUT": name, "POS_SUM": "fp64", "POS_SQ": "fp64"}
-        pointers.update(dict.fromkeys(["BIAS", "LSE2", "PMAX", "COLSUM", "PLOGP", "DIAG"], "fp32"))
-        pointers.update(dict.fromkeys(["CELLS", "ORDER", "SEG", "POS"], "i64"))
-        for kernel in (kf._forward_kernel, ks._columns_kernel, ks._window_kernel, ks._gather_kernel):
+        pointers = {"Q": name, "K": name, "V": name, "OUT": name}
+        pointers.update(dict.fromkeys(["BIAS", "TERM", "LSE2", "ROWSTATS", "INV_N", "RECEIVED"], "fp32"))
+        pointers.update(dict.fromkeys(["CELLS", "POS"], "i64"))
+        pointers.update(dict.fromkeys(["EXTENT", "TILES"], "i32"))
+        for kernel in (kf._forward_kernel, ks._columns_kernel, ks._entries_kernel):
             fn = kernel.fn
             for config in kernel.configs if all_configs else kernel.configs[:1]:
-                consts = dict(config.kwargs, HEAD_D=24, BLOCK_D=32, DOT_PREC=kf.dot_precision(dtype), WRITE_PMAX=True)
+                flags = dict(WITH_STATS=True, WRITE_LSE=True, COUNT_TILES=False, CTX=kf.CTX_BLOCK, WINDOW=False)
+                consts = dict(config.kwargs, HEAD_D=24, BLOCK_D=32, DOT_PREC=kf.dot_precision(dtype), **flags)
                 consts = {a: consts[a] for a in fn.arg_names if a in consts}
                 sig = {a: "constexpr" if a in consts else "fp32" if a == "qk_scale" else
                        "*" + pointers[a] if a in pointers else "i32" for a in fn.arg_names}  # fmt: skip
