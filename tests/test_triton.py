@@ -189,6 +189,91 @@ def test_transformer_encoder_profile_matches_torch_backend():
     assert profile.sums["pair_count"].sum() > 0 and profile.sums["cells"][0].tolist() == [2, 4, 0]
 
 
+def test_ragged_lengths_in_one_batch():
+    """Cells of 1 to 300 real tokens side by side (trailing padding, as batches of ranked genes are,
+    and one cell with padding scattered inside): every statistic equals the reference."""
+    B, H, L, D = 5, 2, 300, 16
+    q, k, v, _, _, tokens = batch(300, B, H, L, D)
+    lengths = torch.tensor([1, 77, 300, 180, 33])
+    padding = (torch.arange(L) >= lengths[:, None]).to(DEVICE)
+    padding[4, :20] = True  # real tokens 20..32 only
+    groups = torch.tensor([0, 1, 1, 0, 1], device=DEVICE)
+    spec = spec_for(2, L, window=40, n_context=3)
+    (out, sums), (out_ref, ref) = both(q, k, v, padding, groups, tokens, spec)
+    torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
+    assert_sums_close(sums, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_tiles_visited_scale_with_real_tokens():
+    """The kernels' own debug counters (compiled in only when asked): kernel 1 visits, for every query
+    tile, the key tiles up to the cell's extent (one past its last real token); the column kernel
+    visits query tiles only for key tiles inside the extent. So trailing padding costs nothing in the
+    key loops and the column pass scales with the square of the real length."""
+    from attnprof.kernels.triton_forward import extents, key_bias
+    from attnprof.kernels.triton_stats import cell_results
+
+    H, L, D, T = 2, 128, 16, 32  # T: the interpreter's one tile size (tests/conftest.py)
+    q, k, v, _, _, _ = batch(7, 4, H, L, D)
+    n_real = torch.tensor([1, 40, 128, 64])
+    padding = (torch.arange(L) >= n_real[:, None]).to(DEVICE)
+    padding[3, :50] = True  # real 50..63: the extent (64), not the count (14), bounds the loops
+
+    def visited(padding, cells):
+        tiles = {name: torch.zeros(4 * H * L, dtype=torch.int32, device=DEVICE) for name in ("forward", "columns")}
+        inv_n = (~padding).sum(1).float().reciprocal()
+        cell_results(q, k, v, 0.25, bias=key_bias(padding), extent=extents(padding), inv_n=inv_n,
+                     cells=cells, window=8, tiles=tiles)  # fmt: skip
+        return {name: int(t.sum()) for name, t in tiles.items()}
+
+    cells = torch.tensor([0, 1, 2, 3], device=DEVICE)
+    key_tiles = torch.tensor([1, 2, 4, 2])  # cdiv(extent, T)
+    n_query_tiles = L // T
+    assert visited(padding, cells) == {
+        "forward": H * n_query_tiles * int(key_tiles.sum()),
+        "columns": H * int((key_tiles**2).sum()),
+    }
+    full = visited(torch.zeros_like(padding), cells)
+    assert full == {"forward": H * n_query_tiles * 4 * n_query_tiles, "columns": H * 4 * n_query_tiles**2}
+    # cells not counted get no column pass at all
+    assert visited(padding, cells[2:3])["columns"] == H * 4**2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bfloat16 needs a CUDA GPU (the interpreter gets it wrong)")
+@pytest.mark.parametrize("L", [7, 130, 300])
+def test_bfloat16_on_cuda(L):
+    """bf16 inputs: scores, log-sum-exps and statistics are computed in fp32 from the same rounded inputs as
+    the reference's (1e-5); P is rounded to bf16 before P @ V and the output to bf16, each costing at most
+    2**-8 * max|v|: atol = 2**-7 * max|v|."""
+    q, k, v, padding, groups, tokens = batch(L, 5, 2, L, 32, torch.bfloat16)
+    spec = spec_for(4, L, window=min(L, 40), n_context=3)
+    (out, sums), (out_ref, ref) = both(q, k, v, padding, groups, tokens, spec)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), out_ref.float(), atol=2**-7 * v.abs().max().item(), rtol=0)
+    assert_sums_close(sums, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a grid this large needs a CUDA GPU")
+def test_more_than_65535_cells_times_heads():
+    """Every launch is a 1-D grid (axis 0 takes 2**31 - 1 programs): B * H = 67,200 runs and is exact."""
+    B, H, L, D = 4200, 16, 9, 16
+    q, k, v, padding, groups, tokens = batch(1, B, H, L, D, FP16)
+    groups = torch.arange(B, device=DEVICE) % 3 - 1
+    spec = spec_for(2, L, window=4)
+    (out, sums), (out_ref, ref) = both(q, k, v, padding, groups, tokens, spec)
+    torch.testing.assert_close(out.float(), out_ref.float(), **out_tol(v))
+    assert_sums_close(sums, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_launches_beyond_one_grid_are_refused():
+    from attnprof.kernels.triton_forward import check_tensors
+
+    x = torch.empty(2**20, 16, 4096, 16, device="meta")  # B * H * L = 2**36 rows
+    with pytest.raises(ValueError, match="exceeds what one launch grid covers"):
+        check_tensors(x, x, x)
+
+
 # ----------------------------------------------------------------------------- errors
 @pytest.mark.skipif(not INTERPRET, reason="only the interpreter gets bfloat16 wrong")
 def test_bfloat16_under_the_interpreter_raises():
