@@ -23,6 +23,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -30,6 +32,7 @@ from torch import nn
 from attnprof import Profiler
 from attnprof.kernels import StatsSpec, attention_stats, sum_shapes
 from attnprof.kernels.triton_forward import INTERPRET, triton_forward
+from attnprof.kernels.triton_stats import exp2_fma
 
 from helpers import assert_sums_close, random_batch, spec_for
 
@@ -212,11 +215,17 @@ def test_tiles_visited_scale_with_real_tokens():
     from attnprof.kernels.triton_forward import extents, key_bias
     from attnprof.kernels.triton_stats import cell_results
 
-    H, L, D, T = 2, 128, 16, 32  # T: the interpreter's one tile size (tests/conftest.py)
+    from attnprof.kernels import triton_forward as kf
+    from attnprof.kernels import triton_stats as ks
+
+    H, L, D = 2, 128, 16
+    fwd, col = kf._forward_kernel.configs[0].kwargs, ks._columns_kernel.configs[0].kwargs
+    assert len(kf._forward_kernel.configs) == len(ks._columns_kernel.configs) == 1  # the interpreter's tiles
     q, k, v, _, _, _ = batch(7, 4, H, L, D)
     n_real = torch.tensor([1, 40, 128, 64])
     padding = (torch.arange(L) >= n_real[:, None]).to(DEVICE)
     padding[3, :50] = True  # real 50..63: the extent (64), not the count (14), bounds the loops
+    extent = torch.tensor([1, 40, 128, 64])
 
     def visited(padding, cells):
         tiles = {name: torch.zeros(4 * H * L, dtype=torch.int32, device=DEVICE) for name in ("forward", "columns")}
@@ -225,17 +234,39 @@ def test_tiles_visited_scale_with_real_tokens():
                      cells=cells, window=8, tiles=tiles)  # fmt: skip
         return {name: int(t.sum()) for name, t in tiles.items()}
 
+    def cdiv(a, b):
+        return -(-a // b)
+
     cells = torch.tensor([0, 1, 2, 3], device=DEVICE)
-    key_tiles = torch.tensor([1, 2, 4, 2])  # cdiv(extent, T)
-    n_query_tiles = L // T
+    query_tiles = cdiv(L, fwd["BLOCK_M"])  # kernel 1: every query tile (padded rows get outputs too) ...
+    key_tiles = cdiv(extent, fwd["BLOCK_N"])  # ... visits the key tiles up to the extent
+    col_tiles = cdiv(extent, col["BLOCK_N"])  # column pass: key tiles up to the extent ...
+    col_steps = cdiv(extent, col["BLOCK_M"] + col["BLOCK_M_FMA"])  # ... each visiting query steps up to it
     assert visited(padding, cells) == {
-        "forward": H * n_query_tiles * int(key_tiles.sum()),
-        "columns": H * int((key_tiles**2).sum()),
+        "forward": H * query_tiles * int(key_tiles.sum()),
+        "columns": H * int((col_tiles * col_steps).sum()),
     }
     full = visited(torch.zeros_like(padding), cells)
-    assert full == {"forward": H * n_query_tiles * 4 * n_query_tiles, "columns": H * 4 * n_query_tiles**2}
+    assert full == {
+        "forward": 4 * H * query_tiles * cdiv(L, fwd["BLOCK_N"]),
+        "columns": 4 * H * cdiv(L, col["BLOCK_N"]) * cdiv(L, col["BLOCK_M"] + col["BLOCK_M_FMA"]),
+    }
     # cells not counted get no column pass at all
-    assert visited(padding, cells[2:3])["columns"] == H * 4**2
+    assert visited(padding, cells[2:3])["columns"] == H * int(col_tiles[2] * col_steps[2])
+
+
+def test_exponential_on_the_fma_pipe():
+    """exp2_fma (the column pass's share of exponentials off the exponential unit) is within 3e-7 of
+    2**x relative, from the masked bias (-1e30) to x = 0 and slightly above (rounding of lse)."""
+    specials = torch.tensor([-0.5, 0.5, 0.0, -1e30, -200.0, -125.0])
+    x = torch.cat([torch.linspace(-124.9, 1.0, 4096 - specials.numel()), specials]).to(DEVICE)
+    y = torch.empty_like(x)
+    _apply_exp2_fma[(1,)](x, y, N=4096)
+    expected = torch.exp2(x.double())
+    normal = x > -125
+    rel = (y.double()[normal] / expected[normal] - 1).abs().max().item()
+    assert rel < 3e-7, rel
+    assert (y[~normal] < 2.0**-124).all() and (y >= 0).all()  # no 0, but far below anything a sum sees
 
 
 @pytest.mark.gpu
@@ -272,6 +303,12 @@ def test_launches_beyond_one_grid_are_refused():
     x = torch.empty(2**20, 16, 4096, 16, device="meta")  # B * H * L = 2**36 rows
     with pytest.raises(ValueError, match="exceeds what one launch grid covers"):
         check_tensors(x, x, x)
+
+
+@triton.jit
+def _apply_exp2_fma(X, Y, N: tl.constexpr):
+    i = tl.arange(0, N)
+    tl.store(Y + i, exp2_fma(tl.load(X + i)))
 
 
 # ----------------------------------------------------------------------------- errors
