@@ -1,16 +1,22 @@
 """attnprof.kernels: softmax attention that also returns group-wise sums of P.
 
-Pure compute on ``q, k, v``; no model knowledge. One entry point,
-:func:`attention_stats`, with interchangeable backends.
+Pure compute on ``q, k, v``; no model knowledge. Two entry points with interchangeable backends:
+
+- :func:`attention_stats`: one call, one labeling; builds its own :class:`BatchPlan`.
+- :func:`planned_stats`: one layer of a forward on a plan built once per forward
+  (:func:`build_plan`), adding into the sums of every labeling of the plan (observed groups
+  and permutations) from one attention pass.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .blocked import blocked_stats
-from .reference import reference_stats
-from .spec import SUMMARIES, StatsSpec, check_inputs, empty_sums, sum_shapes
+from .blocked import blocked_cells
+from .plan import BatchPlan, build_plan
+from .reduce import CellResults, Target, reduce_into
+from .reference import reference_planned
+from .spec import SUMMARIES, Inputs, StatsSpec, check_qkv, empty_sums, sum_shapes
 
 BACKENDS = ("auto", "reference", "torch", "triton")
 
@@ -47,17 +53,54 @@ def attention_stats(
     ``into``: running sums (e.g. a whole run's) to add the batch's sums into and
     return, instead of new zeros: it saves a vocabulary-sized pass per call.
     """
-    inp = check_inputs(q, k, v, key_padding_mask, groups, tokens, spec, scale)
+    check_qkv(q, k, v, scale)
     name = resolve_backend(backend, q.device)
-    sums = _target(into, spec, q.shape[1], q.device)
+    B, H, L, _ = q.shape
+    groups = torch.as_tensor(groups, device=q.device)
+    if groups.shape != (B,):
+        raise ValueError(f"groups must have shape [B] = [{B}], got {tuple(groups.shape)} (mismatched batch sizes?)")
+    plan = build_plan(spec, groups[None], key_padding_mask, tokens, shape=(B, L), device=q.device)
+    sums = _target(into, spec, H, q.device)
+    out = planned_stats(q, k, v, plan, [Target({k: v[None] for k, v in sums.items()}, slice(0, 1))],
+                        scale=scale, backend=name)  # fmt: skip
+    if name == "triton":  # its layer calls defer the NaN/Inf verdict (a host sync) to the caller
+        from .triton_stats import raise_if_non_finite
+
+        raise_if_non_finite(plan, q, k, v)
+    return out, sums
+
+
+def planned_stats(q, k, v, plan: BatchPlan, targets, *, scale: float | None = None, backend: str = "auto"):
+    """One attention layer on a plan: returns the output; adds the layer's sums of the plan's
+    labelings into each :class:`Target` (one attention pass, whatever the number of labelings).
+
+    Checks q, k, v shapes and dtypes against the plan (no pass over their values); NaN or Inf in
+    them is refused from the row log-sum-exp and the output, which the pass computes anyway.
+    """
+    scale = check_qkv(q, k, v, scale)
+    B, H, L, _ = q.shape
+    if (B, L) != (plan.B, plan.L) or q.device != plan.device:
+        raise ValueError(
+            f"q has {B} cells of {L} positions on {q.device}, but the batch plan is for {plan.B} cells of "
+            f"{plan.L} positions on {plan.device}: build the plan from this batch"
+        )
+    name = resolve_backend(backend, q.device)
     with torch.no_grad():  # a forward-only op: the output carries no autograd history
         if name == "reference":
-            return reference_stats(inp, spec, sums)
+            return reference_planned(Inputs(q, k, v, plan.padding, plan.labelings[0], plan.tokens, scale), plan, targets)
         if name == "torch":
-            return blocked_stats(inp, spec, sums)
-        from .triton_stats import triton_stats  # imported lazily: needs a working triton
+            out, cells = blocked_cells(q, k, v, plan, scale)
+        else:
+            out, cells = _triton_cells(q, k, v, plan, scale)
+        for target in targets:
+            reduce_into(plan, cells, target)
+    return out
 
-        return triton_stats(inp, spec, sums)
+
+def _triton_cells(q, k, v, plan: BatchPlan, scale: float):
+    from .triton_stats import triton_cells  # imported lazily: needs a working triton
+
+    return triton_cells(q, k, v, plan, scale)
 
 
 def _target(into, spec: StatsSpec, n_heads: int, device) -> dict[str, torch.Tensor]:
@@ -73,9 +116,13 @@ def _target(into, spec: StatsSpec, n_heads: int, device) -> dict[str, torch.Tens
 __all__ = [
     "BACKENDS",
     "SUMMARIES",
+    "BatchPlan",
     "StatsSpec",
+    "Target",
     "attention_stats",
+    "build_plan",
     "empty_sums",
+    "planned_stats",
     "resolve_backend",
     "sum_shapes",
 ]

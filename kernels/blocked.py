@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from . import fused_rows
-from .reduce import add_group_sums, add_pairs, add_received, add_window_counts, group_onehot, panel_positions
-from .spec import Inputs, StatsSpec, empty_sums
+from .plan import BatchPlan, build_plan
+from .reduce import CellResults, Target, pair_means, received_pairs, reduce_into
+from .spec import Inputs, StatsSpec, empty_sums, refuse_non_finite
 
 #: The fused kernel pays off (and is built, once) only for cells with at least this many scores
 #: (heads x tokens^2); smaller cells, e.g. of demo-sized models, stay on the eager loop.
@@ -28,50 +29,77 @@ BLOCK_ELEMS = 2**20
 
 
 def blocked_stats(inp: Inputs, spec: StatsSpec, sums=None, block_elems: int = BLOCK_ELEMS):
+    """One-off call on checked inputs (one labeling): ``(out, sums)`` shaped as ``sum_shapes``."""
     B, H, L, D = inp.q.shape
-    out = torch.empty_like(inp.q)
+    plan = build_plan(spec, inp.groups[None], inp.padding, inp.tokens, shape=(B, L), device=inp.q.device)
     sums = empty_sums(spec, H, device=inp.q.device) if sums is None else sums
-    cells = (inp.groups >= 0).nonzero().flatten()  # counted cells, reduced in this order
-    groups, real = inp.groups[cells], ~inp.padding[cells]
-    received = inp.q.new_zeros(len(cells), H, L, dtype=torch.float32)  # per cell: mean over real rows of P
-    summary = inp.q.new_zeros(len(cells), H, 4, dtype=torch.float32)
-    if spec.panel:
-        panel = torch.tensor(spec.panel, dtype=torch.long, device=inp.q.device)
-        pos, member = panel_positions(inp.tokens[cells], real, panel)
-        pair_block = inp.q.new_zeros(len(cells), H, pos.shape[1], pos.shape[1], dtype=torch.float32)
-    c = 0  # index of the next counted cell
-    for b in range(B):
-        idx = (~inp.padding[b]).nonzero().flatten()
-        q, k, v = (x[b].float() for x in (inp.q, inp.k, inp.v))
-        k, v = k[:, idx], v[:, idx]
-        if idx.numel() < L:  # padded query rows: output only, over the real keys
-            pad = inp.padding[b].nonzero().flatten()
-            out[b, :, pad] = F.scaled_dot_product_attention(q[:, pad], k, v, scale=inp.scale).to(out.dtype)
-        if inp.groups[b] < 0:  # not counted: output only
-            out[b, :, idx] = F.scaled_dot_product_attention(q[:, idx], k, v, scale=inp.scale).to(out.dtype)
-            continue
-        # panel positions as indices into the compacted (real) tokens
-        at = torch.searchsorted(idx, pos[c][pos[c] >= 0]) if spec.panel else None
-        o, cell = _cell_stats(q[:, idx], k, v, idx, at, spec, inp.scale, block_elems)
-        out[b, :, idx] = o.to(out.dtype)
-        received[c][:, idx] = cell["colsum"] / idx.numel()
-        summary[c] = cell["summary"]
-        if spec.panel:
-            pair_block[c, :, : at.numel(), : at.numel()] = cell["pair"]
-        _add_window(sums, int(inp.groups[b]), idx, cell["window"])
-        c += 1
-    onehot = group_onehot(groups, spec.n_groups)
-    sums["cells"] += onehot.sum(0)
-    add_group_sums(sums, "summary", onehot, summary)
-    add_window_counts(sums, onehot, real, min(spec.window, L))
-    if spec.gene_stats:
-        add_received(sums, groups, inp.tokens[cells], real, received, spec.vocab_size)
-    if spec.panel and pos.shape[1]:
-        add_pairs(sums, onehot, member, pair_block)
+    out, cells = blocked_cells(inp.q, inp.k, inp.v, plan, inp.scale, block_elems)
+    reduce_into(plan, cells, Target({k: v[None] for k, v in sums.items()}, slice(0, 1)))
     return out, sums
 
 
-def _cell_stats(q, k, v, idx, at, spec: StatsSpec, scale, block_elems):
+def blocked_cells(q, k, v, plan: BatchPlan, scale: float, block_elems: int = BLOCK_ELEMS):
+    """The torch backend on a plan: ``(out, CellResults)``; refuses non-finite q, k, v (found in the
+    row log-sum-exp and the output, with no extra pass)."""
+    B, H, L, D = q.shape
+    spec = plan.spec
+    out = torch.empty_like(q)
+    C, W = plan.n_counted, plan.window
+    f32 = dict(dtype=torch.float32, device=q.device)
+    received = torch.zeros(C, H, L, **f32) if spec.gene_stats else None
+    summary = torch.zeros(C, H, 4, **f32)
+    window = torch.zeros(C, H, W, W, **f32)
+    M = plan.panel_pos.shape[1]
+    pair_block = torch.zeros(C, H, M, M, **f32) if spec.panel else None
+    counted = dict(zip(plan.counted_host, range(C)))  # batch row -> counted cell
+    host = plan.host
+    finite = torch.ones((), dtype=torch.bool, device=q.device)
+    cu = plan.cu_seqlens.tolist() if "cu" not in plan.cache else plan.cache["cu"]
+    plan.cache["cu"] = cu
+    for b in range(B):
+        n = host["lengths"][b]
+        idx = plan.positions[cu[b] : cu[b + 1]]  # the cell's real positions, ascending
+        qb, kb, vb = (x[b].float() for x in (q, k, v))
+        if n < L:
+            kb, vb = kb[:, idx], vb[:, idx]
+            pad = plan.padding[b].nonzero().flatten()  # padded query rows: output only, over the real keys
+            out[b, :, pad] = F.scaled_dot_product_attention(qb[:, pad], kb, vb, scale=scale).to(out.dtype)
+            qb = qb[:, idx]
+        c = counted.get(b)
+        if c is None:  # not counted in any labeling: output only
+            o = F.scaled_dot_product_attention(qb, kb, vb, scale=scale)
+            finite &= torch.isfinite(o.sum())  # no log-sum-exp here: the output shows any NaN or Inf
+        else:
+            at = plan.panel_at[c, : host["panel_count"][c]] if spec.panel else None
+            o, cell = _cell_stats(qb, kb, vb, host["n_window"][c], host["n_context"][c], at, scale, block_elems)
+            finite &= cell["finite"]
+            if received is not None:
+                received[c][:, idx] = cell["colsum"] / n
+            summary[c] = cell["summary"]
+            nw = host["n_window"][c]
+            if host["window_prefix"][c]:
+                window[c, :, :nw, :nw] = cell["window"]
+            else:
+                iw = idx[:nw]
+                window[c][:, iw[:, None], iw[None, :]] = cell["window"]
+            if pair_block is not None:
+                m = at.numel()
+                pair_block[c, :, :m, :m] = cell["pair"]
+        if n < L:
+            out[b, :, idx] = o.to(out.dtype)
+        else:
+            out[b] = o.to(out.dtype)
+    if not bool(finite):
+        refuse_non_finite(q, k, v)
+    cells = CellResults(summary=summary, window=window)
+    if received is not None:
+        cells.received = received_pairs(plan, received)
+    if pair_block is not None:
+        cells.pair = pair_means(plan, pair_block)
+    return out, cells
+
+
+def _cell_stats(q, k, v, nw: int, nc: int, at, scale, block_elems):
     """Output rows and row reductions of one cell; q, k, v are [H, n, D] over its real tokens.
 
     One pass over row blocks does the heavy part (output, log-sum-exp, entropy, row max, column
@@ -93,12 +121,13 @@ def _cell_stats(q, k, v, idx, at, spec: StatsSpec, scale, block_elems):
     def probs(rows, cols):  # exact P on a few entries, from the row log-sum-exp
         return torch.bmm(q[:, rows], k[:, cols].transpose(1, 2)).sub_(lse[:, rows, None]).exp_()
 
-    nw = int((idx < spec.window).sum())  # positions < W are a prefix of the sorted real positions
-    nc = int((idx < spec.n_context).sum())
     context = probs(slice(None), slice(nc)).sum(-1)
     self_mass = (q * k).sum(-1).sub_(lse).exp_()
     per_row = torch.stack([entropy, context, self_mass, row_max], dim=-1)  # [H, n, 4]
-    cell = {"summary": per_row.mean(1), "colsum": colsum, "window": probs(slice(nw), slice(nw))}
+    # a non-finite q or k makes its rows' (or every row's) log-sum-exp NaN; a non-finite v makes the
+    # output rows NaN (0 * inf = NaN in P @ V): checking these costs nothing like a pass over q, k, v
+    finite = torch.isfinite(lse.sum() + out[:, 0].sum())
+    cell = {"summary": per_row.mean(1), "colsum": colsum, "window": probs(slice(nw), slice(nw)), "finite": finite}
     if at is not None:
         cell["pair"] = probs(at, at)
     return out, cell
@@ -127,16 +156,3 @@ def _rows_eager(q, k, v, block_elems):
         row_max[:, r0:r1] = inv_z[..., 0]  # max_j p_j = exp(0) / z
         colsum.baddbmm_(inv_z.transpose(1, 2), e)
     return out, lse, entropy, row_max, colsum[:, 0]
-
-
-def _add_window(sums, g, idx, win):
-    """Add one cell's window (P among its real positions < W) into group g's position sums."""
-    nw = win.shape[-1]
-    win = win.double()
-    if nw == 0 or int(idx[nw - 1]) == nw - 1:  # no padding inside the window: a plain slice
-        sums["pos_sum"][g, :, :nw, :nw] += win
-        sums["pos_sq"][g, :, :nw, :nw] += win**2
-    else:
-        iw = idx[:nw]
-        sums["pos_sum"][g][:, iw[:, None], iw[None, :]] += win
-        sums["pos_sq"][g][:, iw[:, None], iw[None, :]] += win**2

@@ -7,6 +7,9 @@ the contract. Group sums are one-hot matmuls, so the order is fixed.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 
@@ -70,3 +73,121 @@ def add_pairs(sums, onehot, member, block) -> None:
     add_group_sums(sums, "pair", onehot, pair)
     present = (member.sum(-1) > 0).double()
     sums["pair_count"] += torch.einsum("cg,ck,cl->gkl", onehot, present, present)
+
+
+# ------------------------------------------------------------------ every labeling at once
+@dataclass
+class CellResults:
+    """A backend's per-cell results of one layer, one row per counted cell of the plan.
+
+    summary: ``[C, H, 4]`` the head summaries (means over the cell's real rows), SUMMARIES order.
+    window:  ``[C, H, W, W]`` P among positions < W (W = plan.window), 0 unless both are real.
+    received: ``[U, H]`` per (cell, gene) pair of the plan (``plan.pair_cell/pair_gene``): the sum
+             over the cell's occurrences of the gene of the column mean of P; None without genes.
+    pair:    ``[C, H, K, K]`` the cell's panel pair means (see :func:`pair_means`); None without a panel.
+    """
+
+    summary: torch.Tensor
+    window: torch.Tensor
+    received: torch.Tensor | None = None
+    pair: torch.Tensor | None = None
+
+
+@dataclass
+class Target:
+    """Where a layer's sums go: float64 tensors shaped ``[n, G, ...]`` (``sum_shapes`` with a leading
+    labeling axis) for the plan's labelings ``labelings`` (a slice of n of them).
+
+    genes: ``[V_b]`` slot of each of ``plan.genes`` in the last axis of the ``recv_*`` sums; None when
+    that axis is the whole vocabulary (slot = token id).
+    """
+
+    sums: dict
+    labelings: slice = field(default_factory=lambda: slice(None))
+    genes: torch.Tensor | None = None
+
+
+def received_pairs(plan, received: torch.Tensor) -> torch.Tensor:
+    """``[U, H]`` per (cell, gene) pair from per-cell column means ``received [C, H, L]``."""
+    C, H, L = received.shape
+    flat = received.permute(0, 2, 1).reshape(C * L, H)[plan.gene_src]
+    return received.new_zeros(plan.pair_cell.numel(), H).index_add_(0, plan.gene_pairs, flat)
+
+
+def pair_means(plan, block: torch.Tensor) -> torch.Tensor:
+    """``[C, H, K, K]`` from ``block [C, H, M, M]`` = P at each cell's panel positions: per cell, the
+    mean over the query occurrences of u of the mass on all occurrences of v (0 unless both present)."""
+    member = plan.panel_member
+    rows_mean = member / member.sum(-1, keepdim=True).clamp(min=1)
+    return torch.einsum("ckm,chmn,cln->chkl", rows_mean, block.double(), member)
+
+
+def reduce_into(plan, cells: CellResults, target: Target) -> None:
+    """Add the per-cell results of one layer into ``target``'s labelings: one matmul of the
+    labelings' one-hot per statistic (fixed order), the counts from the plan."""
+    G = plan.n_groups
+    lab = range(plan.n_labelings)[target.labelings]
+    n = len(lab)
+    if n == 0:
+        return
+    onehot_t = plan.onehot[:, lab.start * G : lab.start * G + n * G].T  # [n G, C]; labelings are contiguous
+    assert lab.step == 1, "target labelings must be a contiguous slice"
+    sums = target.sums
+    W = plan.window
+    for name, value in plan.counts.items():
+        if name == "recv_count":
+            _gene_add(sums[name], target.genes, plan, value[lab.start : lab.stop])
+        else:
+            sums[name] += value[lab.start : lab.stop]
+    _addmm(sums, "summary", onehot_t, cells.summary, n, G)
+    if W == plan.spec.window:
+        _addmm(sums, "pos", onehot_t, cells.window, n, G)
+    else:  # a batch shorter than the window: its [W, W] corner
+        part = {k: sums[k][:, :, :, :W, :W] for k in ("pos_sum", "pos_sq")}
+        _addmm(part, "pos", onehot_t, cells.window, n, G)
+    if cells.pair is not None:
+        _addmm(sums, "pair", onehot_t, cells.pair, n, G)
+    if cells.received is not None and plan.genes.numel():
+        _add_received(sums, target.genes, plan, onehot_t, cells.received, n, G)
+
+
+def _addmm(sums, name, onehot_t, x, n, G):
+    """``sums[name_sum/_sq] += onehot_t @ x, x**2`` over the cells (x: ``[C, ...]``)."""
+    x = x.reshape(x.shape[0], math.prod(x.shape[1:])).double()
+    for suffix, value in (("_sum", x), ("_sq", x * x)):
+        t = sums[name + suffix]
+        if t.is_contiguous():
+            t.view(n * G, -1).addmm_(onehot_t, value)
+        else:
+            t += (onehot_t @ value).view(t.shape)
+
+
+#: Most per-cell gene entries (cells x genes x heads) densified at once by the gene reduction.
+GENE_CHUNK = 2**22
+
+
+def _add_received(sums, genes, plan, onehot_t, r, n, G):
+    """Gene sums of every labeling: the per-pair values densified per cell over the batch's genes
+    (in chunks of genes), one matmul with the one-hot, then added at the target's gene slots."""
+    C, H, V = plan.onehot.shape[0], r.shape[1], plan.genes.numel()
+    r = r.double()
+    step = max(1, GENE_CHUNK // max(C * H, 1))
+    key = ("gene_chunks", step)
+    if key not in plan.cache:  # pairs are sorted by gene: a chunk of genes is a range of pairs
+        edges = torch.arange(0, V + step, step, device=r.device).clamp(max=V)
+        plan.cache[key] = torch.searchsorted(plan.pair_gene, edges).tolist()
+    bounds = plan.cache[key]
+    for i, v0 in enumerate(range(0, V, step)):
+        v1 = min(V, v0 + step)
+        sel = slice(bounds[i], bounds[i + 1])
+        dense = r.new_zeros(C, v1 - v0, H)
+        dense[plan.pair_cell[sel], plan.pair_gene[sel] - v0] = r[sel]
+        dense = dense.reshape(C, (v1 - v0) * H)
+        for suffix, value in (("_sum", dense), ("_sq", dense * dense)):
+            block = (onehot_t @ value).view(n, G, v1 - v0, H).transpose(2, 3)
+            slots = plan.genes[v0:v1] if genes is None else genes[v0:v1]
+            sums["recv" + suffix].index_add_(3, slots, block)
+
+
+def _gene_add(target, genes, plan, value):
+    target.index_add_(target.dim() - 1, plan.genes if genes is None else genes, value)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .spec import Inputs, StatsSpec, empty_sums
+from .spec import Inputs, StatsSpec, empty_sums, refuse_non_finite
 
 
 def attention_probs(inp: Inputs) -> torch.Tensor:
@@ -20,9 +20,33 @@ def attention_probs(inp: Inputs) -> torch.Tensor:
 
 
 def reference_stats(inp: Inputs, spec: StatsSpec, sums=None):
+    _refuse_non_finite(inp)
     P = attention_probs(inp)
     out = torch.einsum("bhij,bhjd->bhid", P, inp.v.float()).to(inp.q.dtype)
     return out, stats_from_probs(P, inp.padding, inp.groups, inp.tokens, spec, sums)
+
+
+def reference_planned(inp: Inputs, plan, targets) -> torch.Tensor:
+    """Every labeling of a plan, one by one from the same P: the oracle for the plan's reductions."""
+    _refuse_non_finite(inp)
+    P = attention_probs(inp)
+    out = torch.einsum("bhij,bhjd->bhid", P, inp.v.float()).to(inp.q.dtype)
+    for target in targets:
+        for i, labeling in enumerate(plan.labelings[target.labelings]):
+            sums = stats_from_probs(P, inp.padding, labeling, inp.tokens, plan.spec)
+            for name, value in sums.items():
+                if name.startswith("recv"):  # onto the target's gene axis (0 off the batch's genes)
+                    slots = plan.genes if target.genes is None else target.genes
+                    dest = target.sums[name][i]
+                    dest.index_add_(dest.dim() - 1, slots, value[..., plan.genes])
+                else:
+                    target.sums[name][i] += value
+    return out
+
+
+def _refuse_non_finite(inp: Inputs) -> None:
+    if not all(bool(torch.isfinite(x).all()) for x in (inp.q, inp.k, inp.v)):
+        refuse_non_finite(inp.q, inp.k, inp.v)
 
 
 def stats_from_probs(P, padding, groups, tokens, spec: StatsSpec, sums=None) -> dict[str, torch.Tensor]:

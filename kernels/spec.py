@@ -107,7 +107,23 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def check_inputs(q, k, v, key_padding_mask, groups, tokens, spec: StatsSpec, scale) -> Inputs:
-    """Validate shapes, dtypes and ranges; raise ``ValueError`` naming the problem and the fix."""
+    """Validate shapes, dtypes and ranges; raise ``ValueError`` naming the problem and the fix.
+
+    Non-finite values are not looked for here (that would be a full pass over q, k, v): the
+    backends find them in the row log-sum-exp and the output they compute anyway, and then
+    :func:`refuse_non_finite` names the culprit.
+    """
+    scale = check_qkv(q, k, v, scale)
+    B, H, L, D = q.shape
+    groups = torch.as_tensor(groups, device=q.device)
+    if groups.shape != (B,):
+        raise ValueError(f"groups must have shape [B] = [{B}], got {tuple(groups.shape)} (mismatched batch sizes?)")
+    labelings, padding, tokens = check_batch(spec, groups[None], key_padding_mask, tokens, (B, L), q.device)
+    return Inputs(q, k, v, padding, labelings[0], tokens, scale)
+
+
+def check_qkv(q, k, v, scale) -> float:
+    """Shapes and dtypes of q, k, v (no pass over their values); returns the scale."""
     if q.dim() != 4:
         raise ValueError(f"q must have shape [B, H, L, D], got {tuple(q.shape)}")
     if k.shape != q.shape or v.shape != q.shape:
@@ -121,30 +137,57 @@ def check_inputs(q, k, v, key_padding_mask, groups, tokens, spec: StatsSpec, sca
             f"got {q.dtype}, {k.dtype}, {v.dtype}"
         )
     B, H, L, D = q.shape
+    if B == 0 or L == 0:
+        raise ValueError(f"empty batch: q has shape {tuple(q.shape)}; pass at least one cell and one token")
+    return float(D**-0.5 if scale is None else scale)
+
+
+def refuse_non_finite(q, k, v) -> None:
+    """Raise the ``ValueError`` naming which of q, k, v holds NaN or Inf (called once a backend has
+    found a non-finite row log-sum-exp or output: the full pass happens only on the error path)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not bool(torch.isfinite(x).all()):
             raise ValueError(
                 f"{name} contains NaN or Inf: the model's activations are not finite before attention "
                 f"(check the inputs and the dtype; fp16 overflows above 65504)"
             )
+    raise ValueError("the attention scores overflowed to NaN or Inf: q and k are finite but too large (fp16?)")
+
+
+def check_batch(spec: StatsSpec, labelings, key_padding_mask, tokens, shape, device):
+    """Group codes of every labeling ``[N + 1, B]``, padding ``[B, L]`` and token ids, checked.
+
+    Returns ``(labelings int64, padding bool, tokens int64 or None)`` on ``device``.
+    """
+    labelings = torch.as_tensor(labelings, device=device)
+    device = labelings.device if device is None else device
+    if labelings.dim() == 1:
+        labelings = labelings[None]
+    if shape is None:
+        known = key_padding_mask if key_padding_mask is not None else tokens
+        if known is None:
+            raise ValueError("the batch shape is unknown: pass key_padding_mask or tokens [B, L] (or shape=)")
+        shape = tuple(torch.as_tensor(known).shape)
+    B, L = shape
     if B == 0 or L == 0:
-        raise ValueError(f"empty batch: q has shape {tuple(q.shape)}; pass at least one cell and one token")
-    groups = torch.as_tensor(groups, device=q.device)
-    if groups.shape != (B,):
-        raise ValueError(f"groups must have shape [B] = [{B}], got {tuple(groups.shape)} (mismatched batch sizes?)")
-    if groups.dtype.is_floating_point or groups.dtype == torch.bool:
-        raise ValueError(f"groups must be integer codes in [0, {spec.n_groups}) or -1, got dtype {groups.dtype}")
-    groups = groups.long()
-    bad = groups[(groups < -1) | (groups >= spec.n_groups)]
+        raise ValueError(f"empty batch: shape {(B, L)}; pass at least one cell and one token")
+    if labelings.dim() != 2 or labelings.shape[1] != B:
+        raise ValueError(
+            f"group codes must have shape [B] = [{B}] per labeling, got {tuple(labelings.shape)} (mismatched batch sizes?)"
+        )
+    if labelings.dtype.is_floating_point or labelings.dtype == torch.bool:
+        raise ValueError(f"groups must be integer codes in [0, {spec.n_groups}) or -1, got dtype {labelings.dtype}")
+    labelings = labelings.long()
+    bad = labelings[(labelings < -1) | (labelings >= spec.n_groups)]
     if bad.numel():
         raise ValueError(
             f"group codes {sorted(set(bad.tolist()))} are out of range: codes must be in "
             f"[0, {spec.n_groups}) or -1 (not counted); raise n_groups or fix the labels"
         )
     if key_padding_mask is None:
-        padding = torch.zeros(B, L, dtype=torch.bool, device=q.device)
+        padding = torch.zeros(B, L, dtype=torch.bool, device=device)
     else:
-        padding = torch.as_tensor(key_padding_mask, device=q.device)
+        padding = torch.as_tensor(key_padding_mask, device=device)
         if padding.shape != (B, L):
             raise ValueError(f"key_padding_mask must have shape [B, L] = [{B}, {L}], got {tuple(padding.shape)}")
         if padding.dtype != torch.bool:
@@ -155,7 +198,7 @@ def check_inputs(q, k, v, key_padding_mask, groups, tokens, spec: StatsSpec, sca
     if spec.gene_stats:
         if tokens is None:
             raise ValueError("this spec has vocab_size set, so gene statistics need token ids: pass tokens [B, L]")
-        tokens = torch.as_tensor(tokens, device=q.device)
+        tokens = torch.as_tensor(tokens, device=device)
         if tokens.shape != (B, L):
             raise ValueError(f"tokens must have shape [B, L] = [{B}, {L}], got {tuple(tokens.shape)}")
         if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
@@ -169,7 +212,5 @@ def check_inputs(q, k, v, key_padding_mask, groups, tokens, spec: StatsSpec, sca
                 f"raise vocab_size or fix the tokenizer"
             )
     elif tokens is not None:
-        tokens = torch.as_tensor(tokens, device=q.device).long()
-    if scale is None:
-        scale = D**-0.5
-    return Inputs(q, k, v, padding, groups, tokens, float(scale))
+        tokens = torch.as_tensor(tokens, device=device).long()
+    return labelings, padding, tokens

@@ -21,14 +21,15 @@ Per-cell results are then reduced into group sums by the small torch functions o
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from .reduce import add_group_sums, add_pairs, add_received, add_window_counts, group_onehot, panel_positions
-from .spec import Inputs, StatsSpec
+from .reduce import CellResults, pair_means, received_pairs
+from .spec import refuse_non_finite
 from .triton_forward import (
     INTERPRET,
     LOG2E,
@@ -188,20 +189,21 @@ def _entries_kernel(
 
 # ----------------------------------------------------------------------------- launchers
 @dataclass
-class CellResults:
-    """Per counted cell (in the order of ``cells``), everything a layer's group sums are made of."""
+class KernelResults:
+    """Per counted cell (in the order of ``cells``), what the kernels compute for a layer's sums."""
 
     summary: torch.Tensor  # [C, H, 4] float32: means over real rows, in the order of SUMMARIES
     received: torch.Tensor | None  # [C, H, L] float32: mean over real rows of P (0 at padded keys)
     window: torch.Tensor  # [C, H, W, W] float32: P among positions < W (0 where either is padding)
     pair: torch.Tensor | None  # [C, H, M, M] float32: P among each cell's panel positions
+    checksum: torch.Tensor  # 0-dim: sum of every cell's summaries (NaN if any row's lse is)
 
 
 def cell_results(
     q, k, v, scale: float, *, bias, extent, inv_n, cells, window: int, n_context: int = 0,
     panel_pos=None, received: bool = True, tiles: dict | None = None,
 ):  # fmt: skip
-    """Kernel 1, then kernel 2 on the counted cells: ``(out, CellResults)``.
+    """Kernel 1, then kernel 2 on the counted cells: ``(out, KernelResults)``.
 
     Everything data-dependent comes in as device tensors (built once per forward), so nothing here
     waits for the device: ``bias`` [B, L] float32 (0 real, MASKED padding), ``extent`` [B] int32 (one
@@ -218,7 +220,8 @@ def cell_results(
     out, term, rowstats = forward(
         q, k, v, bias, extent, scale, inv_n=inv_n, n_context=n_context, tiles=tiles.get("forward")
     )
-    summary = rowstats.sum(-1).index_select(0, cells)  # [C, H, 4]: rows come weighted by real / n
+    every = rowstats.sum(-1)  # [B, H, 4]: rows come weighted by real / n
+    summary = every.index_select(0, cells)
     common = (*q.stride(), *k.stride())
     meta = dict(HEAD_D=D, BLOCK_D=block_d(D), DOT_PREC=dot_precision(q.dtype))
     qk_scale = scale * LOG2E
@@ -235,7 +238,7 @@ def cell_results(
     pair = None
     if panel_pos is not None and panel_pos.shape[1]:
         pair = _entries(q, k, bias, term, extent, cells, panel_pos, panel_pos.shape[1], common, L, qk_scale, meta)
-    return out, CellResults(summary, recv, win, pair)
+    return out, KernelResults(summary, recv, win, pair, every.sum())
 
 
 def _entries(q, k, bias, term, extent, cells, pos, W, common, L, qk_scale, meta):
@@ -249,33 +252,64 @@ def _entries(q, k, bias, term, extent, cells, pos, W, common, L, qk_scale, meta)
     return block
 
 
-def triton_stats(inp: Inputs, spec: StatsSpec, sums):
-    """The ``triton`` backend of :func:`attnprof.kernels.attention_stats` on checked inputs: adds the
-    batch's statistics into ``sums`` (in place) and returns ``(out, sums)``."""
-    B, H, L, D = inp.q.shape
-    real = ~inp.padding
-    cells = (inp.groups >= 0).nonzero().flatten()  # only counted cells are reduced
-    n = real.sum(1)
-    inv_n = n.float().reciprocal()
-    groups, real_c = inp.groups[cells], real[cells]
-    panel_pos = member = None
-    if spec.panel and cells.numel():
-        panel = torch.tensor(spec.panel, dtype=torch.long, device=inp.q.device)
-        panel_pos, member = panel_positions(inp.tokens[cells], real_c, panel)
-    W = min(spec.window, L)
+# ----------------------------------------------------------------------------- on a batch plan
+@dataclass(eq=False)
+class PlanDevice:
+    """What the kernels take from a batch plan, derived once per plan (per forward), on its device."""
+
+    bias: torch.Tensor  # [B, L] float32: 0 real, MASKED padding
+    extent: torch.Tensor  # [B] int32: one past the last real token
+    inv_n: torch.Tensor  # [B] float32: 1 / real tokens
+    finite: list  # one 0-dim bool per layer call, in call order: were its q, k, v finite?
+
+
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def plan_device(plan) -> PlanDevice:
+    """The plan's kernel inputs, built at its first layer call (a few ops, no host sync) and kept while
+    the plan lives."""
+    dev = _PLANS.get(plan)
+    if dev is None:
+        n = plan.lengths.to(torch.float32)
+        dev = PlanDevice(key_bias(plan.padding), extents(plan.padding), n.reciprocal(), [])
+        _PLANS[plan] = dev
+    return dev
+
+
+def triton_cells(q, k, v, plan, scale: float):
+    """The triton backend on a plan: ``(out, CellResults)`` for :func:`attnprof.kernels.reduce.reduce_into`.
+
+    No host sync: everything data-dependent comes from the plan. Non-finite q, k or v (a NaN row
+    log-sum-exp, or a NaN output) is not raised here, which would wait for the device: each call
+    appends a device flag to ``plan_device(plan).finite`` and :func:`raise_if_non_finite` checks them
+    all with one sync (the caller does, once per forward).
+    """
+    spec, dev = plan.spec, plan_device(plan)
     out, res = cell_results(
-        inp.q, inp.k, inp.v, inp.scale, bias=key_bias(inp.padding), extent=extents(inp.padding), inv_n=inv_n,
-        cells=cells, window=W, n_context=spec.n_context, panel_pos=panel_pos, received=spec.gene_stats,
+        q, k, v, scale, bias=dev.bias, extent=dev.extent, inv_n=dev.inv_n, cells=plan.counted,
+        window=plan.window, n_context=spec.n_context, panel_pos=plan.panel_pos if spec.panel else None,
+        received=spec.gene_stats,
     )  # fmt: skip
-    if cells.numel() == 0:
-        return out, sums
-    onehot = group_onehot(groups, spec.n_groups)
-    sums["cells"] += onehot.sum(0)
-    add_group_sums(sums, "summary", onehot, res.summary)
-    add_group_sums({f"pos_{x}": sums[f"pos_{x}"][:, :, :W, :W] for x in ("sum", "sq")}, "pos", onehot, res.window)
-    add_window_counts(sums, onehot, real_c, W)
+    # every real row's statistics come from its log-sum-exp, and v reaches only the output
+    dev.finite.append(torch.isfinite(res.checksum + out.sum(dtype=torch.float32)))
+    cells = CellResults(summary=res.summary, window=res.window)
     if spec.gene_stats:
-        add_received(sums, groups, inp.tokens[cells], real_c, res.received, spec.vocab_size)
+        cells.received = received_pairs(plan, res.received)
     if res.pair is not None:
-        add_pairs(sums, onehot, member, res.pair)
-    return out, sums
+        cells.pair = pair_means(plan, res.pair)
+    elif spec.panel:  # no counted cell holds a panel id: every pair mean is 0
+        cells.pair = res.summary.new_zeros(plan.n_counted, q.shape[1], len(spec.panel), len(spec.panel))
+    return out, cells
+
+
+def raise_if_non_finite(plan, q, k, v) -> None:
+    """One host sync for all layer calls on ``plan`` so far: raise the ``ValueError`` of
+    :func:`refuse_non_finite` if any of them saw NaN or Inf (``q, k, v``: the last call's, to name which)."""
+    dev = _PLANS.get(plan)
+    if dev is None or not dev.finite:
+        return
+    flags = torch.stack(dev.finite)
+    dev.finite.clear()
+    if not bool(flags.all()):
+        refuse_non_finite(q, k, v)

@@ -11,12 +11,112 @@ import os
 import tempfile
 import zipfile
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 FORMAT_VERSION = 1
+
+
+class NullSums(Sequence):
+    """The sums of N label permutations of the same cells (the permutation null), stacked.
+
+    arrays:     name -> float64 ``[N, layers, ...]`` (the shapes of ``Profile.sums`` after the
+                permutation axis), except that the ``recv_*`` sums may span only ``genes``.
+    genes:      ascending token ids of the ``recv_*`` sums' last axis, or None when it is the whole
+                vocabulary. A permutation needs gene sums only where the data has genes: a 300-gene
+                panel keeps 300 entries per head, not the vocabulary's 20,000.
+    vocab_size: the vocabulary's size (for the full-shape view).
+
+    Reads like the list of per-permutation sums it replaces: ``null[i]`` is a dict of arrays shaped
+    like ``Profile.sums`` (gene sums spread onto the vocabulary, 0 elsewhere), built on access.
+    """
+
+    def __init__(self, arrays: dict[str, np.ndarray], genes=None, vocab_size: int | None = None):
+        self.arrays = dict(arrays)
+        self.genes = None if genes is None else np.asarray(genes, dtype=np.int64)
+        self.vocab_size = vocab_size
+
+    @classmethod
+    def from_list(cls, sums: list[dict[str, np.ndarray]], vocab_size: int | None = None) -> NullSums:
+        keys = sums[0].keys() if sums else ()
+        return cls({k: np.stack([s[k] for s in sums]) for k in keys}, vocab_size=vocab_size)
+
+    def __len__(self) -> int:
+        return len(self.arrays["cells"]) if self.arrays else 0
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(len(self))[i]]
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"permutation {i} out of range: {len(self)} permutations")
+        out = {}
+        for name, arr in self.arrays.items():
+            if self.genes is not None and name.startswith("recv"):
+                full = np.zeros(arr.shape[1:-1] + (self.vocab_size,))
+                full[..., self.genes] = arr[i]
+                out[name] = full
+            else:
+                out[name] = arr[i]
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+    def __add__(self, other: NullSums) -> NullSums:
+        """Sums of two parts of the same permutations (shards, checkpoints): the gene axes unite."""
+        if not len(self) or not len(other):
+            return self if len(self) else other
+        genes = None
+        if self.genes is not None or other.genes is not None:
+            mine = np.arange(self.vocab_size) if self.genes is None else self.genes
+            theirs = np.arange(other.vocab_size) if other.genes is None else other.genes
+            genes = np.union1d(mine, theirs)
+        out = {}
+        for name, arr in self.arrays.items():
+            if genes is not None and name.startswith("recv"):
+                total = np.zeros(arr.shape[:-1] + (len(genes),))
+                for part, ids in ((arr, mine), (other.arrays[name], theirs)):
+                    total[..., np.searchsorted(genes, ids)] += part
+                out[name] = total
+            else:
+                out[name] = arr + other.arrays[name]
+        return NullSums(out, genes, self.vocab_size)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        arrays = {f"nullsums_{k}": v for k, v in self.arrays.items()}
+        if self.genes is not None:
+            arrays["nullsums_genes"] = self.genes
+        return arrays
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], vocab_size) -> NullSums:
+        """Reads the stacked form and the per-permutation ``null<i>_<name>`` arrays of earlier files."""
+        if any(k.startswith("nullsums_") for k in arrays):
+            genes = arrays.get("nullsums_genes")
+            stacked = {k[9:]: _float64(v) for k, v in arrays.items() if k.startswith("nullsums_") and k != "nullsums_genes"}
+            return cls(stacked, genes, vocab_size)
+        n_null = sum(1 for k in arrays if k.startswith("null") and k.endswith("_cells"))
+        listed = [
+            {k.split("_", 1)[1]: _float64(arrays[k]) for k in arrays if k.startswith(f"null{i}_")}
+            for i in range(n_null)
+        ]
+        return cls.from_list(listed, vocab_size)
+
+    def check_shapes(self, sums: dict[str, np.ndarray], source) -> None:
+        if len(self) and self.arrays.keys() != sums.keys():
+            raise ValueError(f"{source}: permutation sums do not match the sums (corrupted file?)")
+        for name, arr in self.arrays.items():
+            want = sums[name].shape
+            if self.genes is not None and name.startswith("recv"):
+                want = want[:-1] + (len(self.genes),)
+            if arr.shape != (len(self), *want):
+                raise ValueError(f"{source}: permutation sum {name!r} has shape {arr.shape}, expected {(len(self), *want)}")
+        if self.genes is not None and (np.any(self.genes < 0) or np.any(self.genes >= (self.vocab_size or 0))):
+            raise ValueError(f"{source}: permutation gene ids outside the vocabulary (corrupted file?)")
 
 
 @dataclass
@@ -35,7 +135,9 @@ class Profile:
     meta:      free-form run metadata (JSON-serializable), e.g. the model and options.
                ``meta["data"]["cells_digest"]``, where present, names the set of cells
                profiled: merging two profiles of the same cells is refused.
-    null:      sums of the same cells under label permutations (the permutation null).
+    null:      sums of the same cells under label permutations (the permutation null): a
+               :class:`NullSums` (a list of per-permutation sum dicts is converted to one);
+               ``null[i]`` reads like ``sums``.
     """
 
     sums: dict[str, np.ndarray]
@@ -47,7 +149,15 @@ class Profile:
     genes: list[str] | None = None
     panel: list[int] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
-    null: list[dict[str, np.ndarray]] = field(default_factory=list)
+    null: NullSums = field(default_factory=list)
+
+    def __post_init__(self):
+        if not isinstance(self.null, NullSums):
+            self.null = NullSums.from_list(list(self.null), self._vocab_size())
+        self.null.vocab_size = self._vocab_size()
+
+    def _vocab_size(self) -> int | None:
+        return None if self.genes is None else len(self.genes)
 
     # ----------------------------------------------------------------- layout
     def layout(self) -> dict:
@@ -99,8 +209,7 @@ class Profile:
 
     def _summed(self, other: Profile, meta: dict) -> Profile:
         sums = {k: self.sums[k] + other.sums[k] for k in self.sums}
-        null = [{k: mine[k] + theirs[k] for k in mine} for mine, theirs in zip(self.null, other.null)]
-        return Profile(sums, **{**self._fields(), "meta": dict(meta)}, null=null)
+        return Profile(sums, **{**self._fields(), "meta": dict(meta)}, null=self.null + other.null)
 
     def null_profile(self, i: int) -> Profile:
         """The profile of permutation ``i`` of the labels (same cells, shuffled groups)."""
@@ -154,15 +263,15 @@ class Profile:
         return cls.from_arrays(read_npz(path, "attnprof profile"), path)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        """The arrays of the ``.npz`` file: a JSON ``header``, ``sum_<name>`` and ``null<i>_<name>``."""
+        """The arrays of the ``.npz`` file: a JSON ``header``, ``sum_<name>`` and the permutations'
+        stacked ``nullsums_<name>`` (with ``nullsums_genes``, their gene axis, where it is not the vocabulary)."""
         header = {"format_version": FORMAT_VERSION, **self._fields()}
         try:
             arrays = {"header": np.array(json.dumps(header))}
         except TypeError as e:  # before any file is touched
             raise ValueError(f"cannot save the profile: its meta must be JSON-serializable ({e})") from e
         arrays.update({f"sum_{k}": v for k, v in self.sums.items()})
-        for i, null in enumerate(self.null):
-            arrays.update({f"null{i}_{k}": v for k, v in null.items()})
+        arrays.update(self.null.to_arrays())
         return arrays
 
     @classmethod
@@ -178,11 +287,8 @@ class Profile:
         if version != FORMAT_VERSION:
             raise ValueError(f"{source} has profile format {version}; this attnprof reads format {FORMAT_VERSION}")
         sums = {k[4:]: _float64(arrays[k]) for k in arrays if k.startswith("sum_")}
-        n_null = sum(1 for k in arrays if k.startswith("null") and k.endswith("_cells"))
-        null = [
-            {k.split("_", 1)[1]: _float64(arrays[k]) for k in arrays if k.startswith(f"null{i}_")}
-            for i in range(n_null)
-        ]
+        genes = header.get("genes")
+        null = NullSums.from_arrays(arrays, None if genes is None else len(genes))
         try:
             profile = cls(sums, **header, null=null)
         except TypeError as e:  # a header with unknown or missing fields
@@ -195,12 +301,10 @@ class Profile:
         for name in ("cells", "pos_sum", "summary_sum"):
             if name not in self.sums:
                 raise ValueError(f"{source}: profile lacks the sum {name!r} (corrupted file?)")
-        for sums in (self.sums, *self.null):
-            if sums.keys() != self.sums.keys():
-                raise ValueError(f"{source}: permutation sums do not match the sums (corrupted file?)")
-            for name, arr in sums.items():
-                if arr.shape != self.sums[name].shape or arr.shape[:1] != (nl,):
-                    raise ValueError(f"{source}: sum {name!r} has shape {arr.shape}, expected {nl} layers first")
+        for name, arr in self.sums.items():
+            if arr.shape[:1] != (nl,):
+                raise ValueError(f"{source}: sum {name!r} has shape {arr.shape}, expected {nl} layers first")
+        self.null.check_shapes(self.sums, source)
 
 
 def merge(profiles) -> Profile:

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from attnprof.kernels import StatsSpec, attention_stats
+from attnprof.kernels import BatchPlan, StatsSpec, Target, build_plan, empty_sums, planned_stats, sum_shapes
 
-from .profile import Profile
+from .profile import NullSums, Profile
 
 
 class Recorder:
@@ -51,7 +51,12 @@ class Recorder:
         self._calls: dict[str, int] = {}
         self._warned_grad = False
         self.n_null: int | None = None
-        self.null_sums: list[dict[str, dict[str, torch.Tensor]]] = []
+        # layer -> name -> [N, G, ...]: every permutation's sums, gene sums over null_genes only
+        self.null_sums: dict[str, dict[str, torch.Tensor]] = {}
+        self.null_genes: list[int] = []  # token ids of the permutation sums' gene axis, first seen first
+        self._null_slot: dict[int, int] = {}
+        self._null_slots = None
+        self._plan = None
 
     def _panel_ids(self, panel) -> list[int]:
         if not panel:
@@ -87,8 +92,8 @@ class Recorder:
         """Say which group each cell of the next forward belongs to, and its token ids [B, L].
 
         null_groups: optional list of N further labelings of the same cells (label
-        permutations); each gets its own sums, for permutation p-values. Every
-        batch of a run must give the same N.
+        permutations); each gets its own sums, for permutation p-values, from the same
+        attention pass. Every batch of a run must give the same N.
         """
         codes = self.group_codes(groups)
         if self.genes is not None and tokens is None:
@@ -99,7 +104,9 @@ class Recorder:
         if self.n_null is not None and len(null) != self.n_null:
             raise ValueError(f"this run has {self.n_null} null labelings per batch; set_batch gave {len(null)}")
         self.n_null = len(null)
-        self._batch = (codes, None if tokens is None else torch.as_tensor(tokens), null)
+        labelings = torch.stack([codes, *null]) if null else codes[None]
+        self._batch = (labelings, None if tokens is None else torch.as_tensor(tokens))
+        self._plan = None  # built at the forward's first layer call, where padding and device are known
         self._calls = {}
 
     # ----------------------------------------------------- called by adapters
@@ -124,44 +131,73 @@ class Recorder:
                 stacklevel=3,
             )
             self._warned_grad = True
-        codes, tokens, null = self._batch
-        if codes.shape[0] != q.shape[0]:
+        labelings, _ = self._batch
+        if labelings.shape[1] != q.shape[0]:
             raise ValueError(
-                f"set_batch gave {codes.shape[0]} group codes but layer {layer!r} sees a batch of {q.shape[0]} cells"
+                f"set_batch gave {labelings.shape[1]} group codes but layer {layer!r} sees a batch of {q.shape[0]} cells"
             )
         if self.n_heads is None:
             self.n_heads = q.shape[1]
         elif q.shape[1] != self.n_heads:
             raise ValueError(f"layer {layer!r} has {q.shape[1]} heads, others {self.n_heads}: mixed head counts")
         self.register(layer)
-        tokens = None if tokens is None else tokens.to(q.device)
-
-        def stats(group_codes, target: dict):  # adds into the run's sums of this layer
-            into = target.get(layer)
-            out, target[layer] = self._kernel(layer, q, k, v, group_codes, key_padding_mask, tokens, scale, into)
-            return out
-
-        out = stats(codes, self.sums)
-        while len(self.null_sums) < len(null):
-            self.null_sums.append({})
-        for target, labels in zip(self.null_sums, null):  # one more attention pass per permutation
-            stats(labels, target)
-        return out
-
-    def _kernel(self, layer, q, k, v, codes, key_padding_mask, tokens, scale, into):
         try:
-            return attention_stats(
-                q, k, v,
-                spec=self.spec,
-                groups=codes.to(q.device),
-                key_padding_mask=key_padding_mask,
-                tokens=tokens,
-                scale=scale,
-                backend=self.backend,
-                into=into,
-            )  # fmt: skip
+            plan = self._plan_for(q, key_padding_mask)
+            return planned_stats(q, k, v, plan, self._targets(layer, plan, q.device), scale=scale, backend=self.backend)
         except ValueError as e:  # name the layer: the kernels know none
             raise ValueError(f"layer {layer!r}: {e}") from e
+
+    def _plan_for(self, q, key_padding_mask) -> BatchPlan:
+        """The forward's batch plan, built at its first layer call and reused by the others (a layer
+        with other padding, e.g. of another length, gets its own)."""
+        plan, mask = self._plan or (None, None)
+        same = plan is not None and plan.device == q.device and (plan.B, plan.L) == (q.shape[0], q.shape[2]) and (
+            mask is key_padding_mask
+            or (mask is not None and key_padding_mask is not None and torch.equal(mask, key_padding_mask))
+        )
+        if not same:
+            labelings, tokens = self._batch
+            plan = build_plan(self.spec, labelings.to(q.device), key_padding_mask,
+                              None if tokens is None else tokens.to(q.device),
+                              shape=(q.shape[0], q.shape[2]), device=q.device)  # fmt: skip
+            self._plan = (plan, key_padding_mask)
+            self._null_slots = self._grow_null_genes(plan) if self.n_null else None
+        return plan
+
+    def _targets(self, layer: str, plan: BatchPlan, device) -> list[Target]:
+        if layer not in self.sums:
+            self.sums[layer] = empty_sums(self.spec, self.n_heads, device=device)
+        targets = [Target({k: v[None] for k, v in self.sums[layer].items()}, slice(0, 1))]
+        if self.n_null:
+            if layer not in self.null_sums:
+                self.null_sums[layer] = self._empty_null(device)
+            targets.append(Target(self.null_sums[layer], slice(1, None), self._null_slots))
+        return targets
+
+    def _empty_null(self, device) -> dict[str, torch.Tensor]:
+        """A layer's sums of every permutation: the gene sums only over the ids seen so far."""
+        shapes = sum_shapes(self.spec, self.n_heads)
+        if self.genes is not None:
+            V = len(self.null_genes)
+            shapes.update(recv_sum=shapes["recv_sum"][:-1] + (V,), recv_sq=shapes["recv_sq"][:-1] + (V,),
+                          recv_count=shapes["recv_count"][:-1] + (V,))  # fmt: skip
+        return {k: torch.zeros((self.n_null, *s), dtype=torch.float64, device=device) for k, s in shapes.items()}
+
+    def _grow_null_genes(self, plan: BatchPlan) -> torch.Tensor | None:
+        """Slots of the batch's genes in the permutation sums' gene axis, which grows (appends) by the
+        ids not seen before: a labeling keeps gene sums only over the ids the data holds."""
+        if self.genes is None:
+            return None
+        ids = plan.genes.tolist()
+        new = [t for t in ids if t not in self._null_slot]
+        for t in new:
+            self._null_slot[t] = len(self.null_genes)
+            self.null_genes.append(t)
+        if new:
+            for sums in self.null_sums.values():
+                for name in ("recv_sum", "recv_sq", "recv_count"):
+                    sums[name] = torch.nn.functional.pad(sums[name], (0, len(new)))
+        return torch.tensor([self._null_slot[t] for t in ids], dtype=torch.long, device=plan.device)
 
     # ----------------------------------------------------------------- result
     def profile(self, meta: dict | None = None) -> Profile:
@@ -175,6 +211,19 @@ class Recorder:
                 for name in sums[layers[0]]
             }
 
+        null = NullSums({}, vocab_size=None if self.genes is None else len(self.genes))
+        if self.null_sums:
+            arrays = {  # [N, layers, ...]
+                name: torch.stack([self.null_sums[layer][name] for layer in layers], dim=1).cpu().numpy()
+                for name in self.null_sums[layers[0]]
+            }
+            genes = None
+            if self.genes is not None:  # the gene axis in ascending token ids
+                order = np.argsort(self.null_genes, kind="stable")
+                genes = np.asarray(self.null_genes, dtype=np.int64)[order]
+                for name in ("recv_sum", "recv_sq", "recv_count"):
+                    arrays[name] = arrays[name][..., order]
+            null = NullSums(arrays, genes=genes, vocab_size=None if self.genes is None else len(self.genes))
         return Profile(
             stacked(self.sums),
             layers=layers,
@@ -185,5 +234,5 @@ class Recorder:
             genes=self.genes,
             panel=list(self.panel),
             meta=dict(meta or {}),
-            null=[stacked(sums) for sums in self.null_sums],
+            null=null,
         )

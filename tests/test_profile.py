@@ -99,14 +99,14 @@ def test_validate_catches_a_wrong_backend(monkeypatch):
     """A backend that is off by a little is reported, not hidden."""
     import attnprof.kernels as K
 
-    real = K.blocked_stats
+    real = K.blocked_cells
 
-    def off_by_a_bit(inp, spec, sums=None):
-        out, sums = real(inp, spec, sums)
-        sums["pos_sum"].mul_(1.001)
-        return out, sums
+    def off_by_a_bit(q, k, v, plan, scale):
+        out, cells = real(q, k, v, plan, scale)
+        cells.window.mul_(1.001)
+        return out, cells
 
-    monkeypatch.setattr(K, "blocked_stats", off_by_a_bit)
+    monkeypatch.setattr(K, "blocked_cells", off_by_a_bit)
     m = model()
     x, tokens, padding, labels = data()
     table = attnprof.validate(m, (x, None, padding), groups=labels, tokens=tokens, genes=VOCAB, backend="torch")
