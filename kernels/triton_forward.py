@@ -142,7 +142,8 @@ def _forward_kernel(
         # weight of a row in its cell's mean: 1 / n for real rows, 0 for padding (incl. rows >= L)
         weight = tl.where(row_bias == 0.0, tl.load(INV_N + b), 0.0)
         entropy = LN2_C * (tl.log2(l_i) - a_i / l_i)
-        row_max = 1.0 / l_i
+        # + 0 * sum(out): a NaN or Inf in v (which only the output sees) reaches the statistics' checksum
+        row_max = 1.0 / l_i + 0.0 * tl.sum(out, 1)
         # self mass from the diagonal score, summed in fp32 like the dot (a padded row's term masks it)
         k_diag = load_rows(k_base, rows, row_ok, skl, skd, HEAD_D, BLOCK_D).to(tl.float32)
         self_mass = tl.exp2(tl.sum(q.to(tl.float32) * k_diag, 1) * qk_scale + term)
@@ -211,7 +212,10 @@ def extents(padding: torch.Tensor) -> torch.Tensor:
     return ((~padding).int() * torch.arange(1, L + 1, device=padding.device, dtype=torch.int32)).amax(1).int()
 
 
-def forward(q, k, v, bias, extent, scale: float, *, inv_n=None, n_context: int = 0, tiles=None, want_lse=False):
+def forward(
+    q, k, v, bias, extent, scale: float, *, inv_n=None, n_context: int = 0, tiles=None, want_lse=False,
+    term=None, rowstats=None,
+):  # fmt: skip
     """Kernel 1 on checked inputs: ``out`` (dtype of q) and the rows' ``term = bias - lse2`` [B, H, L]
     (float32, base 2); with ``inv_n`` ([B] float32, 1 / real tokens per cell) also the weighted row
     statistics ``rowstats`` [B, H, 4, L] (a cell's summary is their sum over L), else None.
@@ -220,12 +224,17 @@ def forward(q, k, v, bias, extent, scale: float, *, inv_n=None, n_context: int =
     ``tiles``: an int32 buffer, one entry per program (``B * H * cdiv(L, BLOCK_M)``), zeroed: each
     program stores the key tiles it visited (a debug count, compiled out otherwise).
     ``want_lse``: also return every row's ``lse2`` [B, H, L] (padded rows included).
+    ``term``, ``rowstats``: buffers of those shapes to write into (reused across layers), else new.
     """
     B, H, L, D = q.shape
     with_stats = inv_n is not None
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    term = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
-    rowstats = torch.empty(B, H, 4, L, dtype=torch.float32, device=q.device) if with_stats else None
+    if term is None or term.shape != (B, H, L):
+        term = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
+    if not with_stats:
+        rowstats = None
+    elif rowstats is None or rowstats.shape != (B, H, 4, L):
+        rowstats = torch.empty(B, H, 4, L, dtype=torch.float32, device=q.device)
     lse2 = torch.empty_like(term) if want_lse else None
     grid = lambda meta: (B * H * triton.cdiv(L, meta["BLOCK_M"]),)  # noqa: E731
     _forward_kernel[grid](

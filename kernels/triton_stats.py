@@ -21,14 +21,13 @@ Per-cell results are then reduced into group sums by the small torch functions o
 
 from __future__ import annotations
 
-import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import triton
 import triton.language as tl
 
-from .reduce import CellResults, pair_means, received_pairs
+from .reduce import CellResults
 from .spec import refuse_non_finite
 from .triton_forward import (
     INTERPRET,
@@ -142,7 +141,8 @@ def _columns_kernel(
 
     key_bias = tl.load(BIAS + b * L + keys, mask=key_ok, other=MASKED_C)
     received = tl.where(key_bias == 0.0, colsum * tl.load(INV_N + b), 0.0)  # mean over real rows
-    tl.store(RECEIVED + ch.to(tl.int64) * L + keys, received, mask=keys < L)
+    c = (ch // H).to(tl.int64)
+    tl.store(RECEIVED + (c * L + keys) * H + h, received, mask=keys < L)  # [C, L, H]: by token, then head
     if COUNT_TILES:
         tl.store(TILES + pid, visited)
 
@@ -193,15 +193,15 @@ class KernelResults:
     """Per counted cell (in the order of ``cells``), what the kernels compute for a layer's sums."""
 
     summary: torch.Tensor  # [C, H, 4] float32: means over real rows, in the order of SUMMARIES
-    received: torch.Tensor | None  # [C, H, L] float32: mean over real rows of P (0 at padded keys)
+    received: torch.Tensor | None  # [C, L, H] float32: mean over real rows of P (0 at padded keys)
     window: torch.Tensor  # [C, H, W, W] float32: P among positions < W (0 where either is padding)
     pair: torch.Tensor | None  # [C, H, M, M] float32: P among each cell's panel positions
-    checksum: torch.Tensor  # 0-dim: sum of every cell's summaries (NaN if any row's lse is)
+    checksum: torch.Tensor  # 0-dim: sum of every cell's summaries, NaN or Inf if any q, k, v entry was
 
 
 def cell_results(
     q, k, v, scale: float, *, bias, extent, inv_n, cells, window: int, n_context: int = 0,
-    panel_pos=None, received: bool = True, tiles: dict | None = None,
+    panel_pos=None, received: bool = True, work: dict | None = None, tiles: dict | None = None,
 ):  # fmt: skip
     """Kernel 1, then kernel 2 on the counted cells: ``(out, KernelResults)``.
 
@@ -209,41 +209,52 @@ def cell_results(
     waits for the device: ``bias`` [B, L] float32 (0 real, MASKED padding), ``extent`` [B] int32 (one
     past the last real token), ``inv_n`` [B] float32 (1 / real tokens), ``cells`` [C] int64 (counted
     cells' batch indices), ``panel_pos`` [C, M] int64 (-1 = none) or None; ``window`` is min(W, L).
-    ``tiles``: {"forward": buf, "columns": buf} zeroed int32 buffers (one entry per program, at least
-    ``B * H * L`` and ``C * H * L``) to count the tiles each program visits (tests).
+    ``work``: buffers to reuse across the layers of a forward (filled on first use; results live in
+    them until the next call). ``tiles``: {"forward": buf, "columns": buf} zeroed int32 buffers (one
+    entry per program, at least ``B * H * L`` and ``C * H * L``) to count the tiles each program visits.
     """
     check_tensors(q, k, v)
     B, H, L, D = q.shape
     C = cells.shape[0]
     check_grid(C * H * max(L, window * window), "counted cells x heads x max(L, W^2)")
-    tiles = tiles or {}
+    tiles = {} if tiles is None else tiles
+    work = {} if work is None else work
     out, term, rowstats = forward(
-        q, k, v, bias, extent, scale, inv_n=inv_n, n_context=n_context, tiles=tiles.get("forward")
-    )
-    every = rowstats.sum(-1)  # [B, H, 4]: rows come weighted by real / n
+        q, k, v, bias, extent, scale, inv_n=inv_n, n_context=n_context, tiles=tiles.get("forward"),
+        term=work.get("term"), rowstats=work.get("rowstats"),
+    )  # fmt: skip
+    work.update(term=term, rowstats=rowstats)
+    every = rowstats.sum(-1)  # [B, H, 4]: rows come weighted by real / n (NaN if any q, k, v was not finite)
     summary = every.index_select(0, cells)
     common = (*q.stride(), *k.stride())
     meta = dict(HEAD_D=D, BLOCK_D=block_d(D), DOT_PREC=dot_precision(q.dtype))
     qk_scale = scale * LOG2E
     recv = None
     if received:
-        recv = torch.empty(C, H, L, dtype=torch.float32, device=q.device)
+        recv = _buffer(work, "received", (C, L, H), q.device)  # [C, L, H]: rows gathered per token
         grid = lambda meta: (C * H * triton.cdiv(L, meta["BLOCK_N"]),)  # noqa: E731
         cols = tiles.get("columns")
         _columns_kernel[grid](
             q, k, bias, term, extent, inv_n, cells, recv, cols if cols is not None else extent,
             *common, H, L, triton.next_power_of_2(L), qk_scale, **meta, COUNT_TILES=cols is not None,
         )  # fmt: skip
-    win = _entries(q, k, bias, term, extent, cells, None, window, common, L, qk_scale, meta)
+    win = _entries(work, "window", q, k, bias, term, extent, cells, None, window, common, L, qk_scale, meta)
     pair = None
     if panel_pos is not None and panel_pos.shape[1]:
-        pair = _entries(q, k, bias, term, extent, cells, panel_pos, panel_pos.shape[1], common, L, qk_scale, meta)
+        M = panel_pos.shape[1]
+        pair = _entries(work, "pair", q, k, bias, term, extent, cells, panel_pos, M, common, L, qk_scale, meta)
     return out, KernelResults(summary, recv, win, pair, every.sum())
 
 
-def _entries(q, k, bias, term, extent, cells, pos, W, common, L, qk_scale, meta):
+def _buffer(work: dict, name: str, shape, device) -> torch.Tensor:
+    if name not in work or tuple(work[name].shape) != tuple(shape):
+        work[name] = torch.empty(shape, dtype=torch.float32, device=device)
+    return work[name]
+
+
+def _entries(work, name, q, k, bias, term, extent, cells, pos, W, common, L, qk_scale, meta):
     C, H = cells.shape[0], q.shape[1]
-    block = torch.empty(C, H, W, W, dtype=torch.float32, device=q.device)
+    block = _buffer(work, name, (C, H, W, W), q.device)
     grid = lambda m: (C * H * triton.cdiv(W, m["BLOCK_M"]) * triton.cdiv(W, m["BLOCK_N"]),)  # noqa: E731
     _entries_kernel[grid](
         q, k, bias, term, extent, cells, pos if pos is not None else cells, block,
@@ -260,21 +271,18 @@ class PlanDevice:
     bias: torch.Tensor  # [B, L] float32: 0 real, MASKED padding
     extent: torch.Tensor  # [B] int32: one past the last real token
     inv_n: torch.Tensor  # [B] float32: 1 / real tokens
-    finite: list  # one 0-dim bool per layer call, in call order: were its q, k, v finite?
-
-
-_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+    finite: list  # one 0-dim checksum per layer call, in call order: finite iff its q, k, v were
+    work: dict = field(default_factory=dict)  # the kernels' buffers, reused by every layer
+    panel: tuple | None = None  # the pair means' factors per (cell, head): rows_mean [C H, K, M], member^T [C H, M, K]
 
 
 def plan_device(plan) -> PlanDevice:
-    """The plan's kernel inputs, built at its first layer call (a few ops, no host sync) and kept while
-    the plan lives."""
-    dev = _PLANS.get(plan)
-    if dev is None:
+    """The plan's kernel inputs, built at its first layer call (a few ops, no host sync) and kept in
+    its cache."""
+    if "triton" not in plan.cache:
         n = plan.lengths.to(torch.float32)
-        dev = PlanDevice(key_bias(plan.padding), extents(plan.padding), n.reciprocal(), [])
-        _PLANS[plan] = dev
-    return dev
+        plan.cache["triton"] = PlanDevice(key_bias(plan.padding), extents(plan.padding), n.reciprocal(), [])
+    return plan.cache["triton"]
 
 
 def triton_cells(q, k, v, plan, scale: float):
@@ -289,27 +297,41 @@ def triton_cells(q, k, v, plan, scale: float):
     out, res = cell_results(
         q, k, v, scale, bias=dev.bias, extent=dev.extent, inv_n=dev.inv_n, cells=plan.counted,
         window=plan.window, n_context=spec.n_context, panel_pos=plan.panel_pos if spec.panel else None,
-        received=spec.gene_stats,
+        received=spec.gene_stats, work=dev.work,
     )  # fmt: skip
-    # every real row's statistics come from its log-sum-exp, and v reaches only the output
-    dev.finite.append(torch.isfinite(res.checksum + out.sum(dtype=torch.float32)))
+    dev.finite.append(res.checksum)  # kernel 1 folds every row's lse and output into it
     cells = CellResults(summary=res.summary, window=res.window)
-    if spec.gene_stats:
-        cells.received = received_pairs(plan, res.received)
-    if res.pair is not None:
-        cells.pair = pair_means(plan, res.pair)
-    elif spec.panel:  # no counted cell holds a panel id: every pair mean is 0
-        cells.pair = res.summary.new_zeros(plan.n_counted, q.shape[1], len(spec.panel), len(spec.panel))
+    if spec.gene_stats:  # per (cell, gene) pair: its tokens' column means, summed
+        flat = res.received.view(-1, q.shape[1]).index_select(0, plan.gene_src)
+        cells.received = flat.new_zeros(plan.pair_cell.numel(), q.shape[1]).index_add_(0, plan.gene_pairs, flat)
+    if spec.panel:
+        cells.pair = _pair_means(plan, dev, res.pair, q.shape[1])
     return out, cells
+
+
+def _pair_means(plan, dev: PlanDevice, block, H):
+    """``[C, H, K, K]``: per cell, the mean over the query occurrences of u of the mass on all
+    occurrences of v (0 unless both are present), as two batched matmuls with factors of the plan."""
+    K = len(plan.spec.panel)
+    if block is None:  # no counted cell holds a panel id
+        return torch.zeros(plan.n_counted, H, K, K, dtype=torch.float64, device=plan.device)
+    C, M = block.shape[0], block.shape[-1]
+    if dev.panel is None or dev.panel[0].shape[0] != C * H:  # once per plan: [C H, K, M] and [C H, M, K]
+        member = plan.panel_member  # [C, K, M] float64
+        rows_mean = member / member.sum(-1, keepdim=True).clamp(min=1)
+        dev.panel = tuple(x[:, None].expand(-1, H, -1, -1).reshape(C * H, *x.shape[1:])
+                          for x in (rows_mean, member.transpose(1, 2)))  # fmt: skip
+    rows_mean, member_t = dev.panel
+    return torch.bmm(torch.bmm(rows_mean, block.view(C * H, M, M).double()), member_t).view(C, H, K, K)
 
 
 def raise_if_non_finite(plan, q, k, v) -> None:
     """One host sync for all layer calls on ``plan`` so far: raise the ``ValueError`` of
     :func:`refuse_non_finite` if any of them saw NaN or Inf (``q, k, v``: the last call's, to name which)."""
-    dev = _PLANS.get(plan)
+    dev = plan.cache.get("triton")
     if dev is None or not dev.finite:
         return
     flags = torch.stack(dev.finite)
     dev.finite.clear()
-    if not bool(flags.all()):
+    if not bool(flags.isfinite().all()):
         refuse_non_finite(q, k, v)
