@@ -207,6 +207,40 @@ def test_ragged_lengths_in_one_batch():
     assert_sums_close(sums, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_many_labelings_in_one_pass_equal_the_reference_per_labeling():
+    """One triton pass on a plan of 6 labelings (observed + 5 permutations, -1 cells moving around) of a
+    ragged batch gives, for each labeling, the reference's sums of that labeling alone."""
+    from attnprof.kernels import Target, build_plan, empty_sums, planned_stats
+
+    B, H, L, D, G = 6, 2, 70, 16, 3
+    q, k, v, _, _, tokens = batch(11, B, H, L, D)
+    padding = (torch.arange(L) >= torch.tensor([70, 1, 33, 64, 12, 50])[:, None]).to(DEVICE)
+    g = torch.Generator().manual_seed(5)
+    labelings = torch.stack([torch.randint(-1, G, (B,), generator=g) for _ in range(6)]).to(DEVICE)
+    spec = spec_for(G, L, window=20, n_context=3)
+    plan = build_plan(spec, labelings, padding, tokens)
+    sums = {name: x.expand(6, *x.shape).clone() for name, x in empty_sums(spec, H, device=DEVICE).items()}
+    planned_stats(q, k, v, plan, [Target(sums, slice(0, 6))], backend="triton")
+    for i in range(6):
+        kw = dict(spec=spec, groups=labelings[i], key_padding_mask=padding, tokens=tokens, backend="reference")
+        _, ref = attention_stats(q, k, v, **kw)
+        assert_sums_close({name: x[i] for name, x in sums.items()}, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, inside the interpreter, on the NaN itself
+@pytest.mark.parametrize("where, name", [("q", "q"), ("k", "k"), ("v", "v")])
+def test_non_finite_inputs_are_named(where, name):
+    """The layer call does not wait for the device to look: kernel 1 folds every row's log-sum-exp and
+    output into the statistics' checksum, and the caller checks it (attention_stats: at once)."""
+    q, k, v, padding, groups, tokens = batch(2, 3, 2, 20, 16)
+    x = dict(q=q, k=k, v=v)
+    x[where] = x[where].clone()
+    x[where][1, 0, 0 if where == "q" else 3, 2] = float("inf") if where == "v" else float("nan")
+    spec = spec_for(4, 20)
+    with pytest.raises(ValueError, match=f"{name} contains NaN or Inf"):
+        attention_stats(**x, spec=spec, groups=groups, key_padding_mask=padding, tokens=tokens, backend="triton")
+
+
 def test_tiles_visited_scale_with_real_tokens():
     """The kernels' own debug counters (compiled in only when asked): kernel 1 visits, for every query
     tile, the key tiles up to the cell's extent (one past its last real token); the column kernel
