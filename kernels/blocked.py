@@ -43,6 +43,8 @@ def blocked_cells(q, k, v, plan: BatchPlan, scale: float, block_elems: int = BLO
     row log-sum-exp and the output, with no extra pass)."""
     B, H, L, D = q.shape
     spec = plan.spec
+    if q.device.type == "cpu" and H * plan.max_len**2 >= FUSED_MIN_SCORES and fused_rows.available():
+        return _fused_batch(q, k, v, plan, scale)
     out = torch.empty_like(q)
     C, W = plan.n_counted, plan.window
     f32 = dict(dtype=torch.float32, device=q.device)
@@ -54,8 +56,7 @@ def blocked_cells(q, k, v, plan: BatchPlan, scale: float, block_elems: int = BLO
     counted = dict(zip(plan.counted_host, range(C)))  # batch row -> counted cell
     host = plan.host
     finite = torch.ones((), dtype=torch.bool, device=q.device)
-    cu = plan.cu_seqlens.tolist() if "cu" not in plan.cache else plan.cache["cu"]
-    plan.cache["cu"] = cu
+    cu = plan.cache_cu()
     for b in range(B):
         n = host["lengths"][b]
         idx = plan.positions[cu[b] : cu[b + 1]]  # the cell's real positions, ascending
@@ -95,6 +96,49 @@ def blocked_cells(q, k, v, plan: BatchPlan, scale: float, block_elems: int = BLO
     if received is not None:
         cells.received = received_pairs(plan, received)
     if pair_block is not None:
+        cells.pair = pair_means(plan, pair_block)
+    return out, cells
+
+
+def _fused_batch(q, k, v, plan: BatchPlan, scale: float):
+    """The whole batch in one compiled call (:func:`fused_rows.batch_rows`): the per-cell loop, the
+    padded rows' output, the summaries, window and panel entries all inside it."""
+    B, H, L, D = q.shape
+    C, W = plan.n_counted, plan.window
+
+    def pack(x, cell, pos):  # [B, H, L, D] -> [rows, H, D] fp32, one gather
+        return x.transpose(1, 2)[cell, pos].float()
+
+    qp = pack(q, plan.query_cell, plan.query_pos).mul_(scale)
+    kp, vp = pack(k, plan.token_cell, plan.positions), pack(v, plan.token_cell, plan.positions)
+    if "cu_q" not in plan.cache:
+        plan.cache["cu_q"] = torch.arange(0, (B + 1) * L, L, device=q.device)
+        plan.cache["q_rows"] = plan.query_cell * L + plan.query_pos
+    outp, lse, row_stats, colsum, window, pair_block, check = fused_rows.batch_rows(
+        qp, kp, vp, plan.cache["cu_q"], plan.cu_seqlens, plan.counted_slot, plan.n_context_all,
+        plan.n_window_all, plan.panel_slot, plan.panel_at, C, W,
+    )  # fmt: skip
+    if not bool(torch.isfinite(lse.sum() + check.sum())):  # see _cell_stats: no extra pass
+        refuse_non_finite(q, k, v)
+    # [B, L, H, D] memory, as the model's next projection wants it; returned as the [B, H, L, D] view
+    out = q.new_empty(B, L, H, D)
+    out.view(B * L, H, D).index_copy_(0, plan.cache["q_rows"], outp.to(q.dtype))
+    out = out.transpose(1, 2)
+    lengths = plan.lengths.to(torch.float32)
+    per_cell = q.new_zeros(B, H, 4, dtype=torch.float32).index_add_(0, plan.token_cell, row_stats.transpose(0, 1))
+    cells = CellResults(summary=(per_cell / lengths[:, None, None])[plan.counted], window=window)
+    for c, prefix in enumerate(plan.host["window_prefix"]):  # padding inside the window: to positions
+        if not prefix:
+            nw, b = plan.host["n_window"][c], plan.counted_host[c]
+            iw = plan.positions[plan.cache_cu()[b] :][:nw]
+            moved = torch.zeros_like(window[c])
+            moved[:, iw[:, None], iw[None, :]] = window[c, :, :nw, :nw]
+            window[c] = moved
+    if plan.spec.gene_stats:
+        colmean = colsum / lengths[plan.token_cell]
+        r = colmean.new_zeros(plan.pair_cell.numel(), H)
+        cells.received = r.index_add_(0, plan.gene_pairs, colmean[:, plan.packed_counted].T)
+    if plan.spec.panel:
         cells.pair = pair_means(plan, pair_block)
     return out, cells
 

@@ -24,6 +24,7 @@ disables it.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import warnings
@@ -199,6 +200,168 @@ std::vector<at::Tensor> cell_rows(at::Tensor q, at::Tensor k, at::Tensor v, int6
   return {out, lse, ent, rmax, colsum};
 }
 
+// One row of exp(s - max) in place: returns (max, z, sum e (s - max)).
+template <bool FAST>
+static inline void softmax_row(float* s, int64_t n, float& m, float& z, float& w) {
+  const int64_t L = Vec::size();
+  int64_t j = 0;
+  m = -std::numeric_limits<float>::infinity();
+  if (n >= L) {
+    Vec vm = Vec::loadu(s);
+    for (j = L; j + L <= n; j += L) vm = at::vec::maximum(vm, Vec::loadu(s + j));
+    m = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, vm);
+  }
+  for (; j < n; ++j) m = std::max(m, s[j]);
+  const Vec vmx(m);
+  Vec vz(0.f), vw(0.f);
+  for (j = 0; j + L <= n; j += L) {
+    Vec d = Vec::loadu(s + j) - vmx;
+    Vec e = vexp<FAST>(d);
+    e.store(s + j);
+    vz = vz + e;
+    vw = at::vec::fmadd(e, d, vw);
+  }
+  z = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, vz);
+  w = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, vw);
+  if (j < n) {
+    const int64_t cnt = n - j;
+    Vec d = Vec::loadu(s + j, cnt) - vmx;
+    Vec e = vexp<FAST>(d);
+    alignas(64) float eb[Vec::size()], db[Vec::size()];
+    e.store(eb);
+    d.store(db);
+    for (int64_t u = 0; u < cnt; ++u) {
+      s[j + u] = eb[u];
+      z += eb[u];
+      w += eb[u] * db[u];
+    }
+  }
+}
+
+// A whole batch in one call: task (cell b, head h) owns every output it writes (no partials).
+// q, k, v, out are [rows, H, D] (a row of every head together, as projections give them).
+// Queries of cell b: rows cu_q[b] .. cu_q[b+1] of q, its n real rows first (in key order), then
+// output-only rows (padded positions); keys: rows cu_k[b] .. cu_k[b+1] of k and v (n real tokens).
+template <bool FAST>
+static void batch_impl(const float* q, const float* k, const float* v, const int64_t* cu_q,
+                       const int64_t* cu_k, const int64_t* slot, const int64_t* nctx,
+                       const int64_t* nwin, const int64_t* pslot, const int64_t* pat, float* out,
+                       float* lse, float* rstat, float* colsum, float* win, float* pair, float* check,
+                       int64_t B, int64_t H, int64_t Tq, int64_t Tk, int64_t D, int64_t W, int64_t M) {
+  at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> sbuf, zinv;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / H, h = t % H;
+      const int64_t q0 = cu_q[b], mq = cu_q[b + 1] - q0, k0 = cu_k[b], n = cu_k[b + 1] - k0;
+      const int64_t c = slot[b], nc = nctx[b], nw = nwin[b];
+      const int64_t HD = H * D;  // row stride
+      const float* qh = q + q0 * HD + h * D;
+      const float* kh = k + k0 * HD + h * D;
+      const float* vh = v + k0 * HD + h * D;
+      float* oh = out + q0 * HD + h * D;
+      float* cs = colsum + h * Tk + k0;
+      std::fill(cs, cs + n, 0.f);
+      const int64_t rows = std::max<int64_t>(32, std::min<int64_t>(128, (1 << 18) / std::max<int64_t>(n, 1)));
+      sbuf.resize(rows * n);
+      zinv.resize(rows);
+      double osum = 0.0;
+      for (int64_t r0 = 0; r0 < mq; r0 += rows) {
+        const int64_t r = std::min(rows, mq - r0);
+        float* S = sbuf.data();
+        gemm_cm(true, false, (int)n, (int)r, (int)D, kh, (int)HD, qh + r0 * HD, (int)HD, S, (int)n);
+        for (int64_t i = 0; i < r; ++i) {
+          float* s = S + i * n;
+          float m, z, w;
+          softmax_row<FAST>(s, n, m, z, w);
+          const float iz = 1.f / z;
+          const int64_t row = r0 + i;
+          lse[h * Tq + q0 + row] = m + std::log(z);
+          zinv[i] = iz;
+          if (row >= n) continue;  // an output-only row
+          float* st = rstat + ((h * Tk) + k0 + row) * 4;
+          float ctx = 0.f;
+          for (int64_t j = 0; j < nc; ++j) ctx += s[j];
+          st[0] = std::log(z) - w * iz;  // entropy
+          st[1] = ctx * iz;              // context mass
+          st[2] = s[row] * iz;           // self mass (key `row` is the row's own token)
+          st[3] = iz;                    // row max
+          const Vec viz(iz);
+          const int64_t L = Vec::size();
+          int64_t j = 0;
+          for (; j + L <= n; j += L) at::vec::fmadd(Vec::loadu(s + j), viz, Vec::loadu(cs + j)).store(cs + j);
+          for (; j < n; ++j) cs[j] += s[j] * iz;
+          if (c < 0) continue;  // not counted: no window or panel entries
+          if (row < nw) {
+            float* wr = win + ((c * H + h) * W + row) * W;
+            for (int64_t u = 0; u < nw; ++u) wr[u] = s[u] * iz;
+          }
+          const int64_t ps = pslot[k0 + row];
+          if (ps >= 0) {
+            const int64_t* at_c = pat + c * M;
+            float* pr = pair + ((c * H + h) * M + ps) * M;
+            for (int64_t u = 0; u < M && at_c[u] >= 0; ++u) pr[u] = s[at_c[u]] * iz;
+          }
+        }
+        float* O = oh + r0 * HD;
+        gemm_cm(false, false, (int)D, (int)r, (int)n, vh, (int)HD, S, (int)n, O, (int)HD);
+        for (int64_t i = 0; i < r; ++i) {
+          const Vec viz(zinv[i]);
+          float* o = O + i * HD;
+          Vec acc(0.f);
+          int64_t j = 0;
+          for (; j + Vec::size() <= D; j += Vec::size()) {
+            Vec x = Vec::loadu(o + j) * viz;
+            x.store(o + j);
+            acc = acc + x;
+          }
+          float tail = 0.f;
+          for (; j < D; ++j) { o[j] *= zinv[i]; tail += o[j]; }
+          osum += at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc) + tail;
+        }
+      }
+      check[t] = (float)osum;  // NaN or Inf when any output of the task is not finite
+    }
+  });
+}
+
+std::vector<at::Tensor> batch_rows(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor cu_q,
+                                   at::Tensor cu_k, at::Tensor slot, at::Tensor nctx, at::Tensor nwin,
+                                   at::Tensor pslot, at::Tensor pat, int64_t C, int64_t W,
+                                   bool fast_exp) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes() && q.size(1) == k.size(1) &&
+              q.size(2) == k.size(2), "q [Tq, H, D], k and v [Tk, H, D]");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
+              v.scalar_type() == at::kFloat, "fp32 only");
+  q = q.contiguous(); k = k.contiguous(); v = v.contiguous();
+  const int64_t H = q.size(1), Tq = q.size(0), Tk = k.size(0), D = q.size(2);
+  const int64_t B = cu_q.numel() - 1, M = pat.size(1);
+  auto out = at::empty_like(q);
+  auto lse = at::empty({H, Tq}, q.options());
+  auto rstat = at::zeros({H, Tk, 4}, q.options());
+  auto colsum = at::empty({H, Tk}, q.options());
+  auto win = at::zeros({C, H, W, W}, q.options());
+  auto pair = at::zeros({C, H, M, M}, q.options());
+  auto check = at::zeros({B * H}, q.options());
+  auto i64 = [](at::Tensor x) { return x.to(at::kLong).contiguous(); };
+  cu_q = i64(cu_q); cu_k = i64(cu_k); slot = i64(slot); nctx = i64(nctx); nwin = i64(nwin);
+  pslot = i64(pslot); pat = i64(pat);
+  if (fast_exp)
+    batch_impl<true>(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), cu_q.data_ptr<int64_t>(),
+                     cu_k.data_ptr<int64_t>(), slot.data_ptr<int64_t>(), nctx.data_ptr<int64_t>(),
+                     nwin.data_ptr<int64_t>(), pslot.data_ptr<int64_t>(), pat.data_ptr<int64_t>(),
+                     out.data_ptr<float>(), lse.data_ptr<float>(), rstat.data_ptr<float>(),
+                     colsum.data_ptr<float>(), win.data_ptr<float>(), pair.data_ptr<float>(),
+                     check.data_ptr<float>(), B, H, Tq, Tk, D, W, M);
+  else
+    batch_impl<false>(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), cu_q.data_ptr<int64_t>(),
+                      cu_k.data_ptr<int64_t>(), slot.data_ptr<int64_t>(), nctx.data_ptr<int64_t>(),
+                      nwin.data_ptr<int64_t>(), pslot.data_ptr<int64_t>(), pat.data_ptr<int64_t>(),
+                      out.data_ptr<float>(), lse.data_ptr<float>(), rstat.data_ptr<float>(),
+                      colsum.data_ptr<float>(), win.data_ptr<float>(), pair.data_ptr<float>(),
+                      check.data_ptr<float>(), B, H, Tq, Tk, D, W, M);
+  return {out, lse, rstat, colsum, win, pair, check};
+}
+
 bool has_sgemm() { return sgemm_ != nullptr; }
 void set_force_mm(bool f) { g_force_mm = f; }
 
@@ -254,9 +417,10 @@ def _load():
 
             cap, flags = _flags()
             _module = load_inline(
-                name=f"attnprof_fused_rows_{cap.lower()}",
+                # the source's hash in the name: another version (another checkout) builds its own
+                name=f"attnprof_fused_rows_{cap.lower()}_{hashlib.sha1(_SOURCE.encode()).hexdigest()[:10]}",
                 cpp_sources=[_SOURCE],
-                functions=["cell_rows", "has_sgemm", "set_force_mm", "exp_check"],
+                functions=["cell_rows", "batch_rows", "has_sgemm", "set_force_mm", "exp_check"],
                 extra_cflags=flags,
                 extra_ldflags=["-fopenmp"],
                 with_cuda=False,
@@ -306,3 +470,26 @@ def cell_rows(q, k, v, rows: int | None = None, fast_exp: bool = True):
         q.contiguous(), k.contiguous(), v.contiguous(), rows, _chunks(H, n, rows), fast_exp
     )
     return out, lse, ent, rmax, colsum
+
+
+def batch_rows(q, k, v, cu_q, cu_k, slot, n_context, n_window, panel_slot, panel_at, n_counted: int, W: int,
+               fast_exp: bool = True):
+    """Every cell of a batch in one call (the per-cell loop runs in the compiled kernel).
+
+    q: ``[Tq, H, D]`` fp32, already scaled, cells packed by ``cu_q [B + 1]``: each cell's n real rows
+    first (in the order of its keys), then output-only rows. k, v: ``[Tk, H, D]`` the real tokens,
+    packed by ``cu_k``. Per cell: ``slot`` (its counted-cell index, -1 if not counted), ``n_context``
+    and ``n_window`` (leading real tokens in the context and the window). Per real token:
+    ``panel_slot`` (its index among the cell's panel tokens, or -1); ``panel_at [C, M]`` the panel
+    tokens' indices among the cell's real tokens (-1 past the count).
+
+    Returns ``out [Tq, H, D]``, ``lse [H, Tq]``, ``row_stats [H, Tk, 4]`` (entropy, context mass, self
+    mass, row max per real row), ``colsum [H, Tk]``, ``window [C, H, W, W]`` (P among each counted
+    cell's first ``n_window`` real tokens), ``pair [C, H, M, M]`` (P among its panel tokens) and
+    ``check [B * H]`` (the sum of each task's outputs: NaN or Inf where an output is not finite).
+    """
+    mod = _load()
+    if mod is None:
+        raise RuntimeError(f"the fused CPU row kernel is not available: {_failed}")
+    return mod.batch_rows(q, k, v, cu_q, cu_k, slot, n_context, n_window, panel_slot, panel_at,
+                          int(n_counted), int(W), fast_exp)  # fmt: skip

@@ -48,6 +48,18 @@ panel_pos     ``[C, M]`` int64 positions (in ``[0, L)``) where each counted cell
               ascending, -1 past the cell's count; M = the most any cell holds (0 without a panel).
 panel_at      ``[C, M]`` int64 the same as indices into the cell's real tokens (its packed slice).
 panel_member  ``[C, K, M]`` float64: panel id k sits at ``panel_pos[c, m]``.
+query_cell, query_pos
+              ``[B * L]`` int64 the cell and position of every query row, cells in order, each
+              cell's real positions first (ascending), then its padded ones: the packing of queries
+              for a kernel that also gives padded rows their output (over the real keys).
+token_cell    ``[T]`` int64 the cell of each packed real token.
+counted_slot  ``[B]`` int64 each cell's index among the counted cells, -1 if not counted.
+n_window_all, n_context_all
+              ``[B]`` int64 ``n_window`` and ``n_context`` per batch row (0 for uncounted cells).
+panel_slot    ``[T]`` int64 per packed real token: its index m among its cell's panel tokens
+              (``panel_pos[c, m]`` is its position), or -1.
+packed_counted ``[T_c]`` int64 indices into the packed tokens of the counted cells' tokens, in the
+              order of ``gene_src`` / ``gene_pairs``.
 counts        the q, k, v-free sums of all labelings, float64, labeling axis first: ``cells
               [N+1, G]``, ``pos_count [N+1, G, W', W']`` (W' = spec.window), ``recv_count
               [N+1, G, V_b]``, ``pair_count [N+1, G, K, K]``.
@@ -97,6 +109,14 @@ class BatchPlan:
     panel_member: torch.Tensor
     counts: dict
     host: dict
+    query_cell: torch.Tensor = None
+    query_pos: torch.Tensor = None
+    token_cell: torch.Tensor = None
+    counted_slot: torch.Tensor = None
+    n_window_all: torch.Tensor = None
+    n_context_all: torch.Tensor = None
+    panel_slot: torch.Tensor = None
+    packed_counted: torch.Tensor = None
     tokens: torch.Tensor | None = None
     cache: dict = field(default_factory=dict)  # derived per head count / chunk size, on first use
 
@@ -115,6 +135,12 @@ class BatchPlan:
     @property
     def n_counted(self) -> int:
         return len(self.counted_host)
+
+    def cache_cu(self) -> list[int]:
+        """``cu_seqlens`` as a host list (for CPU loops), once."""
+        if "cu" not in self.cache:
+            self.cache["cu"] = self.cu_seqlens.tolist()
+        return self.cache["cu"]
 
 
 def build_plan(
@@ -188,6 +214,22 @@ def build_plan(
         pairs = (present[:, :, None] * present[:, None, :]).reshape(C, K * K)
         counts["pair_count"] = (onehot.T @ pairs).reshape(n_lab, G, K, K)
 
+    # all-cell views for kernels that take the whole batch at once
+    token_cell = token_index // L
+    query_pos = torch.argsort(padding.to(torch.uint8), dim=1, stable=True)  # real positions first
+    query_cell = torch.arange(B, device=dev)[:, None].expand(B, L).reshape(-1)
+    counted_slot = torch.full((B,), -1, dtype=torch.long, device=dev)
+    counted_slot[counted] = torch.arange(C, device=dev)
+    n_window_all = torch.zeros(B, dtype=torch.long, device=dev).index_copy_(0, counted, n_window)
+    n_context_all = torch.zeros(B, dtype=torch.long, device=dev).index_copy_(0, counted, n_context)
+    slot_map = torch.full((B, L), -1, dtype=torch.long, device=dev)
+    if panel_pos.shape[1]:
+        has = panel_pos >= 0
+        m = torch.arange(panel_pos.shape[1], device=dev).expand_as(panel_pos)
+        slot_map[counted[:, None].expand_as(panel_pos)[has], panel_pos[has]] = m[has]
+    panel_slot = slot_map.reshape(-1)[token_index]
+    packed_counted = (counted_slot[token_cell] >= 0).nonzero().flatten()
+
     host = {
         "lengths": lengths.tolist(),
         "counted_lengths": lengths[counted].tolist(),
@@ -203,5 +245,7 @@ def build_plan(
         n_window=n_window, n_context=n_context, window_prefix=window_prefix, genes=genes,
         gene_pairs=gene_pairs, gene_src=gene_src, pair_cell=pair_cell, pair_gene=pair_gene,
         panel_pos=panel_pos, panel_at=panel_at, panel_member=panel_member, counts=counts, host=host,
-        tokens=tokens,
+        tokens=tokens, query_cell=query_cell, query_pos=query_pos.reshape(-1), token_cell=token_cell,
+        counted_slot=counted_slot, n_window_all=n_window_all, n_context_all=n_context_all,
+        panel_slot=panel_slot, packed_counted=packed_counted,
     )  # fmt: skip
