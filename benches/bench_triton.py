@@ -32,7 +32,7 @@ if not torch.cuda.is_available():
 import triton.testing  # noqa: E402
 
 import attnprof  # noqa: E402
-from attnprof.kernels import StatsSpec  # noqa: E402
+from attnprof.kernels import StatsSpec, Target, build_plan, planned_stats  # noqa: E402
 from attnprof.kernels.triton_forward import extents, forward, key_bias  # noqa: E402
 from attnprof.kernels.triton_stats import cell_results  # noqa: E402
 
@@ -52,18 +52,22 @@ def record():
 
 @pytest.fixture(scope="module", params=list(SHAPES))
 def data(request):
-    B, L, lo, hi = SHAPES[request.param]
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.float16, generator=g) for _ in range(3))
-    lengths = torch.randint(lo, hi + 1, (B,), device="cuda", generator=g)
+    return workload(request.param)
+
+
+def workload(name: str, device="cuda", dtype=torch.float16, shapes=SHAPES) -> dict:
+    B, L, lo, hi = shapes[name]
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(B, H, L, D, device=device, dtype=dtype, generator=g) for _ in range(3))
+    lengths = torch.randint(lo, hi + 1, (B,), device=device, generator=g)
     lengths[0] = hi
-    padding = torch.arange(L, device="cuda") >= lengths[:, None]
-    groups = torch.arange(B, device="cuda") % 2
-    tokens = torch.randint(30, 20340, (B, L), device="cuda", generator=g)
-    tokens[:, 10:60] = torch.arange(30, 80, device="cuda")  # every panel gene in every cell
+    padding = torch.arange(L, device=device) >= lengths[:, None]
+    groups = torch.arange(B, device=device) % 2
+    tokens = torch.randint(80, 20340, (B, L), device=device, generator=g)
+    tokens[:, 3:53] = torch.arange(30, 80, device=device)  # every panel gene in every cell
     spec = StatsSpec(n_groups=2, window=64, vocab_size=20345, panel=tuple(range(30, 80)), n_context=3)
-    plan = attnprof.kernels.build_plan(spec, groups, padding, tokens)
-    return dict(name=request.param, q=q, k=k, v=v, padding=padding, groups=groups, tokens=tokens, spec=spec, plan=plan)
+    plan = build_plan(spec, groups, padding, tokens)
+    return dict(name=name, q=q, k=k, v=v, padding=padding, groups=groups, tokens=tokens, spec=spec, plan=plan)
 
 
 def sdpa(d):
@@ -93,11 +97,12 @@ def kernels_1_and_2(d):
 
 
 def layer_call(d):
-    """One profiled layer's whole call on the forward's plan, adding into the run's sums."""
+    """One profiled layer's whole call on the forward's plan, adding into the run's sums in place."""
     plan = d["plan"]
-    into = attnprof.kernels.empty_sums(d["spec"], H, device="cuda")
+    sums = attnprof.kernels.empty_sums(d["spec"], H, device=d["q"].device)
+    targets = [Target({name: x[None] for name, x in sums.items()}, slice(0, 1))]
     q, k, v = d["q"], d["k"], d["v"]
-    return lambda: attnprof.kernels.planned_stats(q, k, v, plan=plan, backend="triton", into=into)
+    return lambda: planned_stats(q, k, v, plan, targets, backend="triton")
 
 
 def _time(benchmark, fn):

@@ -408,16 +408,26 @@ def check_without_interpreter(all_configs: bool = False):
         pointers.update(dict.fromkeys(["BIAS", "TERM", "LSE2", "ROWSTATS", "INV_N", "RECEIVED"], "fp32"))
         pointers.update(dict.fromkeys(["CELLS", "POS"], "i64"))
         pointers.update(dict.fromkeys(["EXTENT", "TILES"], "i32"))
-        for kernel in (kf._forward_kernel, ks._columns_kernel, ks._entries_kernel):
+        # per kernel: its flag settings in use; the first config, and the first that runs exponentials on FMAs
+        variants = {
+            kf._forward_kernel: [dict(WITH_STATS=True, WRITE_LSE=False, COUNT_TILES=False),
+                                 dict(WITH_STATS=False, WRITE_LSE=True, COUNT_TILES=True)],
+            ks._columns_kernel: [dict(COUNT_TILES=False), dict(COUNT_TILES=True)],
+            ks._entries_kernel: [dict(WINDOW=True), dict(WINDOW=False)],
+        }  # fmt: skip
+        for kernel, flag_sets in variants.items():
             fn = kernel.fn
-            for config in kernel.configs if all_configs else kernel.configs[:1]:
-                flags = dict(WITH_STATS=True, WRITE_LSE=True, COUNT_TILES=False, CTX=kf.CTX_BLOCK, WINDOW=False)
-                consts = dict(config.kwargs, HEAD_D=24, BLOCK_D=32, DOT_PREC=kf.dot_precision(dtype), **flags)
-                consts = {a: consts[a] for a in fn.arg_names if a in consts}
-                sig = {a: "constexpr" if a in consts else "fp32" if a == "qk_scale" else
-                       "*" + pointers[a] if a in pointers else "i32" for a in fn.arg_names}  # fmt: skip
-                options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
-                triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options=options)
+            configs = kernel.configs if all_configs else [kernel.configs[0]] + [
+                c for c in kernel.configs if c.kwargs.get("BLOCK_M_FMA")][:1]  # fmt: skip
+            for config in configs:
+                for flags in flag_sets:
+                    consts = dict(config.kwargs, HEAD_D=24, BLOCK_D=32, DOT_PREC=kf.dot_precision(dtype),
+                                  CTX=kf.CTX_BLOCK, **flags)  # fmt: skip
+                    consts = {a: consts[a] for a in fn.arg_names if a in consts}
+                    sig = {a: "constexpr" if a in consts else "fp32" if a == "qk_scale" else
+                           "*" + pointers[a] if a in pointers else "i32" for a in fn.arg_names}  # fmt: skip
+                    options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+                    triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options=options)
     print("ok")
 
 
