@@ -290,7 +290,7 @@ def triton_cells(q, k, v, plan, scale: float):
 
     No host sync: everything data-dependent comes from the plan. Non-finite q, k or v (a NaN row
     log-sum-exp, or a NaN output) is not raised here, which would wait for the device: each call
-    appends a device flag to ``plan_device(plan).finite`` and :func:`raise_if_non_finite` checks them
+    appends a device checksum to ``plan_device(plan).finite`` and :func:`first_non_finite` checks them
     all with one sync (the caller does, once per forward).
     """
     spec, dev = plan.spec, plan_device(plan)
@@ -325,13 +325,20 @@ def _pair_means(plan, dev: PlanDevice, block, H):
     return torch.bmm(torch.bmm(rows_mean, block.view(C * H, M, M).double()), member_t).view(C, H, K, K)
 
 
-def raise_if_non_finite(plan, q, k, v) -> None:
-    """One host sync for all layer calls on ``plan`` so far: raise the ``ValueError`` of
-    :func:`refuse_non_finite` if any of them saw NaN or Inf (``q, k, v``: the last call's, to name which)."""
+def first_non_finite(plan) -> int | None:
+    """Index (in call order) of the first layer call on ``plan`` whose q, k or v held NaN or Inf, or None.
+    One host sync for all calls so far; a profiling run takes it once per forward (e.g. when the
+    forward ends), and names the layer from its own call order."""
     dev = plan.cache.get("triton")
     if dev is None or not dev.finite:
-        return
-    flags = torch.stack(dev.finite)
+        return None
+    bad = ~torch.stack(dev.finite).isfinite()
     dev.finite.clear()
-    if not bool(flags.isfinite().all()):
+    return int(bad.int().argmax()) if bool(bad.any()) else None
+
+
+def raise_if_non_finite(plan, q, k, v) -> None:
+    """:func:`first_non_finite`, raising the ``ValueError`` of :func:`refuse_non_finite` (which names q, k
+    or v from the last call's tensors)."""
+    if first_non_finite(plan) is not None:
         refuse_non_finite(q, k, v)

@@ -241,6 +241,26 @@ def test_non_finite_inputs_are_named(where, name):
         attention_stats(**x, spec=spec, groups=groups, key_padding_mask=padding, tokens=tokens, backend="triton")
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_non_finite_layer_calls_are_found_after_the_fact():
+    """Three layer calls on one plan, the second with an Inf in v: one check afterwards names call 1."""
+    from attnprof.kernels import Target, build_plan, empty_sums, planned_stats
+    from attnprof.kernels.triton_stats import first_non_finite
+
+    q, k, v, padding, groups, tokens = batch(4, 3, 2, 20, 16)
+    spec = spec_for(4, 20)
+    plan = build_plan(spec, groups, padding, tokens)
+    targets = [Target({name: x[None] for name, x in empty_sums(spec, 2, device=DEVICE).items()})]
+    bad = v.clone()
+    bad[2, 1, 5, 0] = float("inf")
+    for x in (v, bad, v):
+        planned_stats(q, k, x, plan, targets, backend="triton")
+    assert first_non_finite(plan) == 1
+    assert first_non_finite(plan) is None  # checked calls are forgotten
+    planned_stats(q, k, v, plan, targets, backend="triton")
+    assert first_non_finite(plan) is None
+
+
 def test_tiles_visited_scale_with_real_tokens():
     """The kernels' own debug counters (compiled in only when asked): kernel 1 visits, for every query
     tile, the key tiles up to the cell's extent (one past its last real token); the column kernel
