@@ -171,18 +171,18 @@ def test_ops_per_layer_call_do_not_grow_with_the_batch(monkeypatch):
     assert counts[0] == counts[1] == counts[2], counts
 
 
-def encoder_ops(oplog, n_layers, profiled: bool):
+def encoder_ops(oplog, n_layers, profiled: bool, B: int = 4):
     """Ops of one forward of an n-layer encoder (the plan is built in it, at its first layer)."""
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=True)
     model = nn.TransformerEncoder(layer, num_layers=n_layers, enable_nested_tensor=False).eval()
-    B, L, V = 4, 24, 30
+    L, V = 24, 30
     x = torch.randn(B, L, 16)
     tokens = torch.randint(0, V, (B, L), generator=torch.Generator().manual_seed(1))
     mask = torch.zeros(B, L, dtype=torch.bool)
     mask[1, 15:] = True
     mask[2, [0, 4]] = True
-    labels, null = [0, 1, 0, -1], [[1, 0, 0, -1], [0, 0, 1, -1]]
+    labels, null = [0, 1, 0, -1] * (B // 4), [[1, 0, 0, -1] * (B // 4), [0, 0, 1, -1] * (B // 4)]
     if not profiled:
         with torch.no_grad(), oplog:
             model(x, src_key_padding_mask=mask)
@@ -194,9 +194,9 @@ def encoder_ops(oplog, n_layers, profiled: bool):
     return collections.Counter(oplog.ops)
 
 
-def per_layer(oplog_factory, profiled) -> collections.Counter:
+def per_layer(oplog_factory, profiled, B: int = 4) -> collections.Counter:
     """Ops per layer: a 6-layer forward minus a 2-layer one, over 4 (the plan is built once in each)."""
-    six, two = encoder_ops(oplog_factory(), 6, profiled), encoder_ops(oplog_factory(), 2, profiled)
+    six, two = encoder_ops(oplog_factory(), 6, profiled, B), encoder_ops(oplog_factory(), 2, profiled, B)
     diff = six - two
     assert not (two - six), "a 2-layer forward dispatched ops a 6-layer one did not"
     return diff
@@ -233,6 +233,7 @@ def test_ops_per_profiled_layer(launch_counting, capsys):
         print(f"\nper profiled layer: {extra:.0f} ops + launches beyond the plain layer's "
               f"({launches:.0f} launches), {syncs:.0f} syncing")  # fmt: skip
     assert launches == 4
+    assert per_layer(launch_counting, True, B=8) == profiled  # twice the cells, the same ops
 
 
 @pytest.mark.xfail(
