@@ -1,14 +1,26 @@
-"""The triton backend's kernels vs. plain attention at Nicheformer scale (needs a CUDA GPU).
+"""The triton backend vs. plain attention on a CUDA GPU (skips elsewhere).
 
     pytest benches/bench_triton.py -s --benchmark-columns=median,iqr,rounds
 
-B=8 cells, H=16 heads, L=1500 tokens, D=32, fp16, no padding (the most work).
-Each bench also prints and records (``extra_info``) its median time over that
-of ``scaled_dot_product_attention`` (flash, no mask: the fastest plain baseline),
-timed the same way with ``triton.testing.do_bench``.
+Two shapes, fp16, H=16, D=32: ``full`` (B=8 cells of L=1500 real tokens, the most work) and
+``panel`` (B=32 cells of 150-250 real tokens, padded to the longest, as MERFISH batches are).
+Contenders, each timed with ``triton.testing.do_bench`` (median) in the same session and
+divided by flash ``scaled_dot_product_attention`` (no mask: the fastest plain baseline):
+
+- ``sdpa``, ``sdpa_masked``: plain attention, without and with the key padding mask;
+- ``kernel1``: the forward with its row statistics;
+- ``kernels_1_and_2``: kernel 1, the column pass, the window and the panel entries;
+- ``layer_call``: the whole profiled layer call on a prebuilt plan (kernels, reductions into
+  the run's sums in place);
+
+plus an end-to-end Nicheformer forward (12 layers, d_model 512, fp16) profiled vs plain.
+Every ratio is written to ``benches/results/triton.json`` (with the GPU's name).
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,23 +31,43 @@ if not torch.cuda.is_available():
 
 import triton.testing  # noqa: E402
 
-from attnprof.kernels import StatsSpec, attention_stats  # noqa: E402
-from attnprof.kernels.triton_forward import forward, key_bias  # noqa: E402
-from attnprof.kernels.triton_stats import StatsKernels  # noqa: E402
+import attnprof  # noqa: E402
+from attnprof.kernels import StatsSpec, Target, build_plan, planned_stats  # noqa: E402
+from attnprof.kernels.triton_forward import extents, forward, key_bias  # noqa: E402
+from attnprof.kernels.triton_stats import cell_results  # noqa: E402
 
 pytestmark = pytest.mark.gpu
-B, H, L, D = 8, 16, 1500, 32
+H, D = 16, 32
+SHAPES = {"full": (8, 1500, 1500, 1500), "panel": (32, 250, 150, 250)}  # B, L, shortest, longest
+RESULTS = Path(__file__).parent / "results" / "triton.json"
 
 
 @pytest.fixture(scope="module")
-def data():
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.float16, generator=g) for _ in range(3))
-    padding = torch.zeros(B, L, dtype=torch.bool, device="cuda")
-    groups = torch.arange(B, device="cuda") % 2
-    tokens = torch.randint(30, 20340, (B, L), device="cuda", generator=g)
+def record():
+    rows = {}
+    yield rows
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "vs_sdpa": rows}, indent=2))
+
+
+@pytest.fixture(scope="module", params=list(SHAPES))
+def data(request):
+    return workload(request.param)
+
+
+def workload(name: str, device="cuda", dtype=torch.float16, shapes=SHAPES) -> dict:
+    B, L, lo, hi = shapes[name]
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(B, H, L, D, device=device, dtype=dtype, generator=g) for _ in range(3))
+    lengths = torch.randint(lo, hi + 1, (B,), device=device, generator=g)
+    lengths[0] = hi
+    padding = torch.arange(L, device=device) >= lengths[:, None]
+    groups = torch.arange(B, device=device) % 2
+    tokens = torch.randint(80, 20340, (B, L), device=device, generator=g)
+    tokens[:, 3:53] = torch.arange(30, 80, device=device)  # every panel gene in every cell
     spec = StatsSpec(n_groups=2, window=64, vocab_size=20345, panel=tuple(range(30, 80)), n_context=3)
-    return dict(q=q, k=k, v=v, padding=padding, groups=groups, tokens=tokens, spec=spec)
+    plan = build_plan(spec, groups, padding, tokens)
+    return dict(name=name, q=q, k=k, v=v, padding=padding, groups=groups, tokens=tokens, spec=spec, plan=plan)
 
 
 def sdpa(d):
@@ -47,45 +79,86 @@ def sdpa_masked(d):  # what nn.MultiheadAttention runs with a key padding mask
     return lambda: F.scaled_dot_product_attention(d["q"], d["k"], d["v"], attn_mask=mask)
 
 
+def _facts(d):
+    real = ~d["padding"]
+    return dict(bias=key_bias(d["padding"]), extent=extents(d["padding"]), inv_n=real.sum(1).float().reciprocal())
+
+
 def kernel1(d):
-    bias = key_bias(d["padding"])
-    return lambda: forward(d["q"], d["k"], d["v"], bias, D**-0.5, want_pmax=True)
+    f = _facts(d)
+    return lambda: forward(d["q"], d["k"], d["v"], f["bias"], f["extent"], D**-0.5, inv_n=f["inv_n"], n_context=3)
 
 
 def kernels_1_and_2(d):
-    """Kernel 1, the column kernel and the window kernel: all the O(L^2) work, no torch glue."""
-    bias = key_bias(d["padding"])
-    cells = torch.arange(B, device="cuda")
-    order, seg = cells, torch.tensor([0, B // 2, B], device="cuda")  # not the real groups: same work
-    W = d["spec"].window
-    pos_sum, pos_sq = torch.zeros(2, 2, H, W, W, dtype=torch.float64, device="cuda")
-
-    def run():
-        _, lse2, _ = forward(d["q"], d["k"], d["v"], bias, D**-0.5, want_pmax=True)
-        kern = StatsKernels(d["q"], d["k"], bias, lse2, D**-0.5)
-        kern.columns(cells)
-        kern.window(order, seg, pos_sum, pos_sq, W)
-
-    return run
+    """Kernel 1, the column pass and the window and panel entries: all the O(L^2) work."""
+    f, plan = _facts(d), d["plan"]
+    kw = dict(cells=plan.counted, window=plan.window, n_context=3, panel_pos=plan.panel_pos)
+    return lambda: cell_results(d["q"], d["k"], d["v"], D**-0.5, **f, **kw)
 
 
-def backend(d):
-    """The whole ``attention_stats(backend='triton')`` call: checks, kernels and the torch reductions."""
-    kw = {name: d[name] for name in ("spec", "groups", "tokens")}
-    return lambda: attention_stats(d["q"], d["k"], d["v"], key_padding_mask=d["padding"], backend="triton", **kw)
+def layer_call(d):
+    """One profiled layer's whole call on the forward's plan, adding into the run's sums in place."""
+    plan = d["plan"]
+    sums = attnprof.kernels.empty_sums(d["spec"], H, device=d["q"].device)
+    targets = [Target({name: x[None] for name, x in sums.items()}, slice(0, 1))]
+    q, k, v = d["q"], d["k"], d["v"]
+    return lambda: planned_stats(q, k, v, plan, targets, backend="triton")
 
 
-@pytest.mark.parametrize("make", [sdpa, sdpa_masked, kernel1, kernels_1_and_2, backend], ids=lambda f: f.__name__)
-def test_bench(benchmark, data, make):
-    fn = make(data)
+def _time(benchmark, fn):
     fn()  # autotune and compile outside the timing
 
     def synced():
         fn()
         torch.cuda.synchronize()
 
-    benchmark.pedantic(synced, rounds=30, warmup_rounds=3)
-    ms = triton.testing.do_bench(fn)
+    benchmark.pedantic(synced, rounds=20, warmup_rounds=3)
+    return triton.testing.do_bench(fn)
+
+
+@pytest.mark.parametrize("make", [sdpa, sdpa_masked, kernel1, kernels_1_and_2, layer_call], ids=lambda f: f.__name__)
+def test_bench(benchmark, data, make, record):
+    benchmark.group = f"triton {data['name']}"
+    ms = _time(benchmark, make(data))
     ratio = ms / triton.testing.do_bench(sdpa(data))
-    benchmark.extra_info.update(do_bench_ms=ms, vs_sdpa=ratio)
-    print(f"\n{make.__name__}: {ms * 1e3:.0f} us, {ratio:.2f}x scaled_dot_product_attention")
+    benchmark.extra_info.update(contender=make.__name__, do_bench_ms=ms, vs_sdpa=ratio)
+    record[f"{data['name']}/{make.__name__}"] = {"ms": ms, "vs_sdpa": ratio}
+    print(f"\n{data['name']} {make.__name__}: {ms * 1e3:.0f} us, {ratio:.2f}x scaled_dot_product_attention")
+
+
+def test_nicheformer_forward_profiled_vs_plain(benchmark, record):
+    """A 12-layer Nicheformer forward in fp16 on 8 full-length cells: profiled (triton, W = 64, gene
+    statistics) over plain inference (the fused fast path or the regular one, whichever is faster)."""
+    from attnprof.adapters.mha import fastpath_disabled
+    from attnprof.singlecell.nicheformer import Nicheformer, NicheformerConfig
+
+    torch.manual_seed(0)
+    config = NicheformerConfig()
+    model = Nicheformer(config).eval().to("cuda", torch.float16)
+    B, L, V = 8, config.context_length, config.n_tokens + 5
+    tokens = torch.randint(30, V, (B, L), device="cuda")
+    tokens[:, :3] = torch.tensor([4, 6, 7], device="cuda")
+    labels = [i % 2 for i in range(B)]
+
+    def plain_fast():
+        with torch.inference_mode():
+            model(tokens)
+
+    def plain_regular():
+        with torch.inference_mode(), fastpath_disabled():
+            model(tokens)
+
+    prof = attnprof.Profiler(model, groups=["a", "b"], genes=V, window=64, n_context=3, backend="triton")
+
+    def profiled():
+        prof.set_batch(groups=labels, tokens=tokens)
+        with torch.inference_mode():
+            model(tokens)
+
+    plain_ms = min(triton.testing.do_bench(f) for f in (plain_fast, plain_regular))
+    with prof:
+        ms = _time(benchmark, profiled)
+    benchmark.group = "triton nicheformer"
+    benchmark.extra_info.update(contender="profiled forward", do_bench_ms=ms, vs_plain=ms / plain_ms)
+    record["nicheformer/profiled_vs_plain"] = {"ms": ms, "plain_ms": plain_ms, "ratio": ms / plain_ms}
+    print(f"\nnicheformer forward: profiled {ms:.2f} ms, plain {plain_ms:.2f} ms, {ms / plain_ms:.2f}x")

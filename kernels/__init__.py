@@ -10,15 +10,13 @@ Pure compute on ``q, k, v``; no model knowledge. Two entry points with interchan
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 
 from .blocked import blocked_cells
 from .plan import BatchPlan, build_plan
 from .reduce import CellResults, Target, reduce_into
 from .reference import reference_planned
-from .spec import SUMMARIES, Inputs, StatsSpec, check_qkv, empty_sums, refuse_non_finite, sum_shapes
+from .spec import SUMMARIES, Inputs, StatsSpec, check_qkv, empty_sums, sum_shapes
 
 BACKENDS = ("auto", "reference", "torch", "triton")
 
@@ -65,6 +63,10 @@ def attention_stats(
     sums = _target(into, spec, H, q.device)
     out = planned_stats(q, k, v, plan, [Target({k: v[None] for k, v in sums.items()}, slice(0, 1))],
                         scale=scale, backend=name)  # fmt: skip
+    if name == "triton":  # its layer calls defer the NaN/Inf verdict (a host sync) to the caller
+        from .triton_stats import raise_if_non_finite
+
+        raise_if_non_finite(plan, q, k, v)
     return out, sums
 
 
@@ -96,23 +98,9 @@ def planned_stats(q, k, v, plan: BatchPlan, targets, *, scale: float | None = No
 
 
 def _triton_cells(q, k, v, plan: BatchPlan, scale: float):
-    """Shim until the triton backend takes a plan: one triton pass with every counted cell as its own
-    group gives the per-cell results."""
-    from .triton_stats import triton_stats  # imported lazily: needs a working triton
+    from .triton_stats import triton_cells  # imported lazily: needs a working triton
 
-    C, W = plan.n_counted, plan.window
-    codes = torch.full((plan.B,), -1, dtype=torch.long, device=q.device)
-    codes[plan.counted] = torch.arange(C, device=q.device)
-    per_cell = replace(plan.spec, n_groups=max(C, 1))
-    out, s = triton_stats(Inputs(q, k, v, plan.padding, codes, plan.tokens, scale), per_cell)
-    if not bool(torch.isfinite(s["summary_sum"].sum() + out.float().sum())):
-        refuse_non_finite(q, k, v)
-    cells = CellResults(summary=s["summary_sum"][:C], window=s["pos_sum"][:C, :, :W, :W])
-    if plan.spec.gene_stats:
-        cells.received = s["recv_sum"][plan.pair_cell, :, plan.genes[plan.pair_gene]]
-    if plan.spec.panel:
-        cells.pair = s["pair_sum"][:C]
-    return out, cells
+    return triton_cells(q, k, v, plan, scale)
 
 
 def _target(into, spec: StatsSpec, n_heads: int, device) -> dict[str, torch.Tensor]:

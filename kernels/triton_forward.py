@@ -1,16 +1,31 @@
-"""Kernel 1 of the triton backend: flash-style attention forward that also keeps the log-sum-exp.
+"""Kernel 1 of the triton backend: flash-style attention forward that also keeps the log-sum-exp and
+the row statistics.
 
 One program owns ``BLOCK_M`` query rows of one (cell, head) and streams the
 keys in tiles of ``BLOCK_N`` with an online softmax (running max ``m``,
-running sum ``l``). Besides ``O`` it writes the row's log-sum-exp, which
-kernel 2 (:mod:`.triton_stats`) needs to rebuild ``P`` exactly, and on request
-the row's largest probability ``1 / l`` (the ``row_max`` summary), which no
-key tile of kernel 2 sees whole.
+running sum ``l``). Key tiles at or beyond the cell's *extent* (one past its
+last real token) are never visited, so trailing padding costs nothing in the
+key loop (varlen, as FlashAttention's ``cu_seqlens``); padded keys inside the
+extent are masked by a bias. Query tiles beyond the extent still get their
+output (padded rows attend to the real keys, as ``scaled_dot_product_attention``
+with a key mask does), at the cost of their real keys only.
+
+Besides ``O`` it writes each row's ``term = bias - lse2`` (kernel 2 adds it to a
+score to get ``log2 p``) and, from the same online softmax with no second
+exponential over the row, the four row statistics of the head summaries:
+
+- entropy: ``a = sum_j p~_j (t_j - m)`` rescaled like ``l``; ``H = ln2 (log2 l - a / l)``;
+- row max: ``1 / l`` (the largest entry has ``p~ = exp2(m - m) = 1``);
+- self mass ``p_ii`` from the diagonal score, context mass from the first C scores
+  (C + 1 exponentials per row after the loop, not L).
+
+They are stored already weighted by ``real_i / n`` (0 for padded rows), so a
+cell's summary is a plain sum over its rows.
 
 Conventions shared with kernel 2: scores are kept in base 2, ``t = q.k * scale
 * log2(e)``, so that ``exp2`` does the exponentials; padded keys and rows get a
 finite ``MASKED`` bias instead of ``-inf``, so a tile with no real key never
-computes ``-inf - (-inf)`` and ``p * log p`` of a masked entry is ``0``, not NaN.
+computes ``-inf - (-inf)`` and ``p * (t - m)`` of a masked entry is ``0``, not NaN.
 """
 
 from __future__ import annotations
@@ -31,6 +46,10 @@ MASKED = -1.0e30  # finite "-inf": exp2 of it (or of twice it) is exactly 0
 MASKED_C = tl.constexpr(MASKED)
 LN2_C = tl.constexpr(LN2)
 MAX_HEAD_DIM = 128
+#: Programs of a 1-D launch grid (axis 0 allows 2**31 - 1; axes 1 and 2 only 65,535, so none is used).
+MAX_PROGRAMS = 2**31 - 1
+#: Context keys are re-scored after the loop in tiles of this many (tl.dot needs >= 16).
+CTX_BLOCK = 16
 
 
 def tile_configs(gpu: list[tuple[int, int, int, int]]) -> list[triton.Config]:
@@ -54,59 +73,102 @@ def load_rows(base, idx, ok, stride_l, stride_d, HEAD_D: tl.constexpr, BLOCK_D: 
     configs=tile_configs([(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4), (64, 32, 4, 3)]),
     # L_BUCKET = next power of two of L: tune once per size class, not for every batch's length;
     # the tensor dtypes join the key automatically
-    key=["L_BUCKET", "BLOCK_D"],
+    key=["L_BUCKET", "BLOCK_D", "WITH_STATS"],
 )
 @triton.jit
 def _forward_kernel(
-    Q, K, V, BIAS, OUT, LSE2, PMAX,
+    Q, K, V, BIAS, EXTENT, INV_N, OUT, TERM, LSE2, ROWSTATS, TILES,
     sqb, sqh, sql, sqd,
     skb, skh, skl, skd,
     svb, svh, svl, svd,
     sob, soh, sol, sod,
-    H, L, L_BUCKET, qk_scale,
-    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, WRITE_PMAX: tl.constexpr,
+    H, L, L_BUCKET, n_context, qk_scale,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    WITH_STATS: tl.constexpr, WRITE_LSE: tl.constexpr, COUNT_TILES: tl.constexpr, CTX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(L, BLOCK_M)
+    bh = pid // n_m  # the query tiles of one (cell, head) are neighbours: they share K, V in L2
+    pid_m = pid % n_m
     b = (bh // H).to(tl.int64)
     h = bh % H
+    extent = tl.load(EXTENT + b)  # keys >= extent are padding: never visited
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    q = load_rows(Q + b * sqb + h * sqh, rows, rows < L, sql, sqd, HEAD_D, BLOCK_D)
+    q_base = Q + b * sqb + h * sqh
     k_base = K + b * skb + h * skh
+    q = load_rows(q_base, rows, rows < L, sql, sqd, HEAD_D, BLOCK_D)
     v_base = V + b * svb + h * svh
 
     m_i = tl.full([BLOCK_M], MASKED_C, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
+    a_i = tl.zeros([BLOCK_M], tl.float32)  # sum_j p~_j (t_j - m): the entropy's running term
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(0, L, BLOCK_N):
+    visited = 0
+    for start_n in range(0, extent, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        k = load_rows(k_base, cols, cols < L, skl, skd, HEAD_D, BLOCK_D)
-        v = load_rows(v_base, cols, cols < L, svl, svd, HEAD_D, BLOCK_D)
-        bias = tl.load(BIAS + b * L + cols, mask=cols < L, other=MASKED_C)
+        k = load_rows(k_base, cols, cols < extent, skl, skd, HEAD_D, BLOCK_D)
+        v = load_rows(v_base, cols, cols < extent, svl, svd, HEAD_D, BLOCK_D)
+        bias = tl.load(BIAS + b * L + cols, mask=cols < extent, other=MASKED_C)
         t = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale + bias[None, :]
         m_new = tl.maximum(m_i, tl.max(t, 1))
         # while only masked keys were seen, m = MASKED and they weigh 1 each; the first real key
         # raises m by ~1e30, alpha = 0 and they vanish (every row has at least one real key)
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(t - m_new[:, None])
+        shifted = t - m_new[:, None]
+        p = tl.exp2(shifted)
+        if WITH_STATS:
+            # sum p~ (t - m_new) = alpha (a + l (m_old - m_new)) + this tile; masked entries add 0 * x = 0
+            a_i = alpha * (a_i + l_i * (m_i - m_new)) + tl.sum(p * shifted, 1)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
+        if COUNT_TILES:
+            visited += 1
 
     out = acc / l_i[:, None]
     d = tl.arange(0, BLOCK_D)
     o_ptrs = OUT + b * sob + h * soh + rows[:, None].to(tl.int64) * sol + d[None, :] * sod
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=(rows[:, None] < L) & (d[None, :] < HEAD_D))
+    row_ok = rows < L
+    row_bias = tl.load(BIAS + b * L + rows, mask=row_ok, other=MASKED_C)
+    lse2 = m_i + tl.log2(l_i)
+    term = row_bias - lse2  # log2 p_ij = t_ij (key bias included) + term_i; <= -1e30 for padded rows
     row_ptrs = bh.to(tl.int64) * L + rows
-    tl.store(LSE2 + row_ptrs, m_i + tl.log2(l_i), mask=rows < L)
-    if WRITE_PMAX:
-        tl.store(PMAX + row_ptrs, 1.0 / l_i, mask=rows < L)  # max_j p_ij = exp2(m - m) / l
+    tl.store(TERM + row_ptrs, term, mask=row_ok)
+    if WRITE_LSE:  # padded rows too (the term has lost it under the mask)
+        tl.store(LSE2 + row_ptrs, lse2, mask=row_ok)
+    if WITH_STATS:
+        # weight of a row in its cell's mean: 1 / n for real rows, 0 for padding (incl. rows >= L)
+        weight = tl.where(row_bias == 0.0, tl.load(INV_N + b), 0.0)
+        entropy = LN2_C * (tl.log2(l_i) - a_i / l_i)
+        # + 0 * sum(out): a NaN or Inf in v (which only the output sees) reaches the statistics' checksum
+        row_max = 1.0 / l_i + 0.0 * tl.sum(out, 1)
+        # self mass from the diagonal score, summed in fp32 like the dot (a padded row's term masks it)
+        k_diag = load_rows(k_base, rows, row_ok, skl, skd, HEAD_D, BLOCK_D).to(tl.float32)
+        self_mass = tl.exp2(tl.sum(q.to(tl.float32) * k_diag, 1) * qk_scale + term)
+        # context mass: the first C keys re-scored against the final lse (C + ... exps per row, not L)
+        context = tl.zeros([BLOCK_M], tl.float32)
+        for start_c in range(0, tl.minimum(n_context, extent), CTX):
+            cols = start_c + tl.arange(0, CTX)
+            ok = (cols < n_context) & (cols < extent)
+            k = load_rows(k_base, cols, ok, skl, skd, HEAD_D, BLOCK_D)
+            bias = tl.load(BIAS + b * L + cols, mask=ok, other=MASKED_C)
+            t = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale + bias[None, :]
+            context += tl.sum(tl.exp2(t + term[:, None]), 1)
+        stats_base = ROWSTATS + bh.to(tl.int64) * 4 * L + rows  # [B, H, 4, L] in the order of SUMMARIES
+        tl.store(stats_base, entropy * weight, mask=row_ok)
+        tl.store(stats_base + L, context * weight, mask=row_ok)
+        tl.store(stats_base + 2 * L, self_mass * weight, mask=row_ok)
+        tl.store(stats_base + 3 * L, row_max * weight, mask=row_ok)
+    if COUNT_TILES:
+        tl.store(TILES + pid, visited)
 
 
 # ----------------------------------------------------------------------------- launchers
 def check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Raise ValueError for inputs the triton kernels cannot take, naming the fix."""
+    """Raise ValueError for inputs the triton kernels cannot take, naming the fix (shapes and
+    dtypes only: nothing here reads a tensor's values, so nothing waits for the device)."""
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(
             f"q, k, v must share one shape [B, H, L, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
@@ -130,8 +192,13 @@ def check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     B, H, L, D = q.shape
     if not 1 <= D <= MAX_HEAD_DIM:
         raise ValueError(f"the triton backend takes head dims 1..{MAX_HEAD_DIM}, got D={D}; use backend='torch'")
-    if B * H > 65535:
-        raise ValueError(f"B * H = {B * H} exceeds the launch grid (65535); split the batch")
+    check_grid(B * H * L, "B * H * L")
+
+
+def check_grid(programs: int, what: str) -> None:
+    """Every launch is a 1-D grid of at most this many programs (tiles of >= 16 rows: /16)."""
+    if programs > MAX_PROGRAMS * 16:
+        raise ValueError(f"{what} = {programs} exceeds what one launch grid covers (2**35); split the batch")
 
 
 def key_bias(padding: torch.Tensor) -> torch.Tensor:
@@ -139,21 +206,46 @@ def key_bias(padding: torch.Tensor) -> torch.Tensor:
     return torch.zeros(padding.shape, dtype=torch.float32, device=padding.device).masked_fill_(padding, MASKED)
 
 
-def forward(q, k, v, bias, scale: float, want_pmax: bool = False):
-    """Kernel 1 on checked inputs: ``out`` (dtype of q), base-2 ``lse2`` [B, H, L] and, if asked,
-    the rows' largest probabilities ``pmax`` [B, H, L] (float32)."""
+def extents(padding: torch.Tensor) -> torch.Tensor:
+    """[B] int32: one past each cell's last real token (keys and rows from there on are padding)."""
+    L = padding.shape[1]
+    return ((~padding).int() * torch.arange(1, L + 1, device=padding.device, dtype=torch.int32)).amax(1).int()
+
+
+def forward(
+    q, k, v, bias, extent, scale: float, *, inv_n=None, n_context: int = 0, tiles=None, want_lse=False,
+    term=None, rowstats=None,
+):  # fmt: skip
+    """Kernel 1 on checked inputs: ``out`` (dtype of q) and the rows' ``term = bias - lse2`` [B, H, L]
+    (float32, base 2); with ``inv_n`` ([B] float32, 1 / real tokens per cell) also the weighted row
+    statistics ``rowstats`` [B, H, 4, L] (a cell's summary is their sum over L), else None.
+
+    ``bias`` [B, L] float32 (:func:`key_bias`), ``extent`` [B] int32 (:func:`extents`).
+    ``tiles``: an int32 buffer, one entry per program (``B * H * cdiv(L, BLOCK_M)``), zeroed: each
+    program stores the key tiles it visited (a debug count, compiled out otherwise).
+    ``want_lse``: also return every row's ``lse2`` [B, H, L] (padded rows included).
+    ``term``, ``rowstats``: buffers of those shapes to write into (reused across layers), else new.
+    """
     B, H, L, D = q.shape
+    with_stats = inv_n is not None
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse2 = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
-    pmax = torch.empty_like(lse2) if want_pmax else lse2  # never written when not asked for
-    grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731
+    if term is None or term.shape != (B, H, L):
+        term = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
+    if not with_stats:
+        rowstats = None
+    elif rowstats is None or rowstats.shape != (B, H, 4, L):
+        rowstats = torch.empty(B, H, 4, L, dtype=torch.float32, device=q.device)
+    lse2 = torch.empty_like(term) if want_lse else None
+    grid = lambda meta: (B * H * triton.cdiv(L, meta["BLOCK_M"]),)  # noqa: E731
     _forward_kernel[grid](
-        q, k, v, bias, out, lse2, pmax,
+        q, k, v, bias, extent, inv_n if with_stats else bias, out, term, lse2 if want_lse else term,
+        rowstats if with_stats else term, tiles if tiles is not None else extent,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        H, L, triton.next_power_of_2(L), scale * LOG2E,
-        HEAD_D=D, BLOCK_D=block_d(D), DOT_PREC=dot_precision(q.dtype), WRITE_PMAX=want_pmax,
+        H, L, triton.next_power_of_2(L), n_context, scale * LOG2E,
+        HEAD_D=D, BLOCK_D=block_d(D), DOT_PREC=dot_precision(q.dtype),
+        WITH_STATS=with_stats, WRITE_LSE=want_lse, COUNT_TILES=tiles is not None, CTX=CTX_BLOCK,
     )  # fmt: skip
-    return out, lse2, (pmax if want_pmax else None)
+    return (out, term, rowstats, lse2) if want_lse else (out, term, rowstats)
 
 
 def block_d(D: int) -> int:
@@ -171,6 +263,7 @@ def triton_forward(q, k, v, padding=None, scale=None):
     Returns ``(out, lse)``: the output in the dtype of ``q`` (padded query rows
     attend to the real keys, as SDPA with a key mask) and the natural-log
     log-sum-exp of every row's scaled scores over the real keys, float32 [B, H, L].
+    A one-off entry point: it checks the padding on the host (the profiler's plan does that once per forward).
     """
     check_tensors(q, k, v)
     B, H, L, D = q.shape
@@ -183,5 +276,6 @@ def triton_forward(q, k, v, padding=None, scale=None):
         )
     if bool(padding.all(1).any()):
         raise ValueError("some cells have no real token (all keys are padding); drop zero-length cells first")
-    out, lse2, _ = forward(q, k, v, key_bias(padding), D**-0.5 if scale is None else float(scale))
+    scale = D**-0.5 if scale is None else float(scale)
+    out, _, _, lse2 = forward(q, k, v, key_bias(padding), extents(padding), scale, want_lse=True)
     return out, lse2 * LN2

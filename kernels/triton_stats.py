@@ -1,44 +1,43 @@
-"""The triton backend: kernel 1 (:mod:`.triton_forward`) then kernel 2, which rebuilds P and reduces it.
+"""The triton backend's kernel 2, which rebuilds P from kernel 1's log-sum-exp, and its launcher.
 
-Every statistic is a sum of ``P = exp2(t - lse2)`` over some entries, and a
-row's normaliser ``lse2`` is only known once the row has seen every key. A
-single pass with a running maximum would add up entries normalised by a
-partial sum, so the backend is two-pass: kernel 1 writes ``lse2``, kernel 2
-recomputes the scores ``t`` tile by tile (one extra ``Q K^T``, no ``P V``) and
-reduces the exact ``P``.
+Kernel 1 (:mod:`.triton_forward`) writes the output, each row's ``term =
+bias - lse2`` and the row statistics (entropy, row max, self and context mass)
+from its online softmax. What is left needs the row's *final* normaliser: a
+column sum adds ``p_ij`` over rows i, and during a single pass ``p_ij`` is only
+known up to the row's running maximum and partial sum. So kernel 2 recomputes
+``log2 p = q.k * scale * log2(e) + term`` (one FMA per score, one more ``Q K^T``,
+no ``P V``) and reduces the exact P. Each program owns everything it writes: no
+atomics, a fixed summation order, relaunching (as autotuning does) is harmless.
 
-Kernel 2 is three kernels, each program owning everything it writes: no
-atomics, a fixed summation order, and relaunching (as autotuning does) is
-harmless.
+- ``_columns_kernel``: a program owns a key tile of one (counted cell, head) and
+  loops over the cell's query tiles up to its extent; it writes per key the mean
+  over real rows of ``p_ij`` (-> gene received). Tiles past the extent are skipped.
+- ``_entries_kernel``: ``P`` at a few entries per cell: the ``[W, W]`` position
+  window, or the panel genes' positions (for the pairs).
 
-- ``_columns_kernel``: a program owns a key tile of one (cell, head) and loops
-  over all query tiles; it writes per key ``sum_i p_ij`` (-> gene received,
-  context mass), ``sum_i p_ij ln p_ij`` (-> entropy) and ``p_jj`` (-> self mass).
-- ``_window_kernel``: a program owns a tile of one group's and head's ``[W, W]``
-  window and loops over the group's cells, writing ``pos_sum``/``pos_sq``.
-- ``_gather_kernel``: ``P`` at the panel genes' positions of each cell, for the pairs.
-
-The rest is small and done in torch here: per-cell means and the four head
-summaries, group sums (a one-hot matmul, fixed order), the scatter of the
-per-cell received means by token id, the pair means and every count.
+Per-cell results are then reduced into group sums by the small torch functions of
+:mod:`.reduce` (one-hot matmuls, fixed-size scatters), shared with the torch backend.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .reduce import add_group_sums, add_pairs, add_received, add_window_counts, group_onehot, panel_positions
-from .spec import Inputs, StatsSpec, empty_sums
+from .reduce import CellResults
+from .spec import refuse_non_finite
 from .triton_forward import (
-    LN2_C,
+    INTERPRET,
     LOG2E,
     MASKED_C,
     block_d,
+    check_grid,
     check_tensors,
     dot_precision,
+    extents,
     forward,
     key_bias,
     load_rows,
@@ -47,231 +46,299 @@ from .triton_forward import (
 
 
 @triton.jit
-def _query_term(lse2_base, bias_base, idx, ok):
-    """``bias - lse2`` of query rows ``idx``: added to a row's scores it gives ``log2 p``, and
-    ``-1e30`` or less (``p = 0``) for a padded or absent row."""
-    lse2 = tl.load(lse2_base + idx, mask=ok, other=0.0)
-    bias = tl.load(bias_base + idx, mask=ok, other=MASKED_C)
-    return bias - lse2
-
-
-@triton.jit
 def _log2_probs(a, b, a_term, b_term, qk_scale, DOT_PREC: tl.constexpr):
-    """``log2 P`` on the tile ``a @ b^T``; one of a, b holds queries (term: ``_query_term``), the other
-    keys (term: their padding bias)."""
+    """``log2 P`` on the tile ``a @ b^T``; one of a, b holds queries (term: kernel 1's ``bias - lse2``),
+    the other keys (term: their padding bias)."""
     s = tl.dot(a, tl.trans(b), input_precision=DOT_PREC)
     return s * qk_scale + a_term[:, None] + b_term[None, :]
 
 
+# 2**f on [-1/2, 1/2], degree 5, relative error 2.0e-7 in fp32 Horner (as MUFU's ex2.approx, ~2 ulp):
+# a least-squares fit of the relative error at Chebyshev nodes, reweighted towards its peaks (numpy, once).
+EXP2_POLY = (1.0000001192092896, 0.6931470632553101, 0.24022111296653748,
+             0.05550599843263626, 0.009675886482000351, 0.0013313331874087453)  # fmt: skip
+C0, C1, C2, C3, C4, C5 = (tl.constexpr(c) for c in EXP2_POLY)
+ROUND = tl.constexpr(12582912.0)  # 1.5 * 2**23: x + ROUND holds round(x) in its low mantissa bits
+
+
+@triton.jit
+def exp2_fma(x):
+    """``2**x`` on the FMA and integer pipes instead of the exponential unit (MUFU, 16/clk/SM on an
+    H100 against 128 FMAs): round x to n by the 1.5 * 2**23 trick (no conversion instruction, which
+    would share MUFU's rate), 2**(x - n) by a polynomial, n added into the exponent bits.
+    x <= -125 gives about 2**-125 (not 0): nothing a sum of probabilities can see."""
+    x = tl.maximum(x, -125.0)
+    y = x + ROUND
+    f = x - (y - ROUND)  # in [-1/2, 1/2], exact
+    p = ((((C5 * f + C4) * f + C3) * f + C2) * f + C1) * f + C0
+    n = y.to(tl.int32, bitcast=True) << 23  # round(x) << 23: the exponent field's increment
+    return (p.to(tl.int32, bitcast=True) + n).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _column_part(k, q_base, term_base, start, extent, sql, sqd, qk_scale,
+                 HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+                 ROWS: tl.constexpr, ON_FMA: tl.constexpr):  # fmt: skip
+    """Sum over the query rows ``start .. start + ROWS`` of P on a key tile ``k``: ``[keys]``."""
+    rows = start + tl.arange(0, ROWS)
+    q = load_rows(q_base, rows, rows < extent, sql, sqd, HEAD_D, BLOCK_D)
+    term = tl.load(term_base + rows, mask=rows < extent, other=MASKED_C)  # padded rows: p = 0
+    t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale + term[None, :]
+    if ON_FMA:
+        return tl.sum(exp2_fma(t), 1)
+    return tl.sum(tl.exp2(t), 1)
+
+
 @triton.autotune(
-    configs=tile_configs([(64, 128, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 4)]),
+    # (BLOCK_M, BLOCK_N, warps, stages, BLOCK_M_FMA): BLOCK_M_FMA more query rows per step whose
+    # exponentials run on the FMA pipe, the rest on MUFU (what balances them is measured, not assumed)
+    configs=[
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_M_FMA": f}, num_warps=w, num_stages=s)
+        for m, n, w, s, f in ([(32, 32, 1, 1, 16)] if INTERPRET else [
+            (64, 128, 8, 3, 0), (64, 64, 4, 3, 0), (128, 128, 8, 3, 0), (128, 64, 4, 3, 0),
+            (64, 128, 8, 3, 32), (128, 128, 8, 3, 32), (128, 64, 4, 3, 32), (64, 64, 4, 3, 16),
+        ])
+    ],  # fmt: skip
     key=["L_BUCKET", "BLOCK_D"],
 )
 @triton.jit
 def _columns_kernel(
-    Q, K, BIAS, LSE2, CELLS, COLSUM, PLOGP, DIAG,
+    Q, K, BIAS, TERM, EXTENT, INV_N, CELLS, RECEIVED, TILES,
     sqb, sqh, sql, sqd,
     skb, skh, skl, skd,
     H, L, L_BUCKET, qk_scale,
-    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, COUNT_TILES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M_FMA: tl.constexpr,
 ):  # fmt: skip
-    pid_n = tl.program_id(0)
-    ch = tl.program_id(1)  # (counted cell, head)
+    pid = tl.program_id(0)
+    n_n = tl.cdiv(L, BLOCK_N)
+    ch = pid // n_n  # (counted cell, head)
+    pid_n = pid % n_n
     h = ch % H
     b = tl.load(CELLS + ch // H)  # the cell's index in the batch
+    extent = tl.load(EXTENT + b)
     q_base = Q + b * sqb + h * sqh
-    lse2_base = LSE2 + (b * H + h) * L
-    bias_base = BIAS + b * L
+    term_base = TERM + (b * H + h) * L
     keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    key_ok = keys < L
+    key_ok = keys < extent
     k = load_rows(K + b * skb + h * skh, keys, key_ok, skl, skd, HEAD_D, BLOCK_D)
-    key_bias = tl.load(bias_base + keys, mask=key_ok, other=MASKED_C)
+    # a key tile at or beyond the extent visits no query tile (and stores zeros)
+    end = tl.where(pid_n * BLOCK_N < extent, extent, 0)
 
     # tiles are [keys, queries] (P transposed), so sums over queries run along the MMA rows,
-    # within a thread quad, like the forward's row sums (no cross-warp reduction per tile)
+    # within a thread quad, like the forward's row sums (no cross-warp reduction per tile).
+    # No key bias in the loop: a padded key's column is discarded below, so one FMA per score.
     colsum = tl.zeros([BLOCK_N], tl.float32)
-    plogp = tl.zeros([BLOCK_N], tl.float32)  # sum_i p log2 p; masked entries give 0 * (-1e30) = 0
-    for start_m in range(0, L, BLOCK_M):
-        rows = start_m + tl.arange(0, BLOCK_M)
-        q = load_rows(q_base, rows, rows < L, sql, sqd, HEAD_D, BLOCK_D)
-        t = _log2_probs(k, q, key_bias, _query_term(lse2_base, bias_base, rows, rows < L), qk_scale, DOT_PREC)
-        p = tl.exp2(t)
-        colsum += tl.sum(p, 1)
-        plogp += tl.sum(p * t, 1)
+    visited = 0
+    for start in range(0, end, BLOCK_M + BLOCK_M_FMA):
+        colsum += _column_part(k, q_base, term_base, start, extent, sql, sqd, qk_scale,
+                               HEAD_D, BLOCK_D, DOT_PREC, BLOCK_M, False)  # fmt: skip
+        if BLOCK_M_FMA > 0:
+            colsum += _column_part(k, q_base, term_base, start + BLOCK_M, extent, sql, sqd, qk_scale,
+                                   HEAD_D, BLOCK_D, DOT_PREC, BLOCK_M_FMA, True)  # fmt: skip
+        if COUNT_TILES:
+            visited += 1
 
-    # self mass p_jj from row j's own query: a row-wise dot instead of a branch in the loop
-    # (row j's term already masks a padded j)
-    q_diag = load_rows(q_base, keys, key_ok, sql, sqd, HEAD_D, BLOCK_D).to(tl.float32)
-    s_diag = tl.sum(q_diag * k.to(tl.float32), 1)
-    t_diag = s_diag * qk_scale + _query_term(lse2_base, bias_base, keys, key_ok)
-
-    dst = ch.to(tl.int64) * L + keys
-    tl.store(COLSUM + dst, colsum, mask=key_ok)
-    tl.store(PLOGP + dst, plogp * LN2_C, mask=key_ok)
-    tl.store(DIAG + dst, tl.exp2(t_diag), mask=key_ok)
+    key_bias = tl.load(BIAS + b * L + keys, mask=key_ok, other=MASKED_C)
+    received = tl.where(key_bias == 0.0, colsum * tl.load(INV_N + b), 0.0)  # mean over real rows
+    c = (ch // H).to(tl.int64)
+    tl.store(RECEIVED + (c * L + keys) * H + h, received, mask=keys < L)  # [C, L, H]: by token, then head
+    if COUNT_TILES:
+        tl.store(TILES + pid, visited)
 
 
-@triton.autotune(
-    configs=tile_configs([(64, 64, 4, 2), (32, 32, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2)]),
-    key=["W", "BLOCK_D"],
-)
+@triton.autotune(configs=tile_configs([(64, 64, 4, 2), (32, 32, 4, 2), (64, 32, 4, 2)]), key=["W", "BLOCK_D"])
 @triton.jit
-def _window_kernel(
-    Q, K, BIAS, LSE2, ORDER, SEG, POS_SUM, POS_SQ,
+def _entries_kernel(
+    Q, K, BIAS, TERM, EXTENT, CELLS, POS, OUT,
     sqb, sqh, sql, sqd,
     skb, skh, skl, skd,
-    ssg, ssh, ssi, ssj,
     H, L, W, qk_scale,
-    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, WINDOW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    gh = tl.program_id(2)  # (group, head)
-    g = gh // H
-    h = gh % H
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < W
-    col_ok = cols < W
-    # fp32 over the cells of one batch (p <= 1, at most B terms); batches add up in the fp64 sums
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    acc_sq = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for i in range(tl.load(SEG + g), tl.load(SEG + g + 1)):  # the counted cells of group g, in batch order
-        b = tl.load(ORDER + i)
-        q = load_rows(Q + b * sqb + h * sqh, rows, row_ok, sql, sqd, HEAD_D, BLOCK_D)
-        k = load_rows(K + b * skb + h * skh, cols, col_ok, skl, skd, HEAD_D, BLOCK_D)
-        query_term = _query_term(LSE2 + (b * H + h) * L, BIAS + b * L, rows, row_ok)
-        key_bias = tl.load(BIAS + b * L + cols, mask=col_ok, other=MASKED_C)
-        p = tl.exp2(_log2_probs(q, k, query_term, key_bias, qk_scale, DOT_PREC))
-        acc += p
-        acc_sq += p * p
-    dst = g.to(tl.int64) * ssg + h * ssh + rows[:, None] * ssi + cols[None, :] * ssj
-    ok = row_ok[:, None] & col_ok[None, :]
-    tl.store(POS_SUM + dst, acc.to(tl.float64), mask=ok)
-    tl.store(POS_SQ + dst, acc_sq.to(tl.float64), mask=ok)
-
-
-@triton.autotune(configs=tile_configs([(32, 32, 4, 1)]), key=["BLOCK_D"])
-@triton.jit
-def _gather_kernel(
-    Q, K, BIAS, LSE2, CELLS, POS, OUT,
-    sqb, sqh, sql, sqd,
-    skb, skh, skl, skd,
-    H, L, M, qk_scale,
-    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
-    ch = tl.program_id(2)
+    """``P[b, h, pos_i, pos_j]`` for every counted cell ``c -> b = CELLS[c]`` into ``OUT [C, H, W, W]``:
+    positions ``i < W`` (WINDOW) or ``POS[c, i]`` (a panel; -1 = none). 0 at padded or absent positions."""
+    pid = tl.program_id(0)
+    n_i = tl.cdiv(W, BLOCK_M)
+    n_j = tl.cdiv(W, BLOCK_N)
+    ch = pid // (n_i * n_j)
+    tile = pid % (n_i * n_j)
     c = ch // H
     h = ch % H
     b = tl.load(CELLS + c)
-    i = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    j = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.load(POS + c * M + i, mask=i < M, other=-1)  # -1: this cell has fewer panel positions
-    cols = tl.load(POS + c * M + j, mask=j < M, other=-1)
-    q = load_rows(Q + b * sqb + h * sqh, rows, rows >= 0, sql, sqd, HEAD_D, BLOCK_D)
-    k = load_rows(K + b * skb + h * skh, cols, cols >= 0, skl, skd, HEAD_D, BLOCK_D)
-    query_term = _query_term(LSE2 + (b * H + h) * L, BIAS + b * L, rows, rows >= 0)
-    key_bias = tl.load(BIAS + b * L + cols, mask=cols >= 0, other=MASKED_C)
-    p = tl.exp2(_log2_probs(q, k, query_term, key_bias, qk_scale, DOT_PREC))
-    dst = ch.to(tl.int64) * M * M + i[:, None] * M + j[None, :]
-    tl.store(OUT + dst, p, mask=(i[:, None] < M) & (j[None, :] < M))
+    extent = tl.load(EXTENT + b)
+    i = (tile // n_j) * BLOCK_M + tl.arange(0, BLOCK_M)
+    j = (tile % n_j) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if WINDOW:
+        rows, cols = i, j
+    else:
+        rows = tl.load(POS + c * W + i, mask=i < W, other=-1)
+        cols = tl.load(POS + c * W + j, mask=j < W, other=-1)
+    # beyond the extent nothing is loaded (a tile past it is all zeros)
+    row_ok = (i < W) & (rows >= 0) & (rows < extent)
+    col_ok = (j < W) & (cols >= 0) & (cols < extent)
+    q = load_rows(Q + b * sqb + h * sqh, rows, row_ok, sql, sqd, HEAD_D, BLOCK_D)
+    k = load_rows(K + b * skb + h * skh, cols, col_ok, skl, skd, HEAD_D, BLOCK_D)
+    term = tl.load(TERM + (b * H + h) * L + rows, mask=row_ok, other=MASKED_C)
+    key_bias = tl.load(BIAS + b * L + cols, mask=col_ok, other=MASKED_C)
+    p = tl.exp2(_log2_probs(q, k, term, key_bias, qk_scale, DOT_PREC))
+    dst = ch.to(tl.int64) * W * W + i[:, None] * W + j[None, :]
+    tl.store(OUT + dst, p, mask=(i[:, None] < W) & (j[None, :] < W))
 
 
-# ----------------------------------------------------------------------------- launcher
-def triton_stats(inp: Inputs, spec: StatsSpec):
-    """The ``triton`` backend of :func:`attnprof.kernels.attention_stats` on checked inputs."""
-    q, k = inp.q, inp.k
-    check_tensors(q, k, inp.v)
+# ----------------------------------------------------------------------------- launchers
+@dataclass
+class KernelResults:
+    """Per counted cell (in the order of ``cells``), what the kernels compute for a layer's sums."""
+
+    summary: torch.Tensor  # [C, H, 4] float32: means over real rows, in the order of SUMMARIES
+    received: torch.Tensor | None  # [C, L, H] float32: mean over real rows of P (0 at padded keys)
+    window: torch.Tensor  # [C, H, W, W] float32: P among positions < W (0 where either is padding)
+    pair: torch.Tensor | None  # [C, H, M, M] float32: P among each cell's panel positions
+    checksum: torch.Tensor  # 0-dim: sum of every cell's summaries, NaN or Inf if any q, k, v entry was
+
+
+def cell_results(
+    q, k, v, scale: float, *, bias, extent, inv_n, cells, window: int, n_context: int = 0,
+    panel_pos=None, received: bool = True, work: dict | None = None, tiles: dict | None = None,
+):  # fmt: skip
+    """Kernel 1, then kernel 2 on the counted cells: ``(out, KernelResults)``.
+
+    Everything data-dependent comes in as device tensors (built once per forward), so nothing here
+    waits for the device: ``bias`` [B, L] float32 (0 real, MASKED padding), ``extent`` [B] int32 (one
+    past the last real token), ``inv_n`` [B] float32 (1 / real tokens), ``cells`` [C] int64 (counted
+    cells' batch indices), ``panel_pos`` [C, M] int64 (-1 = none) or None; ``window`` is min(W, L).
+    ``work``: buffers to reuse across the layers of a forward (filled on first use; results live in
+    them until the next call). ``tiles``: {"forward": buf, "columns": buf} zeroed int32 buffers (one
+    entry per program, at least ``B * H * L`` and ``C * H * L``) to count the tiles each program visits.
+    """
+    check_tensors(q, k, v)
     B, H, L, D = q.shape
-    bias = key_bias(inp.padding)
-    out, lse2, pmax = forward(q, k, inp.v, bias, inp.scale, want_pmax=True)
-    sums = empty_sums(spec, H, device=q.device)
-    cells = (inp.groups >= 0).nonzero().flatten()  # only counted cells are reduced
-    if cells.numel() == 0:
-        return out, sums
-    groups = inp.groups[cells]
-    real = ~inp.padding[cells]  # [C, L]
-    onehot = group_onehot(groups, spec.n_groups)
-    kern = StatsKernels(q, k, bias, lse2, inp.scale)
-
-    sums["cells"] += onehot.sum(0)
-    _window(sums, kern, cells, groups, real, onehot, min(spec.window, L))
-
-    colsum, plogp, diag = kern.columns(cells)
-    n = real.sum(1, dtype=torch.float64)[:, None]  # real query rows per cell
-    received = colsum.double() / n[..., None]  # [C, H, L]: mean over real rows of P
-    context = real & (torch.arange(L, device=q.device) < spec.n_context)
-    summary = torch.stack(
-        [
-            -plogp.double().sum(-1) / n,
-            (received * context[:, None]).sum(-1),
-            diag.double().sum(-1) / n,
-            (pmax[cells].double() * real[:, None]).sum(-1) / n,
-        ],
-        dim=-1,
-    )  # [C, H, 4] in the order of SUMMARIES
-    add_group_sums(sums, "summary", onehot, summary)
-    if spec.gene_stats:
-        add_received(sums, groups, inp.tokens[cells], real, received, spec.vocab_size)
-    if spec.panel:
-        panel = torch.tensor(spec.panel, dtype=torch.long, device=q.device)
-        _add_pairs(sums, kern, cells, onehot, inp.tokens[cells], real, panel)
-    return out, sums
-
-
-class StatsKernels:
-    """Launches the kernel-2 family on one batch's q, k, bias and lse2."""
-
-    def __init__(self, q, k, bias, lse2, scale):
-        H, L, D = q.shape[1:]
-        self.q, self.k, self.bias, self.lse2 = q, k, bias, lse2
-        self.H, self.L = H, L
-        self.args = (*q.stride(), *k.stride())
-        self.meta = dict(HEAD_D=D, BLOCK_D=block_d(D), DOT_PREC=dot_precision(q.dtype))
-        self.qk_scale = scale * LOG2E
-
-    def columns(self, cells):
-        """Per counted cell, head and key: ``sum_i p_ij``, ``sum_i p_ij ln p_ij``, ``p_jj`` (float32)."""
-        H, L = self.H, self.L
-        colsum, plogp, diag = torch.empty(3, cells.numel(), H, L, dtype=torch.float32, device=self.q.device)
-        grid = lambda meta: (triton.cdiv(L, meta["BLOCK_N"]), cells.numel() * H)  # noqa: E731
+    C = cells.shape[0]
+    check_grid(C * H * max(L, window * window), "counted cells x heads x max(L, W^2)")
+    tiles = {} if tiles is None else tiles
+    work = {} if work is None else work
+    out, term, rowstats = forward(
+        q, k, v, bias, extent, scale, inv_n=inv_n, n_context=n_context, tiles=tiles.get("forward"),
+        term=work.get("term"), rowstats=work.get("rowstats"),
+    )  # fmt: skip
+    work.update(term=term, rowstats=rowstats)
+    every = rowstats.sum(-1)  # [B, H, 4]: rows come weighted by real / n (NaN if any q, k, v was not finite)
+    summary = every.index_select(0, cells)
+    common = (*q.stride(), *k.stride())
+    meta = dict(HEAD_D=D, BLOCK_D=block_d(D), DOT_PREC=dot_precision(q.dtype))
+    qk_scale = scale * LOG2E
+    recv = None
+    if received:
+        recv = _buffer(work, "received", (C, L, H), q.device)  # [C, L, H]: rows gathered per token
+        grid = lambda meta: (C * H * triton.cdiv(L, meta["BLOCK_N"]),)  # noqa: E731
+        cols = tiles.get("columns")
         _columns_kernel[grid](
-            self.q, self.k, self.bias, self.lse2, cells, colsum, plogp, diag,
-            *self.args, H, L, triton.next_power_of_2(L), self.qk_scale, **self.meta,
+            q, k, bias, term, extent, inv_n, cells, recv, cols if cols is not None else extent,
+            *common, H, L, triton.next_power_of_2(L), qk_scale, **meta, COUNT_TILES=cols is not None,
         )  # fmt: skip
-        return colsum, plogp, diag
-
-    def window(self, order, seg, pos_sum, pos_sq, W):
-        """Store every group's window sums into ``pos_sum/pos_sq[:, :, :W, :W]`` (group g: cells
-        ``order[seg[g]:seg[g + 1]]``)."""
-        G, H = pos_sum.shape[:2]
-        grid = lambda meta: (triton.cdiv(W, meta["BLOCK_M"]), triton.cdiv(W, meta["BLOCK_N"]), G * H)  # noqa: E731
-        _window_kernel[grid](
-            self.q, self.k, self.bias, self.lse2, order, seg, pos_sum, pos_sq,
-            *self.args, *pos_sum.stride(), H, self.L, W, self.qk_scale, **self.meta,
-        )  # fmt: skip
-
-    def gather(self, cells, pos):
-        """``P[b, h, pos[c, i], pos[c, j]]`` for counted cell ``c = cells -> b``; 0 where ``pos`` is -1."""
-        C, M = pos.shape
-        block = torch.empty(C, self.H, M, M, dtype=torch.float32, device=self.q.device)
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(M, meta["BLOCK_N"]), C * self.H)  # noqa: E731
-        _gather_kernel[grid](
-            self.q, self.k, self.bias, self.lse2, cells, pos.contiguous(), block,
-            *self.args, self.H, self.L, M, self.qk_scale, **self.meta,
-        )  # fmt: skip
-        return block
+    win = _entries(work, "window", q, k, bias, term, extent, cells, None, window, common, L, qk_scale, meta)
+    pair = None
+    if panel_pos is not None and panel_pos.shape[1]:
+        M = panel_pos.shape[1]
+        pair = _entries(work, "pair", q, k, bias, term, extent, cells, panel_pos, M, common, L, qk_scale, meta)
+    return out, KernelResults(summary, recv, win, pair, every.sum())
 
 
-def _window(sums, kern, cells, groups, real, onehot, W):
-    order = torch.argsort(groups, stable=True)  # counted cells, group by group
-    seg = F.pad(torch.bincount(groups, minlength=onehot.shape[1]).cumsum(0), (1, 0))  # group g: order[seg[g]:seg[g+1]]
-    kern.window(cells[order], seg, sums["pos_sum"], sums["pos_sq"], W)  # the kernel stores, sums start at 0
-    add_window_counts(sums, onehot, real, W)
+def _buffer(work: dict, name: str, shape, device) -> torch.Tensor:
+    if name not in work or tuple(work[name].shape) != tuple(shape):
+        work[name] = torch.empty(shape, dtype=torch.float32, device=device)
+    return work[name]
 
 
-def _add_pairs(sums, kern, cells, onehot, toks, real, panel):
-    pos, member = panel_positions(toks, real, panel)
-    if pos.shape[1]:
-        add_pairs(sums, onehot, member, kern.gather(cells, pos))
+def _entries(work, name, q, k, bias, term, extent, cells, pos, W, common, L, qk_scale, meta):
+    C, H = cells.shape[0], q.shape[1]
+    block = _buffer(work, name, (C, H, W, W), q.device)
+    grid = lambda m: (C * H * triton.cdiv(W, m["BLOCK_M"]) * triton.cdiv(W, m["BLOCK_N"]),)  # noqa: E731
+    _entries_kernel[grid](
+        q, k, bias, term, extent, cells, pos if pos is not None else cells, block,
+        *common, H, L, W, qk_scale, **meta, WINDOW=pos is None,
+    )  # fmt: skip
+    return block
+
+
+# ----------------------------------------------------------------------------- on a batch plan
+@dataclass(eq=False)
+class PlanDevice:
+    """What the kernels take from a batch plan, derived once per plan (per forward), on its device."""
+
+    bias: torch.Tensor  # [B, L] float32: 0 real, MASKED padding
+    extent: torch.Tensor  # [B] int32: one past the last real token
+    inv_n: torch.Tensor  # [B] float32: 1 / real tokens
+    finite: list  # one 0-dim checksum per layer call, in call order: finite iff its q, k, v were
+    work: dict = field(default_factory=dict)  # the kernels' buffers, reused by every layer
+    panel: tuple | None = None  # the pair means' factors per (cell, head): rows_mean [C H, K, M], member^T [C H, M, K]
+
+
+def plan_device(plan) -> PlanDevice:
+    """The plan's kernel inputs, built at its first layer call (a few ops, no host sync) and kept in
+    its cache."""
+    if "triton" not in plan.cache:
+        n = plan.lengths.to(torch.float32)
+        plan.cache["triton"] = PlanDevice(key_bias(plan.padding), extents(plan.padding), n.reciprocal(), [])
+    return plan.cache["triton"]
+
+
+def triton_cells(q, k, v, plan, scale: float):
+    """The triton backend on a plan: ``(out, CellResults)`` for :func:`attnprof.kernels.reduce.reduce_into`.
+
+    No host sync: everything data-dependent comes from the plan. Non-finite q, k or v (a NaN row
+    log-sum-exp, or a NaN output) is not raised here, which would wait for the device: each call
+    appends a device checksum to ``plan_device(plan).finite`` and :func:`first_non_finite` checks them
+    all with one sync (the caller does, once per forward).
+    """
+    spec, dev = plan.spec, plan_device(plan)
+    out, res = cell_results(
+        q, k, v, scale, bias=dev.bias, extent=dev.extent, inv_n=dev.inv_n, cells=plan.counted,
+        window=plan.window, n_context=spec.n_context, panel_pos=plan.panel_pos if spec.panel else None,
+        received=spec.gene_stats, work=dev.work,
+    )  # fmt: skip
+    dev.finite.append(res.checksum)  # kernel 1 folds every row's lse and output into it
+    cells = CellResults(summary=res.summary, window=res.window)
+    if spec.gene_stats:  # per (cell, gene) pair: its tokens' column means, summed
+        flat = res.received.view(-1, q.shape[1]).index_select(0, plan.gene_src)
+        cells.received = flat.new_zeros(plan.pair_cell.numel(), q.shape[1]).index_add_(0, plan.gene_pairs, flat)
+    if spec.panel:
+        cells.pair = _pair_means(plan, dev, res.pair, q.shape[1])
+    return out, cells
+
+
+def _pair_means(plan, dev: PlanDevice, block, H):
+    """``[C, H, K, K]``: per cell, the mean over the query occurrences of u of the mass on all
+    occurrences of v (0 unless both are present), as two batched matmuls with factors of the plan."""
+    K = len(plan.spec.panel)
+    if block is None:  # no counted cell holds a panel id
+        return torch.zeros(plan.n_counted, H, K, K, dtype=torch.float64, device=plan.device)
+    C, M = block.shape[0], block.shape[-1]
+    if dev.panel is None or dev.panel[0].shape[0] != C * H:  # once per plan: [C H, K, M] and [C H, M, K]
+        member = plan.panel_member  # [C, K, M] float64
+        rows_mean = member / member.sum(-1, keepdim=True).clamp(min=1)
+        dev.panel = tuple(x[:, None].expand(-1, H, -1, -1).reshape(C * H, *x.shape[1:])
+                          for x in (rows_mean, member.transpose(1, 2)))  # fmt: skip
+    rows_mean, member_t = dev.panel
+    return torch.bmm(torch.bmm(rows_mean, block.view(C * H, M, M).double()), member_t).view(C, H, K, K)
+
+
+def first_non_finite(plan) -> int | None:
+    """Index (in call order) of the first layer call on ``plan`` whose q, k or v held NaN or Inf, or None.
+    One host sync for all calls so far; a profiling run takes it once per forward (e.g. when the
+    forward ends), and names the layer from its own call order."""
+    dev = plan.cache.get("triton")
+    if dev is None or not dev.finite:
+        return None
+    bad = ~torch.stack(dev.finite).isfinite()
+    dev.finite.clear()
+    return int(bad.int().argmax()) if bool(bad.any()) else None
+
+
+def raise_if_non_finite(plan, q, k, v) -> None:
+    """:func:`first_non_finite`, raising the ``ValueError`` of :func:`refuse_non_finite` (which names q, k
+    or v from the last call's tensors)."""
+    if first_non_finite(plan) is not None:
+        refuse_non_finite(q, k, v)

@@ -23,6 +23,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -30,6 +32,7 @@ from torch import nn
 from attnprof import Profiler
 from attnprof.kernels import StatsSpec, attention_stats, sum_shapes
 from attnprof.kernels.triton_forward import INTERPRET, triton_forward
+from attnprof.kernels.triton_stats import exp2_fma
 
 from helpers import assert_sums_close, random_batch, spec_for
 
@@ -189,6 +192,179 @@ def test_transformer_encoder_profile_matches_torch_backend():
     assert profile.sums["pair_count"].sum() > 0 and profile.sums["cells"][0].tolist() == [2, 4, 0]
 
 
+def test_ragged_lengths_in_one_batch():
+    """Cells of 1 to 300 real tokens side by side (trailing padding, as batches of ranked genes are,
+    and one cell with padding scattered inside): every statistic equals the reference."""
+    B, H, L, D = 5, 2, 300, 16
+    q, k, v, _, _, tokens = batch(300, B, H, L, D)
+    lengths = torch.tensor([1, 77, 300, 180, 33])
+    padding = (torch.arange(L) >= lengths[:, None]).to(DEVICE)
+    padding[4, :20] = True  # real tokens 20..32 only
+    groups = torch.tensor([0, 1, 1, 0, 1], device=DEVICE)
+    spec = spec_for(2, L, window=40, n_context=3)
+    (out, sums), (out_ref, ref) = both(q, k, v, padding, groups, tokens, spec)
+    torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
+    assert_sums_close(sums, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_many_labelings_in_one_pass_equal_the_reference_per_labeling():
+    """One triton pass on a plan of 6 labelings (observed + 5 permutations, -1 cells moving around) of a
+    ragged batch gives, for each labeling, the reference's sums of that labeling alone."""
+    from attnprof.kernels import Target, build_plan, empty_sums, planned_stats
+
+    B, H, L, D, G = 6, 2, 70, 16, 3
+    q, k, v, _, _, tokens = batch(11, B, H, L, D)
+    padding = (torch.arange(L) >= torch.tensor([70, 1, 33, 64, 12, 50])[:, None]).to(DEVICE)
+    g = torch.Generator().manual_seed(5)
+    labelings = torch.stack([torch.randint(-1, G, (B,), generator=g) for _ in range(6)]).to(DEVICE)
+    spec = spec_for(G, L, window=20, n_context=3)
+    plan = build_plan(spec, labelings, padding, tokens)
+    sums = {name: x.expand(6, *x.shape).clone() for name, x in empty_sums(spec, H, device=DEVICE).items()}
+    planned_stats(q, k, v, plan, [Target(sums, slice(0, 6))], backend="triton")
+    for i in range(6):
+        kw = dict(spec=spec, groups=labelings[i], key_padding_mask=padding, tokens=tokens, backend="reference")
+        _, ref = attention_stats(q, k, v, **kw)
+        assert_sums_close({name: x[i] for name, x in sums.items()}, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, inside the interpreter, on the NaN itself
+@pytest.mark.parametrize("where, name", [("q", "q"), ("k", "k"), ("v", "v")])
+def test_non_finite_inputs_are_named(where, name):
+    """The layer call does not wait for the device to look: kernel 1 folds every row's log-sum-exp and
+    output into the statistics' checksum, and the caller checks it (attention_stats: at once)."""
+    q, k, v, padding, groups, tokens = batch(2, 3, 2, 20, 16)
+    x = dict(q=q, k=k, v=v)
+    x[where] = x[where].clone()
+    x[where][1, 0, 0 if where == "q" else 3, 2] = float("inf") if where == "v" else float("nan")
+    spec = spec_for(4, 20)
+    with pytest.raises(ValueError, match=f"{name} contains NaN or Inf"):
+        attention_stats(**x, spec=spec, groups=groups, key_padding_mask=padding, tokens=tokens, backend="triton")
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_non_finite_layer_calls_are_found_after_the_fact():
+    """Three layer calls on one plan, the second with an Inf in v: one check afterwards names call 1."""
+    from attnprof.kernels import Target, build_plan, empty_sums, planned_stats
+    from attnprof.kernels.triton_stats import first_non_finite
+
+    q, k, v, padding, groups, tokens = batch(4, 3, 2, 20, 16)
+    spec = spec_for(4, 20)
+    plan = build_plan(spec, groups, padding, tokens)
+    targets = [Target({name: x[None] for name, x in empty_sums(spec, 2, device=DEVICE).items()})]
+    bad = v.clone()
+    bad[2, 1, 5, 0] = float("inf")
+    for x in (v, bad, v):
+        planned_stats(q, k, x, plan, targets, backend="triton")
+    assert first_non_finite(plan) == 1
+    assert first_non_finite(plan) is None  # checked calls are forgotten
+    planned_stats(q, k, v, plan, targets, backend="triton")
+    assert first_non_finite(plan) is None
+
+
+def test_tiles_visited_scale_with_real_tokens():
+    """The kernels' own debug counters (compiled in only when asked): kernel 1 visits, for every query
+    tile, the key tiles up to the cell's extent (one past its last real token); the column kernel
+    visits query tiles only for key tiles inside the extent. So trailing padding costs nothing in the
+    key loops and the column pass scales with the square of the real length."""
+    from attnprof.kernels.triton_forward import extents, key_bias
+    from attnprof.kernels.triton_stats import cell_results
+
+    from attnprof.kernels import triton_forward as kf
+    from attnprof.kernels import triton_stats as ks
+
+    H, L, D = 2, 128, 16
+    fwd, col = kf._forward_kernel.configs[0].kwargs, ks._columns_kernel.configs[0].kwargs
+    assert len(kf._forward_kernel.configs) == len(ks._columns_kernel.configs) == 1  # the interpreter's tiles
+    q, k, v, _, _, _ = batch(7, 4, H, L, D)
+    n_real = torch.tensor([1, 40, 128, 64])
+    padding = (torch.arange(L) >= n_real[:, None]).to(DEVICE)
+    padding[3, :50] = True  # real 50..63: the extent (64), not the count (14), bounds the loops
+    extent = torch.tensor([1, 40, 128, 64])
+
+    def visited(padding, cells):
+        tiles = {name: torch.zeros(4 * H * L, dtype=torch.int32, device=DEVICE) for name in ("forward", "columns")}
+        inv_n = (~padding).sum(1).float().reciprocal()
+        cell_results(q, k, v, 0.25, bias=key_bias(padding), extent=extents(padding), inv_n=inv_n,
+                     cells=cells, window=8, tiles=tiles)  # fmt: skip
+        return {name: int(t.sum()) for name, t in tiles.items()}
+
+    def cdiv(a, b):
+        return -(-a // b)
+
+    cells = torch.tensor([0, 1, 2, 3], device=DEVICE)
+    query_tiles = cdiv(L, fwd["BLOCK_M"])  # kernel 1: every query tile (padded rows get outputs too) ...
+    key_tiles = cdiv(extent, fwd["BLOCK_N"])  # ... visits the key tiles up to the extent
+    col_tiles = cdiv(extent, col["BLOCK_N"])  # column pass: key tiles up to the extent ...
+    col_steps = cdiv(extent, col["BLOCK_M"] + col["BLOCK_M_FMA"])  # ... each visiting query steps up to it
+    assert visited(padding, cells) == {
+        "forward": H * query_tiles * int(key_tiles.sum()),
+        "columns": H * int((col_tiles * col_steps).sum()),
+    }
+    full = visited(torch.zeros_like(padding), cells)
+    assert full == {
+        "forward": 4 * H * query_tiles * cdiv(L, fwd["BLOCK_N"]),
+        "columns": 4 * H * cdiv(L, col["BLOCK_N"]) * cdiv(L, col["BLOCK_M"] + col["BLOCK_M_FMA"]),
+    }
+    # cells not counted get no column pass at all
+    assert visited(padding, cells[2:3])["columns"] == H * int(col_tiles[2] * col_steps[2])
+
+
+def test_exponential_on_the_fma_pipe():
+    """exp2_fma (the column pass's share of exponentials off the exponential unit) is within 3e-7 of
+    2**x relative, from the masked bias (-1e30) to x = 0 and slightly above (rounding of lse)."""
+    specials = torch.tensor([-0.5, 0.5, 0.0, -1e30, -200.0, -125.0])
+    x = torch.cat([torch.linspace(-124.9, 1.0, 4096 - specials.numel()), specials]).to(DEVICE)
+    y = torch.empty_like(x)
+    _apply_exp2_fma[(1,)](x, y, N=4096)
+    expected = torch.exp2(x.double())
+    normal = x > -125
+    rel = (y.double()[normal] / expected[normal] - 1).abs().max().item()
+    assert rel < 3e-7, rel
+    assert (y[~normal] < 2.0**-124).all() and (y >= 0).all()  # no 0, but far below anything a sum sees
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bfloat16 needs a CUDA GPU (the interpreter gets it wrong)")
+@pytest.mark.parametrize("L", [7, 130, 300])
+def test_bfloat16_on_cuda(L):
+    """bf16 inputs: scores, log-sum-exps and statistics are computed in fp32 from the same rounded inputs as
+    the reference's (1e-5); P is rounded to bf16 before P @ V and the output to bf16, each costing at most
+    2**-8 * max|v|: atol = 2**-7 * max|v|."""
+    q, k, v, padding, groups, tokens = batch(L, 5, 2, L, 32, torch.bfloat16)
+    spec = spec_for(4, L, window=min(L, 40), n_context=3)
+    (out, sums), (out_ref, ref) = both(q, k, v, padding, groups, tokens, spec)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), out_ref.float(), atol=2**-7 * v.abs().max().item(), rtol=0)
+    assert_sums_close(sums, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a grid this large needs a CUDA GPU")
+def test_more_than_65535_cells_times_heads():
+    """Every launch is a 1-D grid (axis 0 takes 2**31 - 1 programs): B * H = 67,200 runs and is exact."""
+    B, H, L, D = 4200, 16, 9, 16
+    q, k, v, padding, groups, tokens = batch(1, B, H, L, D, FP16)
+    groups = torch.arange(B, device=DEVICE) % 3 - 1
+    spec = spec_for(2, L, window=4)
+    (out, sums), (out_ref, ref) = both(q, k, v, padding, groups, tokens, spec)
+    torch.testing.assert_close(out.float(), out_ref.float(), **out_tol(v))
+    assert_sums_close(sums, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_launches_beyond_one_grid_are_refused():
+    from attnprof.kernels.triton_forward import check_tensors
+
+    x = torch.empty(2**20, 16, 4096, 16, device="meta")  # B * H * L = 2**36 rows
+    with pytest.raises(ValueError, match="exceeds what one launch grid covers"):
+        check_tensors(x, x, x)
+
+
+@triton.jit
+def _apply_exp2_fma(X, Y, N: tl.constexpr):
+    i = tl.arange(0, N)
+    tl.store(Y + i, exp2_fma(tl.load(X + i)))
+
+
 # ----------------------------------------------------------------------------- errors
 @pytest.mark.skipif(not INTERPRET, reason="only the interpreter gets bfloat16 wrong")
 def test_bfloat16_under_the_interpreter_raises():
@@ -248,18 +424,30 @@ def check_without_interpreter(all_configs: bool = False):
             attention_stats(x, x, x, spec=StatsSpec(n_groups=1), groups=[0], backend="triton")
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     for name, dtype in dtypes.items():
-        pointers = {"Q": name, "K": name, "V": name, "OUT": name, "POS_SUM": "fp64", "POS_SQ": "fp64"}
-        pointers.update(dict.fromkeys(["BIAS", "LSE2", "PMAX", "COLSUM", "PLOGP", "DIAG"], "fp32"))
-        pointers.update(dict.fromkeys(["CELLS", "ORDER", "SEG", "POS"], "i64"))
-        for kernel in (kf._forward_kernel, ks._columns_kernel, ks._window_kernel, ks._gather_kernel):
+        pointers = {"Q": name, "K": name, "V": name, "OUT": name}
+        pointers.update(dict.fromkeys(["BIAS", "TERM", "LSE2", "ROWSTATS", "INV_N", "RECEIVED"], "fp32"))
+        pointers.update(dict.fromkeys(["CELLS", "POS"], "i64"))
+        pointers.update(dict.fromkeys(["EXTENT", "TILES"], "i32"))
+        # per kernel: its flag settings in use; the first config, and the first that runs exponentials on FMAs
+        variants = {
+            kf._forward_kernel: [dict(WITH_STATS=True, WRITE_LSE=False, COUNT_TILES=False),
+                                 dict(WITH_STATS=False, WRITE_LSE=True, COUNT_TILES=True)],
+            ks._columns_kernel: [dict(COUNT_TILES=False), dict(COUNT_TILES=True)],
+            ks._entries_kernel: [dict(WINDOW=True), dict(WINDOW=False)],
+        }  # fmt: skip
+        for kernel, flag_sets in variants.items():
             fn = kernel.fn
-            for config in kernel.configs if all_configs else kernel.configs[:1]:
-                consts = dict(config.kwargs, HEAD_D=24, BLOCK_D=32, DOT_PREC=kf.dot_precision(dtype), WRITE_PMAX=True)
-                consts = {a: consts[a] for a in fn.arg_names if a in consts}
-                sig = {a: "constexpr" if a in consts else "fp32" if a == "qk_scale" else
-                       "*" + pointers[a] if a in pointers else "i32" for a in fn.arg_names}  # fmt: skip
-                options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
-                triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options=options)
+            configs = kernel.configs if all_configs else [kernel.configs[0]] + [
+                c for c in kernel.configs if c.kwargs.get("BLOCK_M_FMA")][:1]  # fmt: skip
+            for config in configs:
+                for flags in flag_sets:
+                    consts = dict(config.kwargs, HEAD_D=24, BLOCK_D=32, DOT_PREC=kf.dot_precision(dtype),
+                                  CTX=kf.CTX_BLOCK, **flags)  # fmt: skip
+                    consts = {a: consts[a] for a in fn.arg_names if a in consts}
+                    sig = {a: "constexpr" if a in consts else "fp32" if a == "qk_scale" else
+                           "*" + pointers[a] if a in pointers else "i32" for a in fn.arg_names}  # fmt: skip
+                    options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+                    triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options=options)
     print("ok")
 
 
