@@ -43,34 +43,52 @@ def test_real_backends_pass_against_reference_and_the_models_own_maps(backend):
     assert own["max_abs_err"].max() < 1e-4 and (own["max_rel_err"] <= own["tolerance"]).all()
 
 
-def swapped_heads(real):
-    """A plausible kernel bug: the gene sums of heads 0 and 1 exchanged."""
+def swap_heads(recv):
+    """A plausible kernel bug: the gene sums of heads 0 and 1 exchanged (head axis: dim 1 or 2)."""
+    recv[..., [0, 1], :] = recv[..., [1, 0], :].clone()
 
-    def wrong(inp, spec, sums=None):
-        out, sums = real(inp, spec, sums)
-        sums["recv_sum"][:, [0, 1]] = sums["recv_sum"][:, [1, 0]].clone()
-        return out, sums
 
-    return wrong
+def inject_torch_bug(monkeypatch):
+    real = K.blocked_cells
+
+    def wrong(q, k, v, plan, scale):
+        out, cells = real(q, k, v, plan, scale)
+        cells.received[:, [0, 1]] = cells.received[:, [1, 0]].clone()  # [pairs, heads]
+        return out, cells
+
+    monkeypatch.setattr(K, "blocked_cells", wrong)
+
+
+def inject_reference_bug(monkeypatch):
+    real = K.reference_planned
+
+    def wrong(inp, plan, targets):
+        out = real(inp, plan, targets)
+        for target in targets:  # one batch per check: the targets hold just this batch's sums
+            for name in ("recv_sum", "recv_sq"):  # [labelings, G, H, V]
+                swap_heads(target.sums[name])
+        return out
+
+    monkeypatch.setattr(K, "reference_planned", wrong)
 
 
 def test_an_injected_wrong_backend_fails(monkeypatch):
-    monkeypatch.setattr(K, "blocked_stats", swapped_heads(K.blocked_stats))
+    inject_torch_bug(monkeypatch)
     model, tokens, groups = nicheformer_batch()
     table = check(model, tokens, groups, "torch")
     failed = table[~table["ok"]]
-    assert set(failed["quantity"]) == {"recv_sum"}
+    assert set(failed["quantity"]) == {"recv_sum", "recv_sq"}  # per-cell values swapped: squares too
     assert {a.split(":")[0] for a in failed["against"]} == {"reference", "own maps"}
 
 
 def test_a_bug_shared_with_the_reference_is_caught_by_the_models_own_maps(monkeypatch):
-    monkeypatch.setattr(K, "blocked_stats", swapped_heads(K.blocked_stats))
-    monkeypatch.setattr(K, "reference_stats", swapped_heads(K.reference_stats))
+    inject_torch_bug(monkeypatch)
+    inject_reference_bug(monkeypatch)
     model, tokens, groups = nicheformer_batch()
     table = check(model, tokens, groups, "torch")
     assert table.loc[table["against"] == "reference", "ok"].all()  # both wrong the same way
     failed = table[~table["ok"]]
-    assert list(failed["quantity"]) == ["recv_sum"] and failed["against"].str.startswith("own maps").all()
+    assert set(failed["quantity"]) == {"recv_sum", "recv_sq"} and failed["against"].str.startswith("own maps").all()
 
 
 def test_hugging_face_models_are_checked_against_output_attentions():
@@ -98,6 +116,6 @@ def test_cli_validate_prints_the_backend_that_ran_and_fails_on_a_wrong_one(tmp_p
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "backend torch (asked: auto)" in out and "own maps" in out and "all quantities within tolerance" in out
-    monkeypatch.setattr(K, "blocked_stats", swapped_heads(K.blocked_stats))
+    inject_torch_bug(monkeypatch)
     assert main(argv) == 1
     assert "FAILED: recv_sum" in capsys.readouterr().err
