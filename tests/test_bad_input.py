@@ -358,9 +358,10 @@ def test_cli_merge_plot_validate_demo_refuse_broken_input(saved, encoder, tmp_pa
 
     for name, bad in corrupted(path, tmp_path).items():
         message = "no header" if name == "headerless" else "not a readable attnprof profile (truncated or corrupted?)"
-        fails(["merge", str(path), str(bad), "-o", str(target)], message)
+        fails(["merge", str(path), str(bad), "-o", str(target), "--overwrite"], message)
         fails(["plot", str(bad), "--out", str(tmp_path / "figures")], message)
-    fails(["merge", str(path), str(other), "-o", str(target)], "vocabulary mismatch")
+    fails(["merge", str(path), str(other), "-o", str(target)], f"-o {target} exists: give a new file name, or --overwrite")
+    fails(["merge", str(path), str(other), "-o", str(target), "--overwrite"], "vocabulary mismatch")
     fails(["merge", str(path), str(tmp_path / "nowhere"), "-o", str(target)], "no profile at")
     assert target.read_bytes() == b"an earlier merge"  # every failed merge left it alone
     assert not (tmp_path / "figures").exists()

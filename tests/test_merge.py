@@ -64,7 +64,7 @@ def test_merge_refuses_what_does_not_add_up(model, adata, vocab, means):
         r"different layout \(window: 16 vs 8;": run(model, adata, vocab, means, shard=(1, 2), window=8),
         r"different options \(options.tokenizer.context\)": run(model, adata, vocab, means, shard=(1, 2),
                                                                    species="human"),  # fmt: skip
-        "same cells": base,
+        "share 24 cells": base,
     }
     for message, bad in cases.items():
         with pytest.raises(ValueError, match=message):
