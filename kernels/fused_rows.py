@@ -25,6 +25,7 @@ disables it.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import warnings
 
@@ -253,6 +254,7 @@ def _load():
             from torch.utils.cpp_extension import load_inline
 
             cap, flags = _flags()
+            _announce_build(f"attnprof_fused_rows_{cap.lower()}")
             _module = load_inline(
                 name=f"attnprof_fused_rows_{cap.lower()}",
                 cpp_sources=[_SOURCE],
@@ -273,6 +275,19 @@ def _load():
                 stacklevel=3,
             )
         return _module
+
+
+def _announce_build(name: str) -> None:
+    """One line on stderr before the first build (later processes load the cached library)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        folder = _get_build_directory(name, verbose=False)
+        built = any(f.startswith(name) and f.endswith(".so") for f in os.listdir(folder))
+    except Exception:  # a private torch helper: when it moves, announce rather than stay silent
+        built = False
+    if not built:
+        print("attnprof: building the fused CPU kernel once, about 30 s", file=sys.stderr, flush=True)
 
 
 def available() -> bool:

@@ -247,7 +247,7 @@ def cmd_merge(args) -> int:
     if not args.output and not args.out:
         raise ValueError("say where to write: -o FILE for the merged profile, --out DIR for its tables, or both")
     paths = [_profile_path(p) for p in args.profiles]
-    output = args.output and check_writable_file(Path(args.output).with_suffix(".npz"), "-o", args.overwrite, paths)
+    output = args.output and check_writable_file(args.output, "-o", args.overwrite, paths)
     folder = args.out and RunFolder(args.out, overwrite=args.overwrite).check()
     merged = merge_files(paths)
     cells = ", ".join(f"{g} {n}" for g, n in merged.cells.items())
@@ -481,12 +481,16 @@ def layer_summary(comparison, profile: Profile, headline: str | None = None) -> 
         cells = ", ".join(f"{g} {n}" for g, n in profile.cells.items())
         elapsed = profile.meta.get("elapsed_s") or float("nan")
         total = sum(profile.cells.values())
-        this_run = total - int(profile.meta.get("resumed_cells", 0))  # the time is this run's only
-        rate = this_run / elapsed if elapsed > 0 else float("nan")
-        headline = (
-            f"profiled {total} cells ({cells}) in {elapsed:.1f} s ({rate:.0f} cells/s), "
-            f"backend {profile.meta.get('backend_used', profile.meta.get('backend'))}"
-        )
+        resumed = int(profile.meta.get("resumed_cells", 0))
+        rate = (total - resumed) / elapsed if elapsed > 0 else float("nan")  # the time is this run's only
+        backend = profile.meta.get("backend_used", profile.meta.get("backend"))
+        if resumed:
+            headline = (
+                f"profiled {total - resumed} cells in {elapsed:.1f} s ({rate:.0f} cells/s) and {resumed} from the "
+                f"checkpoint: {total} cells ({cells}), backend {backend}"
+            )
+        else:
+            headline = f"profiled {total} cells ({cells}) in {elapsed:.1f} s ({rate:.0f} cells/s), backend {backend}"
     lines = [
         headline,
         f"attention difference per layer, {comparison.a} − {comparison.b}: mean over heads / max over heads (head)",

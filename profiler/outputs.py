@@ -28,14 +28,18 @@ MANIFEST = "run.json"
 KNOWN = {"profile.npz": "file", MANIFEST: "file", "tables": "folder", "figures": "folder"}
 
 
-def check_writable_file(path, option: str, overwrite: bool = False, inputs=()) -> Path:
-    """Check, before any work, that ``path`` can be written as a file (its folder may not exist yet).
+def check_writable_file(path, option: str, overwrite: bool = False, inputs=(), suffix: str = ".npz") -> Path:
+    """Check, before any work, that ``path`` (with ``suffix``) can be written as a file; returns that path.
 
-    Refuses a folder, an input of the run, and (without ``overwrite``) an existing file.
+    Refuses a folder, an input of the run, and (without ``overwrite``) an existing file. Its folder may not
+    exist yet.
     """
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"{option} {path} is a folder: give a file name, e.g. {path / 'merged.npz'}")
+        raise ValueError(f"{option} {path} is a folder: give a file name, e.g. {path / ('merged' + suffix)}")
+    path = path if path.suffix == suffix else path.with_suffix(suffix)
+    if path.is_dir():
+        raise ValueError(f"{option} {path} is a folder: give a file name, e.g. {path / ('merged' + suffix)}")
     if any(path.resolve() == Path(p).resolve() for p in inputs):
         raise ValueError(f"{option} {path} is also an input: writing it would destroy that input; give a new file")
     if path.exists() and not overwrite:

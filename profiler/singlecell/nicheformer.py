@@ -153,9 +153,11 @@ def _read(path: Path, trust: bool):
         return torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as e:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        what = f" (e.g. {found.group(1)})" if found else ""
+        if trust or not found:  # garbage, not pickled objects: --trust-checkpoint would not help
+            detail = f": {e}" if trust else ""
+            raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupted?){detail}") from e
         raise ValueError(
-            f"{path} holds Python objects besides tensors{what}, which weights_only loading refuses; "
+            f"{path} holds Python objects besides tensors (e.g. {found.group(1)}), which weights_only loading refuses; "
             f"if you trust the file, load it with trust_checkpoint=True (--trust-checkpoint)"
         ) from e
     except (RuntimeError, EOFError) as e:

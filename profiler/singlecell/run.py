@@ -133,9 +133,9 @@ def profile_anndata(
         if checkpoint is not None:
             fingerprint = run.fingerprint(meta, whole, shard)
             ckpt = Checkpoint.open(checkpoint, fingerprint, checkpoint_every, shard=shard)
-            if ckpt.n_done and run.progress:
-                print(f"resuming from {ckpt.path}: {ckpt.n_done} of {sum(plan.counts().values())} cells already "
-                      f"done", file=sys.stderr, flush=True)  # fmt: skip
+            if ckpt.n_done and rank_and_world()[0] == 0:
+                print(f"resuming: {ckpt.n_done} of {sum(plan.counts().values())} cells already done "
+                      f"(checkpoint {ckpt.path})", file=sys.stderr, flush=True)  # fmt: skip
         profile, context_only = run.profile(model, adata, tokenizer, plan, meta, ckpt)
         counted = selection.rows if distributed else plan.rows[plan.codes >= 0]
         ids = cell_ids(source, names[counted])  # what lets a merge refuse any shared cell
