@@ -25,11 +25,15 @@ case $group in
   *) echo "unknown group $group: kernels, tables, tokenize or adapters" >&2; exit 2 ;;
 esac
 work=${WORK:-${TMPDIR:-/tmp}/attnprof-mutation/$group}
-rm -rf "$work" && mkdir -p "$work/src"
-cp -r "$repo/profiler" "$work/src/attnprof"
-cp -r "$repo/kernels" "$work/src/attnprof/kernels"
-cp -r "$repo/tests" "$work/tests"
-find "$work" -name __pycache__ -prune -exec rm -rf {} +
+# FRESH=1 starts over; otherwise an earlier run in $work continues (finished mutants keep their result,
+# the current tests are copied in, and the survivors are tested again with them at the end).
+[ "${FRESH:-0}" = 1 ] && rm -rf "$work"
+mkdir -p "$work/src/attnprof"
+# cp -p keeps the modification times: mutmut mutates again only the files that changed
+rm -rf "$work/tests" && cp -rp "$repo/tests" "$work/tests"
+(cd "$repo/profiler" && find . -name '*.py' -not -path '*/__pycache__/*' -exec cp -p --parents {} "$work/src/attnprof/" \;)
+mkdir -p "$work/src/attnprof/kernels"
+(cd "$repo/kernels" && find . -name '*.py' -not -path '*/__pycache__/*' -exec cp -p --parents {} "$work/src/attnprof/kernels/" \;)
 # pytest settings of the repository, then mutmut's (only the fast tests: -m "not slow" comes from addopts)
 sed -n '/^\[tool.pytest.ini_options\]/,/^\[/p' "$repo/pyproject.toml" | sed '$!b;/^\[/d' | sed 's/^testpaths.*/testpaths = ["tests"]/' > "$work/pyproject.toml"
 cat >> "$work/pyproject.toml" <<TOML
@@ -45,7 +49,11 @@ tests=$(for t in ${tests//,/ }; do t=${t//\"/}; if [ -f "$work/$t" ]; then print
 sed -i "s|^pytest_add_cli_args_test_selection = .*|pytest_add_cli_args_test_selection = [${tests%, }]|" "$work/pyproject.toml"
 cd "$work"
 export CI=${CI:-} PYTHONDONTWRITEBYTECODE=1
-"$python" -m mutmut run --max-children "${JOBS:-2}" >run.log 2>&1 || { tail -30 run.log; exit 1; }
+"$python" -m mutmut run --max-children "${JOBS:-2}" >run.log 2>&1 || { tail -c 3000 run.log; exit 1; }
+survivors=$("$python" -m mutmut results 2>/dev/null | sed -n 's/^ *\([^ ]*\): survived$/\1/p')
+if [ -n "$survivors" ]; then  # again, with the current tests (new test files are found and mapped first)
+  "$python" -m mutmut run --max-children "${JOBS:-2}" $survivors >>run.log 2>&1 || { tail -c 3000 run.log; exit 1; }
+fi
 "$python" -m mutmut results --all true > results.txt 2>&1 || true
 "$python" - <<'PY'
 import collections, re
