@@ -12,8 +12,11 @@ Mutants left alive on purpose, because they are equivalent (no input can tell th
   same whichever axis is summed first; for 2-D tensors axis 1 is axis -1.
 - ``received[...].sum(-1)`` -> ``sum(1)`` and ``mean(-1)`` -> ``mean(1)`` on the 2-D ``[H, n]`` arrays: same axis.
 - ``panel_positions``: ``argsort(dim=1)`` -> default dim (-1, the same axis of a 2-D tensor); the -1
-  sentinel -> -2 and the empty ``M = 0`` -> 1 (readers only test ``>= 0``, and an empty panel adds nothing);
-  ``stable=False`` (positions of a panel token are summed, so their order does not change any sum).
+  sentinel -> -2 (readers only test ``>= 0``); ``M = 0`` -> 1 for an empty batch (refused before);
+  ``stable=False`` (positions of a panel token are summed, so their order does not change any sum); the
+  argsort key ``.to(torch.uint8)`` -> ``.to(None)`` (bool sorts False before True, like 0 before 1).
+- ``StatsSpec``: ``(self.vocab_size or 0)`` -> ``or 1`` in the panel range: a panel without vocab_size is
+  refused one check earlier.
 """
 
 from __future__ import annotations
@@ -45,8 +48,9 @@ def good(B=2, H=2, L=5, D=4, dtype=torch.float32):
 
 
 def refuses(message: str, **change):
+    """The error message starts with ``message`` (anchored: a mutated message text fails too)."""
     args = {**good(), **change}
-    with pytest.raises(ValueError, match=re.escape(message)):
+    with pytest.raises(ValueError, match="^" + re.escape(message)):
         attention_stats(**args)
 
 
@@ -54,11 +58,13 @@ def test_each_input_check_fires_alone_with_its_full_message():
     x = good()
     shape = "got q (2, 2, 5, 4), k (2, 2, 5, 4), v (2, 2, 6, 4)"
     refuses(f"q, k, v must have the same shape [B, H, L, D] (self-attention); {shape}", v=torch.randn(2, 2, 6, 4))
-    refuses("got q (2, 2, 5, 4), k (2, 2, 6, 4)", k=torch.randn(2, 2, 6, 4))
+    refuses("q, k, v must have the same shape [B, H, L, D] (self-attention); got q (2, 2, 5, 4), k (2, 2, 6, 4)",
+            k=torch.randn(2, 2, 6, 4))  # fmt: skip
     refuses("q, k, v must share one dtype of float32, float16 or bfloat16; got torch.float32, torch.float32, "
             "torch.float16", v=x["v"].half())  # fmt: skip
-    refuses("got torch.float32, torch.float16, torch.float32", k=x["k"].half())
-    refuses("got torch.float64, torch.float64, torch.float64", q=x["q"].double(), k=x["k"].double(),
+    dtypes = "q, k, v must share one dtype of float32, float16 or bfloat16; got "
+    refuses(dtypes + "torch.float32, torch.float16, torch.float32", k=x["k"].half())
+    refuses(dtypes + "torch.float64, torch.float64, torch.float64", q=x["q"].double(), k=x["k"].double(),
             v=x["v"].double())  # fmt: skip
     for name in ("q", "k", "v"):
         bad = x[name].clone()
@@ -69,7 +75,7 @@ def test_each_input_check_fires_alone_with_its_full_message():
     refuses("empty batch: q has shape (0, 2, 5, 4); pass at least one cell and one token", q=empty, k=empty, v=empty,
             groups=torch.zeros(0, dtype=torch.long), tokens=torch.zeros(0, 5, dtype=torch.long))  # fmt: skip
     empty = torch.zeros(2, 2, 0, 4)
-    refuses("empty batch: q has shape (2, 2, 0, 4)", q=empty, k=empty, v=empty, tokens=torch.zeros(2, 0).long())
+    refuses("empty batch: q has shape (2, 2, 0, 4); pass at least one cell and one token", q=empty, k=empty, v=empty, tokens=torch.zeros(2, 0).long())
     refuses("group codes [-2] are out of range: codes must be in [0, 2) or -1 (not counted)",
             groups=torch.tensor([-2, 0]))  # fmt: skip
     refuses("groups must be integer codes in [0, 2) or -1, got dtype torch.bool", groups=torch.tensor([True, False]))
@@ -78,6 +84,9 @@ def test_each_input_check_fires_alone_with_its_full_message():
     refuses("tokens must be integer token ids, got dtype torch.bool", tokens=torch.zeros(2, 5, dtype=torch.bool))
     refuses("token ids [6] are outside the vocabulary [0, 6); raise vocab_size or fix the tokenizer",
             tokens=torch.full((2, 5), 6))  # fmt: skip
+    many = torch.arange(6, 16).reshape(2, 5)  # 10 ids out of range, and -1: the message lists the first 10
+    many[1, 4] = -1
+    refuses(f"token ids {[-1, *range(6, 15)]} are outside", tokens=many)
     refuses("this spec has vocab_size set, so gene statistics need token ids: pass tokens [B, L]", tokens=None)
 
 
@@ -116,7 +125,7 @@ def test_largest_vocabulary_token_and_tokens_without_gene_statistics_are_accepte
     ],
 )
 def test_spec_limits_and_messages(kwargs, message):
-    with pytest.raises(ValueError, match=re.escape(message)):
+    with pytest.raises(ValueError, match="^" + re.escape(message)):
         StatsSpec(**kwargs)
 
 
