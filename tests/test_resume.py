@@ -64,6 +64,9 @@ def test_killed_run_resumes_to_the_uninterrupted_result(inputs, tmp_path):
     with np.load(checkpoint) as saved:
         done = len(saved["ckpt_done"])
     assert 0 < done < 120 and not (out / "profile.npz").exists()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert checkpoint.stat().st_mode & 0o777 == 0o666 & ~umask  # like every other output (0644), not 0600
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     again = subprocess.run([sys.executable, "-m", "attnprof.cli", *run_argv(inputs, out)], env=env,
