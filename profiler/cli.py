@@ -47,7 +47,10 @@ def _add_input_options(p: argparse.ArgumentParser) -> None:
     """Model, vocabulary, counts and tokenization options shared by run and validate."""
     p.add_argument("data", help="the .h5ad file (read backed, chunk by chunk)")
     m = p.add_argument_group("model")
-    m.add_argument("--model", help="Nicheformer Lightning checkpoint (.ckpt); default: an untrained small model")
+    m.add_argument("--model", help="Nicheformer Lightning checkpoint (.ckpt), Geneformer or scGPT model folder; "
+                   "default: an untrained small Nicheformer")
+    m.add_argument("--family", choices=("nicheformer", "geneformer", "scgpt"),
+                   help="model family (default: detected from --model, else nicheformer)")
     m.add_argument("--heads", type=int, help="attention heads, for checkpoints without hyper_parameters")
     m.add_argument("--trust-checkpoint", action="store_true",
                    help="allow a checkpoint that holds pickled Python objects (runs its code: trusted files only)")
@@ -62,9 +65,22 @@ def _add_input_options(p: argparse.ArgumentParser) -> None:
     src = t.add_mutually_exclusive_group()
     src.add_argument("--layer", help="take counts from this layer (default: X)")
     src.add_argument("--use-raw", action="store_true", help="take counts from .raw")
-    t.add_argument("--species", default="mouse", help="species context token (default: mouse)")
-    t.add_argument("--assay", default="MERFISH", help="assay context token (default: MERFISH)")
-    t.add_argument("--modality", default="spatial", help="modality context token (default: spatial)")
+    t.add_argument("--tokenization", choices=("notebook", "dataset"), default="notebook",  # vocab.TOKENIZATIONS
+                   help="which of Nicheformer's tokenizations to reproduce: its tokenization notebooks (the "
+                        "pretraining tokens; default) or its NicheformerDataset class")
+    t.add_argument("--species", default="mouse", help="species context token, name or id (default: mouse)")
+    t.add_argument("--assay", default="MERFISH",
+                   help="assay context token, name or id, e.g. Xenium or 9 (default: MERFISH)")
+    t.add_argument("--modality", default="spatial", help="modality context token, name or id (default: spatial)")
+    f = p.add_argument_group("Geneformer and scGPT")
+    f.add_argument("--token-dictionary", help="Geneformer token dictionary (.pkl; a pickle: trusted files only)")
+    f.add_argument("--gene-medians", help="Geneformer gene median dictionary (.pkl; a pickle: trusted files only)")
+    f.add_argument("--counts-key", default="n_counts", help="obs column of total counts for Geneformer (default n_counts)")
+    f.add_argument("--max-length", type=int,
+                   help="tokens per cell (default: Geneformer 2048 (V1) or 4096 (V2); scGPT 1200)")
+    f.add_argument("--scgpt-mode", choices=("embed", "tutorial"), default="embed",
+                   help="scGPT preprocessing: embed (scgpt.tasks.embed_data) or tutorial (fine-tuning tutorials)")
+    f.add_argument("--scgpt-seed", type=int, default=0, help="seed of scGPT's random binning and sampling (default 0)")
     c = p.add_argument_group("cells and statistics")
     c.add_argument("--subset", help="obs query of the cells to profile, e.g. \"cell_type == 'neuron'\"")
     c.add_argument("--panel", help="gene-pair panel: a file (one gene per line) or names separated by commas")
@@ -76,8 +92,8 @@ def add_run_parser(sub) -> None:
     p = sub.add_parser(
         "run",
         help="profile an .h5ad and write tables, figures and the profile",
-        description="Profile a Nicheformer on the cells of an .h5ad grouped by an obs column, compare two "
-        "groups and write the tables, figures and profile. Large datasets: --shard I/N profiles one shard "
+        description="Profile a Nicheformer, Geneformer or scGPT on the cells of an .h5ad grouped by an obs column, "
+        "compare two groups and write the tables, figures and profile. Large datasets: --shard I/N profiles one shard "
         "(sum the shards with `attnprof merge`); under torchrun (`torchrun --nproc_per_node N -m attnprof.cli "
         "run ...`) every rank profiles its share, the sums are all-reduced and rank 0 writes the outputs; "
         "--checkpoint-every N lets the same command resume after a crash.",
@@ -205,13 +221,15 @@ def _profile_and_write(args, folder: RunFolder, rank: int, world: int, device) -
                 f"obs[{args.groupby!r}] has {describe_groups(groups, adata.obs[args.groupby])}: "
                 f"name the two to compare with --compare A B"
             )
-        model, vocab = _model_and_vocab(args, adata, device)
+        model, vocab, front = _model_and_front(args, adata, device)
         profile = profile_anndata(
             model, adata, args.groupby, groups=groups, vocab=vocab, means=args.means, panel=_panel(args.panel),
             layer=args.layer, use_raw=args.use_raw, gene_key=args.gene_key, subset=args.subset,
-            species=args.species, assay=args.assay, modality=args.modality, window=args.window,
+            species=args.species, assay=args.assay, modality=args.modality, tokenization=args.tokenization,
+            window=args.window,
             batch_size=args.batch_size, backend=args.backend, progress=not args.quiet,
             permutations=args.permutations, seed=args.permutation_seed, shard=shard, **_checkpointing(args, out),
+            family=front,
         )  # fmt: skip
     if rank != 0:
         return 0
@@ -313,6 +331,7 @@ def cmd_demo(args) -> int:
 
 def cmd_validate(args) -> int:
     from .singlecell.batches import make_batches, select_cells
+    from .singlecell.family import iter_family_chunks
     from .singlecell.tokenize import Tokenizer, iter_token_chunks
     from .singlecell.vocab import N_CONTEXT
     from .validate import validate
@@ -321,17 +340,26 @@ def cmd_validate(args) -> int:
         raise ValueError(f"--cells must be at least 1, got {args.cells}")
     with _open_data(args.data) as adata:
         selection = select_cells(adata.obs, args.groupby, subset=args.subset, min_groups=1).head(args.cells)
-        model, vocab = _model_and_vocab(args, adata)
-        tokenizer = Tokenizer(vocab, args.means, context_length=model.context_length,
-                              species=args.species, assay=args.assay, modality=args.modality)  # fmt: skip
-        chunks = iter_token_chunks(adata, tokenizer, rows=selection.rows, layer=args.layer,
-                                   use_raw=args.use_raw, gene_key=args.gene_key)  # fmt: skip
+        model, vocab, front = _model_and_front(args, adata, _device(args.device))
+        reading = dict(rows=selection.rows, layer=args.layer, use_raw=args.use_raw, gene_key=args.gene_key)
+        if front is None:
+            tokenizer = Tokenizer(vocab, args.means, context_length=model.context_length,
+                                  species=args.species, assay=args.assay, modality=args.modality,
+                                  tokenization=args.tokenization)  # fmt: skip
+            chunks = iter_token_chunks(adata, tokenizer, **reading)
+        else:
+            chunks = iter_family_chunks(adata, front, **reading)
         batch = next(make_batches(chunks, selection.codes_for, batch_size=len(selection), bucket_size=len(selection)))
     device = next(model.parameters()).device
     tokens = batch.tokens.to(device)
+    if front is None:
+        inputs, ids, genes, n_context, adapter = (tokens,), tokens, vocab.token_names(), N_CONTEXT, "auto"
+    else:
+        inputs, ids, genes, n_context, adapter = front.inputs(tokens), front.gene_ids(tokens), front.genes, \
+            front.n_context, front.adapter  # fmt: skip
     table = validate(
-        model, (tokens,), groups=batch.codes, tokens=tokens, group_names=selection.groups, backend=args.backend,
-        genes=vocab.token_names(), panel=_panel(args.panel), window=args.window, n_context=N_CONTEXT,
+        model, inputs, groups=batch.codes, tokens=ids, group_names=selection.groups, backend=args.backend,
+        genes=genes, panel=_panel(args.panel), window=args.window, n_context=n_context, adapter=adapter,
     )  # fmt: skip
     print(f"{len(batch)} cells x {tokens.shape[1]} tokens, backend {args.backend} vs reference:")
     print(table.to_string(index=False, float_format=lambda x: f"{x:.2e}"))
@@ -458,6 +486,27 @@ def _model_and_vocab(args, adata, device=None):
         )
         model = small_nicheformer(vocab.n_tokens, seed=args.seed)
     return model.to(device if device is not None else _device(args.device)), vocab
+
+
+def _model_and_front(args, adata, device):
+    """(model, vocab, None) of a Nicheformer, or (model, None, front end) of a Geneformer or scGPT."""
+    from .singlecell.family import check_family, check_family_options, detect_family, load_front_end
+
+    family = args.family or (detect_family(args.model) if args.model else None) or "nicheformer"
+    check_family_options(family, vars(args))
+    if family == "nicheformer":
+        if args.model:
+            check_family(family, args.model)
+        return (*_model_and_vocab(args, adata, device), None)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    model, front = load_front_end(
+        family, args.model, token_dictionary=args.token_dictionary, gene_medians=args.gene_medians,
+        counts_key=args.counts_key, max_length=args.max_length, scgpt_mode=args.scgpt_mode, seed=args.scgpt_seed,
+    )  # fmt: skip
+    return model.to(device), None, front
 
 
 def _panel(value: str | None) -> list[str] | None:

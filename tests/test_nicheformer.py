@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -124,6 +125,56 @@ def test_pickled_objects_need_trust(model, tmp_path):
     with pytest.raises(ValueError, match="Python objects besides tensors.*Opaque.*--trust-checkpoint"):
         load_nicheformer(tmp_path / "pickled.ckpt")
     assert load_nicheformer(tmp_path / "pickled.ckpt", trust_checkpoint=True).config == model.config
+
+
+class CosineWarmup(torch.optim.lr_scheduler.LRScheduler):
+    """Upstream's CosineWarmupScheduler restated: its learning rates are numpy float64 (np.cos)."""
+
+    def __init__(self, optimizer, warmup, max_epochs):
+        self.warmup, self.max_num_epochs = warmup, max_epochs
+        super().__init__(optimizer)
+
+    def get_lr(self):
+        factor = 0.5 * (1 + np.cos(np.pi * self.last_epoch / self.max_num_epochs))
+        if self.last_epoch <= self.warmup:
+            factor *= self.last_epoch * 1.0 / self.warmup
+        return [max(1e-5, base * factor) for base in self.base_lrs]
+
+
+def lightning_checkpoint(model):
+    """A checkpoint as Lightning's trainer writes it after a few steps of upstream's optimizer setup."""
+    trained = small_nicheformer(N_TOKENS, seed=3, n_layers=2, context_length=32)
+    trained.load_state_dict(model.state_dict())
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=1e-3, weight_decay=0.1)
+    scheduler = CosineWarmup(optimizer, warmup=2, max_epochs=10)
+    for _ in range(3):
+        trained(random_tokens()).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+    ckpt = public_checkpoint(trained)
+    ckpt.update({
+        "global_step": 3, "pytorch-lightning_version": "2.1.3", "hparams_name": "kwargs",
+        "loops": {"fit_loop": {"state_dict": {}, "epoch_progress": {"total": {"ready": 1}}}}, "callbacks": {},
+        "optimizer_states": [optimizer.state_dict()], "lr_schedulers": [scheduler.state_dict()],
+    })  # fmt: skip
+    return trained, ckpt
+
+
+def test_lightning_checkpoint_with_numpy_scalars_loads_without_trust(model, tmp_path):
+    trained, ckpt = lightning_checkpoint(model)
+    assert isinstance(ckpt["lr_schedulers"][0]["_last_lr"][0], np.float64)  # what weights_only refused
+    assert isinstance(ckpt["optimizer_states"][0]["param_groups"][0]["lr"], np.float64)
+    torch.save(ckpt, tmp_path / "lightning.ckpt")
+    loaded = load_nicheformer(tmp_path / "lightning.ckpt")
+    tokens = random_tokens()
+    with torch.inference_mode():
+        assert torch.equal(loaded(tokens), trained.eval()(tokens))
+    # only float64 scalars are admitted: another numpy object still needs trust
+    ckpt["callbacks"] = {"threshold": np.int32(3)}
+    torch.save(ckpt, tmp_path / "int32.ckpt")
+    with pytest.raises(ValueError, match="Python objects besides tensors.*--trust-checkpoint"):
+        load_nicheformer(tmp_path / "int32.ckpt")
 
 
 def test_trimmed_padding_leaves_real_outputs_unchanged(model):

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from attnprof.singlecell.tokenize import Tokenizer, align_genes, iter_token_chunks, tokenize_anndata
-from attnprof.singlecell.vocab import Vocabulary, context_id, load_means
+from attnprof.singlecell.vocab import ASSAY, MODALITY, SPECIES, Vocabulary, context_id, load_means, technology_means
 
 # ---------------------------------------------------------------- the example
 # vocabulary index: 0 Actb, 1 Gfap, 2 Mbp, 3 Snap25, 4 Sst, 5 Xist -> token ids 30..35
@@ -154,13 +154,20 @@ def test_non_integer_counts_warn_and_negative_counts_fail():
         tokenize_anndata(adata, DATA_GENES, context_length=6)
 
 
-def test_nan_counts_are_zero():
-    with_nan = COUNTS.copy()
-    with_nan[0, 0] = np.nan  # Mbp of cell 0: it drops out and the library shrinks by 1
-    adata = example(False)
-    adata.X = with_nan
-    tokens = tokenize(adata, context_length=10)
-    np.testing.assert_array_equal(tokens[0], CONTEXT + [30, 33, 34, 1, 1, 1, 1])
+@pytest.mark.parametrize("bad", [np.nan, np.inf], ids=["nan", "inf"])
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_nan_or_inf_counts_are_refused_before_the_first_chunk(bad, sparse):
+    # was: NaN counted as 0 (as Nicheformer's np.nan_to_num does); issue 13 asks for a refusal
+    counts = np.tile(COUNTS, (3, 1))  # 15 cells
+    counts[[12, 14], 0] = bad  # two cells of the last chunk, one gene
+    counts[14, 3] = bad  # a second gene
+    adata = ad.AnnData(X=sp.csr_matrix(counts) if sparse else counts, var=pd.DataFrame(index=DATA_GENES))
+    chunks = iter_token_chunks(adata, Tokenizer(VOCAB, MEANS, context_length=6), chunk_size=4)
+    expected = r"NaN or Inf values in 2 of 15 cells and 2 genes \(e.g. cell '12', gene 'Mbp'\)"
+    with pytest.raises(ValueError, match=expected):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            next(chunks)  # nothing is tokenized before the check
 
 
 # ------------------------------------------------------- the tie rule, at large
@@ -221,11 +228,61 @@ def test_token_names_cover_the_embedding_table():
 
 
 def test_means_and_context_ids(tmp_path):
+    # was: load_means mapped NaN and 0 to 1 and refused negatives; now it returns the file as stored and
+    # technology_means prepares it per upstream path (issue 10)
     np.save(tmp_path / "means.npy", np.array(MEANS))
-    np.testing.assert_array_equal(load_means(tmp_path / "means.npy", 6), [1, 2, 1, 1, 4, 1])
+    np.testing.assert_array_equal(load_means(tmp_path / "means.npy", 6), MEANS)
     with pytest.raises(ValueError, match="5 entries but the vocabulary has 6 genes"):
         load_means(np.ones(5), 6)
     assert context_id("species", "Mus musculus") == 6 and context_id("assay", "cosmx") == 8
     assert context_id("assay", "10x 3' v3") == 11 and context_id("modality", 3) == 3
     with pytest.raises(ValueError, match="unknown assay 'seqFISH'.*MERFISH"):
         context_id("assay", "seqFISH")
+
+
+def test_every_upstream_context_id_by_name_and_number():
+    # the notebooks' dictionaries: id 9 is "Xenium" in the Xenium notebook, "visium" in two others
+    assert context_id("assay", "Xenium") == context_id("assay", "9") == context_id("assay", 9) == 9
+    assert context_id("assay", "visium") == 9 and context_id("assay", "merfish") == 7
+    assert context_id("assay", "NanoString digital spatial profiling") == 8
+    assert context_id("assay", "10x transcription profiling") == 15
+    for kind, table in (("species", SPECIES), ("assay", ASSAY), ("modality", MODALITY)):
+        for name, i in table.items():
+            assert context_id(kind, name) == context_id(kind, str(i)) == context_id(kind, np.int64(i)) == i
+    assert sorted(ASSAY.values()) == list(range(7, 19)) and SPECIES == {"human": 5, "mouse": 6}
+    with pytest.raises(ValueError, match=r"assay id 19 is not.*9 \(Xenium\)"):
+        context_id("assay", "19")
+
+
+def test_means_per_tokenization_path():
+    raw = np.array([np.nan, 0.0, -2370.27, 2.5, 0.4, 1.49, -0.3, 3.0, np.inf])
+    np.testing.assert_array_equal(
+        technology_means(raw, "notebook"), [1.0, 1.0, -2370.0, 3.0, 1.0, 1.0, 1.0, 3.0, np.finfo(float).max]
+    )
+    np.testing.assert_array_equal(
+        technology_means(raw, "dataset"), [np.nan, 1.0, -2370.27, 2.5, 0.4, 1.49, -0.3, 3.0, np.inf]
+    )
+    with pytest.raises(ValueError, match="unknown tokenization 'scanpy'.*notebook, dataset"):
+        technology_means(raw, "scanpy")
+
+
+def test_a_means_vector_like_the_merfish_file_is_accepted():
+    # the published merfish_mean_script.npy: 48 negative entries (min -2370.27) and 14,505 NaN of 20,310
+    rng = np.random.default_rng(0)
+    means = rng.gamma(2.0, 3.0, 20_310)
+    means[rng.choice(20_310, 14_505, replace=False)] = np.nan
+    finite = np.flatnonzero(~np.isnan(means))
+    means[finite[:48]] = -rng.uniform(0.1, 2370.27, 48)
+    means[finite[0]] = -2370.27
+    vocab = [f"ENSG{i:011d}" for i in range(20_310)]
+    for tokenization in ("notebook", "dataset"):
+        tok = Tokenizer(vocab, means, context_length=1500, tokenization=tokenization)
+        assert np.isnan(tok.means).sum() == (14_505 if tokenization == "dataset" else 0)
+        assert (tok.means < 0).sum() == 48
+        assert np.nanmin(tok.means) == (-2370.0 if tokenization == "notebook" else -2370.27)
+    # a 300-gene panel holding negative- and NaN-mean genes tokenizes (every expressed gene ranked)
+    panel = np.concatenate([finite[:100], np.flatnonzero(np.isnan(means))[:200]])
+    counts = np.random.default_rng(1).poisson(1.0, (8, 300)).astype(np.float32)
+    adata = ad.AnnData(X=counts, var=pd.DataFrame(index=[vocab[i] for i in panel]))
+    tokens = tokenize_anndata(adata, vocab, means, context_length=400, tokenization="notebook")
+    np.testing.assert_array_equal((tokens > 1).sum(1) - 3, (counts > 0).sum(1))

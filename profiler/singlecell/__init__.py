@@ -8,8 +8,11 @@
 """
 
 from .batches import Batch, CellSelection, make_batches, select_cells
+from .family import FrontEnd, detect_family, load_front_end
+from .geneformer import geneformer_front_end, load_geneformer_model
 from .nicheformer import Nicheformer, NicheformerConfig, load_nicheformer, save_checkpoint, small_nicheformer
 from .run import profile_anndata, profile_batches, write_outputs
+from .scgpt import ScGPT, load_scgpt, scgpt_front_end
 from .tokenize import Tokenizer, align_genes, iter_token_chunks, tokenize_anndata
 from .vocab import ASSAY, MODALITY, SPECIES, Vocabulary
 
@@ -19,17 +22,25 @@ __all__ = [
     "SPECIES",
     "Batch",
     "CellSelection",
+    "FrontEnd",
     "Nicheformer",
     "NicheformerConfig",
+    "ScGPT",
     "Tokenizer",
     "Vocabulary",
     "align_genes",
+    "detect_family",
+    "geneformer_front_end",
     "iter_token_chunks",
+    "load_front_end",
+    "load_geneformer_model",
     "load_nicheformer",
+    "load_scgpt",
     "make_batches",
     "profile_anndata",
     "profile_batches",
     "save_checkpoint",
+    "scgpt_front_end",
     "select_cells",
     "small_nicheformer",
     "tokenize_anndata",

@@ -16,6 +16,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -133,8 +134,11 @@ def load_nicheformer(path, *, n_heads: int | None = None, trust_checkpoint: bool
     The state dict may sit under a prefix (``model.``, ``backbone.``); the
     architecture comes from ``hyper_parameters`` when present, else from the
     weight shapes (``n_heads`` must then be given: shapes do not show it).
-    Files are read with ``weights_only=True``; a file that holds other Python
-    objects loads only with ``trust_checkpoint=True`` (runs its pickled code).
+    Files are read with ``weights_only=True``, which also admits the numpy
+    float64 scalars that upstream's training leaves in ``optimizer_states`` and
+    ``lr_schedulers`` (its cosine schedule computes learning rates with
+    ``np.cos``); a file that holds other Python objects loads only with
+    ``trust_checkpoint=True`` (runs its pickled code).
     """
     path = Path(path)
     checkpoint = _read(path, trust_checkpoint)
@@ -146,11 +150,25 @@ def load_nicheformer(path, *, n_heads: int | None = None, trust_checkpoint: bool
     return model.eval()
 
 
+def _numpy_float64_scalars() -> list:
+    """Exactly what unpickling a numpy float64 scalar needs, under numpy 2's and numpy 1's module names."""
+    scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
+    return [
+        (scalar, "numpy._core.multiarray.scalar"),
+        (scalar, "numpy.core.multiarray.scalar"),  # checkpoints written with numpy < 2
+        np.dtype,
+        type(np.dtype(np.float64)),  # numpy.dtypes.Float64DType
+    ]
+
+
 def _read(path: Path, trust: bool):
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust)
+        if trust:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(_numpy_float64_scalars()):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         if trust or not found:  # garbage, not pickled objects: --trust-checkpoint would not help

@@ -12,6 +12,7 @@ writes a run's folder (profile, tables, figures).
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 import time
 import warnings
@@ -33,6 +34,7 @@ from ..checks import open_h5ad
 from ..profile import Profile, cell_ids
 from ..session import Profiler
 from .batches import Batch, CellSelection, make_batches, select_cells
+from .family import iter_family_chunks
 from .tokenize import Tokenizer, count_matrix, gene_names, iter_token_chunks
 from .vocab import N_CONTEXT, PAD, Vocabulary, as_vocabulary
 
@@ -53,6 +55,7 @@ def profile_anndata(
     species="mouse",
     assay="MERFISH",
     modality="spatial",
+    tokenization: str = "notebook",
     window: int = 64,
     batch_size: int = 32,
     chunk_size: int = 1024,
@@ -65,6 +68,7 @@ def profile_anndata(
     checkpoint=None,
     checkpoint_every: int = 10_000,
     progress: bool = True,
+    family=None,
 ) -> Profile:
     """Group-wise attention sums of a Nicheformer over the cells of ``adata``.
 
@@ -78,6 +82,7 @@ def profile_anndata(
     layer, use_raw, gene_key: where the counts and gene names are (default ``X`` and var names).
     subset:   an obs query, e.g. ``"cell_type == 'neuron'"``.
     species, assay, modality: the context tokens, by name or id.
+    tokenization: ``"notebook"`` or ``"dataset"``, the upstream path to reproduce (see tokenize.py).
     window:   position window of the per-head maps (at most the model's context length).
     trim_padding: cut each batch to its longest cell (same results, less work).
     permutations: N label permutations for permutation p-values (``compare(..., permutations=N)``):
@@ -93,24 +98,31 @@ def profile_anndata(
               run (data, cells, model or options) is refused. Deleted when the run succeeds.
               With shards each keeps its own file, ``<name>.shard<i>of<n>.npz``.
 
+    family:   a :class:`~attnprof.singlecell.family.FrontEnd` (Geneformer, scGPT) that tokenizes and calls
+              ``model`` in its family's way; ``vocab``, ``means`` and the context tokens are then unused.
+
     Returns a :class:`attnprof.Profile` with the token names as genes and ``n_context=3``.
     """
-    n_tokens, context_length = _model_shape(model)
+    n_tokens, context_length = _model_shape(model) if family is None else (None, family.context_length)
     _check_options(window, context_length, permutations, chunk_size, bucket_size)
     shard, distributed = _this_shard(shard)
     with _opened(adata) as (adata, source):
         selection = select_cells(adata.obs, groupby, groups=groups, subset=subset)
-        vocab = _model_vocabulary(vocab, adata, layer, use_raw, gene_key, n_tokens)
-        tokenizer = Tokenizer(
-            vocab, means, context_length=context_length, species=species, assay=assay, modality=modality
-        )
+        if family is None:
+            vocab = _model_vocabulary(vocab, adata, layer, use_raw, gene_key, n_tokens)
+            tokenizer = Tokenizer(
+                vocab, means, context_length=context_length, species=species, assay=assay, modality=modality,
+                tokenization=tokenization,
+            )
+        else:
+            tokenizer = family
         plan = plan_cells(selection, shard, permutations, seed)
         names = adata.obs_names
         meta = {
             "model": model_description(model),
             "options": {
                 "groupby": groupby,
-                "tokenizer": tokenizer.settings(),
+                "tokenizer": tokenizer.settings(),  # a family's: its name and tokenizer settings
                 "counts": {"layer": layer, "use_raw": bool(use_raw), "gene_key": gene_key},
                 "permutations": {"n": int(permutations), "seed": int(seed) if permutations else None},
             },
@@ -122,9 +134,11 @@ def profile_anndata(
         run = _Run(
             reading=dict(layer=layer, use_raw=use_raw, gene_key=gene_key, chunk_size=chunk_size),
             batching=dict(batch_size=batch_size, bucket_size=bucket_size, trim=trim_padding, pad_to=context_length),
-            stats=dict(groups=selection.groups, genes=vocab.token_names(), panel=_unique(panel), window=window,
-                       n_context=N_CONTEXT, backend=backend),
+            stats=dict(groups=selection.groups, genes=vocab.token_names() if family is None else family.genes,
+                       panel=_unique(panel), window=window, n_context=N_CONTEXT if family is None else family.n_context,
+                       backend=backend, family=family),
             progress=progress and rank_and_world()[0] == 0,
+            stream_rows=selection.rows,
         )  # fmt: skip
         whole = None  # names every shard's cells: for a checkpoint's fingerprint and a summed profile
         if checkpoint is not None or distributed:
@@ -148,7 +162,7 @@ def profile_anndata(
     if context_only and rank_and_world()[0] == 0:
         warnings.warn(
             f"{context_only} cells have no counts in vocabulary genes and were profiled with only "
-            f"their {N_CONTEXT} context tokens",
+            f"their {N_CONTEXT} context tokens" if family is None else family.left_out_message(context_only),
             stacklevel=2,
         )
     if ckpt is not None:
@@ -171,12 +185,15 @@ def profile_batches(
     progress: bool = True,
     null_codes_of: Callable[[np.ndarray], list[np.ndarray]] | None = None,
     after_batch: Callable[[Profiler, Batch], None] | None = None,
+    family=None,
 ) -> Profile:
     """The run loop: every batch through the model inside one profiling session.
 
     null_codes_of: row positions -> the permuted group codes of those cells, one array per
                    permutation (the ``null_groups`` of :meth:`Profiler.set_batch`).
     after_batch:   called after each forward with the profiler and the batch (e.g. to checkpoint).
+    family:        a family front end whose ``gene_ids`` and ``forward`` read the batch's codes (default:
+                   the tokens are the model's input and the gene ids, as for Nicheformer).
     """
     device = next(model.parameters()).device
     was_training = model.training
@@ -185,12 +202,14 @@ def profile_batches(
     bar = tqdm(total=n_cells, unit="cells", desc="profiling", disable=not progress, smoothing=0.1)
     try:
         with Profiler(model, groups, window=window, genes=genes, panel=panel, n_context=n_context,
-                      backend=backend, meta=meta) as prof, torch.inference_mode():  # fmt: skip
+                      backend=backend, meta=meta, adapter="auto" if family is None else family.adapter) as prof, \
+                torch.inference_mode():  # fmt: skip
             for batch in batches:
                 tokens = batch.tokens.to(device)
                 null = None if null_codes_of is None else null_codes_of(batch.rows)
-                prof.set_batch(groups=batch.codes, tokens=tokens, null_groups=null)
-                model(tokens)
+                ids = tokens if family is None else family.gene_ids(tokens)
+                prof.set_batch(groups=batch.codes, tokens=ids, null_groups=null)
+                model(tokens) if family is None else family.forward(model, tokens)
                 bar.update(len(batch))
                 if after_batch is not None:
                     after_batch(prof, batch)
@@ -282,6 +301,7 @@ class _Run:
     batching: dict
     stats: dict
     progress: bool
+    stream_rows: np.ndarray | None = None  # every selected cell: a family's random draws run over them all
 
     def fingerprint(self, meta: dict, selection_digest: str, shard: tuple[int, int]) -> dict:
         """What a checkpoint must share with this run to be resumed by it (the backend may differ)."""
@@ -295,15 +315,22 @@ class _Run:
     def profile(self, model, adata, tokenizer, plan: CellPlan, meta: dict, ckpt: Checkpoint | None):
         """The profile of the plan's cells (a checkpoint's sums plus the cells it lacks) and the context-only count."""
         rows = plan.rows if ckpt is None else ckpt.remaining(plan.rows)
-        context_only = _ContextOnly(0 if ckpt is None else ckpt.counters.get("context_only_cells", 0))
-        chunks = iter_token_chunks(adata, tokenizer, rows=rows, **self.reading)
+        # a family's left-out cells are never done, so a resumed run counts them all again: start at 0
+        resumed = 0 if ckpt is None or self.stats["family"] is not None else ckpt.counters.get("context_only_cells", 0)
+        context_only = _ContextOnly(resumed)
+        if self.stats["family"] is None:
+            chunks = iter_token_chunks(adata, tokenizer, rows=rows, **self.reading)
+        else:  # the family's tokenizer; the cells it leaves out are counted instead of context-only cells
+            chunks = iter_family_chunks(adata, tokenizer, rows=rows, left_out=context_only,
+                                        stream_rows=self.stream_rows, **self.reading)  # fmt: skip
         batches = make_batches(chunks if ckpt is None else ckpt.watch(chunks), plan.codes_for, **self.batching)
         batches = _nonempty(batches if ckpt is None else ckpt.skip_done(batches))
         if batches is None:  # the checkpoint holds every cell: the run had finished
             return ckpt.prior, context_only.n
 
         def after_batch(prof: Profiler, batch: Batch) -> None:
-            context_only.add(batch)
+            if self.stats["family"] is None:
+                context_only.add(batch)
             if ckpt is not None:
                 ckpt.ran(batch.rows, lambda: (prof.profile, {"context_only_cells": context_only.n}))
 
@@ -334,7 +361,8 @@ class _ContextOnly:
 def model_description(model: torch.nn.Module) -> dict:
     """Architecture and a fingerprint of the weights: profiles merge only when made by the same model."""
     config = getattr(model, "config", None)
-    described = asdict(config) if is_dataclass(config) else {}
+    # JSON-safe: a transformers config is a dataclass too, with a torch dtype among its fields
+    described = json.loads(json.dumps(asdict(config), default=str)) if is_dataclass(config) else {}
     digest = hashlib.blake2b(digest_size=8)
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())

@@ -1,22 +1,38 @@
-"""Nicheformer tokenization of an AnnData, streamed chunk by chunk.
+"""Nicheformer tokenization of an AnnData, streamed chunk by chunk, equal to Nicheformer's own tokens.
 
-Per cell: counts are scaled to 10,000 (library size over all of the data's
-genes), divided by the technology mean of each gene, and the non-zero genes
-are ranked by that value, highest first. **Ties** (equal float64 values) are
-broken by vocabulary order: the gene with the lower vocabulary index comes
-first, so the tokens never depend on the data's column order. Each gene
-becomes its token id (vocabulary index + 30); the context tokens
-``[species, assay, modality]`` are prepended, the sequence is cut to the
-context length and padded with id 1.
+Nicheformer's public code is the specification, quirks included. Per cell:
+the counts of the vocabulary genes (genes outside it are dropped *before*
+normalizing: upstream first aligns the data to the vocabulary) are scaled
+to 10,000 (``sf_normalize``, in float64: see :func:`_as_csr`), divided by the
+technology mean of each gene, and every gene whose value is not 0 is ranked
+by ``np.argsort(-value)`` compiled by numba. Each gene becomes its token id
+(vocabulary index + 30); the context tokens ``[species, assay, modality]``
+are prepended, the sequence is cut to the context length and padded with 1.
 
-Genes of the data that are not in the vocabulary are dropped (with a
-warning); the library size still counts them, which leaves each cell's
-ranking unchanged. A cell with no counts keeps only its three context tokens.
+The division is a true division on both paths: the notebooks divide a
+sparse matrix by the means, which the scipy of their time computed as
+``np.true_divide(X.todense(), means)`` (today's scipy multiplies by ``1 / means``,
+which rounds differently and returns a type upstream's numba loop rejects).
+
+Two upstream paths differ in the means (``tokenization=``):
+
+* ``"notebook"`` (default): the tokenization notebooks, which made the
+  pretraining tokens: NaN means -> 0, rounded half up, 0 -> 1.
+* ``"dataset"``: ``NicheformerDataset``: only 0 -> 1. A NaN mean makes
+  the gene's value NaN in *every* cell (0 / NaN is NaN, and NaN is "not 0"),
+  so all NaN-mean genes follow the expressed genes, in numba's NaN-last order.
+
+Negative means (the published MERFISH file has 48) give negative values on
+both paths, ranked after the positive ones. **Ties** are ordered as numba's
+quicksort orders them (see :mod:`.argsort`), which is not index order once
+a cell has 16 or more ranked genes. A cell with no counts keeps only its
+context tokens (plus the NaN-mean genes on the dataset path).
 
 Rows are read ``chunk_size`` at a time with ``matrix[start:stop]``, which
 anndata's backed mode (``read_h5ad(path, backed="r")``) serves from disk for
 ``X`` and ``raw.X``, so a dataset larger than memory streams through.
-(anndata loads ``layers`` into memory when it opens a backed file.)
+(anndata loads ``layers`` into memory when it opens a backed file.) One
+pass over the cells first checks the counts (:mod:`.counts`).
 """
 
 from __future__ import annotations
@@ -30,7 +46,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .vocab import GENE_OFFSET, N_CONTEXT, PAD, as_vocabulary, context_id, load_means
+from .argsort import SMALL_QUICKSORT, argsort_segments, compiled_available
+from .counts import expm1, inspect_counts, read_rows
+from .vocab import GENE_OFFSET, N_CONTEXT, PAD, TOKENIZATIONS, as_vocabulary, context_id, load_means, technology_means
 
 TARGET_SUM = 10_000.0
 
@@ -69,6 +87,11 @@ class GeneAlignment:
     columns: np.ndarray  # data column indices kept
     vocab_index: np.ndarray  # their vocabulary indices
     n_data_genes: int
+
+    @property
+    def by_vocab(self) -> np.ndarray:
+        """Positions of ``columns`` in vocabulary order."""
+        return np.argsort(self.vocab_index, kind="stable")
 
 
 def align_genes(data_genes: Sequence[str], vocab) -> GeneAlignment:
@@ -113,10 +136,11 @@ class Tokenizer:
     """Turns rows of a count matrix into Nicheformer token ids.
 
     vocab:          the model's gene list (Vocabulary, path or names).
-    means:          technology mean per vocabulary gene (array or ``.npy`` path);
-                    None ranks by normalized counts alone (all means 1).
+    means:          technology mean per vocabulary gene (array or ``.npy`` path), as
+                    published (NaN and negative entries allowed); None: all ones.
     context_length: tokens per cell including the three context tokens.
-    species, assay, modality: context tokens, by name (``"mouse"``, ``"MERFISH"``, ``"spatial"``) or id.
+    species, assay, modality: context tokens, by name (``"mouse"``, ``"Xenium"``) or id (``9``, ``"9"``).
+    tokenization:   which upstream path to reproduce, ``"notebook"`` or ``"dataset"`` (module docstring).
     """
 
     def __init__(
@@ -128,9 +152,16 @@ class Tokenizer:
         species="mouse",
         assay="MERFISH",
         modality="spatial",
+        tokenization: str = "notebook",
     ):
         self.vocab = as_vocabulary(vocab)
-        self.means = np.ones(len(self.vocab)) if means is None else load_means(means, len(self.vocab))
+        if tokenization not in TOKENIZATIONS:
+            raise ValueError(f"unknown tokenization {tokenization!r}; choose one of: {', '.join(TOKENIZATIONS)}")
+        self.tokenization = tokenization
+        raw = np.ones(len(self.vocab)) if means is None else load_means(means, len(self.vocab))
+        self.raw_means = raw
+        self.means = technology_means(raw, tokenization)
+        self.nan_genes = np.flatnonzero(np.isnan(self.means))  # dataset path: ranked NaN in every cell
         if context_length <= N_CONTEXT:
             raise ValueError(f"context_length must exceed the {N_CONTEXT} context tokens, got {context_length}")
         self.context_length = int(context_length)
@@ -144,7 +175,8 @@ class Tokenizer:
         return {
             "vocabulary": self.vocab.digest(),
             "n_genes": len(self.vocab),
-            "means": hashlib.blake2b(self.means.tobytes(), digest_size=8).hexdigest(),
+            "means": hashlib.blake2b(self.raw_means.tobytes(), digest_size=8).hexdigest(),
+            "tokenization": self.tokenization,
             "context": self.context.tolist(),
             "context_length": self.context_length,
         }
@@ -157,15 +189,26 @@ class Tokenizer:
         X = _as_csr(X)
         _check_counts(X)
         n = X.shape[0]
-        library = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
-        scale = TARGET_SUM / np.where(library == 0, 1.0, library)
-        kept = X[:, alignment.columns].tocoo()
-        vocab_index = alignment.vocab_index[kept.col]
-        value = kept.data * scale[kept.row] / self.means[vocab_index]
-        nonzero = value > 0
-        row, vocab_index, value = kept.row[nonzero], vocab_index[nonzero], value[nonzero]
-        # by cell, then value descending, then vocabulary index ascending (the tie rule)
-        order = np.lexsort((vocab_index, -value, row))
+        # the vocabulary genes (upstream aligns before normalizing), each cell's in vocabulary order
+        kept = X[:, alignment.columns[alignment.by_vocab]]
+        kept.sort_indices()
+        row = np.repeat(np.arange(n), np.diff(kept.indptr))
+        vocab_index = alignment.vocab_index[alignment.by_vocab][kept.indices]
+        counts = kept.data
+        # sf_normalize: counts += counts == 0; scaled = x * (10000. / counts)
+        library = _library(counts, row, vocab_index, n, len(self.vocab), dense=self.tokenization == "dataset")
+        library += library == 0
+        value = counts * (TARGET_SUM / library)[row] / self.means[vocab_index]
+        if self.nan_genes.size:  # x / NaN is NaN for every cell and gene, counted or not
+            has_mean = ~np.isnan(self.means[vocab_index])
+            row = np.concatenate([row[has_mean], np.repeat(np.arange(n), self.nan_genes.size)])
+            vocab_index = np.concatenate([vocab_index[has_mean], np.tile(self.nan_genes, n)])
+            value = np.concatenate([value[has_mean], np.full(n * self.nan_genes.size, np.nan)])
+            order = np.lexsort((vocab_index, row))  # back to each cell's genes in vocabulary order
+            row, vocab_index, value = row[order], vocab_index[order], value[order]
+        ranked = value != 0  # np.nonzero(cell): NaN counts as non-zero, -0.0 does not
+        row, vocab_index, keys = row[ranked], vocab_index[ranked], -value[ranked]  # upstream's argsort input
+        order = _numba_order(row, keys, n)
         row, vocab_index = row[order], vocab_index[order]
         n_genes = np.bincount(row, minlength=n)
         first = np.concatenate([[0], np.cumsum(n_genes)[:-1]])
@@ -179,18 +222,70 @@ class Tokenizer:
         return tokens, lengths
 
 
+def _numba_order(row: np.ndarray, keys: np.ndarray, n: int) -> np.ndarray:
+    """Positions putting each cell's ``keys`` (cells contiguous) in numba's ``np.argsort`` order.
+
+    With numba installed every cell goes through the compiled quicksort. Without
+    it, cells without tied keys, or with fewer than 16 (numba then runs only its
+    stable insertion sort), have one possible order: one vectorized stable sort
+    (NaN last, as numba); only the rest go through the Python quicksort.
+    """
+    n_genes = np.bincount(row, minlength=n)
+    first = np.concatenate([[0], np.cumsum(n_genes)[:-1]])
+    if compiled_available():
+        return argsort_segments(keys, first, first + n_genes)
+    order = np.lexsort((np.arange(row.size), keys, row))
+    k, r = keys[order], row[order]
+    tie = (r[1:] == r[:-1]) & ((k[1:] == k[:-1]) | (np.isnan(k[1:]) & np.isnan(k[:-1])))
+    tied = np.unique(r[1:][tie])
+    tied = tied[n_genes[tied] > SMALL_QUICKSORT]
+    if tied.size:
+        quick = argsort_segments(keys, first[tied], first[tied] + n_genes[tied])
+        at = np.isin(row, tied)  # a cell's positions are the same in both orders
+        order[at] = quick[at]
+    return order
+
+
+def _library(counts, row, vocab_index, n: int, n_vocab: int, dense: bool) -> np.ndarray:
+    """Each cell's total over the vocabulary genes, summed as upstream sums its rows (float64).
+
+    Integer totals below 2**53 are exact in any order. Other values are summed
+    as upstream does: the notebooks by scipy over sparse rows in vocabulary
+    order, ``NicheformerDataset`` by numpy's pairwise sum over dense rows.
+    """
+    totals = np.bincount(row, weights=counts, minlength=n)
+    if np.all(counts == np.round(counts)) and totals.max(initial=0) < 2.0**53:
+        return totals
+    if not dense:
+        rows = sp.csr_matrix((counts, vocab_index, np.searchsorted(row, np.arange(n + 1))), shape=(n, n_vocab))
+        return np.asarray(rows.sum(axis=1), dtype=np.float64).ravel()
+    library = np.empty(n)
+    step = max(1, 2**21 // n_vocab)  # rows per dense block: a few MB at a time
+    for lo in range(0, n, step):
+        hi = min(lo + step, n)
+        block = np.zeros((hi - lo, n_vocab))
+        at = (row >= lo) & (row < hi)
+        block[row[at] - lo, vocab_index[at]] = counts[at]
+        library[lo:hi] = block.sum(axis=1)
+    return library
+
+
 def _as_csr(X) -> sp.csr_matrix:
-    """A float64 CSR copy of a chunk of rows, NaN counted as 0 (as Nicheformer does)."""
-    if sp.issparse(X):
-        X = sp.csr_matrix(X, dtype=np.float64, copy=True)
-    else:
-        X = sp.csr_matrix(np.nan_to_num(np.asarray(X, dtype=np.float64)))
-    X.data = np.nan_to_num(X.data)
+    """A float64 CSR copy of a chunk of rows.
+
+    float64 because upstream aligns the data to the vocabulary with
+    ``ad.concat([model, data])``, and model.h5ad's float64 X makes the
+    concatenated counts float64.
+    """
+    X = sp.csr_matrix(X, dtype=np.float64, copy=True) if sp.issparse(X) else sp.csr_matrix(np.asarray(X, np.float64))
+    X.sum_duplicates()
     X.eliminate_zeros()
     return X
 
 
 def _check_counts(X: sp.csr_matrix) -> None:
+    if not np.isfinite(X.data).all():
+        raise ValueError("the counts hold NaN or Inf values: repair the data (e.g. np.nan_to_num) first")
     if X.data.size and X.data.min() < 0:
         raise ValueError(
             f"the count matrix has negative values (min {X.data.min():.3g}): tokenization needs raw counts; "
@@ -228,30 +323,13 @@ def iter_token_chunks(
     rows = np.arange(n_obs) if rows is None else np.asarray(rows, dtype=np.int64)
     if rows.size and (np.any(np.diff(rows) <= 0) or rows[0] < 0 or rows[-1] >= n_obs):
         raise ValueError(f"rows must be sorted, unique positions in [0, {n_obs})")
-    warned = False
-    for start in range(0, n_obs, chunk_size):
-        stop = min(start + chunk_size, n_obs)
-        lo, hi = np.searchsorted(rows, [start, stop])
-        if lo == hi:
-            continue  # no wanted cell here: skip the read
-        wanted = rows[lo:hi]
-        block = matrix[start:stop]  # contiguous read: what backed storage serves fast
-        block = block[wanted - start]
-        if not warned and not _integer_valued(block):
-            warned = True
-            warnings.warn(
-                "the count matrix has non-integer values: Nicheformer tokenizes raw counts; if it holds "
-                "normalized or log-transformed data pick the counts with layer= (--layer) or use_raw=True (--use-raw)",
-                stacklevel=2,
-            )
+    names = gene_names(var)
+    reading = inspect_counts(adata, matrix, rows, chunk_size, names)  # refuses bad counts before the work
+    for wanted, block in read_rows(matrix, rows, chunk_size):
+        if reading == "expm1":
+            block = expm1(block)
         tokens, lengths = tokenizer.tokenize_rows(block, alignment)
         yield TokenChunk(wanted, tokens, lengths)
-
-
-def _integer_valued(block) -> bool:
-    data = block.data if sp.issparse(block) else np.asarray(block)
-    data = data[np.isfinite(data)]
-    return bool(np.all(data == np.round(data)))
 
 
 def tokenize_anndata(
@@ -263,6 +341,7 @@ def tokenize_anndata(
     species="mouse",
     assay="MERFISH",
     modality="spatial",
+    tokenization: str = "notebook",
     layer: str | None = None,
     use_raw: bool = False,
     gene_key: str | None = None,
@@ -273,7 +352,10 @@ def tokenize_anndata(
 
     For data larger than memory, iterate :func:`iter_token_chunks` instead.
     """
-    tokenizer = Tokenizer(vocab, means, context_length=context_length, species=species, assay=assay, modality=modality)
+    tokenizer = Tokenizer(
+        vocab, means, context_length=context_length, species=species, assay=assay, modality=modality,
+        tokenization=tokenization,
+    )
     n = count_matrix(adata, layer, use_raw)[0].shape[0] if rows is None else len(rows)
     out = np.full((n, context_length), PAD, dtype=np.int64)
     at = 0

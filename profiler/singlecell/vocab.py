@@ -5,7 +5,7 @@ Token ids (from Nicheformer's public code):
     0 <mask>   1 <pad>   2 <cls>
     3-4   modality  (dissociated, spatial)
     5-6   species   (human, mouse)
-    7-18  assay     (MERFISH, CosMx, Visium, 10x variants, CITE-seq, Smart-seq v4)
+    7-18  assay     (MERFISH, CosMx, Xenium, 10x variants, CITE-seq, Smart-seq v4)
     19-29 unused
     30 +  genes: gene id = vocabulary index + 30
 
@@ -36,7 +36,7 @@ SPECIES = {"human": 5, "mouse": 6}
 ASSAY = {
     "MERFISH": 7,
     "CosMx": 8,
-    "Visium": 9,
+    "Xenium": 9,  # the Xenium notebook's name for 9; two other notebooks call 9 "visium" (an alias)
     "10x 5' v2": 10,
     "10x 3' v3": 11,
     "10x 3' v2": 12,
@@ -52,6 +52,7 @@ ALIASES = {
     "species": {"homo sapiens": "human", "mus musculus": "mouse"},
     "assay": {
         "nanostring digital spatial profiling": "CosMx",
+        "visium": "Xenium",
         "10x transcription profiling": "10x 3' transcription profiling",
     },
     "modality": {},
@@ -60,18 +61,21 @@ CONTEXT_TABLES = {"species": SPECIES, "assay": ASSAY, "modality": MODALITY}
 
 
 def context_id(kind: str, value) -> int:
-    """The token id of a species, assay or modality given by name (any case) or by id."""
+    """The token id of a species, assay or modality given by name (any case) or by id (``9`` or ``"9"``)."""
     table = CONTEXT_TABLES[kind]
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)  # a number typed on the command line
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         if int(value) not in table.values():
-            valid = sorted(table.values())
+            valid = ", ".join(f"{i} ({name})" for name, i in table.items())
             raise ValueError(f"{kind} id {value} is not a Nicheformer {kind} token; valid ids: {valid}")
         return int(value)
     by_lower = {k.lower(): v for k, v in table.items()}
     key = str(value).strip().lower()
     key = ALIASES[kind].get(key, key).lower()
     if key not in by_lower:
-        raise ValueError(f"unknown {kind} {value!r}; choose one of: {', '.join(table)}")
+        ids = ", ".join(f"{name} ({i})" for name, i in table.items())
+        raise ValueError(f"unknown {kind} {value!r}; choose one of (name or id): {ids}")
     return by_lower[key]
 
 
@@ -158,10 +162,11 @@ def as_vocabulary(vocab) -> Vocabulary:
 
 
 def load_means(means, n_genes: int) -> np.ndarray:
-    """The technology mean vector (a ``.npy`` path or an array), one entry per vocabulary gene.
+    """The technology mean vector as stored (a ``.npy`` path or an array), one entry per vocabulary gene.
 
-    As in Nicheformer, NaN and zero means become 1, so those genes are ranked
-    by their normalized count alone.
+    Entries are kept as they are, NaN and negative ones included (the
+    published MERFISH file has both): what a mean becomes is the
+    tokenization's business, see :func:`technology_means`.
     """
     source = str(means) if isinstance(means, (str, Path)) else "the means array"
     if isinstance(means, (str, Path)):
@@ -174,8 +179,32 @@ def load_means(means, n_genes: int) -> np.ndarray:
             f"{source} has {means.size} entries but the vocabulary has {n_genes} genes: "
             f"the mean vector must be the one made for this vocabulary (same genes, same order)"
         )
-    if (means < 0).any():
-        raise ValueError(f"{source} has negative entries: expected mean expression per gene (>= 0)")
-    means = np.nan_to_num(means, nan=0.0, posinf=0.0)
-    means[means == 0] = 1.0
     return means
+
+
+#: The two ways Nicheformer's public code prepares means and tokenizes (see tokenize.py).
+TOKENIZATIONS = ("notebook", "dataset")
+
+
+def technology_means(means: np.ndarray, tokenization: str) -> np.ndarray:
+    """The divisor per gene, prepared as Nicheformer's ``tokenization`` path prepares it.
+
+    ``notebook`` (the "Technology mean" cell of notebooks/tokenization/*.ipynb,
+    then ``tokenize_data``): NaN -> 0 (``np.nan_to_num``, which also turns +-inf
+    into +-1.8e308), round half up as ``where(m % 1 >= 0.5, ceil, floor)`` (so
+    -2370.27 -> -2370), then every 0 -> 1. Negative means stay negative.
+
+    ``dataset`` (``NicheformerDataset``): only 0 -> 1; NaN stays NaN, so a
+    NaN-mean gene scores NaN in every cell, and negative means stay negative.
+    """
+    if tokenization not in TOKENIZATIONS:
+        raise ValueError(f"unknown tokenization {tokenization!r}; choose one of: {', '.join(TOKENIZATIONS)}")
+    m = np.array(means, dtype=np.float64)
+    if tokenization == "notebook":
+        m = np.nan_to_num(m)
+        rounded = np.where((m % 1) >= 0.5, np.ceil(m), np.floor(m))
+        # the notebooks test the unrounded mean here (the dissociated one the rounded);
+        # tokenize_data's `+= m == 0` below turns every remaining 0 (and -0.0) into 1 either way
+        m = np.where(m == 0, 1.0, rounded)
+    m += m == 0
+    return m

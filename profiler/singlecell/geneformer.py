@@ -1,0 +1,208 @@
+"""Geneformer: its rank-value tokenizer and its BERT model from the files users have.
+
+The specification is Geneformer's own ``geneformer/tokenizer.py``
+(``TranscriptomeTokenizer.tokenize_anndata`` and ``create_dataset``):
+
+- the library size is the obs column ``n_counts`` (not recomputed), the genes
+  are those of the data whose Ensembl id (a var column) is in the token
+  dictionary, kept in var-column order;
+- ``X / n_counts * 10_000 / median`` in numpy, left to right, with the dtypes
+  of X, of the ``n_counts`` column and of the (float64) medians;
+- the non-zero values, in var-column order, ranked by ``np.argsort(-values)``:
+  numpy's default (unstable) sort, so ties fall where that sort puts them;
+- V1 dictionaries (no ``<cls>``/``<eos>``): the first 2,048 ranked genes; V2
+  dictionaries: the first 4,094 between ``<cls>`` and ``<eos>`` (4,096 tokens).
+
+Quirks named, and what attnprof does about them:
+
+- a cell with ``n_counts == 0`` divides 0 by 0: Geneformer ranks NaNs, i.e.
+  every gene of the data in the sort's NaN order; attnprof leaves such a cell out;
+- a cell with no counts in dictionary genes: V2's ``tokenize_anndata`` drops
+  it with a warning, V1's keeps an empty input the model cannot attend over;
+  attnprof leaves it out (both: with a warning that counts them);
+- Ensembl ids are used as given, as with ``collapse_gene_ids=False``: the
+  mapping file that renames and sums ids is not read, duplicates are an error;
+- the ``filter_pass`` obs column is not read: select cells with ``subset``.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .family import FrontEnd, Packing, nonzero_rows, pad_rows
+from .vocab import Vocabulary
+
+TARGET_SUM = 10_000  # an int, as in Geneformer: the product keeps the dtype of X / n_counts
+SPECIAL = ("<pad>", "<mask>", "<cls>", "<eos>")
+#: Input size per model version: V1 (no <cls>/<eos> in the dictionary) and V2.
+INPUT_SIZE = {False: 2048, True: 4096}
+
+
+def read_dictionary(path, what: str) -> dict:
+    """A Geneformer pickle dictionary (token dictionary or gene medians)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"the Geneformer {what} {path} does not exist: pass the .pkl from the model's release "
+            f"(geneformer/{'token_dictionary' if what == 'token dictionary' else 'gene_median_dictionary'}*.pkl)"
+        )
+    try:
+        with open(path, "rb") as f:
+            found = pickle.load(f)  # Geneformer ships these as pickles: trusted files only
+    except (pickle.UnpicklingError, EOFError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable pickle ({what}): {e}") from e
+    if not isinstance(found, dict) or not found:
+        raise ValueError(f"{path} holds a {type(found).__name__}, expected the Geneformer {what} (a dict)")
+    return found
+
+
+class GeneformerTokenizer:
+    """Cells -> Geneformer input ids, as ``TranscriptomeTokenizer`` makes them.
+
+    token_dict:   Ensembl id -> token id (with ``<pad>``, ``<mask>``; V2 also ``<cls>``, ``<eos>``).
+    medians:      Ensembl id -> non-zero median (the gene median dictionary).
+    input_size:   tokens per cell (default: 2,048 for V1 dictionaries, 4,096 for V2).
+    counts_key:   the obs column with each cell's total counts (Geneformer's ``n_counts``).
+    """
+
+    draws = False  # deterministic: no random stream to keep in step
+
+    def __init__(self, token_dict: dict, medians: dict, input_size: int | None = None, counts_key: str = "n_counts"):
+        self.token_dict = token_dict
+        self.special = "<cls>" in token_dict and "<eos>" in token_dict
+        self.input_size = INPUT_SIZE[self.special] if input_size is None else int(input_size)
+        minimum = 3 if self.special else 1
+        if self.input_size < minimum:
+            raise ValueError(f"input_size must be at least {minimum}, got {self.input_size}")
+        self.counts_key = counts_key
+        genes = [g for g in token_dict if g not in SPECIAL]
+        no_median = [g for g in genes if g not in medians]
+        if no_median:
+            raise ValueError(
+                f"{len(no_median)} genes of the token dictionary have no median in the gene median dictionary "
+                f"(e.g. {no_median[:3]}): pass the two files of the same Geneformer release"
+            )
+        self.vocab = Vocabulary(genes, source="the Geneformer token dictionary")
+        self.token_of = np.array([token_dict[g] for g in genes], dtype=np.int64)
+        self.median_of = np.array([medians[g] for g in genes])  # float64, as np.array of Python floats
+        self.packing = Packing()
+
+    def settings(self) -> dict:
+        return {"version": "V2" if self.special else "V1", "input_size": self.input_size,
+                "counts_key": self.counts_key, "target_sum": TARGET_SUM}  # fmt: skip
+
+    def start(self, adata, alignment) -> None:
+        if self.counts_key not in adata.obs.columns:
+            raise ValueError(
+                f"obs has no column {self.counts_key!r}: Geneformer normalizes by each cell's total counts from "
+                f"obs['n_counts']; add it (e.g. adata.obs['n_counts'] = adata.X.sum(axis=1).A1 over all genes) "
+                f"or name the column with --counts-key"
+            )
+        self.n_counts = np.asarray(adata.obs[self.counts_key].values)
+        self.columns = alignment.columns
+        self.tokens = self.token_of[alignment.vocab_index]
+        self.norm = self.median_of[alignment.vocab_index]
+
+    def tokenize(self, block, rows: np.ndarray, alignment) -> tuple[np.ndarray, np.ndarray]:
+        """Codes and lengths of the cells; length 0 for the cells left out (see the module docstring)."""
+        X = nonzero_rows(block, self.columns)
+        n_counts = self.n_counts[rows]
+        cells = []
+        for i in range(X.shape[0]):
+            span = slice(X.indptr[i], X.indptr[i + 1])
+            values, columns = X.data[span], X.indices[span]
+            if n_counts[i] == 0:
+                cells.append(np.empty(0, dtype=np.int64))
+                continue
+            # Geneformer's X / n_counts * 10_000 / median, elementwise on the non-zero entries only: the same
+            # operations on the same dtypes give the same values; zeros stay 0 and are not ranked either way
+            normed = values / n_counts[i : i + 1] * TARGET_SUM / self.norm[columns]
+            ranked = self.tokens[columns][np.argsort(-normed)]  # default (unstable) argsort, as rank_genes
+            if ranked.size and self.special:
+                ranked = np.concatenate([[self.token_dict["<cls>"]], ranked[: self.input_size - 2],
+                                         [self.token_dict["<eos>"]]])  # fmt: skip
+            else:
+                ranked = ranked[: self.input_size]
+            cells.append(self.packing.pack(ranked))
+        return pad_rows(cells)
+
+
+class GeneformerFrontEnd(FrontEnd):
+    """Geneformer through the ``hf`` adapter: ``model(input_ids, attention_mask)`` of a transformers BERT."""
+
+    name = "geneformer"
+    adapter = "hf"
+
+    def __init__(self, tokenizer: GeneformerTokenizer, vocab_size: int):
+        self.tokenizer = tokenizer
+        self.pad_id = int(tokenizer.token_dict.get("<pad>", 0))
+        self.n_context = 1 if tokenizer.special else 0  # <cls> leads; <eos> trails and is no context
+        self.context_length = tokenizer.input_size
+        top = max(tokenizer.token_dict.values())
+        if top >= vocab_size:
+            raise ValueError(
+                f"the token dictionary has ids up to {top} but the model embeds {vocab_size} tokens: "
+                f"pass the dictionary of this model's release (V1 and V2 dictionaries differ)"
+            )
+        names = [f"<unused {i}>" for i in range(vocab_size)]
+        for gene, token in tokenizer.token_dict.items():
+            names[token] = str(gene)
+        self.genes = names
+
+    def gene_ids(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.tokenizer.packing.unpack(codes, self.pad_id)[0]
+
+    def inputs(self, codes: torch.Tensor) -> dict:
+        ids, _, padding = self.tokenizer.packing.unpack(codes, self.pad_id)
+        return {"input_ids": ids, "attention_mask": (~padding).long()}
+
+    def left_out_message(self, n: int) -> str:
+        return (
+            f"{n} cells have no counts in genes of the token dictionary (or n_counts 0) and were left out, "
+            f"as Geneformer's tokenizer drops cells without dictionary genes"
+        )
+
+
+def load_geneformer_model(folder):
+    """A Geneformer model folder (``config.json`` + weights) as a transformers ``BertModel``, eager attention.
+
+    Checkpoints of ``BertForMaskedLM`` or a classifier load too (their heads are not needed for
+    attention); a missing encoder weight is an error.
+    """
+    import transformers
+
+    folder = Path(folder)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"{folder} has no config.json: pass the Geneformer model folder (config.json and model.safetensors "
+            f"or pytorch_model.bin)"
+        )
+    config = transformers.AutoConfig.from_pretrained(folder)
+    if config.model_type != "bert":
+        raise ValueError(f"{folder} holds a {config.model_type!r} model; Geneformer models are BERT ('bert')")
+    model, info = transformers.BertModel.from_pretrained(
+        folder, attn_implementation="eager", add_pooling_layer=False, output_loading_info=True
+    )
+    if info["missing_keys"] or info.get("mismatched_keys"):
+        missing = sorted(info["missing_keys"])[:5] or info["mismatched_keys"][:5]
+        raise ValueError(f"{folder} lacks or mismatches weights of its BERT encoder (e.g. {missing}): is it complete?")
+    return model.eval()
+
+
+def geneformer_front_end(model, token_dictionary, gene_medians, *, input_size=None, counts_key="n_counts"):
+    """The Geneformer front end for ``model`` from the two dictionary files (paths or dicts)."""
+    token_dict = token_dictionary if isinstance(token_dictionary, dict) else read_dictionary(token_dictionary, "token dictionary")
+    medians = gene_medians if isinstance(gene_medians, dict) else read_dictionary(gene_medians, "gene median dictionary")
+    tokenizer = GeneformerTokenizer(token_dict, medians, input_size=input_size, counts_key=counts_key)
+    positions = int(model.config.max_position_embeddings)
+    if tokenizer.input_size > positions:
+        raise ValueError(
+            f"the tokenizer makes up to {tokenizer.input_size} tokens per cell but the model has {positions} "
+            f"positions: pass the dictionary of this model's version, or a smaller input size (--max-length)"
+        )
+    return GeneformerFrontEnd(tokenizer, int(model.config.vocab_size))
