@@ -25,8 +25,8 @@ case $group in
   *) echo "unknown group $group: kernels, tables, tokenize or adapters" >&2; exit 2 ;;
 esac
 work=${WORK:-${TMPDIR:-/tmp}/attnprof-mutation/$group}
-# FRESH=1 starts over; otherwise an earlier run in $work continues (finished mutants keep their result,
-# the current tests are copied in, and the survivors are tested again with them at the end).
+# FRESH=1 starts over; otherwise an earlier run in $work continues: finished mutants keep their result,
+# the current tests are copied in, and mutants reached by new tests are tested again.
 [ "${FRESH:-0}" = 1 ] && rm -rf "$work"
 mkdir -p "$work/src/attnprof"
 # cp -p keeps the modification times: mutmut mutates again only the files that changed
@@ -50,8 +50,10 @@ sed -i "s|^pytest_add_cli_args_test_selection = .*|pytest_add_cli_args_test_sele
 cd "$work"
 export CI=${CI:-} PYTHONDONTWRITEBYTECODE=1
 "$python" -m mutmut run --max-children "${JOBS:-2}" >run.log 2>&1 || { tail -c 3000 run.log; exit 1; }
-survivors=$("$python" -m mutmut results 2>/dev/null | sed -n 's/^ *\([^ ]*\): survived$/\1/p')
-if [ -n "$survivors" ]; then  # again, with the current tests (new test files are found and mapped first)
+# mutmut maps new test files and re-tests the mutants they reach by itself; RETEST=1 also re-runs every
+# survivor (slow: a survivor runs all the tests that reach it)
+survivors=$([ "${RETEST:-0}" = 1 ] && "$python" -m mutmut results 2>/dev/null | sed -n 's/^ *\([^ ]*\): survived$/\1/p' || true)
+if [ -n "$survivors" ]; then
   "$python" -m mutmut run --max-children "${JOBS:-2}" $survivors >>run.log 2>&1 || { tail -c 3000 run.log; exit 1; }
 fi
 "$python" -m mutmut results --all true > results.txt 2>&1 || true

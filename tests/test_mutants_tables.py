@@ -60,8 +60,10 @@ def profile():
     return make_profile()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def cmp(profile):
+    """Built in every test that uses it (not module-scoped): mutmut maps a mutant to the tests that call
+    the mutated function, and a cached comparison would map it to the first such test only."""
     return profile.compare("b", "a", min_cells=3)
 
 
@@ -187,3 +189,50 @@ def test_permutation_p_values_count_ties_and_keep_undefined_heads_undefined():
     bare = make_profile(permutations=0)
     with pytest.raises(ValueError, match=re.escape("which has 0: profile with permutations=1 ")):
         bare.compare("b", "a", permutations=1)
+
+
+def test_heads_and_layers_summaries_and_their_empty_rows(profile):
+    cmp = attnprof.compare(profile, "b", "a")  # defaults: min_cells 1, no permutations
+    assert cmp.min_cells == 1 and "p_perm_mean_abs_diff" not in cmp.heads.columns
+    heads = cmp.heads
+    assert list(heads.index) == list(range(len(heads)))  # one table, not three stacked indexes
+    assert list(dict.fromkeys(heads["family"])) == ["position", "gene", "pair"]
+    for family, rows in heads.groupby("family", sort=False):
+        c = cmp.contrasts[family]
+        absd = np.abs(c.diff)  # NaN where not valid
+        n_el = np.broadcast_to(c.valid, absd.shape).sum(-1)
+        with np.errstate(invalid="ignore"):
+            mean_abs = np.nanmean(absd, -1)
+        np.testing.assert_allclose(rows["n_elements"], n_el.ravel())
+        np.testing.assert_allclose(rows["mean_abs_diff"], mean_abs.ravel(), equal_nan=True)
+        np.testing.assert_allclose(rows["max_abs_diff"], np.nanmax(absd, -1).ravel(), equal_nan=True)
+        np.testing.assert_allclose(rows["max_abs_t"], np.nanmax(np.abs(c.t), -1).ravel(), equal_nan=True)
+        np.testing.assert_allclose(rows["min_q"], np.nanmin(c.q, -1).ravel(), equal_nan=True)
+    layers = cmp.layers
+    assert list(zip(layers["family"], layers["layer"])) == [(f, l) for f in ("position", "gene", "pair")
+                                                           for l in range(LAYERS)]  # fmt: skip
+    # no element seen in min_cells cells of both groups: NaN summaries, head -1, empty "where"
+    strict = profile.compare("b", "a", min_cells=7)  # b has 6 cells
+    assert strict.heads["n_elements"].eq(0).all() and strict.heads["where"].eq("").all()
+    assert strict.heads[["mean_abs_diff", "max_abs_diff", "max_abs_t", "min_q"]].isna().all().all()
+    assert strict.layers["max_head"].eq(-1).all() and strict.layers["where"].eq("").all()
+    # exactly min_cells cells in a group is enough
+    assert profile.compare("b", "a", min_cells=6).heads.query("family == 'position'")["n_elements"].gt(0).all()
+
+
+def test_welch_boundaries():
+    """n = min_cells is valid, one fewer is not; one cell per group gives a difference but no t."""
+    sums = dict(sum_a=np.array([3.0]), sq_a=np.array([5.0]), sum_b=np.array([1.0]), sq_b=np.array([1.0]))
+    one = welch(sums["sum_a"], sums["sq_a"], np.array([1.0]), sums["sum_b"], sums["sq_b"], np.array([1.0]), 1)
+    assert one.diff[0] == pytest.approx(2.0) and np.isnan(one.t[0]) and np.isnan(one.p[0])
+    none = welch(sums["sum_a"], sums["sq_a"], np.array([2.0]), sums["sum_b"], sums["sq_b"], np.array([1.0]), 2)
+    assert np.isnan(none.diff[0]) and not none.valid[0]
+    a, b = np.array([1.0, 2.0, 4.0]), np.array([0.0, 0.5])
+    c = welch(a.sum(), (a**2).sum(), 3.0, b.sum(), (b**2).sum(), 2.0, 2)
+    from scipy import stats
+
+    expected = stats.ttest_ind(a, b, equal_var=False)
+    assert c.t == pytest.approx(expected.statistic) and c.p == pytest.approx(expected.pvalue)
+    # all values equal within each group: zero standard error, no t, no p (not +-inf)
+    flat = welch(4.0, 8.0, 2.0, 2.0, 2.0, 2.0, 1)
+    assert flat.diff == pytest.approx(1.0) and np.isnan(flat.t) and np.isnan(flat.p)
