@@ -19,7 +19,7 @@ case $group in
   tables)   mutate='"src/attnprof/tables.py"'
             tests='"tests/test_tables.py", "tests/test_significance.py", "tests/test_mutants_tables.py"' ;;
   tokenize) mutate='"src/attnprof/singlecell/tokenize.py"'
-            tests='"tests/test_tokenize.py", "tests/test_mutants_tokenize.py"' ;;
+            tests='"tests/test_tokenize.py", "tests/test_upstream_tokens.py", "tests/test_counts.py", "tests/test_mutants_tokenize.py"' ;;
   adapters) mutate='"src/attnprof/adapters/*"'
             tests='"tests/test_adapter_sdpa.py", "tests/test_adapter_hf.py", "tests/test_mha.py", "tests/test_mutants_adapters.py"' ;;
   *) echo "unknown group $group: kernels, tables, tokenize or adapters" >&2; exit 2 ;;
