@@ -98,3 +98,34 @@ def test_sequence_first_modules_are_profiled_in_their_layout():
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     assert profile.cells == {"a": 2, "b": 1} and profile.layers == ["<root>"]
 
+
+
+def test_sdpa_masks_become_key_padding_or_are_refused_by_name():
+    from attnprof.adapters.sdpa import key_padding
+
+    def refuses(message, mask):
+        with pytest.raises(UnsupportedAttention, match="^" + re.escape(message) + "$"):
+            key_padding(mask, 2, 3)
+
+    assert key_padding(None, 2, 3) is None
+    keep = torch.tensor([[True, True, False], [True, False, False]])
+    expected = ~keep
+    assert torch.equal(key_padding(keep[:, None, None, :], 2, 3), expected)
+    assert torch.equal(key_padding(keep[:, None, None, :].expand(2, 4, 3, 3), 2, 3), expected)
+    additive = torch.zeros(2, 1, 1, 3).masked_fill(~keep[:, None, None, :], float("-inf"))
+    assert torch.equal(key_padding(additive, 2, 3), expected)
+    hf = torch.zeros(2, 1, 1, 3, dtype=torch.float16).masked_fill(~keep[:, None, None, :], torch.finfo(torch.float16).min)
+    assert torch.equal(key_padding(hf, 2, 3), expected)
+    shared = key_padding(torch.tensor([True, True, False]), 2, 3)  # one row for every cell: broadcast
+    assert torch.equal(shared, torch.tensor([[False, False, True]] * 2)) and shared.is_contiguous()
+    refuses("its attention mask is a list, not a tensor", [[True]])
+    refuses("its float attention mask has values other than 0 and -inf (a score bias)", torch.full((2, 1, 1, 3), -1.0))
+    refuses("its attention mask has dtype torch.int64", torch.ones(2, 1, 1, 3, dtype=torch.long))
+    refuses("its attention mask has 5 dimensions", torch.ones(1, 2, 1, 1, 3, dtype=torch.bool))
+    for shape in ((3, 1, 1, 3), (2, 1, 2, 3), (2, 1, 1, 4)):
+        refuses(f"its attention mask of shape {shape} does not broadcast to [2, H, 3, 3]", torch.ones(shape).bool())
+    causal = torch.ones(3, 3, dtype=torch.bool).tril()
+    refuses("its attention mask differs between queries or heads (it is not a key padding mask)", causal)
+    per_head = torch.ones(2, 2, 1, 3, dtype=torch.bool)
+    per_head[0, 1, 0, 2] = False
+    refuses("its attention mask differs between queries or heads (it is not a key padding mask)", per_head)
