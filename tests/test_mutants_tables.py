@@ -15,6 +15,15 @@ Mutants left alive on purpose, because they are equivalent:
   pyarrow is a plain dependency, so the branch never runs; pandas reads index=None as False.
 - ``np.asarray(genes, dtype=object)`` -> default dtype for gene names: the same strings after ``astype(str)``
   or as table values.
+- ``bh``: ``asarray(p, dtype=float)`` dropped (p is float already), ``full_like(p, nan)`` -> None (NaN in a
+  float array), ``method="bh"`` -> "BH" or dropped (scipy's default and case-insensitive); ``welch``:
+  ``np.where(isnan(t), nan, p)`` -> ``np.where(None, ...)`` (the t distribution's sf of NaN is NaN already).
+- ``groupby(sort=False)`` -> ``sort=None``: pandas reads None as False.
+
+Not equivalent, and not yet killed (no input found in the time given): the ``errstate`` arguments (they only
+change warnings), ``np.clip(var, 0)`` dropped (differs only when rounding makes a variance slightly
+negative), ``Comparison(...)`` default arguments (``attnprof.compare`` passes its own), and the ``n_el > 0``
+guards of the heads table when a head has exactly one valid element.
 """
 
 from __future__ import annotations
@@ -94,8 +103,8 @@ def test_tables_of_a_profile_without_genes_keep_the_element_columns():
     # the empty gene table: the columns of a full one, in order (token_id may be left out)
     full = ["layer", "head", "gene", "token_id", *ELEMENT_COLUMNS]
     assert list(cmp.genes.columns) in (full, [c for c in full if c != "token_id"])
-    with pytest.raises(ValueError, match=re.escape(
-            "this profile has no gene statistics: profile with genes= (a vocabulary) to get them")):  # fmt: skip
+    with pytest.raises(ValueError, match="^" + re.escape(
+            "this profile has no gene statistics: profile with genes= (a vocabulary) to get them") + "$"):  # fmt: skip
         cmp.to_anndata()
 
 
@@ -108,6 +117,10 @@ def expected_contrast(profile, prefix, min_cells):
 
 
 def test_gene_and_pair_rows_hold_their_own_element_statistics(cmp, profile):
+    for table in (cmp.genes, cmp.pairs):  # rows run layer, then head, then element
+        order = table[["layer", "head"]].to_numpy()
+        assert (np.diff(order[:, 0]) >= 0).all()
+        assert all((np.diff(rows["head"].to_numpy()) >= 0).all() for _, rows in table.groupby("layer"))
     c = expected_contrast(profile, "recv", 3)
     for row in cmp.genes.sample(25, random_state=0).itertuples():
         e = GENES.index(row.gene)
