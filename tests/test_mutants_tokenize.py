@@ -9,8 +9,8 @@ Mutants left alive on purpose, because they are equivalent:
   platforms torch supports.
 - ``tokenize_anndata``: ``count_matrix(adata, layer, use_raw)`` -> ``use_raw=None`` only sizes the output;
   ``.raw`` has the cells of ``X`` (anndata enforces it), so the size is the same.
-- ``library += library == 0`` -> ``-=`` or ``== 1``: a cell's library only scales all its values alike, and a
-  cell with library 0 has no value to rank; the ranking within a cell does not change.
+- ``library += library == 0`` -> ``-=`` or ``== 1``: a cell's library only scales all its values alike (a
+  cell with library 0 has no value to rank), so the ranking within a cell stays, up to rounding of ties.
 - ``_numba_order``'s pure-Python fallback runs only without numba; ``tests/test_upstream_tokens.py``
   (``test_same_tokens_without_numba``) drives it, the rest of the run uses the compiled sort.
 """
