@@ -15,6 +15,8 @@ Mutants left alive on purpose, because they are equivalent (no input can tell th
   sentinel -> -2 (readers only test ``>= 0``); ``M = 0`` -> 1 for an empty batch (refused before);
   ``stable=False`` (positions of a panel token are summed, so their order does not change any sum); the
   argsort key ``.to(torch.uint8)`` -> ``.to(None)`` (bool sorts False before True, like 0 before 1).
+- ``check_inputs``: tokens given to a spec without ``vocab_size`` -> None: without gene statistics nothing
+  reads the tokens.
 - ``StatsSpec``: ``(self.vocab_size or 0)`` -> ``or 1`` in the panel range: a panel without vocab_size is
   refused one check earlier.
 """
@@ -84,9 +86,9 @@ def test_each_input_check_fires_alone_with_its_full_message():
     refuses("tokens must be integer token ids, got dtype torch.bool", tokens=torch.zeros(2, 5, dtype=torch.bool))
     refuses("token ids [6] are outside the vocabulary [0, 6); raise vocab_size or fix the tokenizer",
             tokens=torch.full((2, 5), 6))  # fmt: skip
-    many = torch.arange(6, 16).reshape(2, 5)  # 10 ids out of range, and -1: the message lists the first 10
-    many[1, 4] = -1
-    refuses(f"token ids {[-1, *range(6, 15)]} are outside", tokens=many)
+    wide = good(L=6)
+    many = torch.arange(6, 18).reshape(2, 6)  # 12 ids out of range: the message lists the first 10
+    refuses(f"token ids {list(range(6, 16))} are outside the vocabulary [0, 6)", **{**wide, "tokens": many})
     refuses("this spec has vocab_size set, so gene statistics need token ids: pass tokens [B, L]", tokens=None)
 
 
