@@ -254,9 +254,10 @@ def _load():
             from torch.utils.cpp_extension import load_inline
 
             cap, flags = _flags()
-            _announce_build(f"attnprof_fused_rows_{cap.lower()}")
+            name = f"attnprof_fused_rows_{cap.lower()}"
+            _announce_build(name)  # the name load_inline builds under
             _module = load_inline(
-                name=f"attnprof_fused_rows_{cap.lower()}",
+                name=name,
                 cpp_sources=[_SOURCE],
                 functions=["cell_rows", "has_sgemm", "set_force_mm", "exp_check"],
                 extra_cflags=flags,
