@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import threading
 import warnings
 
@@ -416,9 +417,11 @@ def _load():
             from torch.utils.cpp_extension import load_inline
 
             cap, flags = _flags()
+            # the source's hash in the name: another version (another checkout) builds its own
+            name = f"attnprof_fused_rows_{cap.lower()}_{hashlib.sha1(_SOURCE.encode()).hexdigest()[:10]}"
+            _announce_build(name)  # the name load_inline builds under
             _module = load_inline(
-                # the source's hash in the name: another version (another checkout) builds its own
-                name=f"attnprof_fused_rows_{cap.lower()}_{hashlib.sha1(_SOURCE.encode()).hexdigest()[:10]}",
+                name=name,
                 cpp_sources=[_SOURCE],
                 functions=["cell_rows", "batch_rows", "has_sgemm", "set_force_mm", "exp_check"],
                 extra_cflags=flags,
@@ -437,6 +440,19 @@ def _load():
                 stacklevel=3,
             )
         return _module
+
+
+def _announce_build(name: str) -> None:
+    """One line on stderr before the first build (later processes load the cached library)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        folder = _get_build_directory(name, verbose=False)
+        built = any(f.startswith(name) and f.endswith(".so") for f in os.listdir(folder))
+    except Exception:  # a private torch helper: when it moves, announce rather than stay silent
+        built = False
+    if not built:
+        print("attnprof: building the fused CPU kernel once, about 30 s", file=sys.stderr, flush=True)
 
 
 def available() -> bool:

@@ -16,11 +16,17 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from .profile import Profile
+from .checks import describe_groups, nothing_to_compare, open_h5ad
+from .outputs import RunFolder, check_writable_file, written_summary
+from .profile import Profile, check_disjoint
 from .tables import DEFAULT_MIN_CELLS
 
 #: Exit status for bad input (argparse uses it too).
 EXIT_USAGE = 2
+#: Exit status of a run that profiled its cells but has nothing to compare (no tables or figures).
+EXIT_NOTHING = 1
+OVERWRITE_HELP = ("replace the run in --out: its listed outputs are removed first (default: refuse a folder "
+                  "holding another run)")
 #: Label permutations of `attnprof run`. 99 is the smallest N whose p_perm = 1/(N+1) reaches 0.01 and whose
 #: null 95th percentile rests on the 5 largest of 99 draws; once all labelings are reduced in one attention
 #: pass, each costs reductions, not attention, and one more set of sums (memory: N + 1 profiles).
@@ -108,6 +114,7 @@ def add_run_parser(sub) -> None:
                    help=f"cells per group an element needs (default {DEFAULT_MIN_CELLS})")
     p.add_argument("--out", help="output folder (default: attnprof_<data name>)")
     p.add_argument("--no-figures", action="store_true", help="skip the figures")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     big = p.add_argument_group("large datasets")
     big.add_argument("--shard", metavar="I/N",
@@ -143,6 +150,7 @@ def add_merge_parser(sub) -> None:
     p.add_argument("--min-cells", type=int, metavar="N",
                    help="cells per group an element needs (default: the profiles')")
     p.add_argument("--no-figures", action="store_true", help="skip the figures")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP + "; and an existing -o file")
     p.set_defaults(func=cmd_merge)
 
 
@@ -161,6 +169,7 @@ def add_demo_parser(sub) -> None:
     p.add_argument("--permutations", type=int, default=DEMO_PERMUTATIONS, metavar="N",
                    help=f"label permutations (default {DEMO_PERMUTATIONS})")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=cmd_demo)
 
 
@@ -210,22 +219,27 @@ def cmd_run(args) -> int:
 
 
 def _run(args, device, rank: int, world: int) -> int:
+    folder = RunFolder(args.out or f"attnprof_{Path(args.data).stem}", overwrite=args.overwrite).check()
+    with folder.claimed():  # a run failing before it writes leaves no empty folder behind
+        return _profile_and_write(args, folder, rank, world, device)
+
+
+def _profile_and_write(args, folder: RunFolder, rank: int, world: int, device) -> int:
     from .singlecell.batches import select_cells
     from .singlecell.run import profile_anndata, write_outputs
 
     shard = _shard(args.shard)
+    out = folder.path
     with _open_data(args.data) as adata:
         with warnings.catch_warnings():  # profiling warns about the same cells below
             warnings.simplefilter("ignore")
             groups = select_cells(adata.obs, args.groupby, groups=args.compare, subset=args.subset).groups
         if args.compare is None and len(groups) != 2:
             raise ValueError(
-                f"obs[{args.groupby!r}] has {len(groups)} groups ({', '.join(groups)}): "
+                f"obs[{args.groupby!r}] has {describe_groups(groups, adata.obs[args.groupby])}: "
                 f"name the two to compare with --compare A B"
             )
         model, vocab, front = _model_and_front(args, adata, device)
-        out = Path(args.out or f"attnprof_{Path(args.data).stem}")
-        out.mkdir(parents=True, exist_ok=True)  # fail before a long run, not after
         profile = profile_anndata(
             model, adata, args.groupby, groups=groups, vocab=vocab, means=args.means, panel=_panel(args.panel),
             layer=args.layer, use_raw=args.use_raw, gene_key=args.gene_key, subset=args.subset,
@@ -238,8 +252,13 @@ def _run(args, device, rank: int, world: int) -> int:
     if rank != 0:
         return 0
     command = ["attnprof", *sys.argv[1:]] if args.argv is None else ["attnprof", *args.argv]
-    result = write_outputs(profile, groups[0], groups[1], out, min_cells=args.min_cells, figures=not args.no_figures,
-                           command=command)  # fmt: skip
+    folder.clear_previous()  # the replaced run's outputs go only now that this run has its result
+    empty = nothing_to_compare(profile, groups[0], groups[1], args.min_cells)
+    if empty:
+        profile.save(out / "profile.npz")
+    else:
+        result = write_outputs(profile, groups[0], groups[1], out, min_cells=args.min_cells,
+                               figures=not args.no_figures, command=command)  # fmt: skip
     record = {
         "command": command,
         "contrast": [groups[0], groups[1]],
@@ -249,12 +268,13 @@ def _run(args, device, rank: int, world: int) -> int:
         "permutations": args.permutations,
         "resumed_cells": profile.meta.get("resumed_cells", 0),
         "elapsed_s": profile.meta.get("elapsed_s"),
-        "outputs": sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()),
     }
-    (out / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+    outputs = folder.finish(record)["outputs"]
+    if empty:
+        print(f"attnprof: {empty}; wrote only {out}/profile.npz and run.json (no tables or figures)", file=sys.stderr)
+        return EXIT_NOTHING
     print(layer_summary(result["comparison"], profile))
-    figures = "" if args.no_figures else ", figures/ (PNG, PDF)"
-    print(f"\nwrote {out}/: profile.npz, run.json, report.html, tables/ (CSV, Parquet, genes.h5ad){figures}")
+    print(f"\nwrote {out}/: {written_summary(outputs)}")
     return 0
 
 
@@ -264,19 +284,30 @@ def cmd_merge(args) -> int:
     if not args.output and not args.out:
         raise ValueError("say where to write: -o FILE for the merged profile, --out DIR for its tables, or both")
     paths = [_profile_path(p) for p in args.profiles]
+    output = args.output and check_writable_file(args.output, "-o", args.overwrite, paths)
+    folder = args.out and RunFolder(args.out, overwrite=args.overwrite).check()
     merged = merge_files(paths)
     cells = ", ".join(f"{g} {n}" for g, n in merged.cells.items())
     headline = f"merged {len(paths)} profiles: {sum(merged.cells.values())} cells ({cells})"
-    if args.output:
-        print(f"wrote {merged.save(args.output)}")
-    if not args.out:
+    if output:
+        print(f"wrote {merged.save(output)}")
+    if not folder:
         print(headline)
         return 0
     a, b, min_cells = _contrast(merged, args.compare, args.min_cells)
-    result = write_outputs(merged, a, b, args.out, min_cells=min_cells, figures=not args.no_figures)
+    empty = nothing_to_compare(merged, a, b, min_cells)
+    if empty:
+        raise ValueError(f"{empty}: no tables or figures to write in {folder.path}")
+    with folder.claimed():
+        folder.clear_previous()
+        command = ["attnprof", *(sys.argv[1:] if args.argv is None else args.argv)]
+        result = write_outputs(merged, a, b, folder.path, min_cells=min_cells, figures=not args.no_figures,
+                               command=command)  # fmt: skip
+        record = {"command": command,
+                  "merged": [str(p) for p in paths], "contrast": [a, b], "cells": merged.cells}  # fmt: skip
+        outputs = folder.finish(record)["outputs"]
     print(layer_summary(result["comparison"], merged, headline=headline))
-    figures = "" if args.no_figures else ", figures/"
-    print(f"\nwrote {args.out}/: profile.npz, report.html, tables/{figures}")
+    print(f"\nwrote {folder.path}/: {written_summary(outputs)}")
     return 0
 
 
@@ -288,10 +319,12 @@ def merge_files(paths) -> Profile:
         if path.resolve() in seen:
             raise ValueError(f"{path} is given twice: merging it twice would count its cells twice")
         seen.add(path.resolve())
-    total = Profile.load(paths[0])
-    for path in paths[1:]:
+    profiles = [Profile.load(path) for path in paths]
+    check_disjoint(profiles, paths)  # before summing: names both files and the cells they share
+    total = profiles[0]
+    for path, profile in zip(paths[1:], profiles[1:]):
         try:
-            total = total + Profile.load(path)
+            total = total + profile
         except ValueError as e:
             raise ValueError(f"cannot merge {path} into {paths[0]}: {e}") from e
     return total
@@ -303,6 +336,7 @@ def cmd_demo(args) -> int:
     if args.cells < 2:
         raise ValueError(f"--cells must be at least 2 (a female and a male cell to compare), got {args.cells}")
     out = Path(args.out)
+    RunFolder(out, overwrite=args.overwrite).check()  # before the inputs are written into it
     inputs = write_demo_inputs(out / "inputs", n_cells=args.cells, seed=args.seed)
     argv = [
         "run", str(inputs["data.h5ad"]), "--groupby", "sex", "--compare", "female", "male",
@@ -310,7 +344,7 @@ def cmd_demo(args) -> int:
         "--means", str(inputs["means.npy"]), "--panel", str(inputs["panel.txt"]),
         "--backend", args.backend, "--threads", str(args.threads), "--permutations", str(args.permutations),
         "--out", str(out),
-    ] + (["--quiet"] if args.quiet else [])  # fmt: skip
+    ] + (["--quiet"] if args.quiet else []) + (["--overwrite"] if args.overwrite else [])  # fmt: skip
     print(f"demo inputs in {out / 'inputs'}; profiling them as:\n  attnprof {shlex.join(argv)}\n")
     run_args = build_parser().parse_args(argv)
     run_args.argv = argv
@@ -373,6 +407,9 @@ def cmd_plot(args) -> int:
     path = _profile_path(args.run)
     profile = Profile.load(path)
     a, b, min_cells = _contrast(profile, args.compare, args.min_cells)
+    empty = nothing_to_compare(profile, a, b, min_cells)
+    if empty:
+        raise ValueError(f"{empty}: no figures to draw")
     comparison = profile.compare(a, b, min_cells=min_cells)
     out = Path(args.out) if args.out else path.parent / "figures"
     groups = profile.groups if args.groups == ["all"] else args.groups
@@ -401,12 +438,7 @@ def _heads(value: str | None) -> list[tuple[int, int]] | None:
 # ----------------------------------------------------------------- helpers
 @contextmanager
 def _open_data(path):
-    import anndata as ad
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"data file {path} does not exist")
-    adata = ad.read_h5ad(path, backed="r")  # X and raw.X stay on disk
+    adata = open_h5ad(path)  # backed: X and raw.X stay on disk
     try:
         yield adata
     finally:
@@ -546,11 +578,16 @@ def layer_summary(comparison, profile: Profile, headline: str | None = None) -> 
         cells = ", ".join(f"{g} {n}" for g, n in profile.cells.items())
         elapsed = profile.meta.get("elapsed_s") or float("nan")
         total = sum(profile.cells.values())
-        rate = total / elapsed if elapsed > 0 else float("nan")
-        headline = (
-            f"profiled {total} cells ({cells}) in {elapsed:.1f} s ({rate:.0f} cells/s), "
-            f"backend {profile.meta.get('backend_used', profile.meta.get('backend'))}"
-        )
+        resumed = int(profile.meta.get("resumed_cells", 0))
+        rate = (total - resumed) / elapsed if elapsed > 0 else float("nan")  # the time is this run's only
+        backend = profile.meta.get("backend_used", profile.meta.get("backend"))
+        if resumed:
+            headline = (
+                f"profiled {total - resumed} cells in {elapsed:.1f} s ({rate:.0f} cells/s) and {resumed} from the "
+                f"checkpoint: {total} cells ({cells}), backend {backend}"
+            )
+        else:
+            headline = f"profiled {total} cells ({cells}) in {elapsed:.1f} s ({rate:.0f} cells/s), backend {backend}"
     lines = [
         headline,
         f"attention difference per layer, {comparison.a} − {comparison.b}: mean over heads / max over heads (head)",

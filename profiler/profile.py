@@ -155,6 +155,8 @@ class Profile:
     null:      sums of the same cells under label permutations (the permutation null): a
                :class:`NullSums` (a list of per-permutation sum dicts is converted to one);
                ``null[i]`` reads like ``sums``.
+    cell_ids:  sorted uint64 identities of the counted cells (:func:`cell_ids`), or None when
+               unknown: merging profiles that share any cell is refused, naming the count.
     """
 
     sums: dict[str, np.ndarray]
@@ -167,6 +169,7 @@ class Profile:
     panel: list[int] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
     null: NullSums = field(default_factory=list)
+    cell_ids: np.ndarray | None = None
 
     def __post_init__(self):
         if not isinstance(self.null, NullSums):
@@ -217,6 +220,12 @@ class Profile:
     def __add__(self, other: Profile) -> Profile:
         """The sum of two shards' profiles, with both shards' data recorded in ``meta["data"]["shards"]``."""
         self.check_compatible(other)
+        shared = shared_cells(self, other)
+        if shared:
+            raise ValueError(
+                f"the two profiles share {shared} cells: merging would count them twice; "
+                f"merge profiles of disjoint cells (the shards of one run, not a run and one of its shards)"
+            )
         return self._summed(other, _merged_meta(self.meta, other.meta))
 
     def accumulate(self, other: Profile, meta: dict | None = None) -> Profile:
@@ -226,7 +235,10 @@ class Profile:
 
     def _summed(self, other: Profile, meta: dict) -> Profile:
         sums = {k: self.sums[k] + other.sums[k] for k in self.sums}
-        return Profile(sums, **{**self._fields(), "meta": dict(meta)}, null=self.null + other.null)
+        ids = None
+        if self.cell_ids is not None and other.cell_ids is not None:
+            ids = np.sort(np.concatenate([self.cell_ids, other.cell_ids]))
+        return Profile(sums, **{**self._fields(), "meta": dict(meta)}, null=self.null + other.null, cell_ids=ids)
 
     def null_profile(self, i: int) -> Profile:
         """The profile of permutation ``i`` of the labels (same cells, shuffled groups)."""
@@ -292,6 +304,8 @@ class Profile:
             raise ValueError(f"cannot save the profile: its meta must be JSON-serializable ({e})") from e
         arrays.update({f"sum_{k}": v for k, v in self.sums.items()})
         arrays.update(self.null.to_arrays())
+        if self.cell_ids is not None:
+            arrays["cell_ids"] = np.asarray(self.cell_ids, dtype=np.uint64)
         return arrays
 
     @classmethod
@@ -309,8 +323,11 @@ class Profile:
         sums = {k[4:]: _float64(arrays[k]) for k in arrays if k.startswith("sum_")}
         genes = header.get("genes")
         null = NullSums.from_arrays(arrays, None if genes is None else len(genes))
+        ids = arrays.get("cell_ids")
+        if ids is not None and (ids.dtype != np.uint64 or ids.ndim != 1 or np.any(ids[1:] < ids[:-1])):
+            raise ValueError(f"{source}: cell_ids must be sorted uint64, got {ids.dtype} {ids.shape} (corrupted file?)")
         try:
-            profile = cls(sums, **header, null=null)
+            profile = cls(sums, **header, null=null, cell_ids=ids)
         except TypeError as e:  # a header with unknown or missing fields
             raise ValueError(f"{source} has an unexpected profile header (corrupted file?): {e}") from e
         profile._check_shapes(source)
@@ -345,6 +362,44 @@ def merge(profiles) -> Profile:
     return total
 
 
+# ----------------------------------------------------------- cell identity
+def cell_ids(source: str, obs_names) -> np.ndarray:
+    """Sorted 64-bit identities of cells: a hash of the data file's name and each cell's obs name.
+
+    The file's name, not its folder: shards read on different machines see one file at different paths.
+    pandas' hash_array (SipHash with a fixed key) is stable across runs and machines. 8 bytes per cell:
+    8 MB per million cells in the profile, hashed in well under a second. Two different cells collide
+    with probability about n**2 / 2**65 (1e-5 for 10 million cells), which would only refuse a merge.
+    """
+    import pandas as pd
+
+    names = pd.Index(obs_names).astype(str)
+    keys = (Path(str(source)).name + "\x00" + names).to_numpy(dtype=object)
+    return np.sort(pd.util.hash_array(keys, categorize=False))
+
+
+def shared_cells(a: Profile, b: Profile) -> int:
+    """How many cells two profiles both count (0 when either lacks cell identities)."""
+    if a.cell_ids is None or b.cell_ids is None or not len(a.cell_ids) or not len(b.cell_ids):
+        return 0
+    at = np.minimum(np.searchsorted(b.cell_ids, a.cell_ids), len(b.cell_ids) - 1)  # both sorted
+    return int(np.count_nonzero(b.cell_ids[at] == a.cell_ids))
+
+
+def check_disjoint(profiles, names) -> None:
+    """Refuse profiles that share cells, naming the first two that do and how many cells they share."""
+    profiles, names = list(profiles), [str(n) for n in names]
+    for i in range(len(profiles)):
+        for j in range(i + 1, len(profiles)):
+            shared = shared_cells(profiles[i], profiles[j])
+            if shared:
+                raise ValueError(
+                    f"{names[i]} and {names[j]} share {shared} cells (by data file name and obs name): merging "
+                    f"would count them twice; merge profiles of disjoint cells, e.g. the shards of one run "
+                    f"(not a run with one of its shards, nor overlapping subsets)"
+                )
+
+
 # ----------------------------------------------------------------- files
 def write_npz(path: Path, arrays: dict[str, np.ndarray], compress: bool = True) -> None:
     """Write arrays to ``path`` atomically: a temporary file in the same folder, then a rename.
@@ -357,6 +412,7 @@ def write_npz(path: Path, arrays: dict[str, np.ndarray], compress: bool = True) 
     try:
         with os.fdopen(fd, "wb") as f:
             (np.savez_compressed if compress else np.savez)(f, **arrays)
+        os.chmod(tmp, _file_mode())  # mkstemp makes 0600; every other output follows the umask (0644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -373,6 +429,12 @@ def read_npz(path: Path, what: str) -> dict[str, np.ndarray]:
         raise
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, zlib.error, EOFError) as e:
         raise ValueError(f"{path} is not a readable {what} (truncated or corrupted?): {e}") from e
+
+
+def _file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _float64(x: np.ndarray) -> np.ndarray:

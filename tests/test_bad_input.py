@@ -358,9 +358,10 @@ def test_cli_merge_plot_validate_demo_refuse_broken_input(saved, encoder, tmp_pa
 
     for name, bad in corrupted(path, tmp_path).items():
         message = "no header" if name == "headerless" else "not a readable attnprof profile (truncated or corrupted?)"
-        fails(["merge", str(path), str(bad), "-o", str(target)], message)
+        fails(["merge", str(path), str(bad), "-o", str(target), "--overwrite"], message)
         fails(["plot", str(bad), "--out", str(tmp_path / "figures")], message)
-    fails(["merge", str(path), str(other), "-o", str(target)], "vocabulary mismatch")
+    fails(["merge", str(path), str(other), "-o", str(target)], f"-o {target} exists: give a new file name, or --overwrite")
+    fails(["merge", str(path), str(other), "-o", str(target), "--overwrite"], "vocabulary mismatch")
     fails(["merge", str(path), str(tmp_path / "nowhere"), "-o", str(target)], "no profile at")
     assert target.read_bytes() == b"an earlier merge"  # every failed merge left it alone
     assert not (tmp_path / "figures").exists()
@@ -369,3 +370,26 @@ def test_cli_merge_plot_validate_demo_refuse_broken_input(saved, encoder, tmp_pa
     fails(["validate", *data, "--cells", "0"], "--cells must be at least 1")
     fails(["validate", *data, "--window", "0", "--cells", "4"], "window must be in [1, 8192], got 0")
     fails(["demo", "--cells", "1", "--out", str(tmp_path / "demo")], "--cells must be at least 2")
+
+
+def test_demo_refuses_a_folder_holding_another_run_before_writing_its_inputs(tmp_path, capsys):
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "run.json").write_text('{"outputs": ["profile.npz", "run.json"]}\n')
+    (out / "profile.npz").write_bytes(b"an earlier run's profile")
+    assert main(["demo", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out} holds another run (run.json)" in err and "--overwrite" in err
+    assert sorted(p.name for p in out.iterdir()) == ["profile.npz", "run.json"]  # no inputs/ written
+    assert (out / "profile.npz").read_bytes() == b"an earlier run's profile"
+
+
+def test_a_manifest_listing_files_outside_its_folder_is_not_trusted(inputs, tmp_path, capsys):
+    """--overwrite removes only what the folder's own run.json lists inside the folder."""
+    out = tmp_path / "run"
+    out.mkdir()
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep me\n")
+    (out / "run.json").write_text('{"outputs": ["../precious.txt"]}\n')
+    assert main(run_argv(inputs, out, "--overwrite")) == 2
+    assert "lists files outside" in capsys.readouterr().err and victim.read_text() == "keep me\n"

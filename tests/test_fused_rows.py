@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from attnprof.kernels import fused_rows
+from helpers import skip_unless_built
 
 ATOL = RTOL = 1e-5
 
@@ -19,8 +20,7 @@ def built():
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         ok = fused_rows.available()
-    if not ok:
-        pytest.skip(f"the fused CPU row kernel cannot be built here: {fused_rows._failed}")
+    skip_unless_built(ok, f"the fused CPU row kernel cannot be built here: {fused_rows._failed}")
     return fused_rows._module
 
 

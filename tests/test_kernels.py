@@ -15,7 +15,7 @@ from attnprof.kernels.blocked import blocked_stats
 from attnprof.kernels.reference import attention_probs, stats_from_probs
 from attnprof.kernels.spec import check_inputs
 
-from helpers import assert_sums_close, random_batch, spec_for
+from helpers import assert_sums_close, random_batch, skip_unless_built, spec_for
 
 
 def run(backend, q, k, v, padding, groups, tokens, spec):
@@ -66,8 +66,7 @@ def test_fused_row_pass_equals_reference(shape, monkeypatch):
     """The compiled row pass (forced on for every cell size) inside the torch backend."""
     from attnprof.kernels import blocked, fused_rows
 
-    if not fused_rows.available():
-        pytest.skip("the fused CPU kernel cannot be built here (the eager path is tested above)")
+    skip_unless_built(fused_rows.available(), "the fused CPU kernel cannot be built here (the eager path is tested above)")
     monkeypatch.setattr(blocked, "FUSED_MIN_SCORES", 0)
     B, H, L, D = shape
     q, k, v, padding, groups, tokens = random_batch(L, B, H, L, D, 2)

@@ -64,7 +64,7 @@ def test_merge_refuses_what_does_not_add_up(model, adata, vocab, means):
         r"different layout \(window: 16 vs 8;": run(model, adata, vocab, means, shard=(1, 2), window=8),
         r"different options \(options.tokenizer.context\)": run(model, adata, vocab, means, shard=(1, 2),
                                                                    species="human"),  # fmt: skip
-        "same cells": base,
+        "share 24 cells": base,
     }
     for message, bad in cases.items():
         with pytest.raises(ValueError, match=message):
@@ -149,3 +149,34 @@ def test_cli_merge_needs_a_destination_and_names_the_misfit(inputs, tmp_path, ca
     assert not (tmp_path / "all.npz").exists()
     assert main(["merge", str(tmp_path / "a"), str(tmp_path / "a" / "profile.npz"), "-o", str(tmp_path / "x")]) == 2
     assert "is given twice" in capsys.readouterr().err
+
+
+def test_cli_merge_refuses_any_overlap_naming_both_inputs_and_the_shared_cells(inputs, tmp_path):
+    """A whole run with one of its own shards, or two overlapping subsets: refused with the count of shared
+    cells (per-cell identities stored in each profile), and nothing is written."""
+    import subprocess
+    import sys
+
+    run_cli(inputs, tmp_path / "whole")
+    run_cli(inputs, tmp_path / "shard1", "--shard", "1/2")
+    run_cli(inputs, tmp_path / "subset", "--subset", "cell_type in ['neuron', 'astrocyte']", "--compare",
+            "female", "male")  # fmt: skip
+    whole = Profile.load(tmp_path / "whole" / "profile.npz")
+    shard = Profile.load(tmp_path / "shard1" / "profile.npz")
+    subset = Profile.load(tmp_path / "subset" / "profile.npz")
+    assert len(whole.cell_ids) == 40 and len(shard.cell_ids) == 20  # 8 bytes per counted cell
+    assert np.all(np.diff(whole.cell_ids.astype(np.float64)) >= 0) and set(shard.cell_ids) <= set(whole.cell_ids)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+
+    argv = [sys.executable, "-m", "attnprof.cli", "merge", str(tmp_path / "whole"), str(tmp_path / "shard1"),
+            "-o", str(tmp_path / "merged.npz"), "--out", str(tmp_path / "merged")]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert (f"{tmp_path / 'whole' / 'profile.npz'} and {tmp_path / 'shard1' / 'profile.npz'} share 20 cells"
+            in done.stderr and "count them twice" in done.stderr)  # fmt: skip
+    shared = len(set(subset.cell_ids) & set(shard.cell_ids))
+    assert 0 < shared < len(subset.cell_ids)  # overlapping subsets, neither inside the other
+    assert main(["merge", str(tmp_path / "shard1"), str(tmp_path / "subset"), "-o", str(tmp_path / "m.npz")]) == 2
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing written
+    with pytest.raises(ValueError, match=f"share {shared} cells"):
+        attnprof.merge([shard, subset])

@@ -64,9 +64,19 @@ def test_killed_run_resumes_to_the_uninterrupted_result(inputs, tmp_path):
     with np.load(checkpoint) as saved:
         done = len(saved["ckpt_done"])
     assert 0 < done < 120 and not (out / "profile.npz").exists()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert checkpoint.stat().st_mode & 0o777 == 0o666 & ~umask  # like every other output (0644), not 0600
 
-    assert main(run_argv(inputs, out)) == 0  # the same command again
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    again = subprocess.run([sys.executable, "-m", "attnprof.cli", *run_argv(inputs, out)], env=env,
+                           capture_output=True, text=True, timeout=300)  # the same command again  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert f"resuming: {done} of 120 cells already done (checkpoint {checkpoint})" in again.stderr
+    # the rate counts only the cells this run profiled, in this run's time
+    assert f"profiled {120 - done} cells in " in again.stdout and f"and {done} from the checkpoint: 120 cells" in again.stdout
     record = json.loads((out / "run.json").read_text())
+    assert "checkpoint.npz" not in record["outputs"] and set(record["outputs"]) >= {"profile.npz", "run.json"}
     assert record["resumed_cells"] == done and record["cells"] == {"female": 60, "male": 60}
     assert not checkpoint.exists() and not list(out.glob("*.tmp"))  # finished: nothing left to resume
 

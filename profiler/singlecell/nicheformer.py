@@ -170,8 +170,11 @@ def _read(path: Path, trust: bool):
         with torch.serialization.safe_globals(_numpy_float64_scalars()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        what = f" (e.g. {found.group(1)})" if found else ""
+        if trust or "Unsupported operand" in str(e):  # garbage, not pickled objects: the flag would not help
+            detail = f": {e}" if trust else ""
+            raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupted?){detail}") from e
+        found = re.search(r"Unsupported global: GLOBAL (\S+)|but got <class '([^']+)'>", str(e))
+        what = f" (e.g. {found.group(1) or found.group(2)})" if found else ""
         raise ValueError(
             f"{path} holds Python objects besides tensors{what}, which weights_only loading refuses; "
             f"if you trust the file, load it with trust_checkpoint=True (--trust-checkpoint)"

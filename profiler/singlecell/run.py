@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -29,7 +30,8 @@ from attnprof.kernels import resolve_backend
 
 from ..checkpoint import Checkpoint
 from ..distributed import all_reduce_profile, rank_and_world, shard as shard_indices, sum_over_ranks
-from ..profile import Profile
+from ..checks import open_h5ad
+from ..profile import Profile, cell_ids
 from ..session import Profiler
 from .batches import Batch, CellSelection, make_batches, select_cells
 from .family import iter_family_chunks
@@ -145,11 +147,17 @@ def profile_anndata(
         if checkpoint is not None:
             fingerprint = run.fingerprint(meta, whole, shard)
             ckpt = Checkpoint.open(checkpoint, fingerprint, checkpoint_every, shard=shard)
+            if ckpt.n_done and rank_and_world()[0] == 0:
+                print(f"resuming: {ckpt.n_done} of {sum(plan.counts().values())} cells already done "
+                      f"(checkpoint {ckpt.path})", file=sys.stderr, flush=True)  # fmt: skip
         profile, context_only = run.profile(model, adata, tokenizer, plan, meta, ckpt)
+        counted = selection.rows if distributed else plan.rows[plan.codes >= 0]
+        ids = cell_ids(source, names[counted])  # what lets a merge refuse any shared cell
     if distributed:
         profile = all_reduce_profile(profile)
         context_only = sum_over_ranks(context_only)
         profile.meta["data"].update(cells=selection.counts(), shard=None, cells_digest=whole)
+    profile.cell_ids = ids
     profile.meta["data"]["context_only_cells"] = int(context_only)
     if context_only and rank_and_world()[0] == 0:
         warnings.warn(
@@ -385,12 +393,8 @@ def _model_shape(model) -> tuple[int, int]:
 def _opened(adata):
     """An AnnData as given, or a path opened backed (closed after)."""
     if isinstance(adata, (str, Path)):
-        import anndata as ad
-
         path = Path(adata)
-        if not path.exists():
-            raise FileNotFoundError(f"data file {path} does not exist")
-        opened = ad.read_h5ad(path, backed="r")
+        opened = open_h5ad(path)
         try:
             yield opened, str(path)
         finally:

@@ -1,0 +1,173 @@
+"""Tests that kill the mutants mutmut left alive in kernels/spec.py, reduce.py and reference.py
+(``scripts/mutation.sh kernels``). Each checks behaviour through public functions only.
+
+Mutants left alive on purpose, because they are equivalent (no input can tell them apart):
+
+- ``device=q.device`` / ``device=P.device`` dropped or set to None (spec, reduce, reference): every tensor
+  here lives on the CPU, where torch's default device is the same one; the CUDA CI job covers the rest.
+- einsum subscripts in upper case ("bhid" -> "BHID"): torch accepts either case with the same meaning.
+- ``float("-inf")`` -> ``float("-INF")``: Python parses both to minus infinity.
+- reference entropy ``sum(-1)`` -> ``sum(1)``/``sum(-2)``, and ``mean(-1)`` -> ``mean(1)`` or ``stack(dim=1)``
+  over 2-D tensors: the per-cell summary is the total over rows and keys divided by the rows, which is the
+  same whichever axis is summed first; for 2-D tensors axis 1 is axis -1.
+- ``received[...].sum(-1)`` -> ``sum(1)`` and ``mean(-1)`` -> ``mean(1)`` on the 2-D ``[H, n]`` arrays: same axis.
+- ``panel_positions``: ``argsort(dim=1)`` -> default dim (-1, the same axis of a 2-D tensor); the -1
+  sentinel -> -2 (readers only test ``>= 0``); ``M = 0`` -> 1 for an empty batch (refused before);
+  ``stable=False`` (positions of a panel token are summed, so their order does not change any sum); the
+  argsort key ``.to(torch.uint8)`` -> ``.to(None)`` (bool sorts False before True, like 0 before 1).
+- ``check_inputs``: tokens given to a spec without ``vocab_size`` -> None: without gene statistics nothing
+  reads the tokens.
+- ``StatsSpec``: ``(self.vocab_size or 0)`` -> ``or 1`` in the panel range: a panel without vocab_size is
+  refused one check earlier.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from attnprof.kernels import StatsSpec, attention_stats, sum_shapes
+from attnprof.kernels.spec import MAX_WINDOW
+from helpers import assert_sums_close, random_batch, spec_for
+
+SPEC = StatsSpec(n_groups=2, window=4, vocab_size=6)
+
+
+def good(B=2, H=2, L=5, D=4, dtype=torch.float32):
+    g = torch.Generator().manual_seed(3)
+    return dict(
+        q=torch.randn(B, H, L, D, generator=g).to(dtype),
+        k=torch.randn(B, H, L, D, generator=g).to(dtype),
+        v=torch.randn(B, H, L, D, generator=g).to(dtype),
+        groups=torch.tensor([0, 1][:B] + [0] * max(B - 2, 0)),
+        tokens=torch.zeros(B, L, dtype=torch.long),
+        key_padding_mask=None,
+        spec=SPEC,
+        backend="reference",
+    )
+
+
+def refuses(message: str, **change):
+    """The error message starts with ``message`` (anchored: a mutated message text fails too)."""
+    args = {**good(), **change}
+    with pytest.raises(ValueError, match="^" + re.escape(message)):
+        attention_stats(**args)
+
+
+def test_each_input_check_fires_alone_with_its_full_message():
+    x = good()
+    shape = "got q (2, 2, 5, 4), k (2, 2, 5, 4), v (2, 2, 6, 4)"
+    refuses(f"q, k, v must have the same shape [B, H, L, D] (self-attention); {shape}", v=torch.randn(2, 2, 6, 4))
+    refuses("q, k, v must have the same shape [B, H, L, D] (self-attention); got q (2, 2, 5, 4), k (2, 2, 6, 4)",
+            k=torch.randn(2, 2, 6, 4))  # fmt: skip
+    refuses("q, k, v must share one dtype of float32, float16 or bfloat16; got torch.float32, torch.float32, "
+            "torch.float16", v=x["v"].half())  # fmt: skip
+    dtypes = "q, k, v must share one dtype of float32, float16 or bfloat16; got "
+    refuses(dtypes + "torch.float32, torch.float16, torch.float32", k=x["k"].half())
+    refuses(dtypes + "torch.float64, torch.float64, torch.float64", q=x["q"].double(), k=x["k"].double(),
+            v=x["v"].double())  # fmt: skip
+    for name in ("q", "k", "v"):
+        bad = x[name].clone()
+        bad[1, 1, 2, 3] = float("nan")
+        refuses(f"{name} contains NaN or Inf: the model's activations are not finite before attention "
+                f"(check the inputs and the dtype; fp16 overflows above 65504)", **{name: bad})  # fmt: skip
+    empty = torch.zeros(0, 2, 5, 4)
+    refuses("empty batch: q has shape (0, 2, 5, 4); pass at least one cell and one token", q=empty, k=empty, v=empty,
+            groups=torch.zeros(0, dtype=torch.long), tokens=torch.zeros(0, 5, dtype=torch.long))  # fmt: skip
+    empty = torch.zeros(2, 2, 0, 4)
+    refuses("empty batch: q has shape (2, 2, 0, 4); pass at least one cell and one token", q=empty, k=empty, v=empty, tokens=torch.zeros(2, 0).long())
+    refuses("group codes [-2] are out of range: codes must be in [0, 2) or -1 (not counted)",
+            groups=torch.tensor([-2, 0]))  # fmt: skip
+    refuses("groups must be integer codes in [0, 2) or -1, got dtype torch.bool", groups=torch.tensor([True, False]))
+    refuses("key_padding_mask must have shape [B, L] = [2, 5], got (2, 4)", key_padding_mask=torch.zeros(2, 4).bool())
+    refuses("tokens must be integer token ids, got dtype torch.float32", tokens=torch.zeros(2, 5))
+    refuses("tokens must be integer token ids, got dtype torch.bool", tokens=torch.zeros(2, 5, dtype=torch.bool))
+    refuses("token ids [6] are outside the vocabulary [0, 6); raise vocab_size or fix the tokenizer",
+            tokens=torch.full((2, 5), 6))  # fmt: skip
+    wide = good(L=6)
+    many = torch.arange(6, 18).reshape(2, 6)  # 12 ids out of range: the message lists the first 10
+    refuses(f"token ids {list(range(6, 16))} are outside the vocabulary [0, 6)", **{**wide, "tokens": many})
+    refuses("this spec has vocab_size set, so gene statistics need token ids: pass tokens [B, L]", tokens=None)
+
+
+def test_empty_cells_are_listed_ten_at_most():
+    B = 12
+    x = good(B=B)
+    padding = torch.ones(B, 5, dtype=torch.bool)
+    padding[11, 0] = False
+    refuses(f"cells {list(range(10))} have no real token (all keys are padding); drop zero-length cells first",
+            **{**x, "key_padding_mask": padding})  # fmt: skip
+
+
+def test_largest_vocabulary_token_and_tokens_without_gene_statistics_are_accepted():
+    x = good()
+    x["tokens"] = torch.full((2, 5), 5)  # vocab_size - 1: the last id
+    _, sums = attention_stats(**x)
+    assert sums["recv_count"][:, 5].tolist() == [1, 1]
+    # a spec without vocab_size ignores gene statistics; tokens given anyway are accepted as ids
+    no_genes = StatsSpec(n_groups=2, window=4)
+    _, sums = attention_stats(**{**x, "spec": no_genes, "tokens": torch.ones(2, 5, dtype=torch.int32)})
+    assert "recv_sum" not in sums and sums["cells"].tolist() == [1, 1]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(n_groups=1, window=MAX_WINDOW + 1), f"window must be in [1, {MAX_WINDOW}], got {MAX_WINDOW + 1}"),
+        (dict(n_groups=1, window=0), f"window must be in [1, {MAX_WINDOW}], got 0"),
+        (dict(n_groups=1, vocab_size=0), "vocab_size must be >= 1, got 0"),
+        (dict(n_groups=1, n_context=-1), "n_context must be >= 0, got -1"),
+        (dict(n_groups=0), "n_groups must be >= 1, got 0"),
+        (dict(n_groups=1, panel=(1,)), "a gene-pair panel needs vocab_size (panel entries are token ids)"),
+        (dict(n_groups=1, vocab_size=5, panel=(5,)), "panel token ids [5] are outside the vocabulary [0, 5)"),
+        (dict(n_groups=1, vocab_size=5, panel=(-1,)), "panel token ids [-1] are outside the vocabulary [0, 5)"),
+        (dict(n_groups=1, vocab_size=5, panel=(2, 2)), "panel token ids must be unique, got [2, 2]"),
+    ],
+)
+def test_spec_limits_and_messages(kwargs, message):
+    with pytest.raises(ValueError, match="^" + re.escape(message)):
+        StatsSpec(**kwargs)
+
+
+def test_spec_accepts_its_limits_and_normalizes_the_panel():
+    import numpy as np
+
+    assert StatsSpec(n_groups=1, window=MAX_WINDOW).window == MAX_WINDOW
+    assert StatsSpec(n_groups=1, window=1).window == 1
+    assert StatsSpec(n_groups=1, vocab_size=1, panel=(0,)).panel == (0,)
+    spec = StatsSpec(n_groups=1, vocab_size=5, panel=np.array([4, 0]), n_context=0)
+    assert spec.panel == (4, 0) and all(type(t) is int for t in spec.panel)
+    assert sum_shapes(spec, 3)["pair_sum"] == (1, 3, 2, 2)
+
+
+def test_uncounted_cells_before_counted_ones_do_not_stop_the_reference():
+    q, k, v, padding, _, tokens = random_batch(8, 4, 2, 9, 8, 2)
+    spec = spec_for(2, 9)
+    groups = torch.tensor([-1, 0, -1, 1])
+    _, ref = attention_stats(q, k, v, spec=spec, groups=groups, key_padding_mask=padding, tokens=tokens,
+                             backend="reference")  # fmt: skip
+    _, fast = attention_stats(q, k, v, spec=spec, groups=groups, key_padding_mask=padding, tokens=tokens,
+                              backend="torch")  # fmt: skip
+    assert ref["cells"].tolist() == [1, 1]
+    assert_sums_close(fast, ref)
+
+
+def test_reference_output_keeps_the_input_dtype():
+    for dtype in (torch.float16, torch.bfloat16):
+        out, _ = attention_stats(**good(dtype=dtype))
+        assert out.dtype == dtype
+
+
+def test_probabilities_that_underflow_to_zero_add_no_nan_to_the_entropy():
+    """Scores 200 apart: exp underflows, P is exactly 0 for some keys; 0 * log 0 counts as 0."""
+    q = torch.zeros(1, 1, 3, 1)
+    q[..., 0] = 1.0
+    k = torch.tensor([0.0, 200.0, -200.0]).reshape(1, 1, 3, 1)
+    v = torch.randn(1, 1, 3, 1)
+    spec = StatsSpec(n_groups=1, window=3)
+    for backend in ("reference", "torch"):
+        _, sums = attention_stats(q, k, v, spec=spec, groups=[0], scale=1.0, backend=backend)
+        assert torch.isfinite(sums["summary_sum"]).all(), backend
+        assert sums["summary_sum"][0, 0, 0].item() == pytest.approx(0.0, abs=1e-12)  # all mass on one key

@@ -1,0 +1,251 @@
+"""Tests that kill the mutants mutmut left alive in profiler/tables.py (``scripts/mutation.sh tables``):
+the tables' schema (names, order, dtypes), their values against the sums, the AnnData export, the files
+``save`` writes, and the permutation p-values. Behaviour through public functions only.
+
+Mutants left alive on purpose, because they are equivalent:
+
+- ``Comparison(..., _heads_only=True)`` for the permutation nulls -> False/None/dropped: the nulls then also
+  build their element tables, which nobody reads (slower, same numbers).
+- ``np.errstate(invalid="ignore")`` -> None: only whether numpy warns changes.
+- ``flat(..., heads=False)`` -> None, and ``reshape(..., -1)`` -> ``-2``: None is falsy like False, and numpy
+  reads any negative size as "the rest".
+- ``c.valid[0, 0]`` -> ``c.valid[1, 0]`` and ``n_a[0, 0]`` -> ``n_a[1, 0]``: counts are per cell, the same in
+  every layer (a property of the sums the recorder writes).
+- ``parquet = False`` -> None/True in the ``except ImportError`` branch, and ``to_csv(index=False)`` -> None:
+  pyarrow is a plain dependency, so the branch never runs; pandas reads index=None as False.
+- ``np.asarray(genes, dtype=object)`` -> default dtype for gene names: the same strings after ``astype(str)``
+  or as table values.
+- ``bh``: ``asarray(p, dtype=float)`` dropped (p is float already), ``full_like(p, nan)`` -> None (NaN in a
+  float array), ``method="bh"`` -> "BH" or dropped (scipy's default and case-insensitive); ``welch``:
+  ``np.where(isnan(t), nan, p)`` -> ``np.where(None, ...)`` (the t distribution's sf of NaN is NaN already).
+- ``groupby(sort=False)`` -> ``sort=None``: pandas reads None as False.
+
+Not equivalent, and not yet killed (no input found in the time given): the ``errstate`` arguments (they only
+change warnings), ``np.clip(var, 0)`` dropped (differs only when rounding makes a variance slightly
+negative), ``Comparison(...)`` default arguments (``attnprof.compare`` passes its own), and the ``n_el > 0``
+guards of the heads table when a head has exactly one valid element.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+from torch import nn
+
+import attnprof
+from attnprof.kernels import SUMMARIES
+from attnprof.tables import welch
+
+LAYERS, HEADS, VOCAB, L = 3, 2, 12, 7  # layers != heads: a transposed index shows
+GENES = [f"g{i}" for i in range(VOCAB)]
+ELEMENT_COLUMNS = ["mean_a", "mean_b", "diff", "t", "p", "q", "n_a", "n_b"]
+
+
+def make_profile(permutations: int = 0):
+    torch.manual_seed(1)
+    layer = nn.TransformerEncoderLayer(8, HEADS, 16, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, LAYERS, enable_nested_tensor=False).eval()
+    g = torch.Generator().manual_seed(2)
+    n = 13
+    x = torch.randn(n, L, 8, generator=g)
+    tokens = torch.stack([torch.randperm(VOCAB - 1, generator=g)[:L] for _ in range(n)])  # g11 never occurs
+    labels = [0] * 7 + [1] * 6
+    with attnprof.Profiler(model, groups=["a", "b"], genes=GENES, window=4, panel=["g1", "g2", "g11"]) as prof, \
+            torch.inference_mode():  # fmt: skip
+        null = [torch.tensor(labels)[torch.randperm(n, generator=g)] for _ in range(permutations)]
+        prof.set_batch(groups=labels, tokens=tokens, null_groups=null or None)
+        model(x)
+    return prof.profile
+
+
+@pytest.fixture(scope="module")
+def profile():
+    return make_profile()
+
+
+@pytest.fixture
+def cmp(profile):
+    """Built in every test that uses it (not module-scoped): mutmut maps a mutant to the tests that call
+    the mutated function, and a cached comparison would map it to the first such test only."""
+    return profile.compare("b", "a", min_cells=3)
+
+
+def test_every_table_has_its_columns_in_order(cmp):
+    assert list(cmp.heads.columns) == ["layer", "head", "family", "n_a", "n_b", "n_elements", "mean_abs_diff",
+                                       "max_abs_diff", "where", "max_abs_t", "min_q"]  # fmt: skip
+    assert list(cmp.layers.columns) == ["layer", "layer_name", "family", "mean_abs_diff", "max_abs_diff",
+                                        "max_head", "where"]  # fmt: skip
+    assert list(cmp.genes.columns) == ["layer", "head", "gene", "token_id", *ELEMENT_COLUMNS]
+    assert list(cmp.pairs.columns) == ["layer", "head", "gene_a", "gene_b", *ELEMENT_COLUMNS]
+    assert list(cmp.summaries.columns) == ["layer", "head", "summary", *ELEMENT_COLUMNS]
+    for table in (cmp.genes, cmp.pairs, cmp.summaries):
+        assert table["n_a"].dtype == np.int64 and table["n_b"].dtype == np.int64
+    assert (cmp.heads["n_a"] == 6).all() and (cmp.heads["n_b"] == 7).all()  # b has 6 cells, a 7
+    assert (cmp.summaries["n_a"] == 6).all() and (cmp.summaries["n_b"] == 7).all()
+
+
+def test_tables_of_a_profile_without_genes_keep_the_element_columns():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, HEADS, 16, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False).eval()
+    with attnprof.Profiler(model, groups=["a", "b"], window=3) as prof, torch.inference_mode():
+        prof.set_batch(groups=[0, 1, 1])
+        model(torch.randn(3, 5, 8))
+    cmp = prof.profile.compare("a", "b")
+    assert cmp.genes.empty and cmp.pairs.empty
+    assert list(cmp.pairs.columns) == ["layer", "head", "gene_a", "gene_b", *ELEMENT_COLUMNS]
+    # the empty gene table: the columns of a full one, in order (token_id may be left out)
+    full = ["layer", "head", "gene", "token_id", *ELEMENT_COLUMNS]
+    assert list(cmp.genes.columns) in (full, [c for c in full if c != "token_id"])
+    with pytest.raises(ValueError, match="^" + re.escape(
+            "this profile has no gene statistics: profile with genes= (a vocabulary) to get them") + "$"):  # fmt: skip
+        cmp.to_anndata()
+
+
+def expected_contrast(profile, prefix, min_cells):
+    s, ib, ia = profile.sums, 1, 0  # compare("b", "a")
+    nl, nh = len(profile.layers), profile.n_heads
+    flat = lambda name, g, k: s[f"{prefix}_{name}"][:, g].reshape(nl, k, -1)  # noqa: E731
+    return welch(flat("sum", ib, nh), flat("sq", ib, nh), flat("count", ib, 1),
+                 flat("sum", ia, nh), flat("sq", ia, nh), flat("count", ia, 1), min_cells)  # fmt: skip
+
+
+def test_gene_and_pair_rows_hold_their_own_element_statistics(cmp, profile):
+    for table in (cmp.genes, cmp.pairs):  # rows run layer, then head, then element
+        order = table[["layer", "head"]].to_numpy()
+        assert (np.diff(order[:, 0]) >= 0).all()
+        assert all((np.diff(rows["head"].to_numpy()) >= 0).all() for _, rows in table.groupby("layer"))
+    c = expected_contrast(profile, "recv", 3)
+    for row in cmp.genes.sample(25, random_state=0).itertuples():
+        e = GENES.index(row.gene)
+        assert row.token_id == e
+        for name in ("mean_a", "mean_b", "diff", "t", "p"):
+            assert getattr(row, name) == pytest.approx(getattr(c, name)[row.layer, row.head, e], nan_ok=True), name
+        assert (row.n_a, row.n_b) == (c.n_a[row.layer, 0, e], c.n_b[row.layer, 0, e])
+        assert row.n_a >= 3 and row.n_b >= 3
+    panel = ["g1", "g2", "g11"]
+    c = expected_contrast(profile, "pair", 3)
+    assert not cmp.pairs.empty and "g11" not in set(cmp.pairs["gene_a"]) | set(cmp.pairs["gene_b"])
+    for row in cmp.pairs.itertuples():
+        e = panel.index(row.gene_a) * 3 + panel.index(row.gene_b)
+        assert row.mean_a == pytest.approx(c.mean_a[row.layer, row.head, e])
+        assert row.mean_b == pytest.approx(c.mean_b[row.layer, row.head, e])
+        assert row.t == pytest.approx(c.t[row.layer, row.head, e], nan_ok=True)
+
+
+def test_summary_rows_run_layer_then_head_then_summary(cmp, profile):
+    s = cmp.summaries
+    ns = len(SUMMARIES)
+    np.testing.assert_array_equal(s["layer"], np.repeat(np.arange(LAYERS), HEADS * ns))
+    np.testing.assert_array_equal(s["head"], np.tile(np.repeat(np.arange(HEADS), ns), LAYERS))
+    np.testing.assert_array_equal(s["summary"], np.tile(SUMMARIES, LAYERS * HEADS))
+    n = profile.sums["cells"]
+    mean = profile.sums["summary_sum"] / n[:, :, None, None]
+    np.testing.assert_allclose(s["mean_a"], mean[:, 1].ravel())  # a = "b", the second group
+    np.testing.assert_allclose(s["mean_b"], mean[:, 0].ravel())
+    np.testing.assert_allclose(s["diff"], (mean[:, 1] - mean[:, 0]).ravel())
+    varied = s["summary"] != "context_mass"  # no context tokens here: context mass is 0 in every cell, t undefined
+    assert s.loc[varied, "t"].notna().all() and s.loc[~varied, "t"].isna().all()
+    assert s.loc[varied, "q"].between(0, 1).all()
+
+
+def test_anndata_export_layout(cmp):
+    adata = cmp.to_anndata()
+    assert list(adata.obs_names) == [f"L{l}H{h}" for l in range(LAYERS) for h in range(HEADS)]
+    assert list(adata.obs.columns) == ["layer", "head"]
+    assert adata.obs["layer"].tolist() == [0, 0, 1, 1, 2, 2] and adata.obs["head"].tolist() == [0, 1] * 3
+    assert adata.var.index.name == "gene" and list(adata.var.columns) == ["token_id", "n_a", "n_b"]
+    assert all(adata.var[c].dtype == np.int64 for c in ("token_id", "n_a", "n_b"))
+    assert sorted(adata.layers) == ["mean_a", "mean_b", "t"]
+    assert adata.uns["attnprof"] == {"a": "b", "b": "a", "min_cells": 3}
+    genes = cmp.genes.query("layer == 1 and head == 1").set_index("gene")
+    row = adata.obs_names.get_loc("L1H1")
+    for name in ("mean_a", "mean_b", "t"):
+        np.testing.assert_allclose(adata[row, genes.index].layers[name].ravel(), genes[name], err_msg=name)
+    np.testing.assert_array_equal(adata.var.loc[genes.index, "n_a"], genes["n_a"])
+    np.testing.assert_array_equal(adata.var.loc[genes.index, "n_b"], genes["n_b"])
+    np.testing.assert_array_equal(adata.var.loc[genes.index, "token_id"], genes["token_id"])
+
+
+def test_save_writes_plain_files_into_a_new_nested_folder(cmp, tmp_path):
+    folder = cmp.save(tmp_path / "run" / "tables")
+    assert folder == tmp_path / "run" / "tables"
+    for name, table in cmp.tables().items():
+        assert (folder / f"{name}.csv").read_text().splitlines()[0] == ",".join(table.columns)  # no index column
+        assert pq.read_schema(folder / f"{name}.parquet").names == list(table.columns)  # no index column either
+    assert (folder / "genes.h5ad").exists()
+
+
+def test_permutation_p_values_count_ties_and_keep_undefined_heads_undefined():
+    profile = make_profile(permutations=2)
+    tie = dataclasses.replace(profile, null=[dict(profile.sums), dict(profile.sums)])  # nulls equal to the data
+    cmp = tie.compare("b", "a", min_cells=4, permutations=2)
+    for table in (cmp.heads, cmp.layers):
+        for col in ("mean_abs_diff", "max_abs_diff"):
+            p = table[f"p_perm_{col}"]
+            defined = table[col].notna()
+            assert (p[defined] == 1.0).all(), (col, p[defined])  # a tie counts as at least as large
+            assert p[~defined].isna().all()
+    assert cmp.heads["mean_abs_diff"].isna().any()  # the gene g11 never occurs: its pair rows are undefined
+    real = profile.compare("b", "a", permutations=1)
+    assert real.heads["p_perm_max_abs_diff"].isin([0.5, 1.0]).all()  # (1 + count) / (1 + N), N = 1
+    with pytest.raises(ValueError, match=re.escape(
+            "compare(permutations=3) needs that many label permutations in the profile, which has 2: profile "
+            "with permutations=3 (each costs one more attention pass per layer)")):  # fmt: skip
+        profile.compare("b", "a", permutations=3)
+    bare = make_profile(permutations=0)
+    with pytest.raises(ValueError, match=re.escape("which has 0: profile with permutations=1 ")):
+        bare.compare("b", "a", permutations=1)
+
+
+def test_heads_and_layers_summaries_and_their_empty_rows(profile):
+    cmp = attnprof.compare(profile, "b", "a")  # defaults: min_cells 1, no permutations
+    assert cmp.min_cells == 1 and "p_perm_mean_abs_diff" not in cmp.heads.columns
+    heads = cmp.heads
+    assert list(heads.index) == list(range(len(heads)))  # one table, not three stacked indexes
+    assert list(dict.fromkeys(heads["family"])) == ["position", "gene", "pair"]
+    for family, rows in heads.groupby("family", sort=False):
+        c = cmp.contrasts[family]
+        absd = np.abs(c.diff)  # NaN where not valid
+        n_el = np.broadcast_to(c.valid, absd.shape).sum(-1)
+        with np.errstate(invalid="ignore"):
+            mean_abs = np.nanmean(absd, -1)
+        np.testing.assert_allclose(rows["n_elements"], n_el.ravel())
+        np.testing.assert_allclose(rows["mean_abs_diff"], mean_abs.ravel(), equal_nan=True)
+        np.testing.assert_allclose(rows["max_abs_diff"], np.nanmax(absd, -1).ravel(), equal_nan=True)
+        np.testing.assert_allclose(rows["max_abs_t"], np.nanmax(np.abs(c.t), -1).ravel(), equal_nan=True)
+        np.testing.assert_allclose(rows["min_q"], np.nanmin(c.q, -1).ravel(), equal_nan=True)
+    layers = cmp.layers
+    assert list(zip(layers["family"], layers["layer"])) == [(f, l) for f in ("position", "gene", "pair")
+                                                           for l in range(LAYERS)]  # fmt: skip
+    # no element seen in min_cells cells of both groups: NaN summaries, head -1, empty "where"
+    strict = profile.compare("b", "a", min_cells=7)  # b has 6 cells
+    assert strict.heads["n_elements"].eq(0).all() and strict.heads["where"].eq("").all()
+    assert strict.heads[["mean_abs_diff", "max_abs_diff", "max_abs_t", "min_q"]].isna().all().all()
+    assert strict.layers["max_head"].eq(-1).all() and strict.layers["where"].eq("").all()
+    # exactly min_cells cells in a group is enough
+    assert profile.compare("b", "a", min_cells=6).heads.query("family == 'position'")["n_elements"].gt(0).all()
+
+
+def test_welch_boundaries():
+    """n = min_cells is valid, one fewer is not; one cell per group gives a difference but no t."""
+    sums = dict(sum_a=np.array([3.0]), sq_a=np.array([5.0]), sum_b=np.array([1.0]), sq_b=np.array([1.0]))
+    one = welch(sums["sum_a"], sums["sq_a"], np.array([1.0]), sums["sum_b"], sums["sq_b"], np.array([1.0]), 1)
+    assert one.diff[0] == pytest.approx(2.0) and np.isnan(one.t[0]) and np.isnan(one.p[0])
+    none = welch(sums["sum_a"], sums["sq_a"], np.array([2.0]), sums["sum_b"], sums["sq_b"], np.array([1.0]), 2)
+    assert np.isnan(none.diff[0]) and not none.valid[0]
+    a, b = np.array([1.0, 2.0, 4.0]), np.array([0.0, 0.5])
+    c = welch(a.sum(), (a**2).sum(), 3.0, b.sum(), (b**2).sum(), 2.0, 2)
+    from scipy import stats
+
+    expected = stats.ttest_ind(a, b, equal_var=False)
+    assert c.t == pytest.approx(expected.statistic) and c.p == pytest.approx(expected.pvalue)
+    # all values equal within each group: zero standard error, no t, no p (not +-inf)
+    flat = welch(4.0, 8.0, 2.0, 2.0, 2.0, 2.0, 1)
+    assert flat.diff == pytest.approx(1.0) and np.isnan(flat.t) and np.isnan(flat.p)

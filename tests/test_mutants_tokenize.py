@@ -1,0 +1,155 @@
+"""Tests that kill the mutants mutmut left alive in profiler/singlecell/tokenize.py
+(``scripts/mutation.sh tokenize``): defaults, where the counts come from, exact messages, the caller's data
+left untouched, row checks, and what a tokenizer's settings record. Public functions only.
+
+Mutants left alive on purpose, because they are equivalent:
+
+- ``_check_counts``: ``min() < 0`` -> ``<= 0``: the matrix has had its zeros eliminated, so no entry is 0.
+- ``np.asarray(..., dtype=np.int64)`` -> default dtype for Python ints and row positions: int64 on the 64-bit
+  platforms torch supports.
+- ``tokenize_anndata``: ``count_matrix(adata, layer, use_raw)`` -> ``use_raw=None`` only sizes the output;
+  ``.raw`` has the cells of ``X`` (anndata enforces it), so the size is the same.
+- ``library += library == 0`` -> ``-=`` or ``== 1``: a cell's library only scales all its values alike (a
+  cell with library 0 has no value to rank), so the ranking within a cell stays, up to rounding of ties.
+- ``_numba_order``'s pure-Python fallback runs only without numba; ``tests/test_upstream_tokens.py``
+  (``test_same_tokens_without_numba``) drives it, the rest of the run uses the compiled sort.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from attnprof.singlecell.tokenize import Tokenizer, align_genes, count_matrix, iter_token_chunks, tokenize_anndata
+from attnprof.singlecell.vocab import PAD, TOKENIZATIONS, Vocabulary, context_id
+
+GENES = [f"g{i}" for i in range(6)]
+
+
+def data(X=None, **kw):
+    X = np.array([[0, 3, 1, 0, 2, 5], [4, 0, 0, 1, 1, 0], [1, 1, 1, 1, 1, 1]], dtype=np.float64) if X is None else X
+    return ad.AnnData(X=X, var=pd.DataFrame(index=GENES), **kw)
+
+
+def exactly(message: str) -> str:
+    return "^" + re.escape(message) + "$"
+
+
+def test_counts_come_from_x_by_default_and_every_source_error_is_exact():
+    adata = data()
+    adata.raw = data(X=np.ones((3, 6)))
+    assert count_matrix(adata)[0] is adata.X  # not .raw unless asked
+    adata.layers["counts"] = adata.X.copy()
+    with pytest.raises(ValueError, match=exactly(
+            "choose one source of counts: use_raw=True (--use-raw) or layer= (--layer), not both")):  # fmt: skip
+        count_matrix(adata, "counts", True)
+    with pytest.raises(ValueError, match=exactly(
+            "use_raw was asked but this AnnData has no .raw: drop --use-raw or pick --layer")):  # fmt: skip
+        count_matrix(data(), use_raw=True)
+    with pytest.raises(ValueError, match=exactly("this AnnData has no layer 'spliced'; its layers are: none")):
+        count_matrix(data(), "spliced")
+    empty_x = ad.AnnData(X=None, obs=pd.DataFrame(index=["c0", "c1", "c2"]), var=pd.DataFrame(index=GENES),
+                         layers={"counts": data().X})  # fmt: skip
+    with pytest.raises(ValueError, match=exactly(
+            "this AnnData has no X; pick the counts with layer= (--layer), layers: ['counts']")):  # fmt: skip
+        count_matrix(empty_x)
+    # no X at all: tokenize_anndata reads the layer for everything, including the number of cells
+    tokens = tokenize_anndata(empty_x, GENES, layer="counts", context_length=9)
+    np.testing.assert_array_equal(tokens, tokenize_anndata(data(), GENES, context_length=9))
+
+
+def test_gene_alignment_messages_and_counts():
+    with pytest.raises(ValueError, match=re.escape(
+            "the data names 6 genes more than once (e.g. ['a', 'a', 'b', 'c', 'd']): make them unique")):  # fmt: skip
+        align_genes(["a", "a", "a", "b", "b", "c", "c", "d", "d", "e", "e"], ["a"])
+    with pytest.raises(ValueError, match=re.escape(
+            "none of the data's 7 genes (e.g. ['x0', 'x1', 'x2', 'x3', 'x4']) is in the vocabulary of 6 genes "
+            "(e.g. ['g0', 'g1', 'g2', 'g3', 'g4']) from ")):  # fmt: skip
+        align_genes([f"x{i}" for i in range(7)], GENES)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        alignment = align_genes(["x0", "g2", "x1", "g0", "x2", "x3", "x4", "x5"], GENES)
+    assert len(caught) == 1 and str(caught[0].message) == (
+        "6 of the data's 8 genes are not in the vocabulary and are dropped (2 are tokenized); "
+        "e.g. ['x0', 'x1', 'x2', 'x3', 'x4']"
+    )
+    assert caught[0].filename == __file__  # stacklevel: the warning points at the caller
+    assert alignment.n_data_genes == 8
+    assert alignment.columns.tolist() == [1, 3] and alignment.vocab_index.tolist() == [2, 0]
+    assert alignment.columns.dtype == np.int64 and alignment.vocab_index.dtype == np.int64
+
+
+def test_tokenizer_defaults_settings_and_limits():
+    tok = Tokenizer(GENES)
+    expected_context = [context_id("species", "mouse"), context_id("assay", "MERFISH"),
+                        context_id("modality", "spatial")]  # fmt: skip
+    assert tok.settings() == {
+        "vocabulary": Vocabulary(GENES).digest(),
+        "n_genes": 6,
+        "means": tok.settings()["means"],
+        "tokenization": "notebook",
+        "context": expected_context,
+        "context_length": 1500,
+    }
+    assert tok.context.dtype == np.int64 and isinstance(tok.context_length, int)
+    other = Tokenizer(GENES, np.full(6, 2.0), tokenization="dataset")
+    assert other.settings()["means"] != tok.settings()["means"] and other.settings()["tokenization"] == "dataset"
+    np.testing.assert_array_equal(other.raw_means, np.full(6, 2.0))
+    with pytest.raises(ValueError, match=exactly(f"unknown tokenization 'paper'; choose one of: {', '.join(TOKENIZATIONS)}")):
+        Tokenizer(GENES, tokenization="paper")
+    with pytest.raises(ValueError, match=exactly("context_length must exceed the 3 context tokens, got 3")):
+        Tokenizer(GENES, context_length=3)
+    assert Tokenizer(GENES, context_length=4).context_length == 4
+    # NaN means (the dataset path ranks NaN in every cell): listed, and only those
+    nan = Tokenizer(GENES, np.array([1.0, np.nan, 1.0, 1.0, np.nan, 1.0]), tokenization="dataset")
+    assert nan.nan_genes.tolist() == [1, 4]
+
+
+def test_tokenize_anndata_defaults_and_context_tokens():
+    tokens = tokenize_anndata(data(), GENES)
+    assert tokens.shape == (3, 1500) and tokens.dtype == np.int64
+    assert tokens[:, :3].tolist() == [[context_id("species", "mouse"), context_id("assay", "MERFISH"),
+                                       context_id("modality", "spatial")]] * 3  # fmt: skip
+    human = tokenize_anndata(data(), GENES, species="human", assay="Xenium", modality="dissociated",
+                             context_length=8)  # fmt: skip
+    assert human[0, :3].tolist() == [context_id("species", "human"), context_id("assay", "Xenium"),
+                                     context_id("modality", "dissociated")]  # fmt: skip
+    dataset = tokenize_anndata(data(), GENES, np.array([1, np.nan, 1, 1, 1, 1.0]), tokenization="dataset",
+                               context_length=10)  # fmt: skip
+    notebook = tokenize_anndata(data(), GENES, np.array([1, np.nan, 1, 1, 1, 1.0]), context_length=10)
+    assert not np.array_equal(dataset, notebook)  # the tokenization reaches the tokenizer
+
+
+def test_the_callers_matrix_is_left_as_it_was():
+    X = sp.csr_matrix((np.array([2.0, 0.0, 1.0, 3.0]), np.array([1, 2, 1, 0]), np.array([0, 3, 4, 4])), shape=(3, 6))
+    before = (X.data.copy(), X.indices.copy(), X.indptr.copy())  # a duplicate entry and an explicit zero
+    ints = np.array([[0, 3, 1, 0, 2, 5]], dtype=np.int32)
+    tok = Tokenizer(GENES, context_length=9)
+    alignment = align_genes(GENES, GENES)
+    tokens, lengths = tok.tokenize_rows(X, alignment)
+    for now, then in zip((X.data, X.indices, X.indptr), before):
+        np.testing.assert_array_equal(now, then)
+    assert lengths.tolist() == [4, 4, 3] and tokens[0, 3] == 1 + 30  # g1 holds 2 + 1 = 3 counts in row 0
+    tokens_int, _ = tok.tokenize_rows(ints, alignment)
+    tokens_float, _ = tok.tokenize_rows(ints.astype(np.float64), alignment)
+    np.testing.assert_array_equal(tokens_int, tokens_float)
+
+
+def test_rows_must_be_sorted_unique_and_in_range_and_chunks_say_their_lengths():
+    adata = data()
+    tok = Tokenizer(GENES, context_length=9)
+    message = exactly("rows must be sorted, unique positions in [0, 3)")
+    for rows in ([1, 0], [1, 1], [-1, 2], [0, 3]):
+        with pytest.raises(ValueError, match=message):
+            next(iter_token_chunks(adata, tok, rows=np.array(rows)))
+    chunks = list(iter_token_chunks(adata, tok, rows=[0, 2], chunk_size=1))
+    assert [c.rows.tolist() for c in chunks] == [[0], [2]]
+    for chunk in chunks:
+        np.testing.assert_array_equal(chunk.lengths, (chunk.tokens != PAD).sum(1))
+    assert [len(c) for c in chunks] == [1, 1]
