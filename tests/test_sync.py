@@ -236,12 +236,6 @@ def test_ops_per_profiled_layer(launch_counting, capsys):
     assert per_layer(launch_counting, True, B=8) == profiled  # twice the cells, the same ops
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="outside the kernels, per layer: the MHA adapter checks a float key mask with "
-    "bool((mask[~padding] == 0).all()) (adapters/mha.py) and the recorder compares each layer's mask "
-    "with torch.equal (recorder.py) to reuse the plan",
-)
 def test_profiled_layers_never_sync(launch_counting):
     profiled = per_layer(launch_counting, True)
     syncs = {op: n / 4 for op, n in profiled.items() if op[1]}
