@@ -195,11 +195,14 @@ class Recorder:
         with other padding, e.g. of another length, gets its own)."""
         plan, mask, version = self._plan or (None, None, None)
         same = plan is not None and plan.device == q.device and (plan.B, plan.L) == (q.shape[0], q.shape[2]) and (
-            # the adapters hand every layer of a forward the same mask object (see per_forward): no sync
-            (mask is key_padding_mask and (mask is None or _version(mask) == version))
-            # a model that builds a new mask per layer: one comparison (a sync), still no new plan
-            or (mask is not None and key_padding_mask is not None and torch.equal(mask, key_padding_mask))
-        )
+            (mask is None and key_padding_mask is None)
+            or (mask is not None and key_padding_mask is not None and _version(mask) == version and (
+                # the adapters hand every layer of a forward the same mask object (see per_forward): no sync
+                mask is key_padding_mask
+                # a model that builds a new mask per layer: one comparison (a sync), still no new plan
+                or torch.equal(mask, key_padding_mask)
+            ))
+        )  # fmt: skip
         if not same:
             self.check_finite()  # the verdicts of the calls on the plan that goes
             labelings, tokens = self._batch
