@@ -60,6 +60,7 @@ class Recorder:
         self._plan = None  # (plan, padding mask it was built from, that mask's version)
         self._plan_layers: list[str] = []  # layers called on the plan, in call order (its NaN/Inf verdicts)
         self._derived: dict = {}  # per_forward's results for this forward
+        self._views: dict[str, Target] = {}  # layer -> its sums with a labeling axis (views, made once)
         self.closed = False  # the session ended: profile() may hand the sums over without a copy
 
     def _panel_ids(self, panel) -> list[int]:
@@ -216,7 +217,10 @@ class Recorder:
     def _targets(self, layer: str, plan: BatchPlan, device) -> list[Target]:
         if layer not in self.sums:
             self.sums[layer] = empty_sums(self.spec, self.n_heads, device=device)
-        targets = [Target({k: v[None] for k, v in self.sums[layer].items()}, slice(0, 1))]
+        sums, target = self.sums[layer], self._views.get(layer)
+        if target is None or any(target.sums[k]._base is not v for k, v in sums.items()):  # once per layer
+            target = self._views[layer] = Target({k: v[None] for k, v in sums.items()}, slice(0, 1))
+        targets = [target]
         if self.n_null:
             if layer not in self.null_sums:
                 self.null_sums[layer] = self._empty_null(device)
