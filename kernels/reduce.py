@@ -107,6 +107,15 @@ class Target:
     sums: dict
     labelings: slice = field(default_factory=lambda: slice(None))
     genes: torch.Tensor | None = None
+    flat: dict = field(default_factory=dict, repr=False)  # name -> (sum, its [n G, F] view), made on first use
+
+    def rows(self, name: str, n_rows: int) -> torch.Tensor | None:
+        """``sums[name]`` as ``[n G, F]`` (a view, kept while that tensor stays), None if not contiguous."""
+        t = self.sums[name]
+        kept = self.flat.get(name)
+        if kept is None or kept[0] is not t:
+            kept = self.flat[name] = (t, t.view(n_rows, -1) if t.is_contiguous() else None)
+        return kept[1]
 
 
 def received_pairs(plan, received: torch.Tensor) -> torch.Tensor:
@@ -145,14 +154,14 @@ def reduce_into(plan, cells: CellResults, target: Target) -> None:
             _gene_add(sums[name], target.genes, plan, value)
         else:
             sums[name] += value
-    _addmm(sums, "summary", onehot_t, cells.summary, n, G, cells.shared)
+    _addmm(sums, "summary", onehot_t, cells.summary, n, G, cells.shared, target)
     if W == plan.spec.window:
-        _addmm(sums, "pos", onehot_t, cells.window, n, G, cells.shared)
+        _addmm(sums, "pos", onehot_t, cells.window, n, G, cells.shared, target)
     else:  # a batch shorter than the window: its [W, W] corner
         part = {k: sums[k][:, :, :, :W, :W] for k in ("pos_sum", "pos_sq") if k in sums}
         _addmm(part, "pos", onehot_t, cells.window, n, G, cells.shared)
     if cells.pair is not None:
-        _addmm(sums, "pair", onehot_t, cells.pair, n, G, cells.shared)
+        _addmm(sums, "pair", onehot_t, cells.pair, n, G, cells.shared, target)
     if cells.received is not None and plan.genes.numel():
         _add_received(sums, target.genes, plan, onehot_t, cells.received, n, G, cells.shared)
 
@@ -167,14 +176,17 @@ def _labelings(plan, start: int, stop: int):
     return plan.cache[key]
 
 
-def _addmm(sums, name, onehot_t, x, n, G, shared):
+def _addmm(sums, name, onehot_t, x, n, G, shared, target=None):
     """``sums[name_sum/_sq] += onehot_t @ x, x**2`` over the cells (x: ``[C, ...]``)."""
     for suffix in ("_sum", "_sq"):
         if name + suffix not in sums:  # a target may keep no sums of squares (permutation nulls)
             continue
         value = _flat(shared, name, suffix, x)
         t = sums[name + suffix]
-        if t.is_contiguous():
+        rows = target.rows(name + suffix, n * G) if target is not None else None
+        if rows is not None:
+            rows.addmm_(onehot_t, value)
+        elif t.is_contiguous():
             t.view(n * G, -1).addmm_(onehot_t, value)
         else:
             t += (onehot_t @ value).view(t.shape)
@@ -207,13 +219,13 @@ def _add_received(sums, genes, plan, onehot_t, r, n, G, shared):
     for i, (v0, v1, cell, gene, a, b) in enumerate(_gene_chunks(plan, step)):
         for suffix in ("_sum", "_sq") if "recv_sq" in sums else ("_sum",):
             if ("recv", i, "_sum") not in shared:  # [C, (v1 - v0) H], once per layer for every target
-                dense = r.new_zeros(C, v1 - v0, H, dtype=torch.float64)
-                dense[cell, gene] = _part(r, a, b).double()
-                shared["recv", i, "_sum"] = dense.view(C, (v1 - v0) * H)
+                dense = r.new_zeros(C, H, v1 - v0, dtype=torch.float64)  # the sums' [H, V] order
+                dense[cell, :, gene] = _part(r, a, b).double()
+                shared["recv", i, "_sum"] = dense.view(C, H * (v1 - v0))
             if suffix == "_sq" and ("recv", i, "_sq") not in shared:
                 shared["recv", i, "_sq"] = shared["recv", i, "_sum"] * shared["recv", i, "_sum"]
             value = shared["recv", i, suffix]
-            block = (onehot_t @ value).view(n, G, v1 - v0, H).transpose(2, 3)
+            block = (onehot_t @ value).view(n, G, H, v1 - v0)
             sums["recv" + suffix].index_add_(3, _part(plan.genes if genes is None else genes, v0, v1), block)
 
 

@@ -60,7 +60,7 @@ class Recorder:
         self._plan = None  # (plan, padding mask it was built from, that mask's version)
         self._plan_layers: list[str] = []  # layers called on the plan, in call order (its NaN/Inf verdicts)
         self._derived: dict = {}  # per_forward's results for this forward
-        self._views: dict[str, Target] = {}  # layer -> its sums with a labeling axis (views, made once)
+        self._views: dict = {}  # layer (, "null") -> its Target (the sums with a labeling axis: views, made once)
         self.closed = False  # the session ended: profile() may hand the sums over without a copy
 
     def _panel_ids(self, panel) -> list[int]:
@@ -224,7 +224,12 @@ class Recorder:
         if self.n_null:
             if layer not in self.null_sums:
                 self.null_sums[layer] = self._empty_null(device)
-            targets.append(Target(self.null_sums[layer], slice(1, None), self._null_slots))
+            null = self._views.get((layer, "null"))
+            if null is None or null.sums is not self.null_sums[layer] or null.genes is not self._null_slots:
+                kept = {} if null is None else null.flat  # its views stay valid while its tensors do
+                null = Target(self.null_sums[layer], slice(1, None), self._null_slots, flat=kept)
+                self._views[layer, "null"] = null
+            targets.append(null)
         return targets
 
     def _empty_null(self, device) -> dict[str, torch.Tensor]:
