@@ -145,10 +145,11 @@ class Recorder:
 
         bad = first_non_finite(plan)
         if bad is not None:
+            layer = layers[min(bad, len(layers) - 1)]
             raise ValueError(
-                f"layer {layers[min(bad, len(layers) - 1)]!r}: q, k or v contains NaN or Inf (or the attention scores overflowed): "
-                f"the model's activations are not finite before attention (check the inputs and the dtype; "
-                f"fp16 overflows above 65504). This run's sums of that forward are not usable."
+                f"layer {layer!r}: q, k or v contains NaN or Inf (or the attention scores overflowed): the model's "
+                f"activations are not finite before attention (check the inputs and the dtype; fp16 overflows above "
+                f"65504). The run's sums now hold NaN: fix the cause and profile again."
             )
 
     # ----------------------------------------------------- called by adapters
