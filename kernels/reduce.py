@@ -91,6 +91,7 @@ class CellResults:
     window: torch.Tensor
     received: torch.Tensor | None = None
     pair: torch.Tensor | None = None
+    shared: dict = field(default_factory=dict, repr=False)  # derived once per layer for every target
 
 
 @dataclass
@@ -106,6 +107,15 @@ class Target:
     sums: dict
     labelings: slice = field(default_factory=lambda: slice(None))
     genes: torch.Tensor | None = None
+    flat: dict = field(default_factory=dict, repr=False)  # name -> (sum, its [n G, F] view), made on first use
+
+    def rows(self, name: str, n_rows: int) -> torch.Tensor | None:
+        """``sums[name]`` as ``[n G, F]`` (a view, kept while that tensor stays), None if not contiguous."""
+        t = self.sums[name]
+        kept = self.flat.get(name)
+        if kept is None or kept[0] is not t:
+            kept = self.flat[name] = (t, t.view(n_rows, -1) if t.is_contiguous() else None)
+        return kept[1]
 
 
 def received_pairs(plan, received: torch.Tensor) -> torch.Tensor:
@@ -125,72 +135,114 @@ def pair_means(plan, block: torch.Tensor) -> torch.Tensor:
 
 def reduce_into(plan, cells: CellResults, target: Target) -> None:
     """Add the per-cell results of one layer into ``target``'s labelings: one matmul of the
-    labelings' one-hot per statistic (fixed order), the counts from the plan."""
+    labelings' one-hot per statistic (fixed order), the counts from the plan.
+
+    What does not depend on the layer (the one-hot's and the counts' slices for the target's
+    labelings, the gene chunks' indices) is taken from ``plan.cache``; what does not depend on the
+    target (the results in float64, their squares, the dense gene blocks) from ``cells.shared``."""
     G = plan.n_groups
     lab = range(plan.n_labelings)[target.labelings]
     n = len(lab)
     if n == 0:
         return
-    onehot_t = plan.onehot[:, lab.start * G : lab.start * G + n * G].T  # [n G, C]; labelings are contiguous
     assert lab.step == 1, "target labelings must be a contiguous slice"
+    onehot_t, counts = _labelings(plan, lab.start, lab.stop)
     sums = target.sums
     W = plan.window
-    for name, value in plan.counts.items():
+    for name, value in counts.items():
         if name == "recv_count":
-            _gene_add(sums[name], target.genes, plan, value[lab.start : lab.stop])
+            _gene_add(sums[name], target.genes, plan, value)
         else:
-            sums[name] += value[lab.start : lab.stop]
-    _addmm(sums, "summary", onehot_t, cells.summary, n, G)
+            sums[name] += value
+    _addmm(sums, "summary", onehot_t, cells.summary, n, G, cells.shared, target)
     if W == plan.spec.window:
-        _addmm(sums, "pos", onehot_t, cells.window, n, G)
+        _addmm(sums, "pos", onehot_t, cells.window, n, G, cells.shared, target)
     else:  # a batch shorter than the window: its [W, W] corner
         part = {k: sums[k][:, :, :, :W, :W] for k in ("pos_sum", "pos_sq") if k in sums}
-        _addmm(part, "pos", onehot_t, cells.window, n, G)
+        _addmm(part, "pos", onehot_t, cells.window, n, G, cells.shared)
     if cells.pair is not None:
-        _addmm(sums, "pair", onehot_t, cells.pair, n, G)
+        _addmm(sums, "pair", onehot_t, cells.pair, n, G, cells.shared, target)
     if cells.received is not None and plan.genes.numel():
-        _add_received(sums, target.genes, plan, onehot_t, cells.received, n, G)
+        _add_received(sums, target.genes, plan, onehot_t, cells.received, n, G, cells.shared)
 
 
-def _addmm(sums, name, onehot_t, x, n, G):
+def _labelings(plan, start: int, stop: int):
+    """``[n G, C]`` one-hot of labelings ``start:stop`` and their counts, sliced once per plan."""
+    key = ("labelings", start, stop)
+    if key not in plan.cache:
+        G = plan.n_groups
+        onehot_t = plan.onehot[:, start * G : stop * G].T  # labelings are contiguous in the wide axis
+        plan.cache[key] = onehot_t, {name: value[start:stop] for name, value in plan.counts.items()}
+    return plan.cache[key]
+
+
+def _addmm(sums, name, onehot_t, x, n, G, shared, target=None):
     """``sums[name_sum/_sq] += onehot_t @ x, x**2`` over the cells (x: ``[C, ...]``)."""
-    x = x.reshape(x.shape[0], math.prod(x.shape[1:])).double()
     for suffix in ("_sum", "_sq"):
         if name + suffix not in sums:  # a target may keep no sums of squares (permutation nulls)
             continue
-        t, value = sums[name + suffix], (x if suffix == "_sum" else x * x)
-        if t.is_contiguous():
+        value = _flat(shared, name, suffix, x)
+        t = sums[name + suffix]
+        rows = target.rows(name + suffix, n * G) if target is not None else None
+        if rows is not None:
+            rows.addmm_(onehot_t, value)
+        elif t.is_contiguous():
             t.view(n * G, -1).addmm_(onehot_t, value)
         else:
             t += (onehot_t @ value).view(t.shape)
+
+
+def _flat(shared, name, suffix, x):
+    """``x`` as ``[C, F]`` float64 (``_sum``) or its square (``_sq``), once per layer for every target."""
+    if (name, suffix) not in shared:
+        if (name, "_sum") not in shared:
+            shared[name, "_sum"] = x.reshape(x.shape[0], math.prod(x.shape[1:])).double()
+        if suffix == "_sq":
+            shared[name, "_sq"] = shared[name, "_sum"] * shared[name, "_sum"]
+    return shared[name, suffix]
+
+
+def _part(t, a: int, b: int):
+    """``t[a:b]``, without an op when that is all of t."""
+    return t if (a, b) == (0, t.shape[0]) else t[a:b]
 
 
 #: Most per-cell gene entries (cells x genes x heads) densified at once by the gene reduction.
 GENE_CHUNK = 2**22
 
 
-def _add_received(sums, genes, plan, onehot_t, r, n, G):
+def _add_received(sums, genes, plan, onehot_t, r, n, G, shared):
     """Gene sums of every labeling: the per-pair values densified per cell over the batch's genes
     (in chunks of genes), one matmul with the one-hot, then added at the target's gene slots."""
     C, H, V = plan.onehot.shape[0], r.shape[1], plan.genes.numel()
-    r = r.double()
     step = max(1, GENE_CHUNK // max(C * H, 1))
-    key = ("gene_chunks", step)
-    if key not in plan.cache:  # pairs are sorted by gene: a chunk of genes is a range of pairs
-        edges = torch.arange(0, V + step, step, device=r.device).clamp(max=V)
-        plan.cache[key] = torch.searchsorted(plan.pair_gene, edges).tolist()
-    bounds = plan.cache[key]
-    for i, v0 in enumerate(range(0, V, step)):
-        v1 = min(V, v0 + step)
-        sel = slice(bounds[i], bounds[i + 1])
-        dense = r.new_zeros(C, v1 - v0, H)
-        dense[plan.pair_cell[sel], plan.pair_gene[sel] - v0] = r[sel]
-        dense = dense.reshape(C, (v1 - v0) * H)
+    for i, (v0, v1, cell, gene, a, b) in enumerate(_gene_chunks(plan, step)):
         for suffix in ("_sum", "_sq") if "recv_sq" in sums else ("_sum",):
-            value = dense if suffix == "_sum" else dense * dense
-            block = (onehot_t @ value).view(n, G, v1 - v0, H).transpose(2, 3)
-            slots = plan.genes[v0:v1] if genes is None else genes[v0:v1]
-            sums["recv" + suffix].index_add_(3, slots, block)
+            if ("recv", i, "_sum") not in shared:  # [C, (v1 - v0) H], once per layer for every target
+                dense = r.new_zeros(C, H, v1 - v0, dtype=torch.float64)  # the sums' [H, V] order
+                dense[cell, :, gene] = _part(r, a, b).double()
+                shared["recv", i, "_sum"] = dense.view(C, H * (v1 - v0))
+            if suffix == "_sq" and ("recv", i, "_sq") not in shared:
+                shared["recv", i, "_sq"] = shared["recv", i, "_sum"] * shared["recv", i, "_sum"]
+            value = shared["recv", i, suffix]
+            block = (onehot_t @ value).view(n, G, H, v1 - v0)
+            sums["recv" + suffix].index_add_(3, _part(plan.genes if genes is None else genes, v0, v1), block)
+
+
+def _gene_chunks(plan, step: int) -> list:
+    """Per chunk of ``step`` genes: ``(v0, v1, pair cells, pair genes - v0, first pair, end pair)``, once
+    per plan (pairs are sorted by gene: a chunk of genes is a range of pairs)."""
+    key = ("gene_chunks", step)
+    if key not in plan.cache:
+        V = plan.genes.numel()
+        edges = torch.arange(0, V + step, step, device=plan.device).clamp(max=V)
+        bounds = torch.searchsorted(plan.pair_gene, edges).tolist()
+        chunks = []
+        for i, v0 in enumerate(range(0, V, step)):
+            a, b = bounds[i], bounds[i + 1]
+            chunks.append((v0, min(V, v0 + step), _part(plan.pair_cell, a, b), _part(plan.pair_gene, a, b) - v0, a, b))
+        plan.cache[key] = chunks
+    return plan.cache[key]
 
 
 def _gene_add(target, genes, plan, value):

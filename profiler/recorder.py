@@ -8,7 +8,8 @@ has (:meth:`Recorder.set_batch`). No model knowledge and no math lives here.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -56,7 +57,10 @@ class Recorder:
         self.null_genes: list[int] = []  # token ids of the permutation sums' gene axis, first seen first
         self._null_slot: dict[int, int] = {}
         self._null_slots = None
-        self._plan = None
+        self._plan = None  # (plan, padding mask it was built from, that mask's version)
+        self._plan_layers: list[str] = []  # layers called on the plan, in call order (its NaN/Inf verdicts)
+        self._derived: dict = {}  # per_forward's results for this forward
+        self._views: dict = {}  # layer (, "null") -> its Target (the sums with a labeling axis: views, made once)
         self.closed = False  # the session ended: profile() may hand the sums over without a copy
 
     def _panel_ids(self, panel) -> list[int]:
@@ -106,9 +110,47 @@ class Recorder:
             raise ValueError(f"this run has {self.n_null} null labelings per batch; set_batch gave {len(null)}")
         self.n_null = len(null)
         labelings = torch.stack([codes, *null]) if null else codes[None]
+        self.check_finite()  # the previous forward's verdict, before its plan goes
         self._batch = (labelings, None if tokens is None else torch.as_tensor(tokens))
         self._plan = None  # built at the forward's first layer call, where padding and device are known
         self._calls = {}
+        self._derived = {}
+
+    def per_forward(self, derive: Callable, mask, *args):
+        """``derive(mask, *args)``, computed once per forward for a given mask tensor: later layers of
+        the forward that pass the same (unmodified) tensor get the same result object back, with no op
+        and no host sync. Adapters convert and check a model's attention mask with it; ``derive`` may
+        raise (nothing is kept then)."""
+        if not isinstance(mask, torch.Tensor):
+            return derive(mask, *args)
+        key = (id(mask), _version(mask), derive, *args)
+        hit = self._derived.get(key)
+        if hit is not None and hit[0]() is mask:  # the weak reference rules out a reused id
+            return hit[1]
+        value = derive(mask, *args)
+        self._derived[key] = (weakref.ref(mask), value)
+        return value
+
+    def check_finite(self) -> None:
+        """Raise if a layer call since the last check had NaN or Inf in q, k or v. The triton backend
+        defers this verdict (it would wait for the device in every layer): one host sync, taken once
+        per forward (at the next set_batch, when the plan changes, and when the profile is read)."""
+        if self._plan is None or not self._plan_layers:
+            return
+        layers, self._plan_layers = self._plan_layers, []
+        plan = self._plan[0]
+        if "triton" not in plan.cache:  # only the triton backend defers the verdict
+            return
+        from attnprof.kernels.triton_stats import first_non_finite
+
+        bad = first_non_finite(plan)
+        if bad is not None:
+            layer = layers[min(bad, len(layers) - 1)]
+            raise ValueError(
+                f"layer {layer!r}: q, k or v contains NaN or Inf (or the attention scores overflowed): the model's "
+                f"activations are not finite before attention (check the inputs and the dtype; fp16 overflows above "
+                f"65504). The run's sums now hold NaN: fix the cause and profile again."
+            )
 
     # ----------------------------------------------------- called by adapters
     def register(self, layer: str) -> None:
@@ -144,35 +186,51 @@ class Recorder:
         self.register(layer)
         try:
             plan = self._plan_for(q, key_padding_mask)
-            return planned_stats(q, k, v, plan, self._targets(layer, plan, q.device), scale=scale, backend=self.backend)
+            out = planned_stats(q, k, v, plan, self._targets(layer, plan, q.device), scale=scale, backend=self.backend)
         except ValueError as e:  # name the layer: the kernels know none
             raise ValueError(f"layer {layer!r}: {e}") from e
+        self._plan_layers.append(layer)  # in the order of the plan's NaN/Inf verdicts
+        return out
 
     def _plan_for(self, q, key_padding_mask) -> BatchPlan:
         """The forward's batch plan, built at its first layer call and reused by the others (a layer
         with other padding, e.g. of another length, gets its own)."""
-        plan, mask = self._plan or (None, None)
+        plan, mask, version = self._plan or (None, None, None)
         same = plan is not None and plan.device == q.device and (plan.B, plan.L) == (q.shape[0], q.shape[2]) and (
-            mask is key_padding_mask
-            or (mask is not None and key_padding_mask is not None and torch.equal(mask, key_padding_mask))
-        )
+            (mask is None and key_padding_mask is None)
+            or (mask is not None and key_padding_mask is not None and _version(mask) == version and (
+                # the adapters hand every layer of a forward the same mask object (see per_forward): no sync
+                mask is key_padding_mask
+                # a model that builds a new mask per layer: one comparison (a sync), still no new plan
+                or torch.equal(mask, key_padding_mask)
+            ))
+        )  # fmt: skip
         if not same:
+            self.check_finite()  # the verdicts of the calls on the plan that goes
             labelings, tokens = self._batch
             plan = build_plan(self.spec, labelings.to(q.device), key_padding_mask,
                               None if tokens is None else tokens.to(q.device),
                               shape=(q.shape[0], q.shape[2]), device=q.device)  # fmt: skip
-            self._plan = (plan, key_padding_mask)
             self._null_slots = self._grow_null_genes(plan) if self.n_null else None
+        self._plan = (plan, key_padding_mask, None if key_padding_mask is None else _version(key_padding_mask))
         return plan
 
     def _targets(self, layer: str, plan: BatchPlan, device) -> list[Target]:
         if layer not in self.sums:
             self.sums[layer] = empty_sums(self.spec, self.n_heads, device=device)
-        targets = [Target({k: v[None] for k, v in self.sums[layer].items()}, slice(0, 1))]
+        sums, target = self.sums[layer], self._views.get(layer)
+        if target is None or any(target.sums[k]._base is not v for k, v in sums.items()):  # once per layer
+            target = self._views[layer] = Target({k: v[None] for k, v in sums.items()}, slice(0, 1))
+        targets = [target]
         if self.n_null:
             if layer not in self.null_sums:
                 self.null_sums[layer] = self._empty_null(device)
-            targets.append(Target(self.null_sums[layer], slice(1, None), self._null_slots))
+            null = self._views.get((layer, "null"))
+            if null is None or null.sums is not self.null_sums[layer] or null.genes is not self._null_slots:
+                kept = {} if null is None else null.flat  # its views stay valid while its tensors do
+                null = Target(self.null_sums[layer], slice(1, None), self._null_slots, flat=kept)
+                self._views[layer, "null"] = null
+            targets.append(null)
         return targets
 
     def _empty_null(self, device) -> dict[str, torch.Tensor]:
@@ -204,6 +262,7 @@ class Recorder:
     def profile(self, meta: dict | None = None) -> Profile:
         if not self.sums:
             raise RuntimeError("nothing was profiled: no attention layer ran inside the profiling context")
+        self.check_finite()
         layers = [layer for layer in self.layers if layer in self.sums]  # in the order they first ran
 
         def stacked(sums):
@@ -240,3 +299,9 @@ class Recorder:
             meta=dict(meta or {}),
             null=null,
         )
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """The tensor's version counter (bumped by in-place changes); inference tensors have none (they are
+    keyed by identity alone: a model does not rewrite its mask between layers of a forward)."""
+    return None if t.is_inference() else t._version

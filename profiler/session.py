@@ -59,7 +59,10 @@ class Profiler:
     def __exit__(self, *exc):
         stack, self._stack = self._stack, None
         self.recorder.closed = True  # nothing records any more
-        return stack.__exit__(*exc)  # adapters see the exception in flight, if any
+        suppress = stack.__exit__(*exc)  # adapters see the exception in flight, if any
+        if exc[0] is None:
+            self.recorder.check_finite()  # the last forward's NaN/Inf verdict (the triton backend defers it)
+        return suppress
 
     def set_batch(self, groups, tokens=None, null_groups=None) -> None:
         """Before each forward: the group of every cell (names or codes) and the token ids [B, L].

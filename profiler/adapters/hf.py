@@ -153,7 +153,8 @@ def profiled_attention(module, query, key, value, attention_mask, scaling=None, 
         if kwargs.get(arg) is not None:
             refuse(f"it is called with {arg}", "the statistics are defined for plain softmax attention")
     try:
-        padding, why = key_padding(attention_mask, query.shape[0], query.shape[2]), None
+        # converted and checked once per forward: transformers hands every layer the same mask
+        padding, why = recorder.per_forward(key_padding, attention_mask, query.shape[0], query.shape[2]), None
     except UnsupportedAttention as e:
         why = str(e)
     if why is not None:

@@ -80,7 +80,10 @@ def _profiled_forward(name: str, mha: nn.MultiheadAttention, recorder):
         H = mha.num_heads
         q, k, v = _in_projection(mha, x)
         q, k, v = (t.view(B, L, H, E // H).transpose(1, 2) for t in (q, k, v))
-        padding = _padding_mask(name, key_padding_mask, (B, L))
+        try:  # converted and checked once per forward: every layer gets the same mask tensor
+            padding = recorder.per_forward(_padding_mask, key_padding_mask, (B, L))
+        except UnsupportedAttention as e:
+            raise UnsupportedAttention(f"cannot profile attention module {name!r}: {e}") from None
         out = recorder.attend(name, q, k, v, key_padding_mask=padding)
         out = F.linear(out.transpose(1, 2).reshape(B, L, E), mha.out_proj.weight, mha.out_proj.bias)
         return (out if mha.batch_first else out.transpose(0, 1)), None
@@ -114,18 +117,17 @@ def _in_projection(mha: nn.MultiheadAttention, x):
     return tuple(F.linear(x, w, b) for w, b in zip(weights, bias))
 
 
-def _padding_mask(name, mask, shape):
+def _padding_mask(mask, shape):
     """Bool key padding mask (True = padding) from the bool or additive float forms."""
     if mask is None:
         return None
     if mask.shape != shape:
-        raise UnsupportedAttention(f"module {name!r}: key_padding_mask has shape {tuple(mask.shape)}, expected {shape}")
+        raise UnsupportedAttention(f"its key_padding_mask has shape {tuple(mask.shape)}, expected {shape}")
     if mask.dtype == torch.bool:
         return mask
     padding = torch.isneginf(mask)
-    if not bool((mask[~padding] == 0).all()):
+    if not bool((padding | (mask == 0)).all()):  # one sync per forward (the recorder keeps the result)
         raise UnsupportedAttention(
-            f"cannot profile attention module {name!r}: its float key_padding_mask has values other than 0 and "
-            f"-inf; pass a bool mask (True = padding)"
+            "its float key_padding_mask has values other than 0 and -inf; pass a bool mask (True = padding)"
         )
     return padding

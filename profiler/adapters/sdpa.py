@@ -147,7 +147,8 @@ def swap_sdpa(model: nn.Module, recorder):
         if why is None:
             q = call["query"]
             try:
-                padding = key_padding(call["attn_mask"], q.shape[0], q.shape[2])
+                # converted and checked once per forward: the model hands every layer the same mask
+                padding = recorder.per_forward(key_padding, call["attn_mask"], q.shape[0], q.shape[2])
             except UnsupportedAttention as e:
                 why = str(e)
         if why is not None:
