@@ -13,7 +13,8 @@ size is sqrt(2/pi)·SE, so each head's ``noise_floor`` is that value averaged
 over the same elements as ``mean_abs_diff`` (and ``excess_over_noise`` the
 difference). With label permutations the heads and layers tables also carry,
 per statistic, the null mean, the null 95th percentile, the excess over the
-null mean and the permutation p-value.
+null mean and the permutation p-value. A permutation holds sums and counts,
+no sums of squares: its statistics are differences of means only.
 """
 
 from __future__ import annotations
@@ -180,7 +181,8 @@ class Comparison:
             nulls["heads"].append({"mean_abs_diff": mean_abs.reshape(n, -1), "max_abs_diff": max_abs.reshape(n, -1)})
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # a layer without elements: NaN
-                nulls["layers"].append({"mean_abs_diff": np.nanmean(mean_abs, -1), "max_abs_diff": np.nanmax(max_abs, -1)})
+                layer_mean, layer_max = np.nanmean(mean_abs, -1), np.nanmax(max_abs, -1)  # as _layers_table
+            nulls["layers"].append({"mean_abs_diff": layer_mean, "max_abs_diff": layer_max})
         for table in ("heads", "layers"):
             observed = getattr(self, table)
             for col in STATS:
