@@ -13,7 +13,8 @@ size is sqrt(2/pi)·SE, so each head's ``noise_floor`` is that value averaged
 over the same elements as ``mean_abs_diff`` (and ``excess_over_noise`` the
 difference). With label permutations the heads and layers tables also carry,
 per statistic, the null mean, the null 95th percentile, the excess over the
-null mean and the permutation p-value.
+null mean and the permutation p-value. A permutation holds sums and counts,
+no sums of squares: its statistics are differences of means only.
 """
 
 from __future__ import annotations
@@ -83,8 +84,7 @@ def welch(sum_a, sq_a, n_a, sum_b, sq_b, n_b, min_cells: int) -> Contrast:
     valid = (n_a >= max(min_cells, 1)) & (n_b >= max(min_cells, 1))
     with np.errstate(divide="ignore", invalid="ignore"):
         mean_a, mean_b = sum_a / n_a, sum_b / n_b
-        var_a = np.clip(sq_a - n_a * mean_a**2, 0, None) / (n_a - 1)
-        var_b = np.clip(sq_b - n_b * mean_b**2, 0, None) / (n_b - 1)
+        var_a, var_b = _variance(sum_a, sq_a, n_a, mean_a), _variance(sum_b, sq_b, n_b, mean_b)
         ea, eb = var_a / n_a, var_b / n_b
         se = np.sqrt(ea + eb)
         diff = np.where(valid, mean_a - mean_b, np.nan)
@@ -92,6 +92,18 @@ def welch(sum_a, sq_a, n_a, sum_b, sq_b, n_b, min_cells: int) -> Contrast:
         dof = (ea + eb) ** 2 / (ea**2 / (n_a - 1) + eb**2 / (n_b - 1))
         p = np.where(np.isnan(t), np.nan, 2 * stats.t.sf(np.abs(t), dof))
     return Contrast(mean_a, mean_b, diff, t, p, n_a, n_b, valid, np.where(valid, se, np.nan))
+
+
+def _variance(total, sq, n, mean) -> np.ndarray:
+    """Sample variance from a sum, a sum of squares, a count and the mean; NaN where the squares are absent.
+
+    A permutation's sums carry no sums of squares (``NullSums`` reads them as 0). Real squares are 0
+    only where every value is 0, so the sum is 0 too: a zero square under a non-zero sum is an absent
+    one, and its variance (hence SE, t and noise floor) is unknown, never 0.
+    """
+    absent = (sq == 0) & (total != 0)
+    var = np.clip(sq - n * mean**2, 0, None) / (n - 1)
+    return np.where(absent, np.nan, var)
 
 
 def bh(p) -> np.ndarray:
@@ -128,8 +140,7 @@ class Comparison:
     ``(1 + count) / (1 + N)``.
     """
 
-    def __init__(self, profile: Profile, a, b, min_cells: int | None = None, permutations: int | None = None,
-                 _heads_only=False):  # fmt: skip
+    def __init__(self, profile: Profile, a, b, min_cells: int | None = None, permutations: int | None = None):
         self.profile = profile
         ia, ib = profile.group_index(a), profile.group_index(b)
         if ia == ib:
@@ -148,8 +159,6 @@ class Comparison:
             self.contrasts["gene"] = self.contrasts["gene"].restricted(~special)
         self.heads = self._heads_table()
         self.layers = self._layers_table()
-        if _heads_only:
-            return
         self.permutations = len(profile.null) if permutations is None else int(permutations)
         if self.permutations:
             self._add_permutation_null(self.permutations)
@@ -166,15 +175,19 @@ class Comparison:
                 f"compare(permutations={n}) needs that many label permutations in the profile, which has "
                 f"{available}: profile with permutations={max(n, 1)}, or compare with permutations=0"
             )
-        nulls = [
-            Comparison(self.profile.null_profile(i), self.a, self.b, self.min_cells, _heads_only=True)
-            for i in range(n)
-        ]
+        nulls = {"heads": [], "layers": []}  # per family: [n, rows] arrays, in the tables' row order
+        for family in self.contrasts:
+            mean_abs, max_abs = self._null_statistics(family, n)  # [n, layers, heads]
+            nulls["heads"].append({"mean_abs_diff": mean_abs.reshape(n, -1), "max_abs_diff": max_abs.reshape(n, -1)})
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # a layer without elements: NaN
+                layer_mean, layer_max = np.nanmean(mean_abs, -1), np.nanmax(max_abs, -1)  # as _layers_table
+            nulls["layers"].append({"mean_abs_diff": layer_mean, "max_abs_diff": layer_max})
         for table in ("heads", "layers"):
             observed = getattr(self, table)
             for col in STATS:
                 obs = observed[col].to_numpy(dtype=float)
-                null = np.stack([getattr(c, table)[col].to_numpy(dtype=float) for c in nulls])
+                null = np.concatenate([part[col] for part in nulls[table]], axis=1)
                 with np.errstate(invalid="ignore"), warnings.catch_warnings():
                     warnings.simplefilter("ignore", RuntimeWarning)  # a head without elements: NaN, said once
                     p = (1 + (null >= obs).sum(0)) / (1 + n)
@@ -184,6 +197,37 @@ class Comparison:
                 observed[f"{col}_null_q95"] = q95
                 observed[f"{col}_excess"] = obs - mean
                 observed[f"p_perm_{col}"] = np.where(np.isnan(obs), np.nan, p)
+
+    def _null_statistics(self, family: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each head's mean |D| and max |D| under the first ``n`` permutations, ``[n, layers, heads]``.
+
+        Differences of means only: a permutation holds sums and counts, no sums of squares, so nothing
+        here reads a variance. The elements are those the observed table averages over (seen in
+        ``min_cells`` cells of both groups, context tokens apart from genes), per permutation.
+        """
+        prefix = {"position": "pos", "gene": "recv", "pair": "pair"}[family]
+        null, p = self.profile.null, self.profile
+        ia, ib = p.group_index(self.a), p.group_index(self.b)
+        keep = None  # elements of the null's axis that may count (genes: not context tokens)
+        if family == "gene":
+            ids = np.arange(null.vocab_size or len(p.genes)) if null.genes is None else null.genes
+            keep = np.array([not is_special_token(p.genes[i]) for i in ids], dtype=bool)
+        mean_abs = np.full((n, len(p.layers), p.n_heads), np.nan)
+        max_abs = np.full_like(mean_abs, np.nan)
+        for layer, (sums, counts) in enumerate(zip(null.layers[f"{prefix}_sum"], null.layers[f"{prefix}_count"])):
+            sums = sums[:n].reshape(n, sums.shape[1], p.n_heads, -1)  # [n, groups, heads, elements]
+            counts = counts[:n].reshape(n, counts.shape[1], 1, -1)
+            valid = (counts[:, ia] >= max(self.min_cells, 1)) & (counts[:, ib] >= max(self.min_cells, 1))
+            if keep is not None:
+                valid &= keep
+            with np.errstate(divide="ignore", invalid="ignore"):
+                absd = np.abs(sums[:, ia] / counts[:, ia] - sums[:, ib] / counts[:, ib])
+            absd = np.where(valid, absd, np.nan)
+            n_el = valid.sum(-1)  # [n, 1]
+            has = np.broadcast_to(n_el > 0, absd.shape[:-1])
+            mean_abs[:, layer] = np.where(has, np.nansum(absd, -1) / np.maximum(n_el, 1), np.nan)
+            max_abs[:, layer] = np.where(has, np.where(valid, absd, -np.inf).max(-1), np.nan)
+        return mean_abs, max_abs
 
     def ranked_heads(self, family: str = "gene") -> pd.DataFrame:
         """The heads of one family, most convincing difference first.

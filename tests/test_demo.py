@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import re
 from contextlib import redirect_stdout
 
@@ -38,21 +39,29 @@ def test_demo_runs_end_to_end(demo):
 
 def test_demo_names_the_planted_head_and_lists_the_planted_genes_first(demo):
     out, printed = demo
-    assert f"top head:  layer {PLANTED_LAYER}, head {PLANTED_HEAD} " in printed
-    assert f"top layer: {PLANTED_LAYER} " in printed
+    n = len(Profile.load(out / "profile.npz").null)
+    smallest = f"p_perm = {1 / (n + 1):.3g}"  # beats every one of the n permutations
+    assert re.search(rf"top layer: {PLANTED_LAYER} .*{smallest}$", printed, re.M)
+    assert re.search(rf"top head:  layer {PLANTED_LAYER}, head {PLANTED_HEAD} .*{smallest}$", printed, re.M)
     top = re.search(r"its top 10 genes by Welch p: (.*)", printed).group(1).replace("*", "").split(", ")
     assert set(top) == PLANTED
     assert "-> recovered" in printed and "NOT" not in printed
 
 
-def test_demo_tables_rank_the_planted_head_first(demo):
+def test_demo_tables_rank_the_planted_layer_and_head_first(demo):
     out, _ = demo
+    n = len(Profile.load(out / "profile.npz").null)
+    assert n == json.loads((out / "run.json").read_text())["permutations"] > 0
     heads = pd.read_csv(out / "tables" / "heads.csv").query("family == 'gene'")
     planted = heads.query("layer == @PLANTED_LAYER and head == @PLANTED_HEAD").iloc[0]
-    assert planted["p_perm_mean_abs_diff"] == heads["p_perm_mean_abs_diff"].min() == pytest.approx(1 / 20)
+    assert planted["p_perm_mean_abs_diff"] == pytest.approx(1 / (n + 1))
+    assert (heads.drop(index=planted.name)["p_perm_mean_abs_diff"] > planted["p_perm_mean_abs_diff"]).all()
     band = planted["mean_abs_diff_null_q95"] - planted["mean_abs_diff_null_mean"]
     assert planted["mean_abs_diff_excess"] > 3 * band > 0
     assert planted["excess_over_noise"] > 3 * heads.drop(index=planted.name)["excess_over_noise"].abs().max()
+    layers = pd.read_csv(out / "tables" / "layers.csv").query("family == 'gene'").set_index("layer")
+    assert layers.at[PLANTED_LAYER, "p_perm_mean_abs_diff"] == pytest.approx(1 / (n + 1))
+    assert (layers.drop(index=PLANTED_LAYER)["p_perm_mean_abs_diff"] > 1 / (n + 1)).all()
     genes = pd.read_csv(out / "tables" / "genes.csv")
     head_genes = genes.query("layer == @PLANTED_LAYER and head == @PLANTED_HEAD")
     assert set(head_genes["gene"].iloc[:10]) == PLANTED
@@ -66,7 +75,6 @@ def test_context_tokens_are_not_genes(demo):
     context = pd.read_csv(out / "tables" / "context.csv")
     assert {"<species:mouse>", "<assay:MERFISH>", "<modality:spatial>"} == set(context["token"])
     assert not any(name.startswith("<") for name in ad.read_h5ad(out / "tables" / "genes.h5ad").var_names)
-    assert len(Profile.load(out / "profile.npz").null) == 19
 
 
 def test_plot_draws_every_group_and_a_gallery(demo, tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -136,3 +137,25 @@ def test_null_labelings_survive_save_load_and_merge(tmp_path):
         assert all(np.array_equal(mine[k], theirs[k]) for k in mine)
     merged = loaded + profile
     np.testing.assert_allclose(merged.null[1]["pos_sum"], 2 * profile.null[1]["pos_sum"])
+
+
+def test_permutation_null_reads_differences_of_means_only(shuffled):
+    """A permutation holds sums and counts, no sums of squares (they read as 0): its null statistics are
+    the heads' mean and max |D| of its own labeling, whatever its squares hold, and nothing built on a
+    variance (noise floor, Welch t) comes out of its zero squares as a silent 0."""
+    cmp = shuffled.compare("a", "b")
+    own = [shuffled.null_profile(i).compare("a", "b", permutations=0) for i in range(len(shuffled.null))]
+    for table in ("heads", "layers"):
+        for col in ("mean_abs_diff", "max_abs_diff"):
+            null = np.stack([getattr(c, table)[col].to_numpy() for c in own])
+            np.testing.assert_allclose(getattr(cmp, table)[f"{col}_null_mean"], null.mean(0), rtol=1e-12)
+            np.testing.assert_allclose(getattr(cmp, table)[f"{col}_null_q95"], np.quantile(null, 0.95, 0), rtol=1e-12)
+    for c in own:  # no squares: the variance is unknown, never 0
+        assert c.heads["noise_floor"].isna().all() and c.heads["excess_over_noise"].isna().all()
+        assert c.genes["t"].isna().all() and c.genes["p"].isna().all() and len(c.genes) > 0
+        assert c.heads["mean_abs_diff"].gt(0).all()
+    # the same permutations with made-up squares give the same null columns: squares are never read
+    squared = [{k: np.full_like(v, 7.0) if k.endswith("_sq") else v for k, v in sums.items()} for sums in shuffled.null]
+    other = attnprof.compare(attnprof.Profile(shuffled.sums, **shuffled._fields(), null=squared), "a", "b")
+    null_cols = [c for c in cmp.heads if "_null_" in c or c.startswith("p_perm")]
+    pd.testing.assert_frame_equal(other.heads[null_cols], cmp.heads[null_cols])

@@ -49,7 +49,7 @@ CELL_TYPES = {
 
 
 #: Where the demo model's constructed head sits, and how fast its attention grows with a gene's rank.
-PLANTED_LAYER, PLANTED_HEAD, RANK_SLOPE = 1, 2, 0.15
+PLANTED_LAYER, PLANTED_HEAD, RANK_SLOPE = 1, 2, 0.4
 
 
 def plant_head(model: Nicheformer, layer: int = PLANTED_LAYER, head: int = PLANTED_HEAD,
