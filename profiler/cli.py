@@ -28,11 +28,9 @@ EXIT_NOTHING = 1
 OVERWRITE_HELP = ("replace the run in --out: its listed outputs are removed first (default: refuse a folder "
                   "holding another run)")
 #: Label permutations of `attnprof run`. 99 is the smallest N whose p_perm = 1/(N+1) reaches 0.01 and whose
-#: null 95th percentile rests on the 5 largest of 99 draws; once all labelings are reduced in one attention
-#: pass, each costs reductions, not attention, and one more set of sums (memory: N + 1 profiles).
+#: null 95th percentile rests on the 5 largest of 99 draws. All labelings are reduced from one attention pass,
+#: so each costs reductions and one more set of sums and counts (README: "Permutation p-values").
 DEFAULT_PERMUTATIONS = 99
-#: The demo's: the smallest N whose p_perm reaches 0.05, so the demo stays at about ten seconds.
-DEMO_PERMUTATIONS = 19
 
 
 # ------------------------------------------------------------------ parsers
@@ -166,8 +164,8 @@ def add_demo_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the data and the model (default 0)")
     p.add_argument("--backend", default="auto", help="auto, torch, triton or reference (default auto)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: fastest for the tiny model)")
-    p.add_argument("--permutations", type=int, default=DEMO_PERMUTATIONS, metavar="N",
-                   help=f"label permutations (default {DEMO_PERMUTATIONS})")
+    p.add_argument("--permutations", type=int, default=DEFAULT_PERMUTATIONS, metavar="N",
+                   help=f"label permutations (default {DEFAULT_PERMUTATIONS})")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=cmd_demo)
