@@ -90,7 +90,8 @@ def test_what_it_accepts_gives_the_modules_own_output():
     refused("cannot profile attention module '<root>': its float key_padding_mask has values other than 0 and "
             "-inf; pass a bool mask (True = padding)", module, x, x, x,
             key_padding_mask=additive.masked_fill(~padding, -1.0), need_weights=False)  # fmt: skip
-    refused(f"module '<root>': key_padding_mask has shape {(B, L - 1)}, expected {(B, L)}", module, x, x, x,
+    refused(f"cannot profile attention module '<root>': its key_padding_mask has shape {(B, L - 1)}, expected "
+            f"{(B, L)}", module, x, x, x,
             key_padding_mask=padding[:, 1:], need_weights=False)  # fmt: skip
 
 
