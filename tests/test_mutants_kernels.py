@@ -1,4 +1,4 @@
-"""Tests that kill the mutants mutmut left alive in kernels/spec.py, reduce.py and reference.py
+"""Tests that kill the mutants mutmut left alive in kernels/plan.py, reduce.py, spec.py and reference.py
 (``scripts/mutation.sh kernels``). Each checks behaviour through public functions only.
 
 Mutants left alive on purpose, because they are equivalent (no input can tell them apart):
@@ -15,10 +15,30 @@ Mutants left alive on purpose, because they are equivalent (no input can tell th
   sentinel -> -2 (readers only test ``>= 0``); ``M = 0`` -> 1 for an empty batch (refused before);
   ``stable=False`` (positions of a panel token are summed, so their order does not change any sum); the
   argsort key ``.to(torch.uint8)`` -> ``.to(None)`` (bool sorts False before True, like 0 before 1).
-- ``check_inputs``: tokens given to a spec without ``vocab_size`` -> None: without gene statistics nothing
-  reads the tokens.
+- ``check_inputs`` / ``check_batch``: tokens given to a spec without ``vocab_size`` -> None: without gene
+  statistics nothing reads the tokens.
+- ``stats_from_probs``: ``sums`` given -> fresh zeros: no caller passes ``sums`` since the batch plan.
 - ``StatsSpec``: ``(self.vocab_size or 0)`` -> ``or 1`` in the panel range: a panel without vocab_size is
   refused one check earlier.
+- ``device=dev`` / ``device=device`` dropped or None all through ``build_plan`` and ``check_batch`` (and
+  ``dev = None``, ``check_batch(..., None)``): as above, CPU is torch's default device.
+- dtypes left to torch where it infers the same one: ``torch.full(..., -1)`` and ``torch.tensor(spec.panel)``
+  of Python ints are int64 without ``dtype=torch.long``; ``argsort(padding.to(None))`` sorts bools like 0/1;
+  ``argsort(dim=1)`` -> default dim of a 2-D tensor.
+- ``counted_slot`` and the panel slot map's -1 sentinel -> -2: every reader tests ``>= 0``.
+- ``BatchPlan.cache_cu`` and ``_add_received``'s cache keys renamed or None: a cache that misses (or is
+  keyed differently) recomputes the same values; ``_add_received``'s chunk size ``max(1, ...)`` -> ``max(2,
+  ...)`` or ``// max(C * H, 2)``: the chunk size changes, never the sums (chunked sums are tested with
+  several chunk sizes).
+- ``reduce_into``: the assertion text of contiguous labelings (an internal invariant, never a user error);
+  ``cells.received is not None and plan.genes.numel()`` -> ``or``: every backend returns ``received``
+  exactly when the spec has gene statistics, and with no genes the reduction loops over nothing.
+- ``_addmm``: ``continue`` -> ``break``: only the ``_sq`` sums (the last) may be absent.
+- ``pair_means`` / reference einsum subscripts in upper case; reference ``float("-INF")``: see above.
+
+Not reached by any test (mutmut: "no tests", 194 mutants): ``reduce.group_onehot``, ``add_group_sums``,
+``add_window_counts``, ``add_received``, ``add_pairs`` and ``reference.reference_stats`` have no caller since
+the batch plan (``reduce_into`` and ``reference_planned`` replaced them); they are left out of the score.
 """
 
 from __future__ import annotations
@@ -211,6 +231,9 @@ def test_build_plan_messages_and_shape_from_the_tokens():
     # no mask and no shape: the tokens give the batch shape, and no position is padding
     plan = build_plan(SPEC, torch.tensor([0, 1]), None, torch.zeros(2, 7, dtype=torch.long))
     assert (plan.B, plan.L) == (2, 7) and not plan.padding.any()
+    with pytest.raises(ValueError, match="^" + re.escape(
+            "groups must have shape [B] = [2], got (1,) (mismatched batch sizes?)") + "$"):  # fmt: skip
+        check_inputs(x["q"], x["k"], x["v"], None, torch.tensor([0]), x["tokens"], SPEC, None)
     inp = check_inputs(x["q"], x["k"], x["v"], None, x["groups"], None, StatsSpec(n_groups=2, window=4), None)
     assert inp.padding.shape == (2, 5) and not inp.padding.any() and inp.scale == 4**-0.5
 
