@@ -52,18 +52,19 @@ def nothing_to_compare(profile, a, b, min_cells: int) -> str | None:
     cells = profile.cells
     a, b = profile.groups[profile.group_index(a)], profile.groups[profile.group_index(b)]
     min_cells = max(int(min_cells), 1)
-    few = [f"{g} has {cells[g]}" for g in (a, b) if cells[g] < min_cells]
-    if few:
-        return (
-            f"nothing to compare: {' and '.join(few)} cells, fewer than --min-cells {min_cells}; "
-            f"profile more cells of that group or lower --min-cells"
-        )
+    # the data's fault first: no --min-cells and no more cells of the same data would give a comparison
     context_only = (profile.meta.get("data") or {}).get("context_only_cells")
     total = sum(cells.values())
     if context_only is not None and context_only >= total:
         return (
             f"nothing to compare: every one of the {total} cells has zero counts in the vocabulary genes "
             f"(only their context tokens were profiled); check --layer/--use-raw and the gene names (--vocab, --gene-key)"
+        )
+    few = [f"{g} has {cells[g]}" for g in (a, b) if cells[g] < min_cells]
+    if few:
+        return (
+            f"nothing to compare: {' and '.join(few)} cells, fewer than --min-cells {min_cells}; "
+            f"profile more cells of that group or lower --min-cells"
         )
     ia, ib = profile.group_index(a), profile.group_index(b)
     for prefix in ("pos", "recv", "pair"):

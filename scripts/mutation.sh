@@ -14,8 +14,8 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 python=${PYTHON:-$repo/.venv/bin/python}
 group=${1:?usage: scripts/mutation.sh kernels|tables|tokenize|adapters}
 case $group in
-  kernels)  mutate='"src/attnprof/kernels/reduce.py", "src/attnprof/kernels/spec.py", "src/attnprof/kernels/reference.py"'
-            tests='"tests/test_kernels.py", "tests/test_mutants_kernels.py"' ;;
+  kernels)  mutate='"src/attnprof/kernels/plan.py", "src/attnprof/kernels/reduce.py", "src/attnprof/kernels/spec.py", "src/attnprof/kernels/reference.py"'
+            tests='"tests/test_kernels.py", "tests/test_plan.py", "tests/test_mutants_kernels.py"' ;;
   tables)   mutate='"src/attnprof/tables.py"'
             tests='"tests/test_tables.py", "tests/test_significance.py", "tests/test_mutants_tables.py"' ;;
   tokenize) mutate='"src/attnprof/singlecell/tokenize.py"'

@@ -95,7 +95,7 @@ def test_more_than_two_groups_need_compare(inputs, tmp_path, capsys):
     assert main(base) == 2
     err = capsys.readouterr().err
     assert "has 5 groups (excitatory neuron, inhibitory neuron, astrocyte" in err and "--compare A B" in err
-    assert main([*base, "--compare", "astrocyte", "microglia"]) == 0
+    assert main([*base, "--compare", "astrocyte", "microglia", "--min-cells", "1"]) == 0  # 9 microglia
     profile = Profile.load(tmp_path / "profile.npz")
     assert profile.groups == ["astrocyte", "microglia"]  # only the compared groups are profiled
 

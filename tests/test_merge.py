@@ -159,8 +159,9 @@ def test_cli_merge_refuses_any_overlap_naming_both_inputs_and_the_shared_cells(i
 
     run_cli(inputs, tmp_path / "whole")
     run_cli(inputs, tmp_path / "shard1", "--shard", "1/2")
+    # 1 female and 4 male cells: below the default --min-cells, so it is lowered to write the tables
     run_cli(inputs, tmp_path / "subset", "--subset", "cell_type in ['neuron', 'astrocyte']", "--compare",
-            "female", "male")  # fmt: skip
+            "female", "male", "--min-cells", "1")  # fmt: skip
     whole = Profile.load(tmp_path / "whole" / "profile.npz")
     shard = Profile.load(tmp_path / "shard1" / "profile.npz")
     subset = Profile.load(tmp_path / "subset" / "profile.npz")

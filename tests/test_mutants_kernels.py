@@ -1,4 +1,4 @@
-"""Tests that kill the mutants mutmut left alive in kernels/spec.py, reduce.py and reference.py
+"""Tests that kill the mutants mutmut left alive in kernels/plan.py, reduce.py, spec.py and reference.py
 (``scripts/mutation.sh kernels``). Each checks behaviour through public functions only.
 
 Mutants left alive on purpose, because they are equivalent (no input can tell them apart):
@@ -15,10 +15,30 @@ Mutants left alive on purpose, because they are equivalent (no input can tell th
   sentinel -> -2 (readers only test ``>= 0``); ``M = 0`` -> 1 for an empty batch (refused before);
   ``stable=False`` (positions of a panel token are summed, so their order does not change any sum); the
   argsort key ``.to(torch.uint8)`` -> ``.to(None)`` (bool sorts False before True, like 0 before 1).
-- ``check_inputs``: tokens given to a spec without ``vocab_size`` -> None: without gene statistics nothing
-  reads the tokens.
+- ``check_inputs`` / ``check_batch``: tokens given to a spec without ``vocab_size`` -> None: without gene
+  statistics nothing reads the tokens.
+- ``stats_from_probs``: ``sums`` given -> fresh zeros: no caller passes ``sums`` since the batch plan.
 - ``StatsSpec``: ``(self.vocab_size or 0)`` -> ``or 1`` in the panel range: a panel without vocab_size is
   refused one check earlier.
+- ``device=dev`` / ``device=device`` dropped or None all through ``build_plan`` and ``check_batch`` (and
+  ``dev = None``, ``check_batch(..., None)``): as above, CPU is torch's default device.
+- dtypes left to torch where it infers the same one: ``torch.full(..., -1)`` and ``torch.tensor(spec.panel)``
+  of Python ints are int64 without ``dtype=torch.long``; ``argsort(padding.to(None))`` sorts bools like 0/1;
+  ``argsort(dim=1)`` -> default dim of a 2-D tensor.
+- ``counted_slot`` and the panel slot map's -1 sentinel -> -2: every reader tests ``>= 0``.
+- ``BatchPlan.cache_cu`` and ``_add_received``'s cache keys renamed or None: a cache that misses (or is
+  keyed differently) recomputes the same values; ``_add_received``'s chunk size ``max(1, ...)`` -> ``max(2,
+  ...)`` or ``// max(C * H, 2)``: the chunk size changes, never the sums (chunked sums are tested with
+  several chunk sizes).
+- ``reduce_into``: the assertion text of contiguous labelings (an internal invariant, never a user error);
+  ``cells.received is not None and plan.genes.numel()`` -> ``or``: every backend returns ``received``
+  exactly when the spec has gene statistics, and with no genes the reduction loops over nothing.
+- ``_addmm``: ``continue`` -> ``break``: only the ``_sq`` sums (the last) may be absent.
+- ``pair_means`` / reference einsum subscripts in upper case; reference ``float("-INF")``: see above.
+
+Not reached by any test (mutmut: "no tests", 194 mutants): ``reduce.group_onehot``, ``add_group_sums``,
+``add_window_counts``, ``add_received``, ``add_pairs`` and ``reference.reference_stats`` have no caller since
+the batch plan (``reduce_into`` and ``reference_planned`` replaced them); they are left out of the score.
 """
 
 from __future__ import annotations
@@ -28,8 +48,8 @@ import re
 import pytest
 import torch
 
-from attnprof.kernels import StatsSpec, attention_stats, sum_shapes
-from attnprof.kernels.spec import MAX_WINDOW
+from attnprof.kernels import StatsSpec, attention_stats, build_plan, sum_shapes
+from attnprof.kernels.spec import MAX_WINDOW, check_inputs
 from helpers import assert_sums_close, random_batch, spec_for
 
 SPEC = StatsSpec(n_groups=2, window=4, vocab_size=6)
@@ -171,3 +191,86 @@ def test_probabilities_that_underflow_to_zero_add_no_nan_to_the_entropy():
         _, sums = attention_stats(q, k, v, spec=spec, groups=[0], scale=1.0, backend=backend)
         assert torch.isfinite(sums["summary_sum"]).all(), backend
         assert sums["summary_sum"][0, 0, 0].item() == pytest.approx(0.0, abs=1e-12)  # all mass on one key
+
+
+# ------------------------------------------------ the batch plan and the plan-era reductions (mutation run of
+# kernels/plan.py with reduce, spec and reference; equivalent survivors are listed in the module docstring)
+def test_an_explicit_scale_is_used_by_every_backend():
+    """A scale other than D**-0.5 (the default) reaches the scores: softmax(scale * q k^T) @ v."""
+    x = good(L=5, D=4)
+    expected = torch.softmax(x["q"] @ x["k"].transpose(-1, -2) * 0.3, -1) @ x["v"]
+    for backend in ("reference", "torch"):
+        out, _ = attention_stats(**{**x, "backend": backend}, scale=0.3)
+        torch.testing.assert_close(out, expected, msg=backend)
+    assert check_inputs(x["q"], x["k"], x["v"], None, x["groups"], x["tokens"], SPEC, 0.3).scale == 0.3
+
+
+def test_scores_that_overflow_from_finite_q_and_k_are_named():
+    """q and k finite but so large that q.k overflows fp32: the scores, not q, k or v, are blamed (by the
+    torch backend, from its row log-sum-exp; the reference oracle checks its inputs only)."""
+    x = good()
+    big = torch.full_like(x["q"], 1e20)
+    message = "the attention scores overflowed to NaN or Inf: q and k are finite but too large (fp16?)"
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        attention_stats(**{**x, "q": big, "k": big, "backend": "torch"})
+
+
+def test_build_plan_messages_and_shape_from_the_tokens():
+    spec = StatsSpec(n_groups=2, window=3)
+    with pytest.raises(ValueError, match="^" + re.escape(
+            "the batch shape is unknown: pass key_padding_mask or tokens [B, L] (or shape=)") + "$"):  # fmt: skip
+        build_plan(spec, torch.tensor([0, 1]))
+    for shape in ((0, 3), (2, 0)):
+        with pytest.raises(ValueError, match="^" + re.escape(
+                f"empty batch: shape {shape}; pass at least one cell and one token") + "$"):  # fmt: skip
+            build_plan(spec, torch.zeros(shape[0], dtype=torch.long), shape=shape)
+    x = good()
+    with pytest.raises(ValueError, match="^" + re.escape(
+            "groups must have shape [B] = [2], got (3,) (mismatched batch sizes?)") + "$"):  # fmt: skip
+        attention_stats(**{**x, "groups": torch.tensor([0, 1, 0])})
+    # no mask and no shape: the tokens give the batch shape, and no position is padding
+    plan = build_plan(SPEC, torch.tensor([0, 1]), None, torch.zeros(2, 7, dtype=torch.long))
+    assert (plan.B, plan.L) == (2, 7) and not plan.padding.any()
+    with pytest.raises(ValueError, match="^" + re.escape(
+            "groups must have shape [B] = [2], got (1,) (mismatched batch sizes?)") + "$"):  # fmt: skip
+        check_inputs(x["q"], x["k"], x["v"], None, torch.tensor([0]), x["tokens"], SPEC, None)
+    inp = check_inputs(x["q"], x["k"], x["v"], None, x["groups"], None, StatsSpec(n_groups=2, window=4), None)
+    assert inp.padding.shape == (2, 5) and not inp.padding.any() and inp.scale == 4**-0.5
+
+
+def test_plan_fields_without_a_panel_or_genes():
+    """The documented fields of a plan without a panel (M = 0) and without gene statistics (empty int64)."""
+    padding = torch.tensor([[False, False, True], [False, True, True], [False, False, False]])
+    labelings = torch.tensor([[0, -1, 1], [1, 0, -1]])
+    plan = build_plan(StatsSpec(n_groups=2, window=2), labelings, padding)
+    C = 3  # every cell is counted in some labeling
+    assert plan.panel_pos.shape == (C, 0) and plan.panel_pos.dtype == torch.int64
+    assert plan.panel_at.shape == (C, 0) and plan.panel_at.dtype == torch.int64
+    assert plan.panel_member.shape == (C, 0, 0) and plan.panel_member.dtype == torch.float64
+    assert plan.host["panel_count"] == [0, 0, 0] and plan.panel_slot.eq(-1).all()
+    for name in ("genes", "gene_pairs", "gene_src", "pair_cell", "pair_gene"):
+        field = getattr(plan, name)
+        assert field.numel() == 0 and field.dtype == torch.int64, name
+    assert torch.equal(plan.real, ~padding) and torch.equal(plan.groups, labelings)
+    assert plan.host["counted_lengths"] == [2, 1, 3] and plan.counted_slot.tolist() == [0, 1, 2]
+    partly = build_plan(StatsSpec(n_groups=2, window=2), torch.tensor([[-1, 0, 1]]), padding)
+    assert partly.host["counted_lengths"] == [1, 3] and torch.equal(partly.groups, torch.tensor([[0, 1]]))
+    assert partly.counted_slot.tolist() == [-1, 0, 1]
+
+
+@pytest.mark.parametrize("chunk", [2, 4])
+def test_gene_sums_in_chunks_of_genes_equal_the_reference(monkeypatch, chunk):
+    """The gene reduction densifies per chunk of genes (``GENE_CHUNK`` entries of cells x genes x heads):
+    many chunks, an uneven last one, each adding at its own genes, give the reference's sums."""
+    from attnprof.kernels import reduce
+
+    q, k, v, padding, groups, tokens = random_batch(11, 4, 2, 9, 8, 2, vocab=12)
+    spec = spec_for(2, 9, vocab=12)
+    args = dict(spec=spec, groups=groups, key_padding_mask=padding, tokens=tokens)
+    _, ref = attention_stats(q, k, v, backend="reference", **args)
+    counted = int((groups >= 0).sum())
+    monkeypatch.setattr(reduce, "GENE_CHUNK", chunk * counted * 2)  # chunks of `chunk` genes (H = 2)
+    plan = build_plan(spec, groups[None], padding, tokens)
+    assert plan.genes.numel() > chunk and plan.genes.numel() % chunk  # several chunks, a ragged last one
+    _, fast = attention_stats(q, k, v, backend="torch", **args)
+    assert_sums_close(fast, ref)

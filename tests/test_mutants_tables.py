@@ -1,6 +1,7 @@
 """Tests that kill the mutants mutmut left alive in profiler/tables.py (``scripts/mutation.sh tables``):
-the tables' schema (names, order, dtypes), their values against the sums, the AnnData export, the files
-``save`` writes, and the permutation p-values. Behaviour through public functions only.
+the tables' schema (names, order, dtypes), their row order, their values against the sums (noise floor
+included), the AnnData export, the files ``save`` writes, and the permutation p-values. Behaviour through
+public functions only.
 
 Mutants left alive on purpose, because they are equivalent:
 
@@ -40,11 +41,13 @@ from torch import nn
 
 import attnprof
 from attnprof.kernels import SUMMARIES
-from attnprof.tables import welch
+from attnprof.profile import NullSums
+from attnprof.tables import DEFAULT_MIN_CELLS, HALF_NORMAL_MEAN, welch
 
 LAYERS, HEADS, VOCAB, L = 3, 2, 12, 7  # layers != heads: a transposed index shows
 GENES = [f"g{i}" for i in range(VOCAB)]
-ELEMENT_COLUMNS = ["mean_a", "mean_b", "diff", "t", "p", "q", "n_a", "n_b"]
+ELEMENT_COLUMNS = ["diff", "t", "p", "q", "n_a", "n_b", "mean_a", "mean_b"]  # genes, context, pairs
+SUMMARY_COLUMNS = ["mean_a", "mean_b", "diff", "t", "p", "q", "n_a", "n_b"]
 
 
 def make_profile(permutations: int = 0):
@@ -78,12 +81,15 @@ def cmp(profile):
 
 def test_every_table_has_its_columns_in_order(cmp):
     assert list(cmp.heads.columns) == ["layer", "head", "family", "n_a", "n_b", "n_elements", "mean_abs_diff",
-                                       "max_abs_diff", "where", "max_abs_t", "min_q"]  # fmt: skip
-    assert list(cmp.layers.columns) == ["layer", "layer_name", "family", "mean_abs_diff", "max_abs_diff",
-                                        "max_head", "where"]  # fmt: skip
-    assert list(cmp.genes.columns) == ["layer", "head", "gene", "token_id", *ELEMENT_COLUMNS]
+                                       "noise_floor", "excess_over_noise", "max_abs_diff", "where", "max_abs_t",
+                                       "min_q"]  # fmt: skip
+    assert list(cmp.layers.columns) == ["layer", "layer_name", "family", "mean_abs_diff", "noise_floor",
+                                        "excess_over_noise", "max_abs_diff", "max_head", "where"]  # fmt: skip
+    assert list(cmp.genes.columns) == ["layer", "head", "gene", *ELEMENT_COLUMNS, "token_id"]
+    assert list(cmp.context.columns) == ["layer", "head", "token", *ELEMENT_COLUMNS, "token_id"]
     assert list(cmp.pairs.columns) == ["layer", "head", "gene_a", "gene_b", *ELEMENT_COLUMNS]
-    assert list(cmp.summaries.columns) == ["layer", "head", "summary", *ELEMENT_COLUMNS]
+    assert list(cmp.summaries.columns) == ["layer", "head", "summary", *SUMMARY_COLUMNS]
+    assert cmp.context.empty  # g0..g11 are all genes: no context or special token
     for table in (cmp.genes, cmp.pairs, cmp.summaries):
         assert table["n_a"].dtype == np.int64 and table["n_b"].dtype == np.int64
     assert (cmp.heads["n_a"] == 6).all() and (cmp.heads["n_b"] == 7).all()  # b has 6 cells, a 7
@@ -100,9 +106,10 @@ def test_tables_of_a_profile_without_genes_keep_the_element_columns():
     cmp = prof.profile.compare("a", "b")
     assert cmp.genes.empty and cmp.pairs.empty
     assert list(cmp.pairs.columns) == ["layer", "head", "gene_a", "gene_b", *ELEMENT_COLUMNS]
-    # the empty gene table: the columns of a full one, in order (token_id may be left out)
-    full = ["layer", "head", "gene", "token_id", *ELEMENT_COLUMNS]
-    assert list(cmp.genes.columns) in (full, [c for c in full if c != "token_id"])
+    # the empty gene and context tables: the columns of full ones, in order (token_id may be left out)
+    for table, name in ((cmp.genes, "gene"), (cmp.context, "token")):
+        full = ["layer", "head", name, *ELEMENT_COLUMNS, "token_id"]
+        assert table.empty and list(table.columns) in (full, full[:-1])
     with pytest.raises(ValueError, match="^" + re.escape(
             "this profile has no gene statistics: profile with genes= (a vocabulary) to get them") + "$"):  # fmt: skip
         cmp.to_anndata()
@@ -117,10 +124,16 @@ def expected_contrast(profile, prefix, min_cells):
 
 
 def test_gene_and_pair_rows_hold_their_own_element_statistics(cmp, profile):
-    for table in (cmp.genes, cmp.pairs):  # rows run layer, then head, then element
-        order = table[["layer", "head"]].to_numpy()
-        assert (np.diff(order[:, 0]) >= 0).all()
-        assert all((np.diff(rows["head"].to_numpy()) >= 0).all() for _, rows in table.groupby("layer"))
+    for table in (cmp.genes, cmp.pairs):  # most significant first: Welch p rising (NaN last), then |t| falling
+        p = table["p"].fillna(2.0).to_numpy()
+        abs_t = table["t"].abs().fillna(-1.0).to_numpy()
+        assert (np.diff(p) >= 0).all()
+        assert (np.diff(abs_t)[np.diff(p) == 0] <= 0).all()
+        assert table["p"].notna().sum() > 10  # the order is not vacuous (|t| only breaks ties such as p = 0)
+        # every layer, head and valid element exactly once
+        keys = ["layer", "head", "gene"] if "gene" in table else ["layer", "head", "gene_a", "gene_b"]
+        assert not table.duplicated(keys).any()
+        assert len(table) == LAYERS * HEADS * table.drop_duplicates(keys[2:]).shape[0]
     c = expected_contrast(profile, "recv", 3)
     for row in cmp.genes.sample(25, random_state=0).itertuples():
         e = GENES.index(row.gene)
@@ -184,7 +197,8 @@ def test_save_writes_plain_files_into_a_new_nested_folder(cmp, tmp_path):
 
 def test_permutation_p_values_count_ties_and_keep_undefined_heads_undefined():
     profile = make_profile(permutations=2)
-    tie = dataclasses.replace(profile, null=[dict(profile.sums), dict(profile.sums)])  # nulls equal to the data
+    same = NullSums.from_list([dict(profile.sums), dict(profile.sums)], vocab_size=VOCAB)  # nulls equal to the data
+    tie = dataclasses.replace(profile, null=same)
     cmp = tie.compare("b", "a", min_cells=4, permutations=2)
     for table in (cmp.heads, cmp.layers):
         for col in ("mean_abs_diff", "max_abs_diff"):
@@ -192,21 +206,27 @@ def test_permutation_p_values_count_ties_and_keep_undefined_heads_undefined():
             defined = table[col].notna()
             assert (p[defined] == 1.0).all(), (col, p[defined])  # a tie counts as at least as large
             assert p[~defined].isna().all()
+            np.testing.assert_allclose(table[f"{col}_null_mean"][defined], table[col][defined])
+            assert (table[f"{col}_excess"][defined] == 0).all()  # observed minus the null mean
     assert cmp.heads["mean_abs_diff"].isna().any()  # the gene g11 never occurs: its pair rows are undefined
-    real = profile.compare("b", "a", permutations=1)
-    assert real.heads["p_perm_max_abs_diff"].isin([0.5, 1.0]).all()  # (1 + count) / (1 + N), N = 1
+    real = profile.compare("b", "a", min_cells=3, permutations=1)
+    p = real.heads["p_perm_max_abs_diff"]
+    assert p.notna().any() and p.dropna().isin([0.5, 1.0]).all()  # (1 + count) / (1 + N), N = 1
     with pytest.raises(ValueError, match=re.escape(
             "compare(permutations=3) needs that many label permutations in the profile, which has 2: profile "
-            "with permutations=3 (each costs one more attention pass per layer)")):  # fmt: skip
+            "with permutations=3")):  # fmt: skip
         profile.compare("b", "a", permutations=3)
     bare = make_profile(permutations=0)
-    with pytest.raises(ValueError, match=re.escape("which has 0: profile with permutations=1 ")):
+    with pytest.raises(ValueError, match=re.escape("which has 0: profile with permutations=1") + r"\b"):
         bare.compare("b", "a", permutations=1)
 
 
 def test_heads_and_layers_summaries_and_their_empty_rows(profile):
-    cmp = attnprof.compare(profile, "b", "a")  # defaults: min_cells 1, no permutations
-    assert cmp.min_cells == 1 and "p_perm_mean_abs_diff" not in cmp.heads.columns
+    default = attnprof.compare(profile, "b", "a")  # defaults: DEFAULT_MIN_CELLS, every permutation (none here)
+    assert default.min_cells == DEFAULT_MIN_CELLS and default.permutations == 0
+    assert "p_perm_mean_abs_diff" not in default.heads.columns
+    assert default.heads["n_elements"].eq(0).all()  # b has 6 cells, fewer than the default 10
+    cmp = attnprof.compare(profile, "b", "a", min_cells=1)
     heads = cmp.heads
     assert list(heads.index) == list(range(len(heads)))  # one table, not three stacked indexes
     assert list(dict.fromkeys(heads["family"])) == ["position", "gene", "pair"]
@@ -218,12 +238,21 @@ def test_heads_and_layers_summaries_and_their_empty_rows(profile):
             mean_abs = np.nanmean(absd, -1)
         np.testing.assert_allclose(rows["n_elements"], n_el.ravel())
         np.testing.assert_allclose(rows["mean_abs_diff"], mean_abs.ravel(), equal_nan=True)
+        with np.errstate(invalid="ignore"):  # the expected |D| without a difference, over elements with an SE
+            floor = np.nanmean(HALF_NORMAL_MEAN * c.se, -1)
+        assert np.isfinite(floor).any()
+        np.testing.assert_allclose(rows["noise_floor"], floor.ravel(), equal_nan=True)
+        np.testing.assert_allclose(rows["excess_over_noise"], (mean_abs - floor).ravel(), equal_nan=True)
         np.testing.assert_allclose(rows["max_abs_diff"], np.nanmax(absd, -1).ravel(), equal_nan=True)
         np.testing.assert_allclose(rows["max_abs_t"], np.nanmax(np.abs(c.t), -1).ravel(), equal_nan=True)
         np.testing.assert_allclose(rows["min_q"], np.nanmin(c.q, -1).ravel(), equal_nan=True)
     layers = cmp.layers
     assert list(zip(layers["family"], layers["layer"])) == [(f, l) for f in ("position", "gene", "pair")
                                                            for l in range(LAYERS)]  # fmt: skip
+    by_layer = heads.groupby(["family", "layer"], sort=False)
+    for col in ("mean_abs_diff", "noise_floor", "excess_over_noise"):  # means over heads
+        np.testing.assert_allclose(layers[col], by_layer[col].mean().to_numpy(), err_msg=col)
+    np.testing.assert_allclose(layers["max_abs_diff"], by_layer["max_abs_diff"].max().to_numpy())
     # no element seen in min_cells cells of both groups: NaN summaries, head -1, empty "where"
     strict = profile.compare("b", "a", min_cells=7)  # b has 6 cells
     assert strict.heads["n_elements"].eq(0).all() and strict.heads["where"].eq("").all()

@@ -1,6 +1,7 @@
-"""Property tests that provably reach the code path they test: the fused CPU row kernel inside the torch
-backend on any shape, and the eager row pass it replaces. Each example counts the calls of the path (a spy
-around the real function), so a threshold or a build that silently sends every cell elsewhere fails here;
+"""Property tests that provably reach the code path they test: the fused CPU batch kernel inside the torch
+backend on any shape, and the eager row pass it replaces. Each example counts the cells that go through the
+path (a spy around the real function), so a threshold or a build that silently sends every cell elsewhere
+fails here;
 a kernel that cannot be built skips loudly, and fails under CI=true (helpers.skip_unless_built)."""
 
 from __future__ import annotations
@@ -27,14 +28,20 @@ SHAPES = dict(
 )
 
 
-def counted(function):
+def counted(function, cells=lambda *args: 1):
+    """A spy around ``function`` and the list of what ``cells(*args)`` says each call handled."""
     calls = []
 
     def spy(*args, **kwargs):
-        calls.append(args[0].shape)
+        calls.append(cells(*args))
         return function(*args, **kwargs)
 
     return spy, calls
+
+
+def counted_slots(q, k, v, cu_q, cu_k, slot, *rest) -> int:
+    """Counted cells of one :func:`fused_rows.batch_rows` call: those with a counted-cell slot."""
+    return int((slot >= 0).sum())
 
 
 def torch_and_reference(B, H, L, D, G, window, n_context, trailing, seed):
@@ -52,10 +59,13 @@ def torch_and_reference(B, H, L, D, G, window, n_context, trailing, seed):
 @given(**SHAPES)
 def test_fused_row_kernel_equals_the_reference_on_any_shape(**shape):
     skip_unless_built(fused_rows.available(), f"the fused CPU row kernel cannot be built: {fused_rows._failed}")
-    spy, calls = counted(fused_rows.cell_rows)
-    with patch.object(blocked, "FUSED_MIN_SCORES", 0), patch.object(fused_rows, "cell_rows", spy):
+    spy, calls = counted(fused_rows.batch_rows, counted_slots)
+    eager, eager_calls = counted(blocked._rows_eager)
+    with patch.object(blocked, "FUSED_MIN_SCORES", 0), patch.object(fused_rows, "batch_rows", spy), \
+            patch.object(blocked, "_rows_eager", eager):  # fmt: skip
         cells = torch_and_reference(**shape)
-    assert len(calls) == cells  # every counted cell went through the compiled kernel
+    assert len(calls) == 1 and calls[0] == cells  # the whole batch in one compiled call, every counted cell
+    assert not eager_calls  # and none on the eager loop
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
