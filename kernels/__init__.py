@@ -117,6 +117,7 @@ __all__ = [
     "BACKENDS",
     "SUMMARIES",
     "BatchPlan",
+    "CellResults",
     "StatsSpec",
     "Target",
     "attention_stats",

@@ -19,13 +19,6 @@ def attention_probs(inp: Inputs) -> torch.Tensor:
     return torch.softmax(scores, dim=-1)
 
 
-def reference_stats(inp: Inputs, spec: StatsSpec, sums=None):
-    _refuse_non_finite(inp)
-    P = attention_probs(inp)
-    out = torch.einsum("bhij,bhjd->bhid", P, inp.v.float()).to(inp.q.dtype)
-    return out, stats_from_probs(P, inp.padding, inp.groups, inp.tokens, spec, sums)
-
-
 def reference_planned(inp: Inputs, plan, targets) -> torch.Tensor:
     """Every labeling of a plan, one by one from the same P: the oracle for the plan's reductions."""
     _refuse_non_finite(inp)

@@ -9,7 +9,6 @@ per subcommand (``add_<name>_parser``); shared options live in
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import warnings
