@@ -80,6 +80,44 @@ static inline Vec vexp(const Vec& x) {
   if constexpr (FAST) return x.exp_u20(); else return x.exp();
 }
 
+// One row of exp(s - max) in place: returns (max, z, sum e (s - max)).
+template <bool FAST>
+static inline void softmax_row(float* s, int64_t n, float& m, float& z, float& w) {
+  const int64_t L = Vec::size();
+  int64_t j = 0;
+  m = -std::numeric_limits<float>::infinity();
+  if (n >= L) {
+    Vec vm = Vec::loadu(s);
+    for (j = L; j + L <= n; j += L) vm = at::vec::maximum(vm, Vec::loadu(s + j));
+    m = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, vm);
+  }
+  for (; j < n; ++j) m = std::max(m, s[j]);
+  const Vec vmx(m);
+  Vec vz(0.f), vw(0.f);
+  for (j = 0; j + L <= n; j += L) {
+    Vec d = Vec::loadu(s + j) - vmx;
+    Vec e = vexp<FAST>(d);
+    e.store(s + j);
+    vz = vz + e;
+    vw = at::vec::fmadd(e, d, vw);
+  }
+  z = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, vz);
+  w = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, vw);
+  if (j < n) {
+    const int64_t cnt = n - j;
+    Vec d = Vec::loadu(s + j, cnt) - vmx;
+    Vec e = vexp<FAST>(d);
+    alignas(64) float eb[Vec::size()], db[Vec::size()];
+    e.store(eb);
+    d.store(db);
+    for (int64_t u = 0; u < cnt; ++u) {
+      s[j + u] = eb[u];
+      z += eb[u];
+      w += eb[u] * db[u];
+    }
+  }
+}
+
 template <bool FAST>
 static void rows_impl(const float* q, const float* k, const float* v, float* out, float* lse,
                       float* ent, float* rmax, float* part, int64_t H, int64_t n, int64_t D,
@@ -106,42 +144,9 @@ static void rows_impl(const float* q, const float* k, const float* v, float* out
         gemm_cm(true, false, (int)n, (int)r, (int)D, kh, (int)D, qh + r0 * D, (int)D, S, (int)n);
         for (int64_t i = 0; i < r; ++i) {
           float* s = S + i * n;
-          // max
-          int64_t j = 0;
-          float m = -std::numeric_limits<float>::infinity();
-          if (n >= L) {
-            Vec vm = Vec::loadu(s);
-            for (j = L; j + L <= n; j += L) vm = at::vec::maximum(vm, Vec::loadu(s + j));
-            m = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, vm);
-          } else {
-            j = 0;
-          }
-          for (; j < n; ++j) m = std::max(m, s[j]);
-          // e = exp(s - m) in place; z = sum e; w = sum e (s - m)
-          const Vec vmx(m);
-          Vec vz(0.f), vw(0.f);
-          for (j = 0; j + L <= n; j += L) {
-            Vec d = Vec::loadu(s + j) - vmx;
-            Vec e = vexp<FAST>(d);
-            e.store(s + j);
-            vz = vz + e;
-            vw = at::vec::fmadd(e, d, vw);
-          }
-          float z = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, vz);
-          float w = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, vw);
-          if (j < n) {  // tail: same exp on a partial vector
-            const int64_t cnt = n - j;
-            Vec d = Vec::loadu(s + j, cnt) - vmx;
-            Vec e = vexp<FAST>(d);
-            alignas(64) float eb[Vec::size()], db[Vec::size()];
-            e.store(eb);
-            d.store(db);
-            for (int64_t u = 0; u < cnt; ++u) {
-              s[j + u] = eb[u];
-              z += eb[u];
-              w += eb[u] * db[u];
-            }
-          }
+          float m, z, w;  // e = exp(s - m) in place; z = sum e; w = sum e (s - m)
+          softmax_row<FAST>(s, n, m, z, w);
+          int64_t j;
           const float iz = 1.f / z;
           const float lz = std::log(z);
           const int64_t row = r0 + i;
@@ -199,44 +204,6 @@ std::vector<at::Tensor> cell_rows(at::Tensor q, at::Tensor k, at::Tensor v, int6
   at::Tensor colsum = part.select(1, 0).clone();
   for (int64_t c = 1; c < chunks; ++c) colsum.add_(part.select(1, c));
   return {out, lse, ent, rmax, colsum};
-}
-
-// One row of exp(s - max) in place: returns (max, z, sum e (s - max)).
-template <bool FAST>
-static inline void softmax_row(float* s, int64_t n, float& m, float& z, float& w) {
-  const int64_t L = Vec::size();
-  int64_t j = 0;
-  m = -std::numeric_limits<float>::infinity();
-  if (n >= L) {
-    Vec vm = Vec::loadu(s);
-    for (j = L; j + L <= n; j += L) vm = at::vec::maximum(vm, Vec::loadu(s + j));
-    m = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, vm);
-  }
-  for (; j < n; ++j) m = std::max(m, s[j]);
-  const Vec vmx(m);
-  Vec vz(0.f), vw(0.f);
-  for (j = 0; j + L <= n; j += L) {
-    Vec d = Vec::loadu(s + j) - vmx;
-    Vec e = vexp<FAST>(d);
-    e.store(s + j);
-    vz = vz + e;
-    vw = at::vec::fmadd(e, d, vw);
-  }
-  z = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, vz);
-  w = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, vw);
-  if (j < n) {
-    const int64_t cnt = n - j;
-    Vec d = Vec::loadu(s + j, cnt) - vmx;
-    Vec e = vexp<FAST>(d);
-    alignas(64) float eb[Vec::size()], db[Vec::size()];
-    e.store(eb);
-    d.store(db);
-    for (int64_t u = 0; u < cnt; ++u) {
-      s[j + u] = eb[u];
-      z += eb[u];
-      w += eb[u] * db[u];
-    }
-  }
 }
 
 // A whole batch in one call: task (cell b, head h) owns every output it writes (no partials).
