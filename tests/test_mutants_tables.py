@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -278,3 +279,80 @@ def test_welch_boundaries():
     # all values equal within each group: zero standard error, no t, no p (not +-inf)
     flat = welch(4.0, 8.0, 2.0, 2.0, 2.0, 2.0, 1)
     assert flat.diff == pytest.approx(1.0) and np.isnan(flat.t) and np.isnan(flat.p)
+
+
+# --- the permutation nulls against their definition, and ranked_heads against its definition ---------
+
+CONTEXT_GENES = ["<ctx>", *GENES[1:]]  # token 0 is a context token: out of the gene family, in its nulls too
+
+
+def record(labels, null=None, genes=CONTEXT_GENES):
+    """The profile of make_profile's cells labeled ``labels``, with ``null`` labelings as permutations."""
+    torch.manual_seed(1)
+    layer = nn.TransformerEncoderLayer(8, HEADS, 16, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, LAYERS, enable_nested_tensor=False).eval()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(13, L, 8, generator=g)
+    tokens = torch.stack([torch.randperm(VOCAB - 1, generator=g)[:L] for _ in range(13)])
+    with attnprof.Profiler(model, groups=["a", "b"], genes=genes, window=4, panel=["g1", "g2", "g11"]) as prof, \
+            torch.inference_mode():  # fmt: skip
+        prof.set_batch(groups=labels, tokens=tokens, null_groups=null)
+        model(x)
+    return prof.profile
+
+
+NULL_LABELS = [[0, 1] * 6 + [0], [1, 0, 0] * 4 + [1], [0] * 6 + [1] * 7]
+
+
+def test_permutation_nulls_are_the_tables_of_the_permuted_labels():
+    """A permutation's statistic is the one the same cells would show labeled by it: mean |D| and max |D|
+    of every head and layer, over the same elements (seen in min_cells cells of both groups, context token
+    apart), hence the null mean, 95th percentile, excess and p-value of each row."""
+    labels = [0] * 7 + [1] * 6
+    cmp = record(labels, NULL_LABELS).compare("b", "a", min_cells=2, permutations=3)
+    permuted = [record(lab).compare("b", "a", min_cells=2, permutations=0) for lab in NULL_LABELS]
+    assert cmp.heads["n_elements"].gt(0).any()
+    for table in ("heads", "layers"):
+        observed = getattr(cmp, table)
+        for col in ("mean_abs_diff", "max_abs_diff"):
+            null = np.stack([getattr(p, table)[col].to_numpy(dtype=float) for p in permuted])  # [3, rows]
+            assert np.isfinite(null).any() and not np.allclose(null[0], null[1], equal_nan=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean, q95 = np.nanmean(null, 0), np.nanquantile(null, 0.95, axis=0)
+            obs = observed[col].to_numpy(dtype=float)
+            np.testing.assert_allclose(observed[f"{col}_null_mean"], mean, rtol=1e-6, equal_nan=True, err_msg=col)
+            np.testing.assert_allclose(observed[f"{col}_null_q95"], q95, rtol=1e-6, equal_nan=True, err_msg=col)
+            np.testing.assert_allclose(observed[f"{col}_excess"], obs - mean, rtol=1e-6, equal_nan=True)
+            with np.errstate(invalid="ignore"):
+                p = np.where(np.isnan(obs), np.nan, (1 + (null >= obs - 1e-9).sum(0)) / 4)
+            np.testing.assert_allclose(observed[f"p_perm_{col}"], p, equal_nan=True, err_msg=col)
+    # the first permutations only, when fewer are asked
+    two = record(labels, NULL_LABELS).compare("b", "a", min_cells=2, permutations=2)
+    first = np.stack([p.heads["max_abs_diff"].to_numpy(dtype=float) for p in permuted[:2]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        np.testing.assert_allclose(two.heads["max_abs_diff_null_mean"], np.nanmean(first, 0), rtol=1e-6,
+                                   equal_nan=True)  # fmt: skip
+
+
+def test_ranked_heads_follow_their_definition():
+    labels = [0] * 7 + [1] * 6
+    for permutations in (0, 3):
+        cmp = record(labels, NULL_LABELS).compare("b", "a", min_cells=2, permutations=permutations)
+        for family in ("position", "gene", "pair"):
+            heads = cmp.heads[cmp.heads["family"] == family]
+            ranked = cmp.ranked_heads(family)
+            assert sorted(ranked.index) == list(heads.index) and list(ranked.columns) == list(heads.columns)
+            if permutations:
+                spread = heads["mean_abs_diff_null_q95"] - heads["mean_abs_diff_null_mean"]
+                score = [e / s if s > 0 else -np.inf for e, s in zip(heads["mean_abs_diff_excess"], spread)]
+                keys = [(2.0 if np.isnan(p) else p, -(-np.inf if np.isnan(s) else s), i)
+                        for p, s, i in zip(heads["p_perm_mean_abs_diff"], score, heads.index)]  # fmt: skip
+            else:
+                score = [e / f if f > 0 else np.nan for e, f in zip(heads["excess_over_noise"], heads["noise_floor"])]
+                keys = [(-(-np.inf if np.isnan(s) else s), 0, i) for s, i in zip(score, heads.index)]
+            assert list(ranked.index) == [k[-1] for k in sorted(keys)], (family, permutations)
+        # the order is not vacuous: the heads are not already in it
+        assert list(cmp.ranked_heads("position").index) != list(cmp.heads.query("family == 'position'").index)
+    assert cmp.ranked_heads().equals(cmp.ranked_heads("gene"))  # the default family
