@@ -356,3 +356,24 @@ def test_ranked_heads_follow_their_definition():
         # the order is not vacuous: the heads are not already in it
         assert list(cmp.ranked_heads("position").index) != list(cmp.heads.query("family == 'position'").index)
     assert cmp.ranked_heads().equals(cmp.ranked_heads("gene"))  # the default family
+
+
+def test_undefined_rows_come_last_and_ties_keep_layer_head_element_order():
+    """With min_cells=1 and two cells in b, elements seen in one cell of b have a difference but no t and
+    p: they come after every tested row, in layer, head, element order (the sort is stable)."""
+    cmp = record([0] * 11 + [1] * 2).compare("b", "a", min_cells=1)
+    assert list(cmp.tables()) == ["heads", "layers", "genes", "context", "pairs", "summaries"]
+    for table, element in ((cmp.genes, "token_id"), (cmp.pairs, None)):
+        untested = table["p"].isna().to_numpy()
+        if table is cmp.genes:
+            assert untested.any() and (~untested).any()
+        assert not untested[: (~untested).sum()].any()  # NaN p last
+        tail = table[untested]
+        assert tail["t"].isna().all()
+        if element is None:  # pairs: element = gene_a, gene_b in panel order
+            panel = ["g1", "g2", "g11"]
+            key = tail["gene_a"].map(panel.index) * len(panel) + tail["gene_b"].map(panel.index)
+        else:
+            key = tail[element]
+        order = list(zip(tail["layer"], tail["head"], key))
+        assert order == sorted(order) and len(set(tail["layer"])) == LAYERS
