@@ -304,19 +304,12 @@ def record(labels, null=None, genes=CONTEXT_GENES):
 NULL_LABELS = [[0, 1] * 6 + [0], [1, 0, 0] * 4 + [1], [0] * 6 + [1] * 7]
 
 
-def test_permutation_nulls_are_the_tables_of_the_permuted_labels():
-    """A permutation's statistic is the one the same cells would show labeled by it: mean |D| and max |D|
-    of every head and layer, over the same elements (seen in min_cells cells of both groups, context token
-    apart), hence the null mean, 95th percentile, excess and p-value of each row."""
-    labels = [0] * 7 + [1] * 6
-    cmp = record(labels, NULL_LABELS).compare("b", "a", min_cells=2, permutations=3)
-    permuted = [record(lab).compare("b", "a", min_cells=2, permutations=0) for lab in NULL_LABELS]
-    assert cmp.heads["n_elements"].gt(0).any()
+def check_null(cmp, permuted):
+    """``cmp``'s null columns against ``permuted``, the comparisons of the same cells under each labeling."""
     for table in ("heads", "layers"):
         observed = getattr(cmp, table)
         for col in ("mean_abs_diff", "max_abs_diff"):
-            null = np.stack([getattr(p, table)[col].to_numpy(dtype=float) for p in permuted])  # [3, rows]
-            assert np.isfinite(null).any() and not np.allclose(null[0], null[1], equal_nan=True)
+            null = np.stack([getattr(p, table)[col].to_numpy(dtype=float) for p in permuted])  # [n, rows]
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
                 mean, q95 = np.nanmean(null, 0), np.nanquantile(null, 0.95, axis=0)
@@ -325,15 +318,33 @@ def test_permutation_nulls_are_the_tables_of_the_permuted_labels():
             np.testing.assert_allclose(observed[f"{col}_null_q95"], q95, rtol=1e-6, equal_nan=True, err_msg=col)
             np.testing.assert_allclose(observed[f"{col}_excess"], obs - mean, rtol=1e-6, equal_nan=True)
             with np.errstate(invalid="ignore"):
-                p = np.where(np.isnan(obs), np.nan, (1 + (null >= obs - 1e-9).sum(0)) / 4)
+                p = np.where(np.isnan(obs), np.nan, (1 + (null >= obs - 1e-9).sum(0)) / (1 + len(permuted)))
             np.testing.assert_allclose(observed[f"p_perm_{col}"], p, equal_nan=True, err_msg=col)
-    # the first permutations only, when fewer are asked
-    two = record(labels, NULL_LABELS).compare("b", "a", min_cells=2, permutations=2)
-    first = np.stack([p.heads["max_abs_diff"].to_numpy(dtype=float) for p in permuted[:2]])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        np.testing.assert_allclose(two.heads["max_abs_diff_null_mean"], np.nanmean(first, 0), rtol=1e-6,
-                                   equal_nan=True)  # fmt: skip
+
+
+def test_permutation_nulls_are_the_tables_of_the_permuted_labels():
+    """A permutation's statistic is the one the same cells would show labeled by it: mean |D| and max |D|
+    of every head and layer, over the same elements (seen in min_cells cells of both groups, context token
+    apart), hence the null mean, 95th percentile, excess and p-value of each row."""
+    data, nulls = record([0] * 7 + [1] * 6, NULL_LABELS), [record(lab) for lab in NULL_LABELS]
+    for min_cells in (1, 2, 5, 7):  # 7: no element anywhere (each labeling has a group of at most 6 cells)
+        permuted = [p.compare("b", "a", min_cells=min_cells, permutations=0) for p in nulls]
+        check_null(data.compare("b", "a", min_cells=min_cells, permutations=3), permuted)
+        check_null(data.compare("b", "a", min_cells=min_cells, permutations=2), permuted[:2])  # the first ones
+        null = np.stack([p.heads["mean_abs_diff"].to_numpy(dtype=float) for p in permuted])
+        if min_cells < 7:  # not vacuous: heads with elements, labelings that differ
+            assert np.isfinite(null).any() and not np.allclose(null[0], null[1], equal_nan=True)
+        else:
+            assert np.isnan(null).all()
+
+
+def test_special_tokens_are_named_by_their_brackets():
+    from attnprof.tables import is_special_token
+
+    for name in ("<ctx>", "[CLS]", "<>", "[]", "<a>", "[a]"):
+        assert is_special_token(name), name
+    for name in ("g1", "<", ">", "[", "<a", "a>", "[a", "a]", "<a]", "[a>", "a<b>", 7):
+        assert not is_special_token(name), name
 
 
 def test_ranked_heads_follow_their_definition():
