@@ -388,3 +388,12 @@ def test_undefined_rows_come_last_and_ties_keep_layer_head_element_order():
             key = tail[element]
         order = list(zip(tail["layer"], tail["head"], key))
         assert order == sorted(order) and len(set(tail["layer"])) == LAYERS
+
+
+def test_layers_name_where_their_maximum_is(profile):
+    cmp = profile.compare("b", "a", min_cells=2)
+    layers, heads = cmp.layers, cmp.heads.set_index(["family", "layer", "head"])
+    assert layers["max_head"].ge(0).all()
+    for row in layers.itertuples():
+        best = heads.loc[(row.family, row.layer, row.max_head)]
+        assert row.where == best["where"] != "" and row.max_abs_diff == best["max_abs_diff"]
