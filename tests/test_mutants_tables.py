@@ -1,30 +1,49 @@
 """Tests that kill the mutants mutmut left alive in profiler/tables.py (``scripts/mutation.sh tables``):
-the tables' schema (names, order, dtypes), their row order, their values against the sums (noise floor
-included), the AnnData export, the files ``save`` writes, and the permutation p-values. Behaviour through
-public functions only.
+the tables' schema (names, order, dtypes), their row order (untested rows last, ties in layer, head,
+element order), their values against the sums (noise floor included), the layers' ``where``, the AnnData
+export, the files ``save`` writes, the special-token names, ``ranked_heads`` against its definition, and
+the permutation nulls against their definition (a permutation's statistic is the one the same cells show
+when recorded with that labeling). Behaviour through public functions only.
 
 Mutants left alive on purpose, because they are equivalent:
 
-- ``Comparison(..., _heads_only=True)`` for the permutation nulls -> False/None/dropped: the nulls then also
-  build their element tables, which nobody reads (slower, same numbers).
-- ``np.errstate(invalid="ignore")`` -> None: only whether numpy warns changes.
-- ``flat(..., heads=False)`` -> None, and ``reshape(..., -1)`` -> ``-2``: None is falsy like False, and numpy
-  reads any negative size as "the rest".
-- ``c.valid[0, 0]`` -> ``c.valid[1, 0]`` and ``n_a[0, 0]`` -> ``n_a[1, 0]``: counts are per cell, the same in
-  every layer (a property of the sums the recorder writes).
-- ``parquet = False`` -> None/True in the ``except ImportError`` branch, and ``to_csv(index=False)`` -> None:
-  pyarrow is a plain dependency, so the branch never runs; pandas reads index=None as False.
-- ``np.asarray(genes, dtype=object)`` -> default dtype for gene names: the same strings after ``astype(str)``
-  or as table values.
-- ``bh``: ``asarray(p, dtype=float)`` dropped (p is float already), ``full_like(p, nan)`` -> None (NaN in a
-  float array), ``method="bh"`` -> "BH" or dropped (scipy's default and case-insensitive); ``welch``:
-  ``np.where(isnan(t), nan, p)`` -> ``np.where(None, ...)`` (the t distribution's sf of NaN is NaN already).
-- ``groupby(sort=False)`` -> ``sort=None``: pandas reads None as False.
+- warnings only: every ``np.errstate(...)`` argument, ``warnings.simplefilter("ignore", RuntimeWarning)``
+  -> without the category.
+- numpy and pandas read them the same: ``reshape(..., -1)`` -> ``-2`` (any negative size is "the rest");
+  ``flat(..., heads=False)`` -> None; ``dtype=object``/``bool``/``int``/``float`` -> None or dropped where
+  the values are strings, bools, ints or floats already (gene names, the special and keep masks, the panel,
+  ``to_numpy`` of a float column, ``bh``'s ``asarray``); ``full_like(..., nan)`` and ``np.where(..., nan)``
+  -> None in a float array (None becomes NaN); ``take_along_axis(..., -1)`` -> no axis (numpy's default
+  is -1); ``groupby(sort=False)`` -> None; ``to_csv``/``to_parquet(index=False)`` -> None or dropped (the
+  tables have a RangeIndex, which pandas then leaves out too); ``false_discovery_control(method="bh")``
+  -> "BH" or dropped (scipy's default, case-insensitive); ``sort_values([two keys], kind="stable")`` ->
+  any kind (pandas sorts on several keys with a stable lexsort whatever the kind).
+- only NaN meets them: ``np.where(np.isnan(t), nan, p)`` -> ``np.where(None, ...)`` (the t sf of NaN is
+  NaN); the element order's NaN fill for |t| (``nan=-1.0`` -> +1, -2 or 0: |t| is NaN only where p is
+  NaN, rows that sort among themselves); p's NaN fill 2.0 -> 3.0, and ``ranked_heads``' NaN p fill 2.0 ->
+  3.0 (p <= 1).
+- ``len(name) > 1`` -> ``>= 1`` in ``is_special_token``: a one-character name has the same first and last
+  character, never a bracket pair.
+- ``c.valid[0, 0]``, ``n_a[0, 0]``, ``n_b[0, 0]`` -> index 1: counts are per cell, the same in every layer
+  (a property of the sums the recorder writes).
+- ``null.vocab_size or len(genes)`` -> ``and``: a profile's null has its vocabulary size equal to the
+  number of gene names whenever both exist, so both give ``len(genes)``.
+- ``parquet = False`` -> None/True in ``save``'s ``except ImportError``: pyarrow is a plain dependency,
+  the branch never runs.
+- ``"gene" in contrasts and genes is not None`` -> ``or``: gene sums exist exactly when the profile has
+  gene names, so both sides are equal.
 
-Not equivalent, and not yet killed (no input found in the time given): the ``errstate`` arguments (they only
-change warnings), ``np.clip(var, 0)`` dropped (differs only when rounding makes a variance slightly
-negative), ``Comparison(...)`` default arguments (``attnprof.compare`` passes its own), and the ``n_el > 0``
-guards of the heads table when a head has exactly one valid element.
+Not equivalent, and not killed (no input found in the time given; they need a degenerate value):
+
+- a variance of exactly zero: ``_variance``'s ``total != 0`` -> ``!= 1`` and ``_variance(None, ...)`` in
+  ``welch`` (an element whose values are all exactly 0 in a group), ``np.clip(var, 0)`` dropped (rounding
+  makes a variance slightly negative), ``spread > 0`` / ``noise_floor > 0`` -> ``>= 0`` in
+  ``ranked_heads`` (a null band or a noise floor of exactly 0), and its NaN-score fill ``-inf`` ->
+  ``+inf`` (a NaN score next to a finite one in the same family needs such a zero).
+- a head with exactly one element: ``n_floor > 0`` -> ``> 1`` and ``maximum(n_floor, 1)`` -> 2 in the
+  heads table, ``n_el > 0`` -> ``> 1`` and ``maximum(n_el, 1)`` -> 2 in the nulls.
+- ``ranked_heads`` single-key ``sort_values(kind="stable")`` -> quicksort: numpy sorts fewer than 17
+  values by insertion, which is stable; a tie among 17+ heads of one family would show it.
 """
 
 from __future__ import annotations
