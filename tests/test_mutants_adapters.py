@@ -52,7 +52,12 @@ def refused(message, mha, *args, **kwargs):
 
 def mha(**kw):
     torch.manual_seed(0)
-    return nn.MultiheadAttention(E, H, batch_first=True, **kw).eval()
+    module = nn.MultiheadAttention(E, H, batch_first=True, **kw).eval()
+    with torch.no_grad():  # torch initializes the projection biases to 0: make them count
+        for bias in (module.in_proj_bias, module.out_proj.bias):
+            if bias is not None:
+                bias.normal_()
+    return module
 
 
 def test_each_refusal_alone_with_its_whole_message():
@@ -131,6 +136,8 @@ def test_sdpa_masks_become_key_padding_or_are_refused_by_name():
     assert torch.equal(key_padding(additive, 2, 3), expected)
     hf = torch.zeros(2, 1, 1, 3, dtype=torch.float16).masked_fill(~keep[:, None, None, :], torch.finfo(torch.float16).min)
     assert torch.equal(key_padding(hf, 2, 3), expected)
+    one_key = key_padding(torch.ones(2, 1, 1, 1, dtype=torch.bool), 2, 3)  # one key column, broadcast
+    assert torch.equal(one_key, torch.zeros(2, 3, dtype=torch.bool))
     shared = key_padding(torch.tensor([True, True, False]), 2, 3)  # one row for every cell: broadcast
     assert torch.equal(shared, torch.tensor([[False, False, True]] * 2)) and shared.is_contiguous()
     refuses("its attention mask is a list, not a tensor", [[True]])
@@ -218,6 +225,24 @@ def test_hf_accepts_the_edges_and_warns_about_output_attentions():
         "attnprof: output_attentions is not available while profiling; the attentions come back empty"
     ]
     assert prof.profile.layers == [HF_LAYER]
+
+
+@torch.no_grad()
+def test_hf_passes_the_mask_per_cell_and_the_models_scaling():
+    """Three cells, two heads (a batch/head mix-up shows), a key padding mask and a scaling that is not
+    1/sqrt(D): the output is sdpa's with the same mask and scale."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    model = tiny_bert()
+    module = model.get_submodule(HF_LAYER)
+    q = torch.randn(3, 2, 4, 4)
+    keep = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)[:, None, None, :]
+    mask = keep.expand(3, 1, 4, 4)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=keep, scale=0.3).transpose(1, 2)
+    with attnprof.Profiler(model, groups=["a", "b"]) as prof:
+        prof.set_batch(groups=[0, 1, 0])
+        out, _ = ALL_ATTENTION_FUNCTIONS["attnprof"](module, q, q, q, mask, scaling=0.3)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
 
 
 def test_hf_model_checks_with_their_whole_message():
@@ -310,3 +335,10 @@ def test_sdpa_profiles_the_supported_edges():
         expected = torch.nn.functional.scaled_dot_product_attention(xd.float(), xd.float(), xd.float())
         torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
         assert prof.profile.layers == ["<root>"]
+    # the call's own scale reaches the kernel
+    model = Call(lambda x: ((x, x, x), {"scale": 0.3}))
+    with attnprof.Profiler(model, groups=["a", "b"], adapter="sdpa") as prof, torch.inference_mode():
+        prof.set_batch(groups=[0, 1])
+        out = model(x)
+    expected = torch.nn.functional.scaled_dot_product_attention(x, x, x, scale=0.3)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
