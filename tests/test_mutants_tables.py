@@ -40,8 +40,13 @@ Not equivalent, and not killed (no input found in the time given; they need a de
   makes a variance slightly negative), ``spread > 0`` / ``noise_floor > 0`` -> ``>= 0`` in
   ``ranked_heads`` (a null band or a noise floor of exactly 0), and its NaN-score fill ``-inf`` ->
   ``+inf`` (a NaN score next to a finite one in the same family needs such a zero).
-- a head with exactly one element: ``n_floor > 0`` -> ``> 1`` and ``maximum(n_floor, 1)`` -> 2 in the
-  heads table, ``n_el > 0`` -> ``> 1`` and ``maximum(n_el, 1)`` -> 2 in the nulls.
+- a head with exactly one element with a standard error: ``n_floor > 0`` -> ``> 1`` and
+  ``maximum(n_floor, 1)`` -> 2 in the heads table.
+- the element order's tie-break ``-|t|`` -> ``+|t|``: it decides only between rows of equal p with
+  different |t|, which needs p to underflow to 0 for two elements.
+- ``max(min_cells, 1)`` -> 2 for the second group in ``_null_statistics``: it needs, at min_cells=1, an
+  element seen in exactly one cell of the second group under a permutation (the first group's twin is
+  killed).
 - ``ranked_heads`` single-key ``sort_values(kind="stable")`` -> quicksort: numpy sorts fewer than 17
   values by insertion, which is stable; a tie among 17+ heads of one family would show it.
 """
