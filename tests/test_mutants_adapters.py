@@ -20,6 +20,28 @@ Mutants left alive on purpose, because they are equivalent (unreachable):
   and for self-attention the key has ``embed_dim`` features, so a module with ``kdim != embed_dim`` fails in
   its own projection: the separate-weights branch never runs on a call the adapter accepts, and its mutants
   cannot be told apart by any input.
+- ``average_attn_weights=True`` -> False in the MHA forward: ``need_weights=True`` is refused, so no
+  weights are ever computed or averaged.
+- ``is_hf_model``'s ``and`` -> ``or``: its one caller, ``pick_adapter``, also asks for modules that dispatch
+  through ``ALL_ATTENTION_FUNCTIONS``, which only transformers models have.
+- ``_uses_interface``'s ``getattr(forward, "__code__", None)`` -> no default: every module forward in torch
+  and transformers is a Python function with ``__code__``.
+- ``_mask`` called without ``*args``: transformers calls mask functions with keyword arguments only.
+- ``_transformers``' ImportError text: it is checked in a subprocess without transformers
+  (``test_adapter_hf.py::test_without_transformers``), which mutmut's switch does not reach.
+
+Not equivalent, and not killed (each needs a model these tests do not build):
+
+- ``_mask``'s ``allow_is_causal_skip=False`` -> True or renamed: it matters only for a causal mask pattern,
+  and the causal layers of the models tested are refused first through their ``is_causal``.
+- ``profiled_attention``'s ``getattr(module, "is_causal", False)`` -> True: a transformers attention module
+  without an ``is_causal`` attribute (BERT's has one).
+- ``_configs``' walk of ``sub_configs``: a composite model (vision-text and the like); BERT has none.
+- ``_register`` under ``None``: transformers' registry keeps the name registered by an earlier test of the
+  same process.
+- ``check_model``'s "has no attention module that dispatches through AttentionInterface" message,
+  ``pick_adapter``'s ``and`` -> ``or`` and ``attention_modules``' ``"<root>"``: a PreTrainedModel without
+  such a module, or one that is itself the attention module.
 """
 
 from __future__ import annotations
