@@ -14,7 +14,7 @@ every refusal of the three adapters alone and with its whole message, and what e
 Mutants left alive on purpose, because they are equivalent (unreachable):
 
 - ``mha._in_projection`` with separate q/k/v weights (the two lines after ``if mha._qkv_same_embed_dim``,
-  about 20 mutants: the bias chunking, the weight tuple, the ``zip``). torch sets
+  18 mutants: the bias chunking, the weight tuple, the ``zip``). torch sets
   ``_qkv_same_embed_dim = kdim == embed_dim and vdim == embed_dim`` and then packs one ``in_proj_weight``.
   The adapter refuses every call that is not self-attention (``query is key is value``) before projecting,
   and for self-attention the key has ``embed_dim`` features, so a module with ``kdim != embed_dim`` fails in
@@ -26,6 +26,7 @@ Mutants left alive on purpose, because they are equivalent (unreachable):
   through ``ALL_ATTENTION_FUNCTIONS``, which only transformers models have.
 - ``_uses_interface``'s ``getattr(forward, "__code__", None)`` -> no default: every module forward in torch
   and transformers is a Python function with ``__code__``.
+- ``getattr(module, "is_causal", False)`` -> default None in ``profiled_attention``: None is falsy.
 - ``_mask`` called without ``*args``: transformers calls mask functions with keyword arguments only.
 - ``_transformers``' ImportError text: it is checked in a subprocess without transformers
   (``test_adapter_hf.py::test_without_transformers``), which mutmut's switch does not reach.
@@ -34,8 +35,8 @@ Not equivalent, and not killed (each needs a model these tests do not build):
 
 - ``_mask``'s ``allow_is_causal_skip=False`` -> True or renamed: it matters only for a causal mask pattern,
   and the causal layers of the models tested are refused first through their ``is_causal``.
-- ``profiled_attention``'s ``getattr(module, "is_causal", False)`` -> True: a transformers attention module
-  without an ``is_causal`` attribute (BERT's has one).
+- ``profiled_attention``'s ``getattr(module, "is_causal", False)`` -> default True or none: a transformers
+  attention module without an ``is_causal`` attribute (BERT's has one).
 - ``_configs``' walk of ``sub_configs``: a composite model (vision-text and the like); BERT has none.
 - ``_register`` under ``None``: transformers' registry keeps the name registered by an earlier test of the
   same process.
