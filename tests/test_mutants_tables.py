@@ -1,36 +1,61 @@
 """Tests that kill the mutants mutmut left alive in profiler/tables.py (``scripts/mutation.sh tables``):
-the tables' schema (names, order, dtypes), their row order, their values against the sums (noise floor
-included), the AnnData export, the files ``save`` writes, and the permutation p-values. Behaviour through
-public functions only.
+the tables' schema (names, order, dtypes), their row order (untested rows last, ties in layer, head,
+element order), their values against the sums (noise floor included), the layers' ``where``, the AnnData
+export, the files ``save`` writes, the special-token names, ``ranked_heads`` against its definition, and
+the permutation nulls against their definition (a permutation's statistic is the one the same cells show
+when recorded with that labeling). Behaviour through public functions only.
 
 Mutants left alive on purpose, because they are equivalent:
 
-- ``Comparison(..., _heads_only=True)`` for the permutation nulls -> False/None/dropped: the nulls then also
-  build their element tables, which nobody reads (slower, same numbers).
-- ``np.errstate(invalid="ignore")`` -> None: only whether numpy warns changes.
-- ``flat(..., heads=False)`` -> None, and ``reshape(..., -1)`` -> ``-2``: None is falsy like False, and numpy
-  reads any negative size as "the rest".
-- ``c.valid[0, 0]`` -> ``c.valid[1, 0]`` and ``n_a[0, 0]`` -> ``n_a[1, 0]``: counts are per cell, the same in
-  every layer (a property of the sums the recorder writes).
-- ``parquet = False`` -> None/True in the ``except ImportError`` branch, and ``to_csv(index=False)`` -> None:
-  pyarrow is a plain dependency, so the branch never runs; pandas reads index=None as False.
-- ``np.asarray(genes, dtype=object)`` -> default dtype for gene names: the same strings after ``astype(str)``
-  or as table values.
-- ``bh``: ``asarray(p, dtype=float)`` dropped (p is float already), ``full_like(p, nan)`` -> None (NaN in a
-  float array), ``method="bh"`` -> "BH" or dropped (scipy's default and case-insensitive); ``welch``:
-  ``np.where(isnan(t), nan, p)`` -> ``np.where(None, ...)`` (the t distribution's sf of NaN is NaN already).
-- ``groupby(sort=False)`` -> ``sort=None``: pandas reads None as False.
+- warnings only: every ``np.errstate(...)`` argument, ``warnings.simplefilter("ignore", RuntimeWarning)``
+  -> without the category.
+- numpy and pandas read them the same: ``reshape(..., -1)`` -> ``-2`` (any negative size is "the rest");
+  ``flat(..., heads=False)`` -> None; ``dtype=object``/``bool``/``int``/``float`` -> None or dropped where
+  the values are strings, bools, ints or floats already (gene names, the special and keep masks, the panel,
+  ``to_numpy`` of a float column, ``bh``'s ``asarray``); ``full_like(..., nan)`` and ``np.where(..., nan)``
+  -> None in a float array (None becomes NaN); ``take_along_axis(..., -1)`` -> no axis (numpy's default
+  is -1); ``groupby(sort=False)`` -> None; ``to_csv``/``to_parquet(index=False)`` -> None or dropped (the
+  tables have a RangeIndex, which pandas then leaves out too); ``false_discovery_control(method="bh")``
+  -> "BH" or dropped (scipy's default, case-insensitive); ``sort_values([two keys], kind="stable")`` ->
+  any kind (pandas sorts on several keys with a stable lexsort whatever the kind).
+- only NaN meets them: ``np.where(np.isnan(t), nan, p)`` -> ``np.where(None, ...)`` (the t sf of NaN is
+  NaN); the element order's NaN fill for |t| (``nan=-1.0`` -> +1, -2 or 0: |t| is NaN only where p is
+  NaN, rows that sort among themselves); p's NaN fill 2.0 -> 3.0, and ``ranked_heads``' NaN p fill 2.0 ->
+  3.0 (p <= 1).
+- ``len(name) > 1`` -> ``>= 1`` in ``is_special_token``: a one-character name has the same first and last
+  character, never a bracket pair.
+- ``c.valid[0, 0]``, ``n_a[0, 0]``, ``n_b[0, 0]`` -> index 1: counts are per cell, the same in every layer
+  (a property of the sums the recorder writes).
+- ``null.vocab_size or len(genes)`` -> ``and``: a profile's null has its vocabulary size equal to the
+  number of gene names whenever both exist, so both give ``len(genes)``.
+- ``parquet = False`` -> None/True in ``save``'s ``except ImportError``: pyarrow is a plain dependency,
+  the branch never runs.
+- ``"gene" in contrasts and genes is not None`` -> ``or``: gene sums exist exactly when the profile has
+  gene names, so both sides are equal.
 
-Not equivalent, and not yet killed (no input found in the time given): the ``errstate`` arguments (they only
-change warnings), ``np.clip(var, 0)`` dropped (differs only when rounding makes a variance slightly
-negative), ``Comparison(...)`` default arguments (``attnprof.compare`` passes its own), and the ``n_el > 0``
-guards of the heads table when a head has exactly one valid element.
+Not equivalent, and not killed (no input found in the time given; they need a degenerate value):
+
+- a variance of exactly zero: ``_variance``'s ``total != 0`` -> ``!= 1`` and ``_variance(None, ...)`` in
+  ``welch`` (an element whose values are all exactly 0 in a group), ``np.clip(var, 0)`` dropped (rounding
+  makes a variance slightly negative), ``spread > 0`` / ``noise_floor > 0`` -> ``>= 0`` in
+  ``ranked_heads`` (a null band or a noise floor of exactly 0), and its NaN-score fill ``-inf`` ->
+  ``+inf`` (a NaN score next to a finite one in the same family needs such a zero).
+- a head with exactly one element with a standard error: ``n_floor > 0`` -> ``> 1`` and
+  ``maximum(n_floor, 1)`` -> 2 in the heads table.
+- the element order's tie-break ``-|t|`` -> ``+|t|``: it decides only between rows of equal p with
+  different |t|, which needs p to underflow to 0 for two elements.
+- ``max(min_cells, 1)`` -> 2 for the second group in ``_null_statistics``: it needs, at min_cells=1, an
+  element seen in exactly one cell of the second group under a permutation (the first group's twin is
+  killed).
+- ``ranked_heads`` single-key ``sort_values(kind="stable")`` -> quicksort: numpy sorts fewer than 17
+  values by insertion, which is stable; a tie among 17+ heads of one family would show it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -278,3 +303,121 @@ def test_welch_boundaries():
     # all values equal within each group: zero standard error, no t, no p (not +-inf)
     flat = welch(4.0, 8.0, 2.0, 2.0, 2.0, 2.0, 1)
     assert flat.diff == pytest.approx(1.0) and np.isnan(flat.t) and np.isnan(flat.p)
+
+
+# --- the permutation nulls against their definition, and ranked_heads against its definition ---------
+
+CONTEXT_GENES = ["<ctx>", *GENES[1:]]  # token 0 is a context token: out of the gene family, in its nulls too
+
+
+def record(labels, null=None, genes=CONTEXT_GENES):
+    """The profile of make_profile's cells labeled ``labels``, with ``null`` labelings as permutations."""
+    torch.manual_seed(1)
+    layer = nn.TransformerEncoderLayer(8, HEADS, 16, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, LAYERS, enable_nested_tensor=False).eval()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(13, L, 8, generator=g)
+    tokens = torch.stack([torch.randperm(VOCAB - 1, generator=g)[:L] for _ in range(13)])
+    with attnprof.Profiler(model, groups=["a", "b"], genes=genes, window=4, panel=["g1", "g2", "g11"]) as prof, \
+            torch.inference_mode():  # fmt: skip
+        prof.set_batch(groups=labels, tokens=tokens, null_groups=null)
+        model(x)
+    return prof.profile
+
+
+NULL_LABELS = [[0, 1] * 6 + [0], [1, 0, 0] * 4 + [1], [0] * 6 + [1] * 7]
+
+
+def check_null(cmp, permuted):
+    """``cmp``'s null columns against ``permuted``, the comparisons of the same cells under each labeling."""
+    for table in ("heads", "layers"):
+        observed = getattr(cmp, table)
+        for col in ("mean_abs_diff", "max_abs_diff"):
+            null = np.stack([getattr(p, table)[col].to_numpy(dtype=float) for p in permuted])  # [n, rows]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean, q95 = np.nanmean(null, 0), np.nanquantile(null, 0.95, axis=0)
+            obs = observed[col].to_numpy(dtype=float)
+            np.testing.assert_allclose(observed[f"{col}_null_mean"], mean, rtol=1e-6, equal_nan=True, err_msg=col)
+            np.testing.assert_allclose(observed[f"{col}_null_q95"], q95, rtol=1e-6, equal_nan=True, err_msg=col)
+            np.testing.assert_allclose(observed[f"{col}_excess"], obs - mean, rtol=1e-6, equal_nan=True)
+            with np.errstate(invalid="ignore"):
+                p = np.where(np.isnan(obs), np.nan, (1 + (null >= obs - 1e-9).sum(0)) / (1 + len(permuted)))
+            np.testing.assert_allclose(observed[f"p_perm_{col}"], p, equal_nan=True, err_msg=col)
+
+
+def test_permutation_nulls_are_the_tables_of_the_permuted_labels():
+    """A permutation's statistic is the one the same cells would show labeled by it: mean |D| and max |D|
+    of every head and layer, over the same elements (seen in min_cells cells of both groups, context token
+    apart), hence the null mean, 95th percentile, excess and p-value of each row."""
+    data, nulls = record([0] * 7 + [1] * 6, NULL_LABELS), [record(lab) for lab in NULL_LABELS]
+    for min_cells in (1, 2, 5, 7):  # 7: no element anywhere (each labeling has a group of at most 6 cells)
+        permuted = [p.compare("b", "a", min_cells=min_cells, permutations=0) for p in nulls]
+        check_null(data.compare("b", "a", min_cells=min_cells, permutations=3), permuted)
+        check_null(data.compare("b", "a", min_cells=min_cells, permutations=2), permuted[:2])  # the first ones
+        null = np.stack([p.heads["mean_abs_diff"].to_numpy(dtype=float) for p in permuted])
+        if min_cells < 7:  # not vacuous: heads with elements, labelings that differ
+            assert np.isfinite(null).any() and not np.allclose(null[0], null[1], equal_nan=True)
+        else:
+            assert np.isnan(null).all()
+
+
+def test_special_tokens_are_named_by_their_brackets():
+    from attnprof.tables import is_special_token
+
+    for name in ("<ctx>", "[CLS]", "<>", "[]", "<a>", "[a]"):
+        assert is_special_token(name), name
+    for name in ("g1", "<", ">", "[", "<a", "a>", "[a", "a]", "<a]", "[a>", "a<b>", 7):
+        assert not is_special_token(name), name
+
+
+def test_ranked_heads_follow_their_definition():
+    labels = [0] * 7 + [1] * 6
+    for permutations in (0, 3):
+        cmp = record(labels, NULL_LABELS).compare("b", "a", min_cells=2, permutations=permutations)
+        for family in ("position", "gene", "pair"):
+            heads = cmp.heads[cmp.heads["family"] == family]
+            ranked = cmp.ranked_heads(family)
+            assert sorted(ranked.index) == list(heads.index) and list(ranked.columns) == list(heads.columns)
+            if permutations:
+                spread = heads["mean_abs_diff_null_q95"] - heads["mean_abs_diff_null_mean"]
+                score = [e / s if s > 0 else -np.inf for e, s in zip(heads["mean_abs_diff_excess"], spread)]
+                keys = [(2.0 if np.isnan(p) else p, -(-np.inf if np.isnan(s) else s), i)
+                        for p, s, i in zip(heads["p_perm_mean_abs_diff"], score, heads.index)]  # fmt: skip
+            else:
+                score = [e / f if f > 0 else np.nan for e, f in zip(heads["excess_over_noise"], heads["noise_floor"])]
+                keys = [(-(-np.inf if np.isnan(s) else s), 0, i) for s, i in zip(score, heads.index)]
+            assert list(ranked.index) == [k[-1] for k in sorted(keys)], (family, permutations)
+        # the order is not vacuous: the heads are not already in it
+        assert list(cmp.ranked_heads("position").index) != list(cmp.heads.query("family == 'position'").index)
+    assert cmp.ranked_heads().equals(cmp.ranked_heads("gene"))  # the default family
+
+
+def test_undefined_rows_come_last_and_ties_keep_layer_head_element_order():
+    """With min_cells=1 and two cells in b, elements seen in one cell of b have a difference but no t and
+    p: they come after every tested row, in layer, head, element order (the sort is stable)."""
+    cmp = record([0] * 11 + [1] * 2).compare("b", "a", min_cells=1)
+    assert list(cmp.tables()) == ["heads", "layers", "genes", "context", "pairs", "summaries"]
+    for table, element in ((cmp.genes, "token_id"), (cmp.pairs, None)):
+        untested = table["p"].isna().to_numpy()
+        if table is cmp.genes:
+            assert untested.any() and (~untested).any()
+        assert not untested[: (~untested).sum()].any()  # NaN p last
+        tail = table[untested]
+        assert tail["t"].isna().all()
+        if element is None:  # pairs: element = gene_a, gene_b in panel order
+            panel = ["g1", "g2", "g11"]
+            key = tail["gene_a"].map(panel.index) * len(panel) + tail["gene_b"].map(panel.index)
+        else:
+            key = tail[element]
+        order = list(zip(tail["layer"], tail["head"], key))
+        assert order == sorted(order) and len(set(tail["layer"])) == LAYERS
+
+
+def test_layers_name_where_their_maximum_is(profile):
+    cmp = profile.compare("b", "a", min_cells=2)
+    layers, heads = cmp.layers, cmp.heads.set_index(["family", "layer", "head"])
+    assert layers["max_head"].ge(0).all()
+    for row in layers.itertuples():
+        best = heads.loc[(row.family, row.layer, row.max_head)]
+        assert row.where == best["where"] != "" and row.max_abs_diff == best["max_abs_diff"]
