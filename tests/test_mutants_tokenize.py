@@ -155,3 +155,19 @@ def test_rows_must_be_sorted_unique_and_in_range_and_chunks_say_their_lengths():
     for chunk in chunks:
         np.testing.assert_array_equal(chunk.lengths, (chunk.tokens != PAD).sum(1))
     assert [len(c) for c in chunks] == [1, 1]
+
+
+def test_dataset_library_sums_each_cell_in_blocks_of_rows():
+    # 2**20 vocabulary genes: the dataset path sums 2**21 // 2**20 = 2 dense rows at a time, so 5 cells
+    # span three blocks ([0, 2), [2, 4), [4, 5)); non-integer counts take that path (not the exact bincount)
+    vocab = [f"v{i}" for i in range(2**20 - 6)] + GENES
+    X = np.array([[0.5, 3.25, 1.5, 0, 2.75, 0], [4.5, 0, 0, 1.25, 0, 0], [0, 0, 0, 0, 0, 0.5],
+                  [2.5, 0, 0.75, 0, 0, 0], [0, 1.5, 0, 0, 0, 0.25]])  # fmt: skip
+    tokens, lengths = Tokenizer(vocab, tokenization="dataset", context_length=9).tokenize_rows(
+        X, align_genes(GENES, vocab))  # fmt: skip
+    g = {name: 2**20 - 6 + i + 30 for i, name in enumerate(GENES)}  # GENE_OFFSET: 30 special tokens first
+    # each cell's genes by count, largest first (means all 1: the library only scales a cell)
+    expected = [[g["g1"], g["g4"], g["g2"], g["g0"]], [g["g0"], g["g3"], PAD, PAD], [g["g5"], PAD, PAD, PAD],
+                [g["g0"], g["g2"], PAD, PAD], [g["g1"], g["g5"], PAD, PAD]]  # fmt: skip
+    assert tokens[:, 3:].tolist() == expected and lengths.tolist() == [7, 5, 4, 5, 5]
+
