@@ -171,3 +171,19 @@ def test_dataset_library_sums_each_cell_in_blocks_of_rows():
                 [g["g0"], g["g2"], PAD, PAD], [g["g1"], g["g5"], PAD, PAD]]  # fmt: skip
     assert tokens[:, 3:].tolist() == expected and lengths.tolist() == [7, 5, 4, 5, 5]
 
+
+
+def test_a_value_of_exactly_one_is_ranked_and_bad_counts_are_refused_with_exact_messages():
+    tok = Tokenizer(GENES, context_length=9)
+    alignment = align_genes(GENES, GENES)
+    # 1 of 10000 counts normalizes to exactly 1.0 (mean 1): still expressed, so still a token
+    tokens, lengths = tok.tokenize_rows(np.array([[1.0, 9999.0, 0, 0, 0, 0]]), alignment)
+    assert tokens[0, 3:].tolist() == [31, 30] and lengths.tolist() == [5]
+    for bad in (np.nan, np.inf):
+        with pytest.raises(ValueError, match=exactly(
+                "the counts hold NaN or Inf values: repair the data (e.g. np.nan_to_num) first")):  # fmt: skip
+            tok.tokenize_rows(np.array([[1.0, bad, 0, 0, 0, 0]]), alignment)
+    with pytest.raises(ValueError, match=exactly(
+            "the count matrix has negative values (min -2.5): tokenization needs raw counts; "
+            "pick them with layer= (--layer) or use_raw=True (--use-raw)")):  # fmt: skip
+        tok.tokenize_rows(np.array([[1.0, -2.5, 0, 0, 0, 0]]), alignment)
