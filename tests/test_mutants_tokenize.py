@@ -187,3 +187,34 @@ def test_a_value_of_exactly_one_is_ranked_and_bad_counts_are_refused_with_exact_
             "the count matrix has negative values (min -2.5): tokenization needs raw counts; "
             "pick them with layer= (--layer) or use_raw=True (--use-raw)")):  # fmt: skip
         tok.tokenize_rows(np.array([[1.0, -2.5, 0, 0, 0, 0]]), alignment)
+
+
+def test_settings_record_an_eight_byte_means_digest():
+    import hashlib
+
+    # shards written earlier must keep merging: the recorded digest's format is part of the contract
+    expected = hashlib.blake2b(np.ones(6).tobytes(), digest_size=8).hexdigest()
+    assert Tokenizer(GENES).settings()["means"] == expected and len(expected) == 16
+
+
+def test_sparse_small_integer_counts_are_summed_as_float64():
+    # a uint8 matrix with a duplicate entry: 200 + 100 = 300 counts of g0 (uint8 would wrap to 44 < 250)
+    X = sp.csr_matrix((np.array([200, 100, 250], np.uint8), np.array([0, 0, 1]), np.array([0, 3])), shape=(1, 6))
+    tokens, _ = Tokenizer(GENES, context_length=5).tokenize_rows(X, align_genes(GENES, GENES))
+    assert tokens[0, 3:].tolist() == [30, 31]
+
+
+def test_row_positions_come_back_as_int64():
+    chunks = list(iter_token_chunks(data(), Tokenizer(GENES, context_length=9), rows=np.array([0, 2], np.int32)))
+    assert [c.rows.dtype for c in chunks] == [np.dtype(np.int64)] and chunks[0].rows.tolist() == [0, 2]
+
+
+def test_log1p_data_is_tokenized_from_its_expm1():
+    # normalized cells (each sums to 10000), stored as log1p; with means [1, 2, ...] the ranking of the
+    # normalized values (2000 vs 8000 / 2) differs from that of their logs (7.6 vs 9.0 / 2)
+    normalized = np.array([[2000.0, 8000.0, 0, 0, 0, 0], [5000.0, 5000.0, 0, 0, 0, 0]])
+    means = np.array([1.0, 2.0, 1, 1, 1, 1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the note that expm1 of the data is tokenized
+        tokens = tokenize_anndata(data(np.log1p(normalized)), GENES, means, context_length=5)
+    assert tokens[:, 3:].tolist() == [[31, 30], [30, 31]]
