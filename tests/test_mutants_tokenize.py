@@ -218,3 +218,27 @@ def test_log1p_data_is_tokenized_from_its_expm1():
         warnings.simplefilter("ignore")  # the note that expm1 of the data is tokenized
         tokens = tokenize_anndata(data(np.log1p(normalized)), GENES, means, context_length=5)
     assert tokens[:, 3:].tolist() == [[31, 30], [30, 31]]
+
+
+def test_without_numba_tied_cells_still_go_through_the_quicksort(monkeypatch):
+    # cells of more than 15 ranked genes whose keys tie (all equal; or only NaN-mean genes on the dataset
+    # path) have numba's quicksort order, not index order; the pure-Python fallback must find those ties
+    import sys
+
+    import attnprof.singlecell.argsort as argsort
+
+    genes = [f"h{i}" for i in range(40)]
+    alignment = align_genes(genes, genes)
+    equal = np.ones((1, 40))
+    nan_means = np.where(np.arange(40) % 2 == 0, np.nan, 1.0)
+    distinct = np.where(np.arange(40) % 2 == 1, np.arange(40.0), 0.0)[None]
+    cases = [(Tokenizer(genes, context_length=50), equal),
+             (Tokenizer(genes, nan_means, tokenization="dataset", context_length=50), distinct)]  # fmt: skip
+    compiled = [tok.tokenize_rows(X, alignment)[0] for tok, X in cases]
+    monkeypatch.setitem(sys.modules, "numba", None)  # `import numba` now fails
+    monkeypatch.setattr(argsort, "_SORTS", {})
+    for (tok, X), expected in zip(cases, compiled):
+        tokens = tok.tokenize_rows(X, alignment)[0]
+        np.testing.assert_array_equal(tokens, expected)
+        assert not np.array_equal(np.sort(tokens[0, 3:]), tokens[0, 3:])  # not index order: the tie matters
+    assert list(argsort._SORTS) == [False]  # the plain Python sort ran
