@@ -13,6 +13,28 @@ Mutants left alive on purpose, because they are equivalent:
   cell with library 0 has no value to rank), so the ranking within a cell stays, up to rounding of ties.
 - ``_numba_order``'s pure-Python fallback runs only without numba; ``tests/test_upstream_tokens.py``
   (``test_same_tokens_without_numba``) drives it, the rest of the run uses the compiled sort.
+- ``dtype=np.int64`` dropped from ``np.full(..., PAD)`` / ``np.array`` of context ids (``Tokenizer.__init__``,
+  ``tokenize_rows``, ``tokenize_anndata``) or from ``align_genes``' arrays: numpy's default int, int64 as above.
+- context defaults ``"MOUSE"``, ``"merfish"``, ``"SPATIAL"``: ``context_id`` looks names up case-insensitively.
+- ``chunk_size`` default 1024 -> 1025, or not passed on by ``tokenize_anndata``: chunks change memory, never tokens.
+- ``_library``'s rows per dense block (``max(2, ...)``, ``2 * 21``, ``3**21``, ``2**22``, no ``range`` step): every
+  row is still summed whole within one block (overlapping blocks rewrite the same sums).
+- ``_library``: ``bincount`` without ``minlength`` only shortens the totals past the last counted cell (never
+  indexed); the CSR ``shape`` left out is inferred as the same ``(n, n_vocab or less)`` from ``indptr``; ``sum`` of a
+  float64 matrix is float64 without ``dtype``; ``max(initial=1)``: all totals are >= 0, 1 < 2**53 like 0;
+  ``np.all(None)`` and ``< 2.0 * 53`` only send integer totals below 2**53 to the other summation, exact too.
+- ``_as_csr`` ``or True``: a dense array through ``csr_matrix(..., copy=True)`` is the same matrix.
+- ``_numba_order``: ``tie = None``, ``&`` -> ``|``, ``isnan | isnan``: more cells go through the quicksort, which
+  for untied cells gives the stable sort's only order; ``> SMALL_QUICKSORT`` -> ``>=``: a cell of 15 keys runs
+  numba's stable insertion sort inside the quicksort too.
+- ``align_genes`` ``stacklevel`` 2 -> 3 or dropped: asserted outside mutmut only (its trampoline adds a frame).
+
+Left alive and NOT shown equivalent (a killing test needs a cell where the last bit of its library flips a near
+tie): which order sums a non-integer cell's library (``_library`` ``and`` -> ``or``, ``counts != round``,
+``<= 2.0**53``, ``3.0**53``, ``2.0**54``, ``if dense``; ``tokenize_rows``' ``dense=`` mutants; ``_as_csr`` keeping a
+dense float32 chunk's dtype), and a dense block's library scaled, not wrong in order (``row > lo``,
+``sum(axis=None)``). ``max(initial=None)`` (``_library``, ``tokenize_rows``) differs only for a chunk of 0 rows,
+which crashes the compiled sort today (segfault): not tested until that is fixed.
 """
 
 from __future__ import annotations
