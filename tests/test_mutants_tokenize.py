@@ -33,8 +33,8 @@ Left alive and NOT shown equivalent (a killing test needs a cell where the last 
 tie): which order sums a non-integer cell's library (``_library`` ``and`` -> ``or``, ``counts != round``,
 ``<= 2.0**53``, ``3.0**53``, ``2.0**54``, ``if dense``; ``tokenize_rows``' ``dense=`` mutants; ``_as_csr`` keeping a
 dense float32 chunk's dtype), and a dense block's library scaled, not wrong in order (``row > lo``,
-``sum(axis=None)``). ``max(initial=None)`` (``_library``, ``tokenize_rows``) differs only for a chunk of 0 rows,
-which crashes the compiled sort today (segfault): not tested until that is fixed.
+``sum(axis=None)``). ``max(initial=None)`` (``_library``, ``tokenize_rows``) differs only for a chunk of 0 rows, which crashed the
+compiled sort (fixed; ``test_a_chunk_without_rows_gives_no_tokens`` now kills them).
 """
 
 from __future__ import annotations
@@ -264,3 +264,9 @@ def test_without_numba_tied_cells_still_go_through_the_quicksort(monkeypatch):
         np.testing.assert_array_equal(tokens, expected)
         assert not np.array_equal(np.sort(tokens[0, 3:]), tokens[0, 3:])  # not index order: the tie matters
     assert list(argsort._SORTS) == [False]  # the plain Python sort ran
+
+
+def test_a_chunk_without_rows_gives_no_tokens():
+    """Once a segfault: numba's sort read one segment past the end when a chunk had no cells."""
+    tokens, lengths = Tokenizer(GENES).tokenize_rows(sp.csr_matrix((0, len(GENES))), align_genes(GENES, GENES))
+    assert tokens.shape == (0, 3) and tokens.dtype == np.int64 and lengths.shape == (0,)

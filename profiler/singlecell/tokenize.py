@@ -211,7 +211,7 @@ class Tokenizer:
         order = _numba_order(row, keys, n)
         row, vocab_index = row[order], vocab_index[order]
         n_genes = np.bincount(row, minlength=n)
-        first = np.concatenate([[0], np.cumsum(n_genes)[:-1]])
+        first = np.cumsum(n_genes) - n_genes  # each cell's start; empty for no cells
         rank = np.arange(row.size) - first[row]
         max_genes = self.context_length - N_CONTEXT
         keep = rank < max_genes
@@ -231,7 +231,7 @@ def _numba_order(row: np.ndarray, keys: np.ndarray, n: int) -> np.ndarray:
     (NaN last, as numba); only the rest go through the Python quicksort.
     """
     n_genes = np.bincount(row, minlength=n)
-    first = np.concatenate([[0], np.cumsum(n_genes)[:-1]])
+    first = np.cumsum(n_genes) - n_genes  # each cell's start (np.concatenate([[0], ...]) has one for no cells)
     if compiled_available():
         return argsort_segments(keys, first, first + n_genes)
     order = np.lexsort((np.arange(row.size), keys, row))
