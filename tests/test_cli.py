@@ -39,12 +39,7 @@ def run_out(inputs, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     argv = ["run", str(inputs["data.h5ad"]), "--groupby", "sex", *model_args(inputs), "--panel", "Esr1,Ar,Pgr,Gal",
             "--window", "32", "--batch-size", "16", "--permutations", "0", "--out", str(out), "--quiet"]  # fmt: skip
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(argv) == 0
-    finally:
-        torch.set_num_threads(n)
+    assert main(argv) == 0  # one torch thread: tests/conftest.py
     return out
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import anndata as ad
 import numpy as np
 import pytest
-import torch
 
 from attnprof import Profile
 from attnprof.cli import main
@@ -21,12 +20,7 @@ def run(inputs, out, *extra) -> Profile:
     argv = ["run", str(inputs["data.h5ad"]), "--groupby", "sex", "--model", str(inputs["model.ckpt"]),
             "--vocab", str(inputs["vocab.txt"]), "--means", str(inputs["means.npy"]), "--out", str(out),
             "--no-figures", "--quiet", *extra]  # fmt: skip
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(argv) == 0
-    finally:
-        torch.set_num_threads(n)
+    assert main(argv) == 0  # one torch thread: tests/conftest.py
     return Profile.load(out / "profile.npz")
 
 
