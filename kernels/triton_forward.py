@@ -44,6 +44,9 @@ LN2 = math.log(2.0)
 MASKED = -1.0e30  # finite "-inf": exp2 of it (or of twice it) is exactly 0
 # kernels may only read globals that are constexpr
 MASKED_C = tl.constexpr(MASKED)
+#: A padded key's raw score (before qk_scale): a power of two, so that s * qk_scale is exact and
+#: ``s * qk_scale - m`` is exactly 0 when m is the scaled max of padded keys only (see the loop)
+MASKED_RAW = tl.constexpr(-(2.0**100))
 LN2_C = tl.constexpr(LN2)
 MAX_HEAD_DIM = 128
 #: Programs of a 1-D launch grid (axis 0 allows 2**31 - 1; axes 1 and 2 only 65,535, so none is used).
@@ -67,6 +70,23 @@ def load_rows(base, idx, ok, stride_l, stride_d, HEAD_D: tl.constexpr, BLOCK_D: 
     d = tl.arange(0, BLOCK_D)
     ptrs = base + idx[:, None].to(tl.int64) * stride_l + d[None, :] * stride_d
     return tl.load(ptrs, mask=ok[:, None] & (d[None, :] < HEAD_D), other=0.0)
+
+
+@triton.jit
+def key_tile(q, k_base, v_base, bias_base, start, extent, skl, skd, svl, svd,
+             HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, KEYS: tl.constexpr):  # fmt: skip
+    """Raw scores ``q . k`` of the keys ``start .. start + KEYS`` and their values. Padded keys (past
+    the extent or holes inside it) score ``MASKED_RAW``, in the tiles that have any: a tile of only
+    real keys spends no instruction per score on the mask."""
+    cols = start + tl.arange(0, KEYS)
+    ok = cols < extent
+    k = load_rows(k_base, cols, ok, skl, skd, HEAD_D, BLOCK_D)
+    v = load_rows(v_base, cols, ok, svl, svd, HEAD_D, BLOCK_D)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+    real = tl.load(bias_base + cols, mask=ok, other=MASKED_C) == 0.0
+    if tl.min(real.to(tl.int32), 0) == 0:
+        s = tl.where(real[None, :], s, MASKED_RAW)
+    return s, v
 
 
 @triton.autotune(
@@ -105,20 +125,21 @@ def _forward_kernel(
     a_i = tl.zeros([BLOCK_M], tl.float32)  # sum_j p~_j (t_j - m): the entropy's running term
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     visited = 0
+    bias_base = BIAS + b * L
     for start_n in range(0, extent, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        k = load_rows(k_base, cols, cols < extent, skl, skd, HEAD_D, BLOCK_D)
-        v = load_rows(v_base, cols, cols < extent, svl, svd, HEAD_D, BLOCK_D)
-        bias = tl.load(BIAS + b * L + cols, mask=cols < extent, other=MASKED_C)
-        t = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale + bias[None, :]
-        m_new = tl.maximum(m_i, tl.max(t, 1))
-        # while only masked keys were seen, m = MASKED and they weigh 1 each; the first real key
-        # raises m by ~1e30, alpha = 0 and they vanish (every row has at least one real key)
+        s, v = key_tile(q, k_base, v_base, bias_base, start_n, extent, skl, skd, svl, svd,
+                        HEAD_D, BLOCK_D, DOT_PREC, BLOCK_N)  # fmt: skip
+        # the max of raw scores, scaled (qk_scale > 0: the same as the max of scaled scores), so that
+        # one FMA per score gives t - m = s * qk_scale - m
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        # while only padded keys were seen, m = MASKED_RAW * qk_scale, exactly (a power of two times
+        # qk_scale), so they weigh exp2(0) = 1 each; the first real key raises m by ~1e29, alpha = 0
+        # and they vanish (every row has at least one real key)
         alpha = tl.exp2(m_i - m_new)
-        shifted = t - m_new[:, None]
+        shifted = s * qk_scale - m_new[:, None]
         p = tl.exp2(shifted)
         if WITH_STATS:
-            # sum p~ (t - m_new) = alpha (a + l (m_old - m_new)) + this tile; masked entries add 0 * x = 0
+            # sum p~ (t - m_new) = alpha (a + l (m_old - m_new)) + this tile; a padded key adds 0 * x = 0
             a_i = alpha * (a_i + l_i * (m_i - m_new)) + tl.sum(p * shifted, 1)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
@@ -227,6 +248,8 @@ def forward(
     ``term``, ``rowstats``: buffers of those shapes to write into (reused across layers), else new.
     """
     B, H, L, D = q.shape
+    if not 2.0**-60 <= scale * LOG2E <= 2.0**20:  # padded keys score MASKED_RAW * scale: far below any real one
+        raise ValueError(f"the triton backend takes attention scales in [2**-60, 2**20], got {scale}; use backend='torch'")
     with_stats = inv_n is not None
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if term is None or term.shape != (B, H, L):

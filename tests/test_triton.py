@@ -14,6 +14,7 @@ to fp16 before P @ V, each costing at most 2**-11 * max|v|: atol = 2**-10 * max|
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -375,6 +376,18 @@ def test_bfloat16_under_the_interpreter_raises():
         triton_forward(q, k, v, padding)
 
 
+def test_scales_the_masking_cannot_cover_are_refused():
+    """Padded keys score -2**100 before the scale: a scale outside [2**-60, 2**20] (after log2 e), zero or
+    negative would leave them near real scores (or flip the max), so the triton backend refuses it."""
+    q, k, v, padding, groups, tokens = batch(2, 2, 1, 5, 16)
+    for scale in (0.0, -0.25, 1e-20, 1e7):
+        with pytest.raises(ValueError, match=r"scales in \[2\*\*-60, 2\*\*20\], got"):
+            triton_forward(q, k, v, padding, scale=scale)
+    out, _ = triton_forward(q, k, v, padding, scale=1e-3)  # small but covered: as SDPA
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=~padding[:, None, None, :], scale=1e-3)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -459,3 +472,23 @@ def test_every_autotune_config_compiles_for_h100():
         cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=1200,
     )  # fmt: skip
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout + run.stderr
+
+
+def test_counted_instructions_of_the_main_loops(tmp_path):
+    """benches/sass_counts.py (the README's counted cost) on the kernels compiled for an H100: kernel 1's
+    statistics add no exponential per score to the flash loop (one per score, plus one rescale per row
+    and tile), the column pass spends exactly one, 4/5 of them with 32 of 160 rows on the FMA pipe, and
+    kernel 1's masking of padded keys sits in a block that tiles of real keys skip."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "counts.json"
+    script = Path(__file__).parents[1] / "benches" / "sass_counts.py"
+    run = subprocess.run([sys.executable, str(script), str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    counts = json.loads(out.read_text())
+    exps = {name: r["per_score"]["MUFU.EX2"] for name, r in counts.items()}
+    flash, k1 = counts["flash forward (SDPA stand-in)"], counts["kernel 1"]
+    assert exps["kernel 1"] == exps["flash forward (SDPA stand-in)"] == (64 + 4) / 64  # per thread: 64 scores, 4 rows (alpha)
+    assert exps["column pass 128x64"] == exps["column pass 64x128"] == 1.0
+    assert exps["column pass 128x64, 32 FMA rows"] == 128 / 160
+    assert k1["masking_block_instructions"] > 0 and flash["masking_block_instructions"] > 0
+    assert k1["per_score"]["instructions"] > flash["per_score"]["instructions"]  # the statistics are not free

@@ -1,0 +1,133 @@
+"""Count what the GPU would execute per score, without a GPU: compile the triton kernels for an H100
+(sm_90), disassemble them (Triton's own ptxas and nvdisasm) and count the instructions of each main
+loop. Then bound each loop by the H100's issue rate, exponential unit and tensor cores.
+
+    python benches/sass_counts.py            # table + benches/results/sass_counts.json
+    python benches/sass_counts.py OUT.json   # the same, written elsewhere
+
+The counts are exact for the code the compiler emits (fp16, head dim 32, the autotune configs named
+below); the times are ESTIMATES: a loop at the slowest of its three bounds (B=8, H=16, L=1,500:
+2.88e8 scores), with no latency, launch or memory cost. The stand-in for flash SDPA is kernel 1
+without its statistics (``WITH_STATS=False``): a flash forward from the same compiler and tiles.
+
+H100 SXM per SM and clock: 4 warp instructions issued; the exponential unit (MUFU) 16 lanes, i.e.
+0.5 warp instructions; tensor cores 989 TFLOP/s / (132 SMs x 1.83 GHz) = 2048 fp16 MACs.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, not the interpreter
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from attnprof.kernels import triton_forward as kf  # noqa: E402
+from attnprof.kernels import triton_stats as ks  # noqa: E402
+
+SMS, CLOCK = 132, 1.83e9
+ISSUE, MUFU, MACS = 4.0, 0.5, 2048.0  # per SM and clock: warp instructions, MUFU warp instructions, MACs
+SCORES = 8 * 16 * 1500**2
+MASKED_RAW = "-1.26765060022822940150e+30"  # how nvdisasm prints kf.MASKED_RAW (-2**100)
+NVDISASM = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+
+# name: (kernel, constexprs, warps, stages, scores per loop iteration)
+VARIANTS = {
+    "flash forward (SDPA stand-in)": (kf._forward_kernel, dict(BLOCK_M=128, BLOCK_N=64, WITH_STATS=False, WRITE_LSE=True), 4, 3, 128 * 64),
+    "kernel 1": (kf._forward_kernel, dict(BLOCK_M=128, BLOCK_N=64, WITH_STATS=True, WRITE_LSE=False), 4, 3, 128 * 64),
+    "column pass 64x128": (ks._columns_kernel, dict(BLOCK_M=64, BLOCK_N=128, BLOCK_M_FMA=0), 8, 3, 64 * 128),
+    "column pass 128x64": (ks._columns_kernel, dict(BLOCK_M=128, BLOCK_N=64, BLOCK_M_FMA=0), 4, 3, 128 * 64),
+    "column pass 128x64, 32 FMA rows": (ks._columns_kernel, dict(BLOCK_M=128, BLOCK_N=64, BLOCK_M_FMA=32), 4, 3, 160 * 64),
+}  # fmt: skip
+
+
+def compile_sass(kernel, consts: dict, warps: int, stages: int) -> str:
+    """SASS of ``kernel`` for sm_90 with fp16 q, k, v, head dim 32, and the launch attributes the JIT
+    gives real inputs (unit strides specialized, pointers and row strides divisible by 16)."""
+    fn = kernel.fn
+    pointers = dict.fromkeys(["Q", "K", "V", "OUT"], "fp16")
+    pointers.update(dict.fromkeys(["BIAS", "TERM", "LSE2", "ROWSTATS", "INV_N", "RECEIVED"], "fp32"))
+    pointers.update(dict.fromkeys(["CELLS", "POS"], "i64"))
+    pointers.update(dict.fromkeys(["EXTENT", "TILES"], "i32"))
+    consts = dict(consts, HEAD_D=32, BLOCK_D=32, DOT_PREC=None, CTX=kf.CTX_BLOCK, COUNT_TILES=False)
+    consts.update(dict.fromkeys(["sqd", "skd", "svd", "sod"], 1))
+    consts = {a: consts[a] for a in fn.arg_names if a in consts}
+    sig = {a: "constexpr" if a in consts else "fp32" if a == "qk_scale" else
+           "*" + pointers[a] if a in pointers else "i32" for a in fn.arg_names}  # fmt: skip
+    aligned = [a for a in fn.arg_names if a not in consts and (a in pointers or a[:2] in ("sq", "sk", "sv", "so"))]
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    compiled = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=warps, num_stages=stages))  # fmt: skip
+    cubin = Path(f"/tmp/attnprof_sass_{os.getpid()}.cubin")
+    cubin.write_bytes(compiled.asm["cubin"])
+    try:
+        return subprocess.run([str(NVDISASM), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
+    finally:
+        cubin.unlink()
+
+
+def main_loop(sass: str) -> tuple[list[str], list[str]]:
+    """Opcodes of the main loop (the backward branch's body with the most exponentials), on a tile of
+    real keys only, and those of its masking blocks (forward-branch bodies that select MASKED_RAW)."""
+    ops, texts, labels = [], [], {}
+    for line in sass.splitlines():
+        if m := re.match(r"^\s*(\.L_x_\d+):", line):
+            labels[m.group(1)] = len(ops)
+        elif m := re.match(r"^\s*/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;", line):
+            texts.append(m.group(1))
+            ops.append(re.sub(r"^@!?U?P\w+\s+", "", m.group(1)).split()[0])
+    branches = [(i, labels[m.group(1)]) for i, t in enumerate(texts)
+                if ops[i].startswith("BRA") and (m := re.search(r"`\((\.L_x_\d+)\)", t))]  # fmt: skip
+    loops = [(target, i) for i, target in branches if target <= i]
+    start, end = max(loops, key=lambda se: sum(op.startswith("MUFU.EX2") for op in ops[se[0] : se[1] + 1]))
+    cold = set()
+    for i, target in branches:
+        if start <= i < target <= end and any(MASKED_RAW in t for t in texts[i + 1 : target]):
+            cold.update(range(i + 1, target))
+    body = range(start, end + 1)
+    return [ops[i] for i in body if i not in cold], [ops[i] for i in sorted(cold)]
+
+
+def bounds(ops: list[str], warps: int, scores: int) -> dict:
+    """Per score: warp instructions, exponentials, MACs; and the SM clocks per score of each bound."""
+    count = collections.Counter(ops)
+    mufu = sum(n for op, n in count.items() if op.startswith("MUFU.EX2"))
+    macs = sum(n * _hgmma_macs(op) for op, n in count.items() if op.startswith("HGMMA")) * warps / 4
+    per_score = {"instructions": len(ops) * warps * 32 / scores, "MUFU.EX2": mufu * warps * 32 / scores}
+    clocks = {"issue": len(ops) * warps / scores / ISSUE, "MUFU": mufu * warps / scores / MUFU, "tensor": macs / scores / MACS}
+    return {"per_score": per_score, "clocks_per_score": clocks, "bound": max(clocks, key=clocks.get),
+            "estimate_us": max(clocks.values()) * SCORES / SMS / CLOCK * 1e6,
+            "top": dict(count.most_common(12))}  # fmt: skip
+
+
+def _hgmma_macs(op: str) -> int:
+    m, n, k = map(int, re.search(r"HGMMA\.(\d+)x(\d+)x(\d+)", op).groups())
+    return m * n * k
+
+
+def main(out: Path) -> dict:
+    results = {}
+    for name, (kernel, consts, warps, stages, scores) in VARIANTS.items():
+        hot, cold = main_loop(compile_sass(kernel, consts, warps, stages))
+        results[name] = dict(bounds(hot, warps, scores), config=dict(consts, warps=warps, stages=stages),
+                             masking_block_instructions=len(cold))  # fmt: skip
+    flash = results["flash forward (SDPA stand-in)"]["estimate_us"]
+    print(f"{'main loop (fp16, D 32, sm_90)':34} {'instr/score':>11} {'exp/score':>9} {'bound':>7} {'ESTIMATE us':>11} {'x flash':>7}")
+    for name, r in results.items():
+        print(f"{name:34} {r['per_score']['instructions']:11.2f} {r['per_score']['MUFU.EX2']:9.3f} "
+              f"{r['bound']:>7} {r['estimate_us']:11.1f} {r['estimate_us'] / flash:7.2f}")  # fmt: skip
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"written to {out}")
+    return results
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "results" / "sass_counts.json")
