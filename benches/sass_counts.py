@@ -6,8 +6,8 @@ loop. Then bound each loop by the H100's issue rate, exponential unit and tensor
     python benches/sass_counts.py OUT.json   # the same, written elsewhere
 
 The counts are exact for the code the compiler emits (fp16, head dim 32, the autotune configs named
-below); the times are ESTIMATES: a loop at the slowest of its three bounds (B=8, H=16, L=1,500:
-2.88e8 scores), with no latency, launch or memory cost. The stand-in for flash SDPA is kernel 1
+below: 128 x 128 tiles of 4 warps unless said); the times are ESTIMATES: a loop at the slowest of its
+three bounds (B=8, H=16, L=1,500: 2.88e8 scores), with no latency, launch or memory cost. The stand-in for flash SDPA is kernel 1
 without its statistics (``WITH_STATS=False``): a flash forward from the same compiler and tiles.
 
 H100 SXM per SM and clock: 4 warp instructions issued; the exponential unit (MUFU) 16 lanes, i.e.
@@ -40,12 +40,12 @@ MASKED_RAW = "-1.26765060022822940150e+30"  # how nvdisasm prints kf.MASKED_RAW 
 NVDISASM = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
 
 # name: (kernel, constexprs, warps, stages, scores per loop iteration)
-VARIANTS = {
-    "flash forward (SDPA stand-in)": (kf._forward_kernel, dict(BLOCK_M=128, BLOCK_N=64, WITH_STATS=False, WRITE_LSE=True), 4, 3, 128 * 64),
-    "kernel 1": (kf._forward_kernel, dict(BLOCK_M=128, BLOCK_N=64, WITH_STATS=True, WRITE_LSE=False), 4, 3, 128 * 64),
-    "column pass 64x128": (ks._columns_kernel, dict(BLOCK_M=64, BLOCK_N=128, BLOCK_M_FMA=0), 8, 3, 64 * 128),
-    "column pass 128x64": (ks._columns_kernel, dict(BLOCK_M=128, BLOCK_N=64, BLOCK_M_FMA=0), 4, 3, 128 * 64),
-    "column pass 128x64, 32 FMA rows": (ks._columns_kernel, dict(BLOCK_M=128, BLOCK_N=64, BLOCK_M_FMA=32), 4, 3, 160 * 64),
+VARIANTS = {  # the autotune configs with the fewest instructions per score (and 128 x 64 for comparison)
+    "flash forward (SDPA stand-in)": (kf._forward_kernel, dict(BLOCK_M=128, BLOCK_N=128, WITH_STATS=False, WRITE_LSE=True), 4, 3, 128 * 128),
+    "kernel 1": (kf._forward_kernel, dict(BLOCK_M=128, BLOCK_N=128, WITH_STATS=True, WRITE_LSE=False), 4, 3, 128 * 128),
+    "kernel 1, 128x64": (kf._forward_kernel, dict(BLOCK_M=128, BLOCK_N=64, WITH_STATS=True, WRITE_LSE=False), 4, 3, 128 * 64),
+    "column pass": (ks._columns_kernel, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_M_FMA=0), 4, 3, 128 * 128),
+    "column pass, 32 FMA rows": (ks._columns_kernel, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_M_FMA=32), 4, 3, 160 * 128),
 }  # fmt: skip
 
 

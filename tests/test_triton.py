@@ -487,8 +487,7 @@ def test_counted_instructions_of_the_main_loops(tmp_path):
     counts = json.loads(out.read_text())
     exps = {name: r["per_score"]["MUFU.EX2"] for name, r in counts.items()}
     flash, k1 = counts["flash forward (SDPA stand-in)"], counts["kernel 1"]
-    assert exps["kernel 1"] == exps["flash forward (SDPA stand-in)"] == (64 + 4) / 64  # per thread: 64 scores, 4 rows (alpha)
-    assert exps["column pass 128x64"] == exps["column pass 64x128"] == 1.0
-    assert exps["column pass 128x64, 32 FMA rows"] == 128 / 160
+    assert exps["kernel 1"] == exps["flash forward (SDPA stand-in)"] == (128 + 4) / 128  # per thread: 128 scores, 4 rows
+    assert exps["column pass"] == 1.0 and exps["column pass, 32 FMA rows"] == 128 / 160
     assert k1["masking_block_instructions"] > 0 and flash["masking_block_instructions"] > 0
     assert k1["per_score"]["instructions"] > flash["per_score"]["instructions"]  # the statistics are not free
