@@ -160,6 +160,9 @@ def test_messages_name_the_problem(inputs, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "has 16 groups (" in err and "... and 10 more" in err
     assert "it looks continuous (16 distinct values)" in err and len(err) < 600
+    assert main([*argv, "--compare", "0.5", "1.5"]) == 2  # naming groups of a continuous column: the same
+    err = capsys.readouterr().err
+    assert "['0.5', '1.5'] have no cells in obs['area']" in err and "it looks continuous" in err and len(err) < 600
 
 
 # ----------------------------------------------------------------- 6. install

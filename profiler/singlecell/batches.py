@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..checks import SHOWN, describe_groups
 from .tokenize import TokenChunk
 from .vocab import PAD
 
@@ -87,8 +88,8 @@ def select_cells(
         absent = [g for g in groups if g not in present]
         if absent:
             raise ValueError(
-                f"group(s) {absent} have no cells in obs[{groupby!r}]"
-                f"{' within the subset' if subset else ''}; groups with cells: {present}"
+                f"group(s) {absent[:SHOWN]} have no cells in obs[{groupby!r}]{' within the subset' if subset else ''}; "
+                f"with cells: {describe_groups(present, obs[groupby])}"
             )
         if len(set(groups)) != len(groups):
             raise ValueError(f"groups must be unique, got {groups}")
