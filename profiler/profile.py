@@ -405,13 +405,18 @@ def write_npz(path: Path, arrays: dict[str, np.ndarray], compress: bool = True) 
     """Write arrays to ``path`` atomically: a temporary file in the same folder, then a rename.
 
     A crash or an error leaves the previous file at ``path`` untouched (and no temporary file).
-    ``compress=False`` writes about 10x faster and twice as large (for frequent, transient checkpoints).
+    Compressed at zlib's level 1, not ``np.savez_compressed``'s 6: float sums barely compress either way
+    (99 permutations of the demo: 56 MB in 2.7 s against 54 MB in 11 s). ``compress=False`` writes
+    faster still and about twice as large (for frequent, transient checkpoints).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    mode = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
     try:
-        with os.fdopen(fd, "wb") as f:
-            (np.savez_compressed if compress else np.savez)(f, **arrays)
+        with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w", compression=mode, compresslevel=1) as z:
+            for name, array in arrays.items():  # the layout np.savez writes, which np.load reads
+                with z.open(name + ".npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
         os.chmod(tmp, _file_mode())  # mkstemp makes 0600; every other output follows the umask (0644)
         os.replace(tmp, path)
     except BaseException:

@@ -177,11 +177,16 @@ def test_a_failing_save_leaves_the_saved_file_intact(saved, monkeypatch):
         profile.save(path)
     del profile.meta["bad"]
 
-    def half_written(f, **arrays):
-        f.write(b"PK half a file")
-        raise OSError("disk full")
+    written = []
 
-    monkeypatch.setattr(np, "savez_compressed", half_written)
+    def half_written(f, array, **kwargs):  # the disk fills up in the second array
+        if written:
+            f.write(b"\x93NUMPY half an array")
+            raise OSError("disk full")
+        written.append(original(f, array, **kwargs))
+
+    original = np.lib.format.write_array
+    monkeypatch.setattr(np.lib.format, "write_array", half_written)
     with pytest.raises(OSError, match="disk full"):
         profile.save(path)
     assert path.read_bytes() == before
