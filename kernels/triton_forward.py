@@ -133,9 +133,9 @@ def _forward_kernel(
         # the max of raw scores, scaled (qk_scale > 0: the same as the max of scaled scores), so that
         # one FMA per score gives t - m = s * qk_scale - m
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        # while only padded keys were seen, m = MASKED_RAW * qk_scale, exactly (a power of two times
-        # qk_scale), so they weigh exp2(0) = 1 each; the first real key raises m by ~1e29, alpha = 0
-        # and they vanish (every row has at least one real key)
+        # while only padded keys were seen, m is MASKED_RAW * qk_scale (exact: a power of two times
+        # qk_scale; they weigh exp2(0) = 1 each) or the initial MASKED if that is larger (they weigh 0);
+        # the first real key raises m by ~1e29, alpha = 0 and they vanish (every row has a real key)
         alpha = tl.exp2(m_i - m_new)
         shifted = s * qk_scale - m_new[:, None]
         p = tl.exp2(shifted)

@@ -383,9 +383,14 @@ def test_scales_the_masking_cannot_cover_are_refused():
     for scale in (0.0, -0.25, 1e-20, 1e7):
         with pytest.raises(ValueError, match=r"scales in \[2\*\*-60, 2\*\*20\], got"):
             triton_forward(q, k, v, padding, scale=scale)
-    out, _ = triton_forward(q, k, v, padding, scale=1e-3)  # small but covered: as SDPA
-    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=~padding[:, None, None, :], scale=1e-3)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    q, k, v, _, _, _ = batch(3, 2, 2, 70, 16)
+    padding = torch.zeros(2, 70, dtype=torch.bool, device=DEVICE)
+    padding[0, :40] = True  # rows see whole tiles of padded keys first; their scaled max is or is not
+    padding[1, [3, 50, 69]] = True  # below the initial MASKED (-1e30) depending on the scale
+    for scale in (1e-3, 0.25, 1.0, 3.0):  # covered: as SDPA
+        out, _ = triton_forward(q, k, v, padding, scale=scale)
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=~padding[:, None, None, :], scale=scale)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(
