@@ -67,7 +67,8 @@ class Target:
     sums: dict
     labelings: slice = field(default_factory=lambda: slice(None))
     genes: torch.Tensor | None = None
-    flat: dict = field(default_factory=dict, repr=False)  # name(s) -> (sum(s), their [n G, F] view), made on first use
+    # made on first use: name -> (sum, its [n G, F] view); names -> (sums, shape, their tiled view)
+    flat: dict = field(default_factory=dict, repr=False)
 
     def tiled(self, names: tuple, *shape) -> torch.Tensor | None:
         """The sums ``names`` (in order) as one ``[n G, F]`` matrix viewed as ``shape`` when they tile one
@@ -261,7 +262,7 @@ def _features(plan, H: int) -> _Features:
     return f
 
 
-#: Most per-cell gene entries (cells x genes x heads) densified at once by the gene reduction.
+#: Most per-cell gene entries (cells x genes x heads) of one chunk of the gene reduction's features.
 GENE_CHUNK = 2**22
 
 
