@@ -14,7 +14,7 @@ import torch
 
 from .blocked import blocked_cells
 from .plan import BatchPlan, build_plan
-from .reduce import CellResults, Target, reduce_into
+from .reduce import CellResults, Target, reduce_into, tiled_zeros
 from .reference import reference_planned
 from .spec import SUMMARIES, Inputs, StatsSpec, check_qkv, empty_sums, sum_shapes
 
@@ -126,4 +126,5 @@ __all__ = [
     "planned_stats",
     "resolve_backend",
     "sum_shapes",
+    "tiled_zeros",
 ]

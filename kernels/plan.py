@@ -18,8 +18,9 @@ A backend on a plan
 :class:`~.reduce.Target`) calls the backend, which returns the output and a
 :class:`~.reduce.CellResults` (per counted cell, in ``counted`` order: head summaries ``[C, H, 4]``,
 window ``[C, H, W, W]`` in position coordinates, received ``[U, H]`` per (cell, gene) pair, panel pair
-means ``[C, H, K, K]``); :func:`~.reduce.reduce_into` then adds them into every target's labelings
-(one matmul of ``onehot`` per statistic) plus the plan's ``counts``. Helpers that turn a backend's
+means ``[C, H, K, K]``); :func:`~.reduce.reduce_into` then adds them and their counts
+(``cell_counts``) into every target's labelings (matmuls of ``onehot``: one per target for sums laid
+out by :func:`~.reduce.tiled_zeros`, one per statistic otherwise). Helpers that turn a backend's
 natural layout into CellResults: :func:`~.reduce.received_pairs` (from ``[C, H, L]`` column means)
 and :func:`~.reduce.pair_means` (from ``[C, H, M, M]`` = P at ``panel_pos``).
 
@@ -74,6 +75,10 @@ packed_counted ``[T_c]`` int64 indices into the packed tokens of the counted cel
 counts        the q, k, v-free sums of all labelings, float64, labeling axis first: ``cells
               [N+1, G]``, ``pos_count [N+1, G, W', W']`` (W' = spec.window), ``recv_count
               [N+1, G, V_b]``, ``pair_count [N+1, G, K, K]``.
+cell_counts   what each counted cell adds to ``counts``, float64 ``[C, ...]`` flattened: ``cells [C, 1]``
+              (ones), ``pos_count [C, W'^2]``, ``recv_count [C, V_b]`` (genes present), ``pair_count
+              [C, K^2]`` (``counts`` = ``onehot.T @ cell_counts``): the reduction adds the counts in the
+              same matmul as the layer's results.
 host          host lists for CPU loops: ``lengths`` (per batch row); ``counted_lengths``, ``n_window``,
               ``n_context``, ``panel_count`` and ``window_prefix`` (per counted cell).
 cache         a dict for what is derived on first use per head count or chunk size (e.g. ``cu`` =
@@ -131,6 +136,7 @@ class BatchPlan:
     panel_slot: torch.Tensor = None
     packed_counted: torch.Tensor = None
     tokens: torch.Tensor | None = None
+    cell_counts: dict = None
     cache: dict = field(default_factory=dict)  # derived per head count / chunk size, on first use
 
     @property
@@ -197,7 +203,8 @@ def build_plan(
     both = creal[:, :W].double()
     pc = torch.zeros(C, spec.window, spec.window, dtype=torch.float64, device=dev)
     pc[:, :W, :W] = both[:, :, None] * both[:, None, :]
-    counts["pos_count"] = (onehot.T @ pc.reshape(C, spec.window**2)).reshape(n_lab, G, spec.window, spec.window)
+    cell_counts = {"cells": onehot.new_ones(C, 1), "pos_count": pc.reshape(C, spec.window**2)}
+    counts["pos_count"] = (onehot.T @ cell_counts["pos_count"]).reshape(n_lab, G, spec.window, spec.window)
 
     empty = torch.zeros(0, dtype=torch.long, device=dev)
     genes, gene_pairs, gene_src, pair_cell, pair_gene = empty, empty, empty, empty, empty
@@ -214,6 +221,7 @@ def build_plan(
         presence = torch.zeros(C, V, dtype=torch.float64, device=dev)
         presence[pair_cell, pair_gene] = 1.0
         counts["recv_count"] = (onehot.T @ presence).reshape(n_lab, G, V)
+        cell_counts["recv_count"] = presence
 
     K = len(spec.panel)
     panel_pos = torch.zeros(C, 0, dtype=torch.long, device=dev)
@@ -226,6 +234,7 @@ def build_plan(
         present = (panel_member.sum(-1) > 0).double()
         pairs = (present[:, :, None] * present[:, None, :]).reshape(C, K * K)
         counts["pair_count"] = (onehot.T @ pairs).reshape(n_lab, G, K, K)
+        cell_counts["pair_count"] = pairs
 
     # all-cell views for kernels that take the whole batch at once
     token_cell = token_index // L
@@ -260,5 +269,5 @@ def build_plan(
         panel_pos=panel_pos, panel_at=panel_at, panel_member=panel_member, counts=counts, host=host,
         tokens=tokens, query_cell=query_cell, query_pos=query_pos.reshape(-1), token_cell=token_cell,
         counted_slot=counted_slot, n_window_all=n_window_all, n_context_all=n_context_all,
-        panel_slot=panel_slot, packed_counted=packed_counted,
+        panel_slot=panel_slot, packed_counted=packed_counted, cell_counts=cell_counts,
     )  # fmt: skip

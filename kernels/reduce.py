@@ -3,14 +3,23 @@
 A backend reduces P over query rows per cell (the heavy part); these small
 batched functions turn the per-cell results into the float64 group sums of
 the contract. Group sums are one-hot matmuls, so the order is fixed.
+
+Few ops per layer: a layer's results, their squares and the counts are
+written into per-cell feature buffers of the plan (the counts once), so a
+target whose sums share one buffer (:func:`tiled_zeros`, as the recorder
+keeps them) takes one matmul for every dense sum and one matmul and
+index_add per gene chunk, whatever the number of statistics.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
 import torch
+
+from .spec import SUMMARIES
 
 
 def panel_positions(toks, real, panel):
@@ -42,7 +51,7 @@ class CellResults:
     window: torch.Tensor
     received: torch.Tensor | None = None
     pair: torch.Tensor | None = None
-    shared: dict = field(default_factory=dict, repr=False)  # derived once per layer for every target
+    shared: dict = field(default_factory=dict, repr=False)  # written once per layer for every target (the features)
 
 
 @dataclass
@@ -58,7 +67,18 @@ class Target:
     sums: dict
     labelings: slice = field(default_factory=lambda: slice(None))
     genes: torch.Tensor | None = None
-    flat: dict = field(default_factory=dict, repr=False)  # name -> (sum, its [n G, F] view), made on first use
+    # made on first use: name -> (sum, its [n G, F] view); names -> (sums, shape, their tiled view)
+    flat: dict = field(default_factory=dict, repr=False)
+
+    def tiled(self, names: tuple, *shape) -> torch.Tensor | None:
+        """The sums ``names`` (in order) as one ``[n G, F]`` matrix viewed as ``shape`` when they tile one
+        buffer (see :func:`_tiled`), else None; checked once while those tensors stay."""
+        tensors = tuple(self.sums[k] for k in names)
+        kept = self.flat.get(names)  # by names alone: a replaced tensor (a grown gene axis) replaces the entry
+        if kept is None or kept[1] != shape or any(a is not b for a, b in zip(kept[0], tensors)):
+            flat = _tiled(tensors)
+            kept = self.flat[names] = (tensors, shape, None if flat is None else flat.view(shape))
+        return kept[2]
 
     def rows(self, name: str, n_rows: int) -> torch.Tensor | None:
         """``sums[name]`` as ``[n G, F]`` (a view, kept while that tensor stays), None if not contiguous."""
@@ -84,100 +104,242 @@ def pair_means(plan, block: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ckm,chmn,cln->chkl", rows_mean, block.double(), member)
 
 
-def reduce_into(plan, cells: CellResults, target: Target) -> None:
-    """Add the per-cell results of one layer into ``target``'s labelings: one matmul of the
-    labelings' one-hot per statistic (fixed order), the counts from the plan.
+#: Column order of the per-cell features of a layer and of a target's dense sums when they share one
+#: buffer (:func:`tiled_zeros`): the sums, the counts, then the squares, so that a target without sums
+#: of squares (the permutation nulls) takes a prefix of the columns.
+DENSE = ("summary_sum", "pos_sum", "pair_sum", "cells", "pos_count", "pair_count", "summary_sq", "pos_sq", "pair_sq")
+#: The same for the gene sums (rows H, 1, H of a gene block ``[n, G, 2H + 1, V]``).
+GENES = ("recv_sum", "recv_count", "recv_sq")
 
-    What does not depend on the layer (the one-hot's and the counts' slices for the target's
-    labelings, the gene chunks' indices) is taken from ``plan.cache``; what does not depend on the
-    target (the results in float64, their squares, the dense gene blocks) from ``cells.shared``."""
+
+def tiled_zeros(shapes: dict, device=None) -> dict:
+    """Zero float64 sums, name -> ``shapes[name]`` (``[n, G, ...]``), laid out for the fast path of
+    :func:`reduce_into`: the dense sums are views side by side in one ``[n, G, F]`` buffer (DENSE order),
+    the gene sums in another, so one matmul per target adds every dense statistic and its counts, and
+    one index_add every gene statistic. Any other layout works too, with more ops per layer."""
+    out = {}
+    for order in (DENSE, GENES):
+        names = [k for k in order if k in shapes]
+        if names:
+            n, G = shapes[names[0]][:2]
+            widths = [math.prod(shapes[k][2:]) for k in names]
+            buf = torch.zeros(n, G, sum(widths), dtype=torch.float64, device=device)
+            for k, a, w in zip(names, itertools.accumulate([0, *widths]), widths):
+                out[k] = buf[:, :, a : a + w].view(shapes[k])
+    return {k: out[k] if k in out else torch.zeros(s, dtype=torch.float64, device=device) for k, s in shapes.items()}
+
+
+def _tiled(tensors) -> torch.Tensor | None:
+    """The ``[n G, F]`` matrix whose columns the float64 ``[n, G, ...]`` tensors fill side by side, in
+    order, with nothing else in it (as :func:`tiled_zeros` lays them out), or None if they do not."""
+    first = tensors[0]
+    n, G = first.shape[:2]
+    widths = [math.prod(t.shape[2:]) for t in tensors]
+    F, at = sum(widths), first.storage_offset()
+    for t, w in zip(tensors, widths):
+        want = (G * F, F, *_contiguous_strides(t.shape[2:]))
+        if (
+            t.dtype != torch.float64 or t.device != first.device or tuple(t.shape[:2]) != (n, G)
+            or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() or t.storage_offset() != at
+            or any(s != e for s, e, d in zip(t.stride(), want, t.shape) if d > 1)  # a size-1 dim is never stepped
+        ):  # fmt: skip
+            return None
+        at += w
+    return first.as_strided((n * G, F), (F, 1), first.storage_offset())
+
+
+def _contiguous_strides(shape) -> tuple:
+    strides = [1]
+    for d in reversed(shape[1:]):
+        strides.insert(0, strides[0] * d)
+    return tuple(strides) if shape else ()
+
+
+def reduce_into(plan, cells: CellResults, target: Target) -> None:
+    """Add the per-cell results of one layer into ``target``'s labelings: one matmul of the labelings'
+    one-hot with the layer's per-cell features (results, their counts and squares; fixed order).
+
+    The features live in buffers of the plan (:func:`_features`; the counts written once per plan),
+    written once per layer for every target. A target laid out by :func:`tiled_zeros` takes one
+    ``addmm_`` for its dense sums and one matmul and ``index_add_`` (per gene chunk) for its gene sums;
+    sums in separate tensors take one per statistic."""
     G = plan.n_groups
     lab = range(plan.n_labelings)[target.labelings]
     n = len(lab)
     if n == 0:
         return
     assert lab.step == 1, "target labelings must be a contiguous slice"
-    onehot_t, counts = _labelings(plan, lab.start, lab.stop)
-    sums = target.sums
-    W = plan.window
-    for name, value in counts.items():
-        if name == "recv_count":
-            _gene_add(sums[name], target.genes, plan, value)
-        else:
-            sums[name] += value
-    _addmm(sums, "summary", onehot_t, cells.summary, n, G, cells.shared, target)
-    if W == plan.spec.window:
-        _addmm(sums, "pos", onehot_t, cells.window, n, G, cells.shared, target)
-    else:  # a batch shorter than the window: its [W, W] corner
-        part = {k: sums[k][:, :, :, :W, :W] for k in ("pos_sum", "pos_sq") if k in sums}
-        _addmm(part, "pos", onehot_t, cells.window, n, G, cells.shared)
-    if cells.pair is not None:
-        _addmm(sums, "pair", onehot_t, cells.pair, n, G, cells.shared, target)
-    if cells.received is not None and plan.genes.numel():
-        _add_received(sums, target.genes, plan, onehot_t, cells.received, n, G, cells.shared)
+    onehot_t = _onehot_t(plan, lab.start, lab.stop)
+    f = _layer_features(plan, cells)
+    _add_dense(target, onehot_t, f, n * G)
+    if f.genes:
+        _add_genes(target, plan, onehot_t, f, n, G)
 
 
-def _labelings(plan, start: int, stop: int):
-    """``[n G, C]`` one-hot of labelings ``start:stop`` and their counts, sliced once per plan."""
-    key = ("labelings", start, stop)
+def _onehot_t(plan, start: int, stop: int) -> torch.Tensor:
+    """``[n G, C]`` one-hot of labelings ``start:stop``, sliced once per plan."""
+    key = ("onehot_t", start, stop)
     if key not in plan.cache:
         G = plan.n_groups
-        onehot_t = plan.onehot[:, start * G : stop * G].T  # labelings are contiguous in the wide axis
-        plan.cache[key] = onehot_t, {name: value[start:stop] for name, value in plan.counts.items()}
+        plan.cache[key] = plan.onehot[:, start * G : stop * G].T  # labelings are contiguous in the wide axis
     return plan.cache[key]
 
 
-def _addmm(sums, name, onehot_t, x, n, G, shared, target=None):
-    """``sums[name_sum/_sq] += onehot_t @ x, x**2`` over the cells (x: ``[C, ...]``)."""
-    for suffix in ("_sum", "_sq"):
-        if name + suffix not in sums:  # a target may keep no sums of squares (permutation nulls)
-            continue
-        value = _flat(shared, name, suffix, x)
-        t = sums[name + suffix]
-        rows = target.rows(name + suffix, n * G) if target is not None else None
-        if rows is not None:
-            rows.addmm_(onehot_t, value)
-        elif t.is_contiguous():
-            t.view(n * G, -1).addmm_(onehot_t, value)
+@dataclass(eq=False)
+class _GeneChunk:
+    """A chunk ``v0:v1`` of the batch's genes: its pairs ``a:b`` (cells, genes - v0) and features
+    ``x [C, 2H + 1, v1 - v0]``: the per-cell gene values, the genes present (1/0, set once), the squares."""
+
+    v0: int
+    v1: int
+    cell: torch.Tensor
+    gene: torch.Tensor
+    a: int
+    b: int
+    x: torch.Tensor
+    views: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        H = (self.x.shape[1] - 1) // 2
+        self.dense, self.square = self.x[:, :H], self.x[:, H + 1 :]
+        self.flat = self.x.view(self.x.shape[0], -1)
+
+    def prefix(self, rows: int) -> torch.Tensor:
+        """``[C, rows (v1 - v0)]``: the features of the first ``rows`` rows (a view, made once)."""
+        if rows not in self.views:
+            self.views[rows] = self.flat[:, : rows * (self.v1 - self.v0)]
+        return self.views[rows]
+
+
+@dataclass(eq=False)
+class _Features:
+    """A plan's per-cell features for the layers' sums: ``x [C, F]`` float64 in DENSE order (columns
+    ``cols[name]``; the counts set once), views to write a layer's results into, the gene chunks."""
+
+    x: torch.Tensor
+    cols: dict
+    summary: torch.Tensor  # [C, H, 4]
+    window: torch.Tensor  # [C, H, W, W]: the plan's window in the spec's [W', W'] (zero elsewhere)
+    pair: torch.Tensor | None  # [C, H, K, K]
+    sums: torch.Tensor  # the columns of the *_sum features ...
+    squares: torch.Tensor  # ... and of their squares (the same order)
+    genes: list
+    views: dict = field(default_factory=dict)
+
+    def prefix(self, n_names: int) -> torch.Tensor:
+        """The columns of the first ``n_names`` features (a view, made once)."""
+        if n_names not in self.views:
+            names = list(self.cols)[:n_names]
+            self.views[n_names] = self.x[:, : sum(self.cols[k].shape[1] for k in names)]
+        return self.views[n_names]
+
+
+def _features(plan, H: int) -> _Features:
+    """The plan's feature buffers for H heads, made at its first layer call."""
+    key = ("features", H)
+    if key in plan.cache:
+        return plan.cache[key]
+    spec, C = plan.spec, plan.n_counted
+    W, K, S = spec.window, len(spec.panel), len(SUMMARIES)
+    widths = {"summary_sum": H * S, "pos_sum": H * W * W, "cells": 1, "pos_count": W * W}
+    if K:
+        widths.update(pair_sum=H * K * K, pair_count=K * K)
+    widths.update({k[:-4] + "_sq": w for k, w in widths.items() if k.endswith("_sum")})
+    names = [k for k in DENSE if k in widths]
+    x = torch.zeros(C, sum(widths.values()), dtype=torch.float64, device=plan.device)
+    cols = {k: x[:, a : a + widths[k]] for k, a in zip(names, itertools.accumulate([0, *map(widths.get, names)]))}
+    for k in ("cells", "pos_count", "pair_count"):
+        if k in cols:
+            cols[k].copy_(plan.cell_counts[k])
+    n_sums = sum(w for k, w in widths.items() if k.endswith("_sum"))  # the first columns; squares the last
+    w = plan.window
+    plan.cache[key] = f = _Features(
+        x=x, cols=cols, summary=cols["summary_sum"].view(C, H, S),
+        window=cols["pos_sum"].view(C, H, W, W)[:, :, :w, :w],
+        pair=cols["pair_sum"].view(C, H, K, K) if K else None,
+        sums=x[:, :n_sums], squares=x[:, x.shape[1] - n_sums :], genes=_gene_features(plan, H),
+    )  # fmt: skip
+    return f
+
+
+#: Most per-cell gene entries (cells x genes x heads) of one chunk of the gene reduction's features.
+GENE_CHUNK = 2**22
+
+
+def _gene_features(plan, H: int) -> list:
+    """Per chunk of the batch's genes: its :class:`_GeneChunk` (none without gene statistics)."""
+    if not plan.spec.gene_stats or not plan.genes.numel():
+        return []
+    C = plan.n_counted
+    step = max(1, GENE_CHUNK // max(C * H, 1))
+    present = plan.cell_counts["recv_count"]
+    chunks = []
+    for v0, v1, cell, gene, a, b in _gene_chunks(plan, step):
+        x = torch.zeros(C, 2 * H + 1, v1 - v0, dtype=torch.float64, device=plan.device)
+        x[:, H] = present[:, v0:v1]
+        chunks.append(_GeneChunk(v0, v1, cell, gene, a, b, x))
+    return chunks
+
+
+def _layer_features(plan, cells: CellResults) -> _Features:
+    """The plan's features holding this layer's results, written once per layer for every target."""
+    f = cells.shared.get("features")
+    if f is None:
+        f = cells.shared["features"] = _features(plan, cells.summary.shape[1])
+        f.summary.copy_(cells.summary)  # float64, exactly
+        f.window.copy_(cells.window)
+        if f.pair is not None:
+            f.pair.copy_(cells.pair)
+        torch.mul(f.sums, f.sums, out=f.squares)
+        for g in f.genes:  # a plan writes the same (cell, gene) entries in every layer: the rest stays 0
+            g.dense[g.cell, :, g.gene] = _part(cells.received, g.a, g.b).double()  # the sums' [H, V] order
+            torch.mul(g.dense, g.dense, out=g.square)
+    return f
+
+
+def _add_dense(target: Target, onehot_t, f: _Features, rows: int) -> None:
+    """``sums += onehot_t @ features`` for the target's dense sums: one matmul when they tile one buffer
+    in the features' column order, else one per sum."""
+    names = tuple(k for k in f.cols if k in target.sums)
+    flat = target.tiled(names, rows, -1) if names and names == tuple(f.cols)[: len(names)] else None
+    if flat is not None:
+        flat.addmm_(onehot_t, f.prefix(len(names)))
+        return
+    for name in names:
+        t, value = target.sums[name], f.cols[name]
+        t_rows = target.rows(name, rows)
+        if t_rows is not None:
+            t_rows.addmm_(onehot_t, value)
         else:
             t += (onehot_t @ value).view(t.shape)
 
 
-def _flat(shared, name, suffix, x):
-    """``x`` as ``[C, F]`` float64 (``_sum``) or its square (``_sq``), once per layer for every target."""
-    if (name, suffix) not in shared:
-        if (name, "_sum") not in shared:
-            shared[name, "_sum"] = x.reshape(x.shape[0], math.prod(x.shape[1:])).double()
-        if suffix == "_sq":
-            shared[name, "_sq"] = shared[name, "_sum"] * shared[name, "_sum"]
-    return shared[name, suffix]
+def _add_genes(target: Target, plan, onehot_t, f: _Features, n: int, G: int) -> None:
+    """Gene sums of the target's labelings: per gene chunk, one matmul with the one-hot, added at the
+    target's gene slots (one index_add when its gene sums tile one block, else one per sum)."""
+    names = tuple(k for k in GENES if k in target.sums)
+    if not names:
+        return
+    H = f.summary.shape[1]
+    height = {"recv_sum": H, "recv_count": 1, "recv_sq": H}
+    rows = sum(height[k] for k in names)
+    V = target.sums[names[0]].shape[-1]
+    block = target.tiled(names, n, G, rows, V) if names == GENES[: len(names)] else None
+    for g in f.genes:
+        slots = _part(plan.genes if target.genes is None else target.genes, g.v0, g.v1)
+        if block is not None:
+            block.index_add_(3, slots, (onehot_t @ g.prefix(rows)).view(n, G, rows, g.v1 - g.v0))
+            continue
+        value = (onehot_t @ g.flat).view(n, G, 2 * H + 1, g.v1 - g.v0)
+        for name, part in (("recv_sum", slice(0, H)), ("recv_count", H), ("recv_sq", slice(H + 1, None))):
+            if name in target.sums:
+                t = target.sums[name]
+                t.index_add_(t.dim() - 1, slots, value[:, :, part])
 
 
 def _part(t, a: int, b: int):
     """``t[a:b]``, without an op when that is all of t."""
     return t if (a, b) == (0, t.shape[0]) else t[a:b]
-
-
-#: Most per-cell gene entries (cells x genes x heads) densified at once by the gene reduction.
-GENE_CHUNK = 2**22
-
-
-def _add_received(sums, genes, plan, onehot_t, r, n, G, shared):
-    """Gene sums of every labeling: the per-pair values densified per cell over the batch's genes
-    (in chunks of genes), one matmul with the one-hot, then added at the target's gene slots."""
-    C, H = plan.onehot.shape[0], r.shape[1]
-    step = max(1, GENE_CHUNK // max(C * H, 1))
-    for i, (v0, v1, cell, gene, a, b) in enumerate(_gene_chunks(plan, step)):
-        for suffix in ("_sum", "_sq") if "recv_sq" in sums else ("_sum",):
-            if ("recv", i, "_sum") not in shared:  # [C, (v1 - v0) H], once per layer for every target
-                dense = r.new_zeros(C, H, v1 - v0, dtype=torch.float64)  # the sums' [H, V] order
-                dense[cell, :, gene] = _part(r, a, b).double()
-                shared["recv", i, "_sum"] = dense.view(C, H * (v1 - v0))
-            if suffix == "_sq" and ("recv", i, "_sq") not in shared:
-                shared["recv", i, "_sq"] = shared["recv", i, "_sum"] * shared["recv", i, "_sum"]
-            value = shared["recv", i, suffix]
-            block = (onehot_t @ value).view(n, G, H, v1 - v0)
-            sums["recv" + suffix].index_add_(3, _part(plan.genes if genes is None else genes, v0, v1), block)
 
 
 def _gene_chunks(plan, step: int) -> list:
@@ -194,7 +356,3 @@ def _gene_chunks(plan, step: int) -> list:
             chunks.append((v0, min(V, v0 + step), _part(plan.pair_cell, a, b), _part(plan.pair_gene, a, b) - v0, a, b))
         plan.cache[key] = chunks
     return plan.cache[key]
-
-
-def _gene_add(target, genes, plan, value):
-    target.index_add_(target.dim() - 1, plan.genes if genes is None else genes, value)

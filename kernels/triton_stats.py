@@ -246,9 +246,9 @@ def cell_results(
     return out, KernelResults(summary, recv, win, pair, every.sum())
 
 
-def _buffer(work: dict, name: str, shape, device) -> torch.Tensor:
-    if name not in work or tuple(work[name].shape) != tuple(shape):
-        work[name] = torch.empty(shape, dtype=torch.float32, device=device)
+def _buffer(work: dict, name: str, shape, device, dtype=torch.float32) -> torch.Tensor:
+    if name not in work or tuple(work[name].shape) != tuple(shape) or work[name].dtype != dtype:
+        work[name] = torch.empty(shape, dtype=dtype, device=device)
     return work[name]
 
 
@@ -274,6 +274,7 @@ class PlanDevice:
     finite: list  # one 0-dim checksum per layer call, in call order: finite iff its q, k, v were
     work: dict = field(default_factory=dict)  # the kernels' buffers, reused by every layer
     panel: tuple | None = None  # the pair means' factors per (cell, head): rows_mean [C H, K, M], member^T [C H, M, K]
+    views: dict = field(default_factory=dict)  # name -> (buffer, shape, its view): see _view
 
 
 def plan_device(plan) -> PlanDevice:
@@ -302,7 +303,7 @@ def triton_cells(q, k, v, plan, scale: float):
     dev.finite.append(res.checksum)  # kernel 1 folds every row's lse and output into it
     cells = CellResults(summary=res.summary, window=res.window)
     if spec.gene_stats:  # per (cell, gene) pair: its tokens' column means, summed
-        flat = res.received.view(-1, q.shape[1]).index_select(0, plan.gene_src)
+        flat = _view(dev, "received", res.received, (-1, q.shape[1])).index_select(0, plan.gene_src)
         cells.received = flat.new_zeros(plan.pair_cell.numel(), q.shape[1]).index_add_(0, plan.gene_pairs, flat)
     if spec.panel:
         cells.pair = _pair_means(plan, dev, res.pair, q.shape[1])
@@ -322,7 +323,17 @@ def _pair_means(plan, dev: PlanDevice, block, H):
         dev.panel = tuple(x[:, None].expand(-1, H, -1, -1).reshape(C * H, *x.shape[1:])
                           for x in (rows_mean, member.transpose(1, 2)))  # fmt: skip
     rows_mean, member_t = dev.panel
-    return torch.bmm(torch.bmm(rows_mean, block.view(C * H, M, M).double()), member_t).view(C, H, K, K)
+    out = _buffer(dev.work, "pair_means", (C * H, K, K), block.device, torch.float64)  # reused by every layer
+    torch.bmm(torch.bmm(rows_mean, _view(dev, "pair", block, (C * H, M, M)).double()), member_t, out=out)
+    return _view(dev, "pair_means", out, (C, H, K, K))
+
+
+def _view(dev: PlanDevice, name: str, t: torch.Tensor, shape) -> torch.Tensor:
+    """``t.view(shape)``, made once while ``t`` (a buffer every layer reuses) stays."""
+    kept = dev.views.get(name)
+    if kept is None or kept[0] is not t or kept[1] != shape:
+        kept = dev.views[name] = (t, shape, t.view(shape))
+    return kept[2]
 
 
 def first_non_finite(plan) -> int | None:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from attnprof.kernels import BatchPlan, StatsSpec, Target, build_plan, empty_sums, planned_stats, sum_shapes
+from attnprof.kernels import BatchPlan, StatsSpec, Target, build_plan, planned_stats, sum_shapes, tiled_zeros
 
 from .profile import NullSums, Profile
 
@@ -60,7 +60,9 @@ class Recorder:
         self._plan = None  # (plan, padding mask it was built from, that mask's version)
         self._plan_layers: list[str] = []  # layers called on the plan, in call order (its NaN/Inf verdicts)
         self._derived: dict = {}  # per_forward's results for this forward
-        self._views: dict = {}  # layer (, "null") -> its Target (the sums with a labeling axis: views, made once)
+        # layer -> (its sums as the Target was made from them, the Target: views with a labeling axis, made once);
+        # (layer, "null") -> the permutations' Target
+        self._views: dict = {}
         self.closed = False  # the session ended: profile() may hand the sums over without a copy
 
     def _panel_ids(self, panel) -> list[int]:
@@ -216,11 +218,15 @@ class Recorder:
         return plan
 
     def _targets(self, layer: str, plan: BatchPlan, device) -> list[Target]:
-        if layer not in self.sums:
-            self.sums[layer] = empty_sums(self.spec, self.n_heads, device=device)
-        sums, target = self.sums[layer], self._views.get(layer)
-        if target is None or any(target.sums[k]._base is not v for k, v in sums.items()):  # once per layer
-            target = self._views[layer] = Target({k: v[None] for k, v in sums.items()}, slice(0, 1))
+        if layer not in self.sums:  # tiled: one matmul adds all dense sums of a layer (see tiled_zeros)
+            shapes = {k: (1, *s) for k, s in sum_shapes(self.spec, self.n_heads).items()}
+            tiled = tiled_zeros(shapes, device=device)
+            self.sums[layer] = {k: v[0] for k, v in tiled.items()}
+            self._views[layer] = (dict(self.sums[layer]), Target(tiled, slice(0, 1)))
+        sums, (made_from, target) = self.sums[layer], self._views[layer]
+        if made_from.keys() != sums.keys() or any(made_from[k] is not v for k, v in sums.items()):  # replaced
+            target = Target({k: v[None] for k, v in sums.items()}, slice(0, 1))
+            self._views[layer] = (dict(sums), target)
         targets = [target]
         if self.n_null:
             if layer not in self.null_sums:
@@ -240,7 +246,7 @@ class Recorder:
         if self.genes is not None:
             V = len(self.null_genes)
             shapes.update(recv_sum=shapes["recv_sum"][:-1] + (V,), recv_count=shapes["recv_count"][:-1] + (V,))
-        return {k: torch.zeros((self.n_null, *s), dtype=torch.float64, device=device) for k, s in shapes.items()}
+        return tiled_zeros({k: (self.n_null, *s) for k, s in shapes.items()}, device=device)
 
     def _grow_null_genes(self, plan: BatchPlan) -> torch.Tensor | None:
         """Slots of the batch's genes in the permutation sums' gene axis, which grows (appends) by the
@@ -252,10 +258,13 @@ class Recorder:
         for t in new:
             self._null_slot[t] = len(self.null_genes)
             self.null_genes.append(t)
-        if new:
+        if new:  # a new gene block (still tiled), the old sums copied into its first slots
             for sums in self.null_sums.values():
-                for name in ("recv_sum", "recv_count"):
-                    sums[name] = torch.nn.functional.pad(sums[name], (0, len(new)))
+                old = {name: sums[name] for name in ("recv_sum", "recv_count")}
+                shapes = {name: (*t.shape[:-1], len(self.null_genes)) for name, t in old.items()}
+                sums.update(tiled_zeros(shapes, device=old["recv_sum"].device))
+                for name, t in old.items():
+                    sums[name][..., : t.shape[-1]] = t
         return torch.tensor([self._null_slot[t] for t in ids], dtype=torch.long, device=plan.device)
 
     # ----------------------------------------------------------------- result

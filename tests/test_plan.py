@@ -165,6 +165,70 @@ def test_all_labelings_at_once_equal_separate_calls(B, H, L, G, N, backend, pane
             assert_sums_close(spread, kept, atol=1e-12, rtol=1e-12)
 
 
+@given(
+    B=st.integers(1, 6),
+    H=st.integers(1, 3),
+    L=st.integers(1, 40),
+    N=st.integers(0, 3),
+    panel=st.sampled_from([(), (1, 3, 4)]),
+    wide=st.booleans(),
+    chunk=st.sampled_from([2**22, 7]),
+    seed=st.integers(0, 2**31 - 1),
+)
+@settings(deadline=None, max_examples=30)
+def test_tiled_sums_equal_separate_sums(B, H, L, N, panel, wide, chunk, seed):
+    """Sums laid out by tiled_zeros (one matmul per target) == sums in separate tensors (one per sum),
+    for a full and a compact permutation target, a window wider than the batch and chunked genes."""
+    from attnprof.kernels import reduce, tiled_zeros
+
+    q, k, v, padding, groups, tokens = random_batch(seed, B, H, L, 16, 2)
+    g = torch.Generator().manual_seed(seed)
+    labelings = torch.stack([groups, *(torch.randint(-1, 2, (B,), generator=g) for _ in range(N))])
+    spec = spec_for(2, L, window=L + 3 if wide else max(1, L // 3), panel=panel)
+    plan = build_plan(spec, labelings, padding, tokens)
+    V = plan.genes.numel()
+    shapes = {n: (N + 1, *s.shape) for n, s in empty_sums(spec, H).items()}
+    compact = {n: (N, *s[1:-1], V) if n.startswith("recv") else (N, *s[1:]) for n, s in shapes.items() if not n.endswith("_sq")}
+    slots = torch.arange(V - 1, -1, -1)
+    sums = {}
+    for layout in ("tiled", "separate"):
+        alloc = tiled_zeros if layout == "tiled" else (lambda sh: {n: torch.zeros(s, dtype=torch.float64) for n, s in sh.items()})
+        full, null = alloc(shapes), alloc(compact)
+        targets = [Target(full), Target(null, slice(1, None), slots)]
+        saved, reduce.GENE_CHUNK = reduce.GENE_CHUNK, chunk
+        try:
+            for _ in range(2):  # two layers on one plan: the plan's feature buffers are reused
+                planned_stats(q, k, v, plan, targets, backend="torch")
+        finally:
+            reduce.GENE_CHUNK = saved
+        tiled = [t.tiled(tuple(n for n in reduce.DENSE if n in t.sums), -1) is not None for t in targets]
+        assert tiled == [layout == "tiled"] * 2 or N == 0
+        sums[layout] = full, null
+    for a, b in zip(sums["tiled"], sums["separate"]):
+        assert a.keys() == b.keys()
+        for n in a:
+            torch.testing.assert_close(a[n], b[n], atol=0, rtol=0, msg=n)  # the same dot products, bit for bit
+
+
+def test_tiled_layout_is_checked():
+    """Only sums that fill one buffer side by side, in the features' order, take the one-matmul path."""
+    from attnprof.kernels.reduce import _tiled
+
+    shapes = {"a": (2, 3, 4), "b": (2, 3, 2, 5)}
+    buf = torch.zeros(2, 3, 14, dtype=torch.float64)
+    a, b = buf[:, :, :4], buf[:, :, 4:].view(2, 3, 2, 5)
+    flat = _tiled((a, b))
+    assert flat is not None and flat.shape == (6, 14) and flat.data_ptr() == buf.data_ptr()
+    one = torch.zeros(3, 14, dtype=torch.float64)  # sums [G, ...] with a labeling axis added: any stride
+    assert _tiled((one[:, :4][None], one[:, 4:].view(3, 2, 5)[None])) is not None
+    assert _tiled((b, a)) is None  # another order
+    assert _tiled((a,)) is None  # columns left over
+    assert _tiled((a, torch.zeros(shapes["b"], dtype=torch.float64))) is None  # another buffer
+    wide = torch.zeros(2, 3, 15, dtype=torch.float64)
+    assert _tiled((wide[:, :, :4], wide[:, :, 4:14].view(2, 3, 2, 5))) is None  # a column of something else
+    assert _tiled((buf.float()[:, :, :4], buf.float()[:, :, 4:].view(2, 3, 2, 5))) is None  # not float64
+
+
 # ------------------------------------------------------------------ the profiler
 VOCAB = 12
 
