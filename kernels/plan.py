@@ -72,7 +72,7 @@ panel_slot    ``[T]`` int64 per packed real token: its index m among its cell's 
               (``panel_pos[c, m]`` is its position), or -1.
 packed_counted ``[T_c]`` int64 indices into the packed tokens of the counted cells' tokens, in the
               order of ``gene_src`` / ``gene_pairs``.
-counts        the q, k, v-free sums of all labelings, float64, labeling axis first: ``cells
+counts        (computed when asked) the q, k, v-free sums of all labelings, float64, labeling axis first: ``cells
               [N+1, G]``, ``pos_count [N+1, G, W', W']`` (W' = spec.window), ``recv_count
               [N+1, G, V_b]``, ``pair_count [N+1, G, K, K]``.
 cell_counts   what each counted cell adds to ``counts``, float64 ``[C, ...]`` flattened: ``cells [C, 1]``
@@ -125,7 +125,6 @@ class BatchPlan:
     panel_pos: torch.Tensor
     panel_at: torch.Tensor
     panel_member: torch.Tensor
-    counts: dict
     host: dict
     query_cell: torch.Tensor = None
     query_pos: torch.Tensor = None
@@ -154,6 +153,14 @@ class BatchPlan:
     @property
     def n_counted(self) -> int:
         return len(self.counted_host)
+
+    @property
+    def counts(self) -> dict:
+        """The q, k, v-free sums of all labelings (``onehot.T @ cell_counts``), computed when asked: the
+        reduction adds ``cell_counts`` in the same matmul as each layer's results."""
+        n, G, W, K = self.n_labelings, self.n_groups, self.spec.window, len(self.spec.panel)
+        tail = {"cells": (), "pos_count": (W, W), "recv_count": (self.genes.numel(),), "pair_count": (K, K)}
+        return {k: (self.onehot.T @ v).reshape(n, G, *tail[k]) for k, v in self.cell_counts.items()}
 
     def cache_cu(self) -> list[int]:
         """``cu_seqlens`` as a host list (for CPU loops), once."""
@@ -199,12 +206,10 @@ def build_plan(
     n_context = creal[:, : min(spec.n_context, L)].sum(1)
     window_prefix = creal[:, :W].long().cumsum(1).eq(torch.arange(1, W + 1, device=dev)).sum(1) == n_window
 
-    counts = {"cells": onehot.sum(0).reshape(n_lab, G)}
     both = creal[:, :W].double()
     pc = torch.zeros(C, spec.window, spec.window, dtype=torch.float64, device=dev)
     pc[:, :W, :W] = both[:, :, None] * both[:, None, :]
     cell_counts = {"cells": onehot.new_ones(C, 1), "pos_count": pc.reshape(C, spec.window**2)}
-    counts["pos_count"] = (onehot.T @ cell_counts["pos_count"]).reshape(n_lab, G, spec.window, spec.window)
 
     empty = torch.zeros(0, dtype=torch.long, device=dev)
     genes, gene_pairs, gene_src, pair_cell, pair_gene = empty, empty, empty, empty, empty
@@ -220,7 +225,6 @@ def build_plan(
         gene_src = cell * L + pos
         presence = torch.zeros(C, V, dtype=torch.float64, device=dev)
         presence[pair_cell, pair_gene] = 1.0
-        counts["recv_count"] = (onehot.T @ presence).reshape(n_lab, G, V)
         cell_counts["recv_count"] = presence
 
     K = len(spec.panel)
@@ -233,7 +237,6 @@ def build_plan(
         panel_at = torch.where(panel_pos >= 0, rank.gather(1, panel_pos.clamp(min=0)), -1)
         present = (panel_member.sum(-1) > 0).double()
         pairs = (present[:, :, None] * present[:, None, :]).reshape(C, K * K)
-        counts["pair_count"] = (onehot.T @ pairs).reshape(n_lab, G, K, K)
         cell_counts["pair_count"] = pairs
 
     # all-cell views for kernels that take the whole batch at once
@@ -266,7 +269,7 @@ def build_plan(
         positions=positions, counted=counted, counted_host=counted.tolist(), groups=groups, onehot=onehot,
         n_window=n_window, n_context=n_context, window_prefix=window_prefix, genes=genes,
         gene_pairs=gene_pairs, gene_src=gene_src, pair_cell=pair_cell, pair_gene=pair_gene,
-        panel_pos=panel_pos, panel_at=panel_at, panel_member=panel_member, counts=counts, host=host,
+        panel_pos=panel_pos, panel_at=panel_at, panel_member=panel_member, host=host,
         tokens=tokens, query_cell=query_cell, query_pos=query_pos.reshape(-1), token_cell=token_cell,
         counted_slot=counted_slot, n_window_all=n_window_all, n_context_all=n_context_all,
         panel_slot=panel_slot, packed_counted=packed_counted, cell_counts=cell_counts,
