@@ -126,7 +126,7 @@ def tiled_zeros(shapes: dict, device=None) -> dict:
             buf = torch.zeros(n, G, sum(widths), dtype=torch.float64, device=device)
             for k, a, w in zip(names, itertools.accumulate([0, *widths]), widths):
                 out[k] = buf[:, :, a : a + w].view(shapes[k])
-    return {k: out[k] if k in out else torch.zeros(s, dtype=torch.float64, device=device) for k, s in shapes.items()}
+    return {k: out[k] for k in shapes}  # every sum is in DENSE or GENES
 
 
 def _tiled(tensors) -> torch.Tensor | None:

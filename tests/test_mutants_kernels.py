@@ -26,14 +26,19 @@ Mutants left alive on purpose, because they are equivalent (no input can tell th
   of Python ints are int64 without ``dtype=torch.long``; ``argsort(padding.to(None))`` sorts bools like 0/1;
   ``argsort(dim=1)`` -> default dim of a 2-D tensor.
 - ``counted_slot`` and the panel slot map's -1 sentinel -> -2: every reader tests ``>= 0``.
-- ``BatchPlan.cache_cu`` and ``_add_received``'s cache keys renamed or None: a cache that misses (or is
-  keyed differently) recomputes the same values; ``_add_received``'s chunk size ``max(1, ...)`` -> ``max(2,
-  ...)`` or ``// max(C * H, 2)``: the chunk size changes, never the sums (chunked sums are tested with
-  several chunk sizes).
+- ``BatchPlan.cache_cu``, ``_onehot_t``'s and ``_features``' cache keys and ``_layer_features``' key in
+  ``cells.shared`` renamed or None: a cache that misses (or is keyed differently) recomputes the same
+  values; ``_gene_features``' chunk size ``max(1, ...)`` -> ``max(2, ...)`` or ``// max(C * H, 2)``: the
+  chunk size changes, never the sums (chunked sums are tested with several chunk sizes); its ``not
+  gene_stats or not genes.numel()`` -> ``and``: without gene statistics the plan holds no genes either.
+- the tiled reduction: ``tiled_zeros`` reading ``[n, G]`` from another name of the family (all share it);
+  ``_add_genes`` ``slice(0, H)`` -> ``slice(None, H)`` / ``slice(H)`` (the same slice) and ``V`` read from
+  another gene sum (all share the gene axis); ``_part``'s shortcut for the whole range dropped (the slice
+  holds the same values); ``_contiguous_strides``' ``if shape`` -> ``or True`` (a sum without trailing axes
+  gets a stride ``zip`` never reaches).
 - ``reduce_into``: the assertion text of contiguous labelings (an internal invariant, never a user error);
   ``cells.received is not None and plan.genes.numel()`` -> ``or``: every backend returns ``received``
   exactly when the spec has gene statistics, and with no genes the reduction loops over nothing.
-- ``_addmm``: ``continue`` -> ``break``: only the ``_sq`` sums (the last) may be absent.
 - ``pair_means`` / reference einsum subscripts in upper case; reference ``float("-INF")``: see above.
 
 The 194 mutants mutmut reported as "no tests" sat in functions with no caller since the batch plan
@@ -274,3 +279,148 @@ def test_gene_sums_in_chunks_of_genes_equal_the_reference(monkeypatch, chunk):
     assert plan.genes.numel() > chunk and plan.genes.numel() % chunk  # several chunks, a ragged last one
     _, fast = attention_stats(q, k, v, backend="torch", **args)
     assert_sums_close(fast, ref)
+
+
+# ------------------------------------------------------------------ the tiled reduction (reduce.py)
+def _tiled_setup(N=2, H=2, seed=5):
+    """A plan with genes, a panel and N permutation labelings, a layer's CellResults (torch backend),
+    and sums shaped for a full target (with squares) and a compact permutation target."""
+    from attnprof.kernels import blocked_cells
+    from attnprof.kernels.spec import empty_sums
+
+    q, k, v, padding, groups, tokens = random_batch(seed, 5, H, 9, 8, 2)
+    g = torch.Generator().manual_seed(seed)
+    labelings = torch.stack([groups, *(torch.randint(-1, 2, (5,), generator=g) for _ in range(N))])
+    plan = build_plan(spec_for(2, 9, window=4, panel=(1, 3)), labelings, padding, tokens)
+    _, cells = blocked_cells(q, k, v, plan, 8**-0.5)
+    V = plan.genes.numel()
+    shapes = {n: (N + 1, *s.shape) for n, s in empty_sums(plan.spec, H).items()}
+    compact = {n: (N, *s[1:-1], V) if n.startswith("recv") else (N, *s[1:]) for n, s in shapes.items() if not n.endswith("_sq")}
+    return plan, cells, shapes, compact
+
+
+def _separate(shapes):
+    return {n: torch.zeros(s, dtype=torch.float64) for n, s in shapes.items()}
+
+
+def _reduced(plan, cells, full, null):
+    from attnprof.kernels import Target
+    from attnprof.kernels.reduce import CellResults, reduce_into
+
+    V = plan.genes.numel()
+    for target in (Target(full), Target(null, slice(1, None), torch.arange(V - 1, -1, -1))):
+        reduce_into(plan, CellResults(cells.summary, cells.window, cells.received, cells.pair), target)
+    return full, null
+
+
+def _aten_ops(fn) -> list[str]:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    ops = []
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(str(func.overloadpacket.__name__))
+            return func(*args, **(kwargs or {}))
+
+    with Log():
+        fn()
+    return ops
+
+
+def test_tiled_sums_take_one_matmul_per_target_and_separate_sums_one_per_sum():
+    """Which path each layout takes (the results are equal either way: tests/test_plan.py): sums from
+    tiled_zeros take one addmm_ per target for every dense sum and count, one index_add_ per target for
+    the gene sums; separate sums one addmm_ per dense sum and one index_add_ per gene sum."""
+    from attnprof.kernels import tiled_zeros
+    from attnprof.kernels.reduce import DENSE, GENES, _features
+
+    plan, cells, shapes, compact = _tiled_setup()
+    _features(plan, 2)  # the plan's buffers exist before the count (made once per plan)
+    tiled = _aten_ops(lambda: _reduced(plan, cells, tiled_zeros(shapes), tiled_zeros(compact)))
+    assert tiled.count("addmm_") == 2 and tiled.count("index_add_") == 2
+    separate = _aten_ops(lambda: _reduced(plan, cells, _separate(shapes), _separate(compact)))
+    dense = [n for n in DENSE if n in shapes] + [n for n in DENSE if n in compact]
+    assert separate.count("addmm_") == len(dense)
+    assert separate.count("index_add_") == len([n for n in GENES if n in shapes] + [n for n in GENES if n in compact])
+
+
+def test_sums_that_are_not_contiguous_or_not_a_prefix_are_added_exactly():
+    """The per-sum fallback: non-contiguous sums (a permuted view) and tiled sums whose names are not a
+    prefix of the features' columns (no pos_* sums) get the same values as separate sums."""
+    from attnprof.kernels import tiled_zeros
+
+    plan, cells, shapes, compact = _tiled_setup()
+    expected = _reduced(plan, cells, _separate(shapes), _separate(compact))
+
+    def permuted(shapes):  # each sum a view whose last two axes are swapped twice: same shape, other strides
+        return {n: torch.zeros(*s[:-2], s[-1], s[-2], dtype=torch.float64).transpose(-1, -2) if len(s) > 3
+                else torch.zeros(s[::-1], dtype=torch.float64).permute(*range(len(s) - 1, -1, -1))
+                for n, s in shapes.items()}  # fmt: skip
+
+    got = _reduced(plan, cells, permuted(shapes), permuted(compact))
+    assert any(not t.is_contiguous() for t in got[0].values())
+    without_pos = [{n: s for n, s in sh.items() if not n.startswith("pos")} for sh in (shapes, compact)]
+    partial = _reduced(plan, cells, *(tiled_zeros(sh) for sh in without_pos))
+    for want, have, part in zip(expected, got, partial):
+        for n in want:
+            torch.testing.assert_close(have[n], want[n], atol=0, rtol=0, msg=n)
+            if n in part:
+                torch.testing.assert_close(part[n], want[n], atol=0, rtol=0, msg=n)
+
+
+def test_target_views_are_made_once_and_remade_when_a_sum_is_replaced(monkeypatch):
+    from attnprof.kernels import Target, reduce, tiled_zeros
+
+    sums = tiled_zeros({"summary_sum": (1, 2, 3, 4), "pos_sum": (1, 2, 3, 2, 2)})
+    names = ("summary_sum", "pos_sum")
+    calls = []
+    monkeypatch.setattr(reduce, "_tiled", lambda tensors, _f=reduce._tiled: calls.append(1) or _f(tensors))
+    target = Target(sums)
+    first = target.tiled(names, 2, -1)
+    assert first is not None and target.tiled(names, 2, -1) is first and len(calls) == 1
+    assert target.tiled(names, 1, 2, -1) is not first and len(calls) == 2  # another shape: made again
+    sums["pos_sum"] = torch.zeros(1, 2, 3, 2, 2, dtype=torch.float64)  # replaced (e.g. a grown axis)
+    assert target.tiled(names, 1, 2, -1) is None
+    separate = Target({"a": torch.zeros(2, 3, 4, dtype=torch.float64)})
+    rows = separate.rows("a", 6)
+    assert rows.shape == (6, 4) and separate.rows("a", 6) is rows
+    separate.sums["a"] = torch.zeros(2, 3, 4, dtype=torch.float64)
+    assert separate.rows("a", 6) is not rows and separate.rows("a", 6).data_ptr() == separate.sums["a"].data_ptr()
+    assert Target({"a": torch.zeros(4, 3, 2, dtype=torch.float64).transpose(0, 2)}).rows("a", 6) is None
+
+
+def test_the_tiled_layout_check_tests_each_property_alone():
+    """_tiled refuses a layout that differs in one property only (dtype, leading shape, the stride of a
+    size-2 axis) and accepts any stride on a size-1 axis; its matrix starts where the first sum starts."""
+    from attnprof.kernels.reduce import _tiled
+
+    def pair(buf):
+        return buf[:, :, :4], buf[:, :, 4:].view(2, 3, 2, 5)
+
+    assert _tiled(pair(torch.zeros(2, 3, 14, dtype=torch.float32))) is None  # float32, else tiled
+    buf = torch.zeros(2, 3, 14, dtype=torch.float64)
+    assert _tiled((buf[:, :, :4], buf[:1, :, 4:].view(1, 3, 2, 5))) is None  # 1 labeling, not 2
+    odd = buf.as_strided((2, 3, 2, 5), (42, 14, 4, 1), 4)  # the size-2 axis steps 4, not 5
+    assert _tiled((buf[:, :, :4], odd)) is None
+    one = torch.zeros(3, 14, dtype=torch.float64)
+    loose = one.as_strided((1, 3, 4), (999, 14, 1), 0)  # a size-1 axis with any stride
+    assert _tiled((loose, one[:, 4:].view(1, 3, 2, 5))) is not None
+    storage = torch.zeros(100 + 2 * 3 * 14, dtype=torch.float64)
+    inner = storage[100:].view(2, 3, 14)  # a buffer that starts inside its storage
+    flat = _tiled(pair(inner))
+    assert flat.data_ptr() == inner.data_ptr() and flat.shape == (6, 14)
+    flat[0, 4] = 7.0
+    assert inner[0, 0, 4] == 7.0
+
+
+def test_tiled_zeros_keeps_the_names_order_and_one_buffer_per_family():
+    from attnprof.kernels import tiled_zeros
+
+    shapes = {"recv_count": (2, 3, 5), "pos_sum": (2, 3, 1, 2, 2), "cells": (2, 3), "recv_sum": (2, 3, 1, 5)}
+    sums = tiled_zeros(shapes)
+    assert list(sums) == list(shapes) and all(sums[n].shape == s for n, s in shapes.items())
+    assert sums["pos_sum"].untyped_storage().data_ptr() == sums["cells"].untyped_storage().data_ptr()
+    assert sums["recv_sum"].untyped_storage().data_ptr() == sums["recv_count"].untyped_storage().data_ptr()
+    assert sums["pos_sum"].untyped_storage().data_ptr() != sums["recv_sum"].untyped_storage().data_ptr()
+    assert all(t.dtype == torch.float64 and not t.any() for t in sums.values())
