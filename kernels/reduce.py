@@ -145,7 +145,7 @@ def _tiled(tensors) -> torch.Tensor | None:
         ):  # fmt: skip
             return None
         at += w
-    return first.as_strided((n * G, F), (F, 1), first.storage_offset())
+    return first.as_strided((n * G, F), (F, 1))  # from where the first sum starts
 
 
 def _contiguous_strides(shape) -> tuple:
