@@ -7,8 +7,9 @@ loop. Then bound each loop by the H100's issue rate, exponential unit and tensor
 
 The counts are exact for the code the compiler emits (fp16, head dim 32, the autotune configs named
 below: 128 x 128 tiles of 4 warps unless said); the times are ESTIMATES: a loop at the slowest of its
-three bounds (B=8, H=16, L=1,500: 2.88e8 scores), with no latency, launch or memory cost. The stand-in for flash SDPA is kernel 1
-without its statistics (``WITH_STATS=False``): a flash forward from the same compiler and tiles.
+three bounds (B=8, H=16, L=1,500: 2.88e8 scores), with no latency, launch or memory cost. The stand-in
+for flash SDPA is kernel 1 without its statistics (``WITH_STATS=False``): a flash forward from the same
+compiler and tiles.
 
 H100 SXM per SM and clock: 4 warp instructions issued; the exponential unit (MUFU) 16 lanes, i.e.
 0.5 warp instructions; tensor cores 989 TFLOP/s / (132 SMs x 1.83 GHz) = 2048 fp16 MACs.
