@@ -27,6 +27,7 @@ from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, not the interpreter
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
@@ -50,23 +51,34 @@ VARIANTS = {  # the autotune configs with the fewest instructions per score (and
 }  # fmt: skip
 
 
-def compile_sass(kernel, consts: dict, warps: int, stages: int) -> str:
-    """SASS of ``kernel`` for sm_90 with fp16 q, k, v, head dim 32, and the launch attributes the JIT
-    gives real inputs (unit strides specialized, pointers and row strides divisible by 16)."""
+def compile_for_h100(kernel, consts: dict, dtype: str = "fp16", warps: int = 4, stages: int = 3, real_launch: bool = True):
+    """``kernel`` (an autotuned attnprof kernel) compiled for sm_90 with ``dtype`` q, k, v and ``consts``
+    (its tile sizes and flags; head dim 24 padded to 32 unless given). ``real_launch``: the attributes
+    the JIT gives real inputs (unit strides specialized, pointers and row strides divisible by 16)."""
     fn = kernel.fn
-    pointers = dict.fromkeys(["Q", "K", "V", "OUT"], "fp16")
+    pointers = dict.fromkeys(["Q", "K", "V", "OUT"], dtype)
     pointers.update(dict.fromkeys(["BIAS", "TERM", "LSE2", "ROWSTATS", "INV_N", "RECEIVED"], "fp32"))
     pointers.update(dict.fromkeys(["CELLS", "POS"], "i64"))
     pointers.update(dict.fromkeys(["EXTENT", "TILES"], "i32"))
-    consts = dict(consts, HEAD_D=32, BLOCK_D=32, DOT_PREC=None, CTX=kf.CTX_BLOCK, COUNT_TILES=False)
-    consts.update(dict.fromkeys(["sqd", "skd", "svd", "sod"], 1))
+    consts = {"HEAD_D": 24, "BLOCK_D": 32, "CTX": kf.CTX_BLOCK, **consts}
+    consts.setdefault("DOT_PREC", kf.dot_precision({"fp32": torch.float32}.get(dtype)))
+    attrs = {}
+    if real_launch:
+        consts.update(dict.fromkeys(["sqd", "skd", "svd", "sod"], 1))
     consts = {a: consts[a] for a in fn.arg_names if a in consts}
     sig = {a: "constexpr" if a in consts else "fp32" if a == "qk_scale" else
            "*" + pointers[a] if a in pointers else "i32" for a in fn.arg_names}  # fmt: skip
-    aligned = [a for a in fn.arg_names if a not in consts and (a in pointers or a[:2] in ("sq", "sk", "sv", "so"))]
-    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
-    compiled = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=warps, num_stages=stages))  # fmt: skip
+    if real_launch:
+        aligned = [a for a in fn.arg_names if a not in consts and (a in pointers or a[:2] in ("sq", "sk", "sv", "so"))]
+        attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=warps, num_stages=stages))  # fmt: skip
+
+
+def compile_sass(kernel, consts: dict, warps: int, stages: int) -> str:
+    """SASS of ``kernel`` for sm_90 with fp16 q, k, v of head dim 32, launched as real inputs are."""
+    consts = dict(consts, HEAD_D=32, BLOCK_D=32, COUNT_TILES=False)
+    compiled = compile_for_h100(kernel, consts, "fp16", warps, stages)
     cubin = Path(f"/tmp/attnprof_sass_{os.getpid()}.cubin")
     cubin.write_bytes(compiled.asm["cubin"])
     try:

@@ -67,26 +67,18 @@ class Target:
     sums: dict
     labelings: slice = field(default_factory=lambda: slice(None))
     genes: torch.Tensor | None = None
-    # made on first use: name -> (sum, its [n G, F] view); names -> (sums, shape, their tiled view)
-    flat: dict = field(default_factory=dict, repr=False)
+    flat: dict = field(default_factory=dict, repr=False)  # names -> (sums, shape, their tiled view), made on first use
 
     def tiled(self, names: tuple, *shape) -> torch.Tensor | None:
         """The sums ``names`` (in order) as one ``[n G, F]`` matrix viewed as ``shape`` when they tile one
-        buffer (see :func:`_tiled`), else None; checked once while those tensors stay."""
+        buffer (see :func:`_tiled`; one contiguous sum tiles itself), else None; checked once while those
+        tensors stay."""
         tensors = tuple(self.sums[k] for k in names)
         kept = self.flat.get(names)  # by names alone: a replaced tensor (a grown gene axis) replaces the entry
         if kept is None or kept[1] != shape or any(a is not b for a, b in zip(kept[0], tensors)):
             flat = _tiled(tensors)
             kept = self.flat[names] = (tensors, shape, None if flat is None else flat.view(shape))
         return kept[2]
-
-    def rows(self, name: str, n_rows: int) -> torch.Tensor | None:
-        """``sums[name]`` as ``[n G, F]`` (a view, kept while that tensor stays), None if not contiguous."""
-        t = self.sums[name]
-        kept = self.flat.get(name)
-        if kept is None or kept[0] is not t:
-            kept = self.flat[name] = (t, t.view(n_rows, -1) if t.is_contiguous() else None)
-        return kept[1]
 
 
 def received_pairs(plan, received: torch.Tensor) -> torch.Tensor:
@@ -307,7 +299,7 @@ def _add_dense(target: Target, onehot_t, f: _Features, rows: int) -> None:
         return
     for name in names:
         t, value = target.sums[name], f.cols[name]
-        t_rows = target.rows(name, rows)
+        t_rows = target.tiled((name,), rows, -1)
         if t_rows is not None:
             t_rows.addmm_(onehot_t, value)
         else:

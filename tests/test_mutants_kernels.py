@@ -383,11 +383,11 @@ def test_target_views_are_made_once_and_remade_when_a_sum_is_replaced(monkeypatc
     sums["pos_sum"] = torch.zeros(1, 2, 3, 2, 2, dtype=torch.float64)  # replaced (e.g. a grown axis)
     assert target.tiled(names, 1, 2, -1) is None
     separate = Target({"a": torch.zeros(2, 3, 4, dtype=torch.float64)})
-    rows = separate.rows("a", 6)
-    assert rows.shape == (6, 4) and separate.rows("a", 6) is rows
+    rows = separate.tiled(("a",), 6, -1)
+    assert rows.shape == (6, 4) and separate.tiled(("a",), 6, -1) is rows
     separate.sums["a"] = torch.zeros(2, 3, 4, dtype=torch.float64)
-    assert separate.rows("a", 6) is not rows and separate.rows("a", 6).data_ptr() == separate.sums["a"].data_ptr()
-    assert Target({"a": torch.zeros(4, 3, 2, dtype=torch.float64).transpose(0, 2)}).rows("a", 6) is None
+    assert separate.tiled(("a",), 6, -1) is not rows and separate.tiled(("a",), 6, -1).data_ptr() == separate.sums["a"].data_ptr()
+    assert Target({"a": torch.zeros(4, 3, 2, dtype=torch.float64).transpose(0, 2)}).tiled(("a",), 6, -1) is None
 
 
 def test_the_tiled_layout_check_tests_each_property_alone():

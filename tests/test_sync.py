@@ -230,10 +230,14 @@ def launch_counting(monkeypatch):
 def test_ops_per_profiled_layer(launch_counting, capsys):
     """Through the profiler (MHA adapter, recorder, plan, genes, panel, 2 permutation labelings): what a
     profiled layer dispatches beyond the plain unfused layer (the count goes to the README)."""
-    plain = sum(per_layer(launch_counting, False).values()) / 4
-    counts = {}
+    plain_ops = per_layer(launch_counting, False)
+    plain = sum(plain_ops.values()) / 4
+    counts, by_op = {}, collections.Counter()
     for warm in (True, False):
         profiled = per_layer(launch_counting, True, warm=warm)
+        if warm:  # per op name, profiled minus plain (the README's breakdown)
+            by_op.update({name: n for (name, _), n in profiled.items()})
+            by_op.subtract({name: n for (name, _), n in plain_ops.items()})
         launches = sum(n for (name, _), n in profiled.items() if name.startswith("launch ")) / 4
         syncs = sum(n for (_, why), n in profiled.items() if why) / 4
         counts[warm] = sum(profiled.values()) / 4 - plain
@@ -243,6 +247,7 @@ def test_ops_per_profiled_layer(launch_counting, capsys):
         print(f"\nper profiled layer: {counts[True]:.0f} ops + launches beyond the plain unfused layer's "
               f"{plain:.0f} ops (4 launches, 0 syncing); in a run's first forward {counts[False]:.0f} "
               f"(it also allocates the layer's sums)")  # fmt: skip
+        print("by op:", ", ".join(f"{name} {n / 4:+g}" for name, n in sorted(by_op.items(), key=lambda x: -x[1]) if n))
     assert counts[True] <= 11  # issue 12 asked for at most 20 (from 38): one matmul per target for the dense sums
     assert counts[False] > counts[True]  # the first forward does more, not the later ones
     assert per_layer(launch_counting, True, B=8) == per_layer(launch_counting, True)  # twice the cells, the same ops

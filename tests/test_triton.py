@@ -428,24 +428,17 @@ def test_compiles_for_h100_and_cpu_tensors_need_the_interpreter():
 
 def check_without_interpreter(all_configs: bool = False):
     """Run by the test above in a fresh process; ``all_configs`` compiles every autotune config (slow)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from attnprof.kernels import triton_forward as kf
     from attnprof.kernels import triton_stats as ks
+
+    sass_counts = _sass_counts()
 
     assert not kf.INTERPRET
     if not torch.cuda.is_available():
         x = torch.randn(1, 1, 3, 16)
         with pytest.raises(ValueError, match="set TRITON_INTERPRET=1 .* or use backend='torch'"):
             attention_stats(x, x, x, spec=StatsSpec(n_groups=1), groups=[0], backend="triton")
-    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    for name, dtype in dtypes.items():
-        pointers = {"Q": name, "K": name, "V": name, "OUT": name}
-        pointers.update(dict.fromkeys(["BIAS", "TERM", "LSE2", "ROWSTATS", "INV_N", "RECEIVED"], "fp32"))
-        pointers.update(dict.fromkeys(["CELLS", "POS"], "i64"))
-        pointers.update(dict.fromkeys(["EXTENT", "TILES"], "i32"))
+    for name in ("fp32", "fp16", "bf16"):
         # per kernel: its flag settings in use; the first config, and the first that runs exponentials on FMAs
         variants = {
             kf._forward_kernel: [dict(WITH_STATS=True, WRITE_LSE=False, COUNT_TILES=False),
@@ -454,19 +447,24 @@ def check_without_interpreter(all_configs: bool = False):
             ks._entries_kernel: [dict(WINDOW=True), dict(WINDOW=False)],
         }  # fmt: skip
         for kernel, flag_sets in variants.items():
-            fn = kernel.fn
             configs = kernel.configs if all_configs else [kernel.configs[0]] + [
                 c for c in kernel.configs if c.kwargs.get("BLOCK_M_FMA")][:1]  # fmt: skip
             for config in configs:
                 for flags in flag_sets:
-                    consts = dict(config.kwargs, HEAD_D=24, BLOCK_D=32, DOT_PREC=kf.dot_precision(dtype),
-                                  CTX=kf.CTX_BLOCK, **flags)  # fmt: skip
-                    consts = {a: consts[a] for a in fn.arg_names if a in consts}
-                    sig = {a: "constexpr" if a in consts else "fp32" if a == "qk_scale" else
-                           "*" + pointers[a] if a in pointers else "i32" for a in fn.arg_names}  # fmt: skip
-                    options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
-                    triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options=options)
+                    sass_counts.compile_for_h100(kernel, dict(config.kwargs, **flags), name, config.num_warps,
+                                                 config.num_stages, real_launch=False)  # fmt: skip
     print("ok")
+
+
+def _sass_counts():
+    """benches/sass_counts.py as a module (it holds the sm_90 compile both checks use)."""
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "benches" / "sass_counts.py"
+    spec = importlib.util.spec_from_file_location("sass_counts", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.slow
