@@ -66,11 +66,25 @@ def nothing_to_compare(profile, a, b, min_cells: int) -> str | None:
             f"nothing to compare: {' and '.join(few)} cells, fewer than --min-cells {min_cells}; "
             f"profile more cells of that group or lower --min-cells"
         )
-    ia, ib = profile.group_index(a), profile.group_index(b)
+    in_a, in_b = (profile.blocks.of_group(profile.group_index(g)) for g in (a, b))
+    replicates = not profile.blocks.pseudo
     for prefix in ("pos", "recv", "pair"):
         counts = profile.sums.get(f"{prefix}_count")
-        if counts is not None and np.any((counts[:, ia] >= min_cells) & (counts[:, ib] >= min_cells)):
+        if counts is None:
+            continue
+        if replicates:  # replicates holding the element in min_cells cells, two needed per group
+            held = counts >= min_cells
+            ok = (held[:, in_a].sum(1) >= 2) & (held[:, in_b].sum(1) >= 2)
+        else:
+            ok = (counts[:, in_a].sum(1) >= min_cells) & (counts[:, in_b].sum(1) >= min_cells)
+        if np.any(ok):
             return None
+    if replicates:
+        return (
+            f"nothing to compare: no position, gene or gene pair is seen in at least {min_cells} cells of two "
+            f"replicates of both {a} and {b} (--min-cells {min_cells} per replicate); lower --min-cells or profile "
+            f"more cells per replicate"
+        )
     return (
         f"nothing to compare: no position, gene or gene pair is seen in at least {min_cells} cells of both "
         f"{a} and {b} (--min-cells {min_cells}); lower --min-cells or profile more cells"

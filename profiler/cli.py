@@ -18,7 +18,8 @@ from pathlib import Path
 from .checks import describe_groups, nothing_to_compare, open_h5ad
 from .outputs import RunFolder, check_writable_file, written_summary
 from .profile import Profile, check_disjoint
-from .tables import DEFAULT_MIN_CELLS
+from .blocks import PSEUDO_REPLICATES
+from .tables import DEFAULT_MIN_CELLS, DEFAULT_PERMUTATIONS
 
 #: Exit status for bad input (argparse uses it too).
 EXIT_USAGE = 2
@@ -26,10 +27,6 @@ EXIT_USAGE = 2
 EXIT_NOTHING = 1
 OVERWRITE_HELP = ("replace the run in --out: its listed outputs are removed first (default: refuse a folder "
                   "holding another run)")
-#: Label permutations of `attnprof run`. 99 is the smallest N whose p_perm = 1/(N+1) reaches 0.01 and whose
-#: null 95th percentile rests on the 5 largest of 99 draws. All labelings are reduced from one attention pass,
-#: so each costs reductions and one more set of sums and counts (README: "Permutation p-values").
-DEFAULT_PERMUTATIONS = 99
 
 
 # ------------------------------------------------------------------ parsers
@@ -106,6 +103,16 @@ def add_run_parser(sub) -> None:
     p.add_argument("--groupby", required=True, help="obs column whose values are the groups (e.g. sex)")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"),
                    help="the two groups to compare, A minus B (needed when the column has more than two)")
+    p.add_argument("--replicate", metavar="KEY",
+                   help="obs column of the unit of replication (animal, donor, sample, section): sums are kept per "
+                   "replicate and tests compare replicates, relabeling whole replicates (default: none; cells are "
+                   "then treated as independent replicates, and the outputs say so)")
+    p.add_argument("--strata", metavar="KEY",
+                   help="obs column (batch, section) within which replicates' labels are exchanged; each replicate "
+                   "must lie in one stratum")
+    p.add_argument("--pseudo-replicates", type=int, default=PSEUDO_REPLICATES, metavar="K",
+                   help=f"without --replicate: random blocks of cells per group for the permutation null "
+                   f"(default {PSEUDO_REPLICATES})")
     p.add_argument("--batch-size", type=int, default=32, help="cells per forward pass (default 32)")
     p.add_argument("--min-cells", type=int, default=DEFAULT_MIN_CELLS,
                    help=f"cells per group an element needs (default {DEFAULT_MIN_CELLS})")
@@ -120,13 +127,19 @@ def add_run_parser(sub) -> None:
     big.add_argument("--checkpoint-every", type=int, metavar="CELLS",
                      help="save the sums every CELLS cells to OUT/checkpoint.npz; rerunning the same command "
                      "after a crash resumes from it (default: no checkpoints)")
-    big.add_argument("--permutations", type=int, default=DEFAULT_PERMUTATIONS, metavar="N",
-                     help="label permutations for the null band and permutation p-values of the heads and layers "
-                     f"tables; p_perm resolves down to 1/(N+1) (default {DEFAULT_PERMUTATIONS}: 0.01; "
-                     "0 turns them off)")
-    big.add_argument("--permutation-seed", type=int, default=0, metavar="SEED",
-                     help="seed of the permutations; shards of one run need the same (default 0)")
+    _add_permutation_options(big)
     p.set_defaults(func=cmd_run)
+
+
+def _add_permutation_options(p) -> None:
+    p.add_argument("--permutations", type=int, default=DEFAULT_PERMUTATIONS, metavar="N",
+                   help="relabelings of whole replicates (pseudo-replicates without --replicate) for the null band, "
+                   "permutation and family-wise p-values of the heads and layers tables, computed after profiling "
+                   f"from the kept block sums; p resolves down to 1/(N+1) (default {DEFAULT_PERMUTATIONS}: 0.001; "
+                   "all distinct relabelings when the design has fewer; 0 turns them off)")
+    p.add_argument("--permutation-seed", type=int, default=0, metavar="SEED",
+                   help="seed of the random relabelings and of the pseudo-replicate blocks; shards of one run need "
+                   "the same (default 0)")
 
 
 def add_merge_parser(sub) -> None:
@@ -146,6 +159,7 @@ def add_merge_parser(sub) -> None:
                    help="groups to compare for --out, A minus B (default: the profiles' contrast)")
     p.add_argument("--min-cells", type=int, metavar="N",
                    help="cells per group an element needs (default: the profiles')")
+    _add_permutation_options(p)
     p.add_argument("--no-figures", action="store_true", help="skip the figures")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP + "; and an existing -o file")
     p.set_defaults(func=cmd_merge)
@@ -164,7 +178,7 @@ def add_demo_parser(sub) -> None:
     p.add_argument("--backend", default="auto", help="auto, torch, triton or reference (default auto)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: fastest for the tiny model)")
     p.add_argument("--permutations", type=int, default=DEFAULT_PERMUTATIONS, metavar="N",
-                   help=f"label permutations (default {DEFAULT_PERMUTATIONS})")
+                   help=f"relabelings of whole animals for the null (default {DEFAULT_PERMUTATIONS})")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=cmd_demo)
@@ -243,7 +257,8 @@ def _profile_and_write(args, folder: RunFolder, rank: int, world: int, device) -
             species=args.species, assay=args.assay, modality=args.modality, tokenization=args.tokenization,
             window=args.window,
             batch_size=args.batch_size, backend=args.backend, progress=not args.quiet,
-            permutations=args.permutations, seed=args.permutation_seed, shard=shard, **_checkpointing(args, out),
+            replicate=args.replicate, strata=args.strata, pseudo_replicates=args.pseudo_replicates,
+            seed=args.permutation_seed, shard=shard, **_checkpointing(args, out),
             family=front,
         )  # fmt: skip
     if rank != 0:
@@ -255,14 +270,16 @@ def _profile_and_write(args, folder: RunFolder, rank: int, world: int, device) -
         profile.save(out / "profile.npz")
     else:
         result = write_outputs(profile, groups[0], groups[1], out, min_cells=args.min_cells,
+                               permutations=args.permutations, seed=args.permutation_seed,
                                figures=not args.no_figures, command=command)  # fmt: skip
     record = {
         "command": command,
         "contrast": [groups[0], groups[1]],
         "cells": profile.cells,
+        "replicates": profile.replicates,
+        **_design_record(None if empty else result["comparison"], profile),
         "shard": list(shard) if shard else None,
         "world_size": world,
-        "permutations": args.permutations,
         "resumed_cells": profile.meta.get("resumed_cells", 0),
         "elapsed_s": profile.meta.get("elapsed_s"),
     }
@@ -298,10 +315,10 @@ def cmd_merge(args) -> int:
     with folder.claimed():
         folder.clear_previous()
         command = ["attnprof", *(sys.argv[1:] if args.argv is None else args.argv)]
-        result = write_outputs(merged, a, b, folder.path, min_cells=min_cells, figures=not args.no_figures,
-                               command=command)  # fmt: skip
-        record = {"command": command,
-                  "merged": [str(p) for p in paths], "contrast": [a, b], "cells": merged.cells}  # fmt: skip
+        result = write_outputs(merged, a, b, folder.path, min_cells=min_cells, permutations=args.permutations,
+                               seed=args.permutation_seed, figures=not args.no_figures, command=command)  # fmt: skip
+        record = {"command": command, "merged": [str(p) for p in paths], "contrast": [a, b], "cells": merged.cells,
+                  "replicates": merged.replicates, **_design_record(result["comparison"], merged)}  # fmt: skip
         outputs = folder.finish(record)["outputs"]
     print(layer_summary(result["comparison"], merged, headline=headline))
     print(f"\nwrote {folder.path}/: {written_summary(outputs)}")
@@ -339,6 +356,7 @@ def cmd_demo(args) -> int:
         "run", str(inputs["data.h5ad"]), "--groupby", "sex", "--compare", "female", "male",
         "--model", str(inputs["model.ckpt"]), "--vocab", str(inputs["vocab.txt"]),
         "--means", str(inputs["means.npy"]), "--panel", str(inputs["panel.txt"]),
+        "--replicate", "animal",
         "--backend", args.backend, "--threads", str(args.threads), "--permutations", str(args.permutations),
         "--out", str(out),
     ] + (["--quiet"] if args.quiet else []) + (["--overwrite"] if args.overwrite else [])  # fmt: skip
@@ -349,7 +367,8 @@ def cmd_demo(args) -> int:
     if status == 0:
         from .singlecell.demo import findings
 
-        print("\n" + findings(Profile.load(out / "profile.npz").compare("female", "male")))
+        comparison = Profile.load(out / "profile.npz").compare("female", "male", permutations=args.permutations)
+        print("\n" + findings(comparison))
     return status
 
 
@@ -407,7 +426,9 @@ def cmd_plot(args) -> int:
     empty = nothing_to_compare(profile, a, b, min_cells)
     if empty:
         raise ValueError(f"{empty}: no figures to draw")
-    comparison = profile.compare(a, b, min_cells=min_cells)
+    saved = profile.meta.get("contrast", {})
+    comparison = profile.compare(a, b, min_cells=min_cells, permutations=saved.get("permutations"),
+                                 seed=saved.get("seed", 0))  # fmt: skip
     out = Path(args.out) if args.out else path.parent / "figures"
     groups = profile.groups if args.groups == ["all"] else args.groups
     for g in groups or []:
@@ -449,6 +470,15 @@ def _profile_path(source) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"no profile at {path}: give a run folder of `attnprof run` or a profile .npz")
     return path
+
+
+def _design_record(comparison, profile: Profile) -> dict:
+    """What run.json says about the unit of replication and the permutation null."""
+    if comparison is None:
+        unit = "cell" if profile.blocks.pseudo else "replicate"
+        return {"unit": unit, "design": None, "permutations": 0, "exact": False, "min_p": None}
+    return {"unit": comparison.unit, "design": comparison.design(), "permutations": comparison.permutations,
+            "exact": comparison.exact, "min_p": comparison.min_p}  # fmt: skip
 
 
 def _contrast(profile: Profile, compare, min_cells) -> tuple[str, str, int]:
@@ -587,6 +617,7 @@ def layer_summary(comparison, profile: Profile, headline: str | None = None) -> 
             headline = f"profiled {total} cells ({cells}) in {elapsed:.1f} s ({rate:.0f} cells/s), backend {backend}"
     lines = [
         headline,
+        comparison.design(),
         f"attention difference per layer, {comparison.a} − {comparison.b}: mean over heads / max over heads (head)",
     ]
     table = comparison.layers
@@ -608,8 +639,9 @@ def layer_summary(comparison, profile: Profile, headline: str | None = None) -> 
             cells_txt.append(f"{mean:>11}/ {top:<9}({int(r['max_head']):>2})")
         lines.append(f"{layer:>5}  " + "".join(f"{c:>28}" for c in cells_txt))
     if permuted:
-        lines.append(f"* above its permutation null's 95th percentile ({comparison.permutations} permutations); "
-                     f"null bands and noise floors: tables/layers.csv, report.html")  # fmt: skip
+        lines.append(f"* above its permutation null's 95th percentile ({comparison.permutations} relabelings of whole "
+                     f"{'replicates' if comparison.unit == 'replicate' else 'pseudo-replicate blocks'}); null bands, "
+                     f"p_perm and family-wise p_fwer: tables/layers.csv, tables/heads.csv, report.html")  # fmt: skip
     else:
         lines.append("noise floors (the |difference| expected by chance): tables/layers.csv, report.html")
     return "\n".join(lines)

@@ -82,21 +82,20 @@ def all_reduce_profile(profile: Profile) -> Profile:
     differ = [r for r, other in enumerate(everyone) if other != everyone[0]]
     if differ:
         raise ValueError(f"ranks {differ} profiled a different layout or model than rank 0: cannot sum them")
-    arrays = [profile.sums, *profile.null]
-    names = [(i, k) for i, sums in enumerate(arrays) for k in sorted(sums)]
-    flat = torch.cat([torch.from_numpy(np.ascontiguousarray(arrays[i][k])).ravel() for i, k in names])
+    names = sorted(profile.sums)
+    flat = torch.cat([torch.from_numpy(np.ascontiguousarray(profile.sums[k])).ravel() for k in names])
     flat = flat.to(_collective_device())
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     flat = flat.cpu().numpy()
-    out: list[dict[str, np.ndarray]] = [{} for _ in arrays]
+    out: dict[str, np.ndarray] = {}
     offset = 0
-    for i, k in names:
-        shape = arrays[i][k].shape
+    for k in names:
+        shape = profile.sums[k].shape
         size = int(np.prod(shape))
-        out[i][k] = flat[offset : offset + size].reshape(shape)
+        out[k] = flat[offset : offset + size].reshape(shape)
         offset += size
     meta = dict(profile.meta, world_size=dist.get_world_size())
-    return Profile(out[0], **{**profile._fields(), "meta": meta}, null=out[1:])
+    return Profile(out, **{**profile._fields(), "meta": meta})
 
 
 def sum_over_ranks(value: int) -> int:

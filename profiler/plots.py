@@ -24,15 +24,16 @@ FAMILY_LABELS = {
     "pair": "panel gene pairs",
 }
 STAT_LABELS = {"mean_abs_diff": "mean |difference|", "max_abs_diff": "max |difference|"}
+#: Heads outlined in the heatmaps: family-wise adjusted p at most this.
+FWER_LEVEL = 0.05
 
 
 # --------------------------------------------------------------- computing
 def attention_map(profile: Profile, group, layer: int, head: int) -> np.ndarray:
     """Mean attention ``[W, W]`` of one group at one layer and head; NaN where no cell had both positions."""
-    g = profile.group_index(group)
     _check_layer_head(profile, layer, head)
-    total = profile.sums["pos_sum"][layer, g, head]
-    count = profile.sums["pos_count"][layer, g]
+    total = profile.group_sum("pos_sum", group)[layer, head]
+    count = profile.group_sum("pos_count", group)[layer]
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(count > 0, total / count, np.nan)
 
@@ -117,7 +118,8 @@ def plot_layer_differences(comparison: Comparison) -> Figure:
     fig.legend(handles, labels, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
     for ax in axes[-1]:
         ax.set_xlabel("layer")
-    null = f"{comparison.permutations} label permutations" if permuted else "no permutations"
+    null = (f"{comparison.permutations} relabelings of whole {'replicates' if comparison.unit == 'replicate' else 'pseudo-replicates'}"
+            if permuted else "no permutations")  # fmt: skip
     fig.suptitle(f"Attention difference per layer, {comparison.a} vs {comparison.b} ({_cells(comparison)}, {null}; "
                  f"h = head holding the maximum)", fontsize=10)  # fmt: skip
     return fig
@@ -208,14 +210,14 @@ def _map_axes(ax, profile: Profile, title: str) -> None:
 
 
 def plot_head_differences(comparison: Comparison, family: str | None = None) -> Figure:
-    """Layers x heads heatmaps of the mean and max |D| of one family, from zero; heads above their
-    permutation null's 95th percentile are outlined."""
+    """Layers x heads heatmaps of the mean and max |D| of one family, from zero; heads whose family-wise
+    adjusted permutation p (Westfall–Young across all layers x heads) is at most ``FWER_LEVEL`` are outlined."""
     family = family or ("gene" if "gene" in comparison.contrasts else "position")
     p = comparison.profile
     n_layers, n_heads = len(p.layers), p.n_heads
     fig = Figure(figsize=(min(16, max(8, 2.5 + n_heads)), 2.4 + 0.38 * max(n_layers, 4)), layout="constrained")
     axes = fig.subplots(1, 2)
-    permuted = "mean_abs_diff_null_q95" in comparison.heads
+    permuted = "p_fwer_mean_abs_diff" in comparison.heads
     for ax, stat in zip(axes, STATS):
         m = head_matrix(comparison, family, stat)
         top = np.nanmax(m) if np.isfinite(m).any() and np.nanmax(m) > 0 else 1.0
@@ -231,14 +233,15 @@ def plot_head_differences(comparison: Comparison, family: str | None = None) -> 
                     ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=7,
                             color="black" if im.norm(v) > 0.6 else "white")  # fmt: skip
         if permuted:
-            above = m > head_matrix(comparison, family, f"{stat}_null_q95")
-            for i, j in zip(*np.nonzero(above)):
+            found = head_matrix(comparison, family, f"p_fwer_{stat}") <= FWER_LEVEL
+            for i, j in zip(*np.nonzero(found)):
                 ax.add_patch(Rectangle((j - 0.46, i - 0.46), 0.92, 0.92, fill=False, ec="cyan", lw=2))
         fig.colorbar(im, ax=ax, shrink=0.9, label=f"|{comparison.a} − {comparison.b}| ({UNIT})")
     if permuted:
         outline = Line2D([], [], marker="s", mfc="none", mec="cyan", ls="", ms=10, mew=2)
-        fig.legend([outline], ["outlined: above its permutation null's 95th percentile"], loc="outside lower center",
-                   fontsize=8, frameon=False)  # fmt: skip
+        unit = "replicates" if comparison.unit == "replicate" else "cells as replicates"
+        fig.legend([outline], [f"outlined: family-wise adjusted p ≤ {FWER_LEVEL} ({unit}; Westfall–Young over "
+                               f"{n_layers} x {n_heads} heads)"], loc="outside lower center", fontsize=8, frameon=False)  # fmt: skip
     fig.suptitle(f"Per-head difference, {_family_label(family, comparison.profile)}: {comparison.a} vs {comparison.b}")
     return fig
 

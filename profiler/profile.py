@@ -11,139 +11,26 @@ import os
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-FORMAT_VERSION = 1
+from .blocks import Blocks
 
-
-class NullSums(Sequence):
-    """The sums of N label permutations of the same cells (the permutation null).
-
-    layers:     name -> one float64 ``[N, ...]`` array per layer (the shapes of ``Profile.sums``
-                after the layer axis, permutations first), except that the ``recv_*`` sums may span
-                only ``genes``. Kept per layer, so a finished run hands them over without a copy.
-    genes:      ascending token ids of the ``recv_*`` sums' last axis, or None when it is the whole
-                vocabulary. A permutation needs gene sums only where the data has genes: a 300-gene
-                panel keeps 300 entries per head, not the vocabulary's 20,000.
-    vocab_size: the vocabulary's size (for the full-shape view).
-
-    A permutation keeps what permutation p-values need: sums and counts (they compare differences
-    of means). Its sums of squares may be absent (the recorder keeps none): ``null[i]`` then reads
-    them as 0, from which a variance is 0 and a Welch t NaN: a permutation gives no t, never a wrong one.
-
-    Reads like the list of per-permutation sums it replaces: ``null[i]`` is a dict of arrays shaped
-    like ``Profile.sums`` (gene sums spread onto the vocabulary, 0 elsewhere), built on access.
-    """
-
-    def __init__(self, layers: dict[str, list[np.ndarray]], genes=None, vocab_size: int | None = None):
-        self.layers = {k: list(v) for k, v in layers.items()}
-        self.genes = None if genes is None else np.asarray(genes, dtype=np.int64)
-        self.vocab_size = vocab_size
-
-    @classmethod
-    def stacked(cls, arrays: dict[str, np.ndarray], genes=None, vocab_size=None) -> NullSums:
-        """From arrays ``[N, layers, ...]``."""
-        return cls({k: [a[:, j] for j in range(a.shape[1])] for k, a in arrays.items()}, genes, vocab_size)
-
-    @classmethod
-    def from_list(cls, sums: list[dict[str, np.ndarray]], vocab_size: int | None = None) -> NullSums:
-        keys = sums[0].keys() if sums else ()
-        return cls.stacked({k: np.stack([s[k] for s in sums]) for k in keys}, vocab_size=vocab_size)
-
-    def __len__(self) -> int:
-        return len(self.layers["cells"][0]) if self.layers and self.layers["cells"] else 0
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(len(self))[i]]
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"permutation {i} out of range: {len(self)} permutations")
-        out = {}
-        for name, per_layer in self.layers.items():
-            arr = np.stack([a[i] for a in per_layer])
-            if self.genes is not None and name.startswith("recv"):
-                full = np.zeros(arr.shape[:-1] + (self.vocab_size,))
-                full[..., self.genes] = arr
-                arr = full
-            out[name] = arr
-        for name in [n for n in out if n.endswith("_sum")]:
-            out.setdefault(name[:-4] + "_sq", np.zeros_like(out[name]))
-        return out
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for per_layer in self.layers.values() for a in per_layer)
-
-    def __add__(self, other: NullSums) -> NullSums:
-        """Sums of two parts of the same permutations (shards, checkpoints): the gene axes unite."""
-        if not len(self) or not len(other):
-            return self if len(self) else other
-        genes = None
-        if self.genes is not None or other.genes is not None:
-            mine = np.arange(self.vocab_size) if self.genes is None else self.genes
-            theirs = np.arange(other.vocab_size) if other.genes is None else other.genes
-            genes = np.union1d(mine, theirs)
-        out = {}
-        for name, per_layer in self.layers.items():
-            out[name] = []
-            for arr, part in zip(per_layer, other.layers[name]):
-                if genes is not None and name.startswith("recv"):
-                    total = np.zeros(arr.shape[:-1] + (len(genes),))
-                    total[..., np.searchsorted(genes, mine)] += arr
-                    total[..., np.searchsorted(genes, theirs)] += part
-                    out[name].append(total)
-                else:
-                    out[name].append(arr + part)
-        return NullSums(out, genes, self.vocab_size)
-
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        arrays = {f"nullsums_{k}": np.stack(v, axis=1) for k, v in self.layers.items()}
-        if self.genes is not None:
-            arrays["nullsums_genes"] = self.genes
-        return arrays
-
-    @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], vocab_size) -> NullSums:
-        """Reads the stacked form and the per-permutation ``null<i>_<name>`` arrays of earlier files."""
-        if any(k.startswith("nullsums_") for k in arrays):
-            genes = arrays.get("nullsums_genes")
-            stacked = {k[9:]: _float64(v) for k, v in arrays.items() if k.startswith("nullsums_") and k != "nullsums_genes"}
-            return cls.stacked(stacked, genes, vocab_size)
-        n_null = sum(1 for k in arrays if k.startswith("null") and k.endswith("_cells"))
-        listed = [
-            {k.split("_", 1)[1]: _float64(arrays[k]) for k in arrays if k.startswith(f"null{i}_")}
-            for i in range(n_null)
-        ]
-        return cls.from_list(listed, vocab_size)
-
-    def check_shapes(self, sums: dict[str, np.ndarray], source) -> None:
-        needed = {k for k in sums if not k.endswith("_sq")}
-        if len(self) and not (self.layers.keys() <= sums.keys() and needed <= self.layers.keys()):
-            raise ValueError(f"{source}: permutation sums do not match the sums (corrupted file?)")
-        for name, per_layer in self.layers.items():
-            want = sums[name].shape
-            if self.genes is not None and name.startswith("recv"):
-                want = want[:-1] + (len(self.genes),)
-            got = [a.shape for a in per_layer]
-            if len(per_layer) != want[0] or any(g != (len(self), *want[1:]) for g in got):
-                raise ValueError(f"{source}: permutation sum {name!r} has shapes {got[:1]}..., expected "
-                                 f"{want[0]} layers of {(len(self), *want[1:])}")  # fmt: skip
-        if self.genes is not None and (np.any(self.genes < 0) or np.any(self.genes >= (self.vocab_size or 0))):
-            raise ValueError(f"{source}: permutation gene ids outside the vocabulary (corrupted file?)")
+#: 2: sums per block (replicate or pseudo-replicate) and the blocks' design; no permutation sums.
+FORMAT_VERSION = 2
 
 
 @dataclass
 class Profile:
-    """Group-wise attention sums of one model over a set of cells.
+    """Attention sums of one model over a set of cells, per block (replicate) of each group.
 
     sums:      name -> float64 array whose first axis is the layer; names and
-               shapes as in ``attnprof.kernels.sum_shapes`` (after the layer axis).
+               shapes as in ``attnprof.kernels.sum_shapes`` (after the layer axis), whose
+               group axis holds the blocks: code k of the kernels is block k.
     layers:    module names of the profiled attention layers, in model order.
-    groups:    group names; code g of the kernels is ``groups[g]``.
+    groups:    group names; ``blocks.group[k]`` is block k's code in it.
     n_heads:   heads per layer.
     window:    position window W.
     n_context: leading context tokens C used for ``context_mass``.
@@ -152,9 +39,8 @@ class Profile:
     meta:      free-form run metadata (JSON-serializable), e.g. the model and options.
                ``meta["data"]["cells_digest"]``, where present, names the set of cells
                profiled: merging two profiles of the same cells is refused.
-    null:      sums of the same cells under label permutations (the permutation null): a
-               :class:`NullSums` (a list of per-permutation sum dicts is converted to one);
-               ``null[i]`` reads like ``sums``.
+    blocks:    the :class:`~attnprof.blocks.Blocks` (replicates, or pseudo-replicates of cells) the sums
+               are kept apart for; default one pseudo-replicate block per group.
     cell_ids:  sorted uint64 identities of the counted cells (:func:`cell_ids`), or None when
                unknown: merging profiles that share any cell is refused, naming the count.
     """
@@ -168,16 +54,14 @@ class Profile:
     genes: list[str] | None = None
     panel: list[int] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
-    null: NullSums = field(default_factory=list)
+    blocks: Blocks | None = None
     cell_ids: np.ndarray | None = None
 
     def __post_init__(self):
-        if not isinstance(self.null, NullSums):
-            self.null = NullSums.from_list(list(self.null), self._vocab_size())
-        self.null.vocab_size = self._vocab_size()
-
-    def _vocab_size(self) -> int | None:
-        return None if self.genes is None else len(self.genes)
+        if self.blocks is None:
+            self.blocks = Blocks.pseudo_replicates(len(self.groups), 1)
+        elif isinstance(self.blocks, dict):
+            self.blocks = Blocks.from_json(self.blocks)
 
     # ----------------------------------------------------------------- layout
     def layout(self) -> dict:
@@ -190,8 +74,8 @@ class Profile:
             "n_context": int(self.n_context),
             "genes": None if self.genes is None else list(self.genes),
             "panel": [int(t) for t in self.panel],
+            "blocks": self.blocks.to_json(),
             "sums": {k: list(v.shape) for k, v in sorted(self.sums.items())},
-            "permutations": len(self.null),
         }
 
     def check_compatible(self, other: Profile) -> None:
@@ -238,11 +122,7 @@ class Profile:
         ids = None
         if self.cell_ids is not None and other.cell_ids is not None:
             ids = np.sort(np.concatenate([self.cell_ids, other.cell_ids]))
-        return Profile(sums, **{**self._fields(), "meta": dict(meta)}, null=self.null + other.null, cell_ids=ids)
-
-    def null_profile(self, i: int) -> Profile:
-        """The profile of permutation ``i`` of the labels (same cells, shuffled groups)."""
-        return Profile(self.null[i], **self._fields())
+        return Profile(sums, **{**self._fields(), "meta": dict(meta)}, cell_ids=ids)
 
     def _fields(self) -> dict:
         return dict(
@@ -254,13 +134,29 @@ class Profile:
             genes=None if self.genes is None else list(self.genes),
             panel=list(self.panel),
             meta=dict(self.meta),
+            blocks=self.blocks,
         )
 
     # ----------------------------------------------------------------- access
     @property
     def cells(self) -> dict[str, int]:
         """Cells counted per group (the same in every layer)."""
-        return {g: int(n) for g, n in zip(self.groups, self.sums["cells"][0])}
+        per_block = self.sums["cells"][0]
+        return {g: int(per_block[self.blocks.of_group(i)].sum()) for i, g in enumerate(self.groups)}
+
+    @property
+    def replicates(self) -> dict[str, int]:
+        """Replicates (blocks with at least one cell) per group; pseudo-replicates when no replicate key was given."""
+        held = self.sums["cells"][0] > 0
+        return {g: int((held & self.blocks.of_group(i)).sum()) for i, g in enumerate(self.groups)}
+
+    def group_sum(self, name: str, group) -> np.ndarray:
+        """One sum of one group (its blocks added up), layers first: ``sums[name][:, blocks of group].sum(1)``."""
+        return self.sums[name][:, self.blocks.of_group(self.group_index(group))].sum(1)
+
+    def group_sums(self) -> dict[str, np.ndarray]:
+        """Every sum with the blocks of each group added up: a group axis instead of the block axis."""
+        return {k: np.stack([self.group_sum(k, g) for g in range(len(self.groups))], axis=1) for k in self.sums}
 
     def group_index(self, group) -> int:
         if isinstance(group, (int, np.integer)) and not isinstance(group, bool):
@@ -271,14 +167,15 @@ class Profile:
             raise ValueError(f"unknown group {group!r}: this profile has groups {self.groups}")
         return self.groups.index(str(group))
 
-    def compare(self, a, b, min_cells: int | None = None, permutations: int | None = None):
+    def compare(self, a, b, min_cells: int | None = None, permutations: int | None = None, **options):
         """Difference tables of group ``a`` minus group ``b`` (see :class:`attnprof.Comparison`).
 
-        min_cells default: ``attnprof.tables.DEFAULT_MIN_CELLS`` (10); permutations default: all the profile has.
+        min_cells default: ``attnprof.tables.DEFAULT_MIN_CELLS`` (10); permutations (relabelings of whole
+        blocks, computed now from the block sums) default ``attnprof.tables.DEFAULT_PERMUTATIONS``.
         """
         from .tables import compare
 
-        return compare(self, a, b, min_cells=min_cells, permutations=permutations)
+        return compare(self, a, b, min_cells=min_cells, permutations=permutations, **options)
 
     # ---------------------------------------------------------------- storage
     def save(self, path) -> Path:
@@ -295,15 +192,13 @@ class Profile:
         return cls.from_arrays(read_npz(path, "attnprof profile"), path)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        """The arrays of the ``.npz`` file: a JSON ``header``, ``sum_<name>`` and the permutations'
-        stacked ``nullsums_<name>`` (with ``nullsums_genes``, their gene axis, where it is not the vocabulary)."""
-        header = {"format_version": FORMAT_VERSION, **self._fields()}
+        """The arrays of the ``.npz`` file: a JSON ``header`` (with the blocks) and ``sum_<name>``."""
+        header = {"format_version": FORMAT_VERSION, **self._fields(), "blocks": self.blocks.to_json()}
         try:
             arrays = {"header": np.array(json.dumps(header))}
         except TypeError as e:  # before any file is touched
             raise ValueError(f"cannot save the profile: its meta must be JSON-serializable ({e})") from e
         arrays.update({f"sum_{k}": v for k, v in self.sums.items()})
-        arrays.update(self.null.to_arrays())
         if self.cell_ids is not None:
             arrays["cell_ids"] = np.asarray(self.cell_ids, dtype=np.uint64)
         return arrays
@@ -318,16 +213,19 @@ class Profile:
         except json.JSONDecodeError as e:
             raise ValueError(f"{source} has an unreadable profile header (corrupted file?): {e}") from e
         version = header.pop("format_version", None)
+        if version == 1:
+            raise ValueError(
+                f"{source} has profile format 1 (before replicate blocks: sums per group and permutation sums from the "
+                f"forward pass); this attnprof reads format {FORMAT_VERSION}: profile the cells again with this version"
+            )
         if version != FORMAT_VERSION:
             raise ValueError(f"{source} has profile format {version}; this attnprof reads format {FORMAT_VERSION}")
         sums = {k[4:]: _float64(arrays[k]) for k in arrays if k.startswith("sum_")}
-        genes = header.get("genes")
-        null = NullSums.from_arrays(arrays, None if genes is None else len(genes))
         ids = arrays.get("cell_ids")
         if ids is not None and (ids.dtype != np.uint64 or ids.ndim != 1 or np.any(ids[1:] < ids[:-1])):
             raise ValueError(f"{source}: cell_ids must be sorted uint64, got {ids.dtype} {ids.shape} (corrupted file?)")
         try:
-            profile = cls(sums, **header, null=null, cell_ids=ids)
+            profile = cls(sums, **header, cell_ids=ids)
         except TypeError as e:  # a header with unknown or missing fields
             raise ValueError(f"{source} has an unexpected profile header (corrupted file?): {e}") from e
         profile._check_shapes(source)
@@ -341,7 +239,9 @@ class Profile:
         for name, arr in self.sums.items():
             if arr.shape[:1] != (nl,):
                 raise ValueError(f"{source}: sum {name!r} has shape {arr.shape}, expected {nl} layers first")
-        self.null.check_shapes(self.sums, source)
+            if arr.ndim < 2 or arr.shape[1] != len(self.blocks):
+                raise ValueError(f"{source}: sum {name!r} has shape {arr.shape}, expected {len(self.blocks)} blocks "
+                                 f"second (corrupted file?)")  # fmt: skip
 
 
 def merge(profiles) -> Profile:

@@ -16,7 +16,8 @@ import torch
 
 from attnprof.kernels import BatchPlan, StatsSpec, Target, build_plan, planned_stats, sum_shapes, tiled_zeros
 
-from .profile import NullSums, Profile
+from .blocks import Blocks
+from .profile import Profile
 
 
 class Recorder:
@@ -29,16 +30,25 @@ class Recorder:
         panel: Sequence | None = None,
         n_context: int = 0,
         backend: str = "auto",
+        blocks: Blocks | None = None,
+        seed: int = 0,
     ):
         self.groups = [str(g) for g in groups]
         if len(set(self.groups)) != len(self.groups):
             raise ValueError(f"group names must be unique, got {self.groups}")
+        # the sums are kept per block (replicate, or pseudo-replicate of cells): what a test relabels
+        self.blocks = Blocks.pseudo_replicates(len(self.groups)) if blocks is None else blocks
+        if max(self.blocks.group, default=-1) >= len(self.groups):
+            raise ValueError(f"blocks name group codes up to {max(self.blocks.group)}, but there are "
+                             f"{len(self.groups)} groups")  # fmt: skip
+        self._deal = np.random.default_rng(seed)  # pseudo-replicates dealt here when the caller gives none
+        self._dealt = np.zeros(len(self.groups), dtype=np.int64)  # cells dealt so far per group
         if isinstance(genes, int):
             genes = [str(i) for i in range(genes)]
         self.genes = None if genes is None else [str(g) for g in genes]
         self.panel = self._panel_ids(panel or [])
         self.spec = StatsSpec(
-            n_groups=len(self.groups),
+            n_groups=len(self.blocks),
             window=window,
             vocab_size=None if self.genes is None else len(self.genes),
             panel=tuple(self.panel),
@@ -51,19 +61,11 @@ class Recorder:
         self._batch = None
         self._calls: dict[str, int] = {}
         self._warned_grad = False
-        self.n_null: int | None = None
-        # layer -> name -> [N, G, ...]: every permutation's sums, gene sums over null_genes only
-        self.null_sums: dict[str, dict[str, torch.Tensor]] = {}
-        self.null_genes: list[int] = []  # token ids of the permutation sums' gene axis, first seen first
-        self._null_slot: dict[int, int] = {}
-        self._null_slots = None
         self._plan = None  # (plan, padding mask it was built from, that mask's version)
         self._plan_layers: list[str] = []  # layers called on the plan, in call order (its NaN/Inf verdicts)
         self._derived: dict = {}  # per_forward's results for this forward
-        # layer -> (its sums as the Target was made from them, the Target: views with a labeling axis, made once);
-        # (layer, "null") -> the permutations' Target
+        # layer -> (its sums as the Target was made from them, the Target: views with a labeling axis, made once)
         self._views: dict = {}
-        self.closed = False  # the session ended: profile() may hand the sums over without a copy
 
     def _panel_ids(self, panel) -> list[int]:
         if not panel:
@@ -95,28 +97,55 @@ class Recorder:
             raise ValueError(f"group labels {unknown[:10]} are not among the profiled groups {self.groups}")
         return torch.as_tensor([index[str(x)] for x in arr.ravel()], dtype=torch.long)
 
-    def set_batch(self, groups, tokens=None, null_groups=None) -> None:
+    def set_batch(self, groups, tokens=None, replicates=None, null_groups=None) -> None:
         """Say which group each cell of the next forward belongs to, and its token ids [B, L].
 
-        null_groups: optional list of N further labelings of the same cells (label
-        permutations); each gets its own sums, for permutation p-values, from the same
-        attention pass. Every batch of a run must give the same N.
+        replicates: each cell's replicate name, when the blocks are replicates (required then). With
+        pseudo-replicate blocks: optionally each cell's pseudo-replicate index in ``[0, per group)``
+        (a run that shards deals them over all its cells); by default the cells are dealt here at random.
         """
-        codes = self.group_codes(groups)
+        if null_groups is not None:
+            raise TypeError(
+                "set_batch(null_groups=...) is gone: permutations no longer run in the forward pass. The profile "
+                "keeps sums per replicate (or pseudo-replicate) block and compare(a, b, permutations=N) relabels "
+                "whole blocks; pass replicates= to set_batch (and blocks= to the Profiler) instead"
+            )
+        self.set_block_batch(self.block_codes(self.group_codes(groups).numpy(), replicates), tokens)
+
+    def set_block_batch(self, codes, tokens=None) -> None:
+        """:meth:`set_batch` with every cell's block code given (-1: not counted), e.g. by a run that deals
+        its pseudo-replicates over all its cells."""
+        codes = np.asarray(codes, dtype=np.int64)
+        if np.any((codes < -1) | (codes >= len(self.blocks))):
+            raise ValueError(f"block codes must lie in [-1, {len(self.blocks)})")
         if self.genes is not None and tokens is None:
             raise ValueError("gene statistics are on (genes= was given): pass tokens= with the batch's token ids")
-        null = [self.group_codes(g) for g in (null_groups or [])]
-        if any(n.shape != codes.shape for n in null):
-            raise ValueError("every labeling in null_groups must have one code per cell of the batch")
-        if self.n_null is not None and len(null) != self.n_null:
-            raise ValueError(f"this run has {self.n_null} null labelings per batch; set_batch gave {len(null)}")
-        self.n_null = len(null)
-        labelings = torch.stack([codes, *null]) if null else codes[None]
         self.check_finite()  # the previous forward's verdict, before its plan goes
-        self._batch = (labelings, None if tokens is None else torch.as_tensor(tokens))
+        self._batch = (torch.as_tensor(codes)[None], None if tokens is None else torch.as_tensor(tokens))
         self._plan = None  # built at the forward's first layer call, where padding and device are known
         self._calls = {}
         self._derived = {}
+
+    def block_codes(self, codes: np.ndarray, replicates=None) -> np.ndarray:
+        """The block of every cell (-1: not counted) from its group code and replicate."""
+        blocks = self.blocks
+        if not blocks.pseudo:
+            if replicates is None:
+                raise ValueError("this profile keeps sums per replicate: pass replicates= (each cell's replicate) "
+                                 "to set_batch")  # fmt: skip
+            return blocks.codes(codes, replicates)
+        k = blocks.per_group
+        if replicates is None:  # deal each group's cells round-robin from where it stopped, in random order
+            index = np.zeros(len(codes), dtype=np.int64)
+            for g in np.unique(codes[codes >= 0]):
+                cells = np.flatnonzero(codes == g)
+                index[cells] = self._deal.permutation((self._dealt[g] + np.arange(len(cells))) % k)
+                self._dealt[g] += len(cells)
+        else:
+            index = np.asarray(replicates, dtype=np.int64).ravel()
+            if index.shape != codes.shape or np.any((codes >= 0) & ((index < 0) | (index >= k))):
+                raise ValueError(f"pseudo-replicate indices must be one per cell, in [0, {k})")
+        return np.where(codes >= 0, codes * k + index, -1)
 
     def per_forward(self, derive: Callable, mask, *args):
         """``derive(mask, *args)``, computed once per forward for a given mask tensor: later layers of
@@ -213,7 +242,6 @@ class Recorder:
             plan = build_plan(self.spec, labelings.to(q.device), key_padding_mask,
                               None if tokens is None else tokens.to(q.device),
                               shape=(q.shape[0], q.shape[2]), device=q.device)  # fmt: skip
-            self._null_slots = self._grow_null_genes(plan) if self.n_null else None
         self._plan = (plan, key_padding_mask, None if key_padding_mask is None else _version(key_padding_mask))
         return plan
 
@@ -227,45 +255,7 @@ class Recorder:
         if made_from.keys() != sums.keys() or any(made_from[k] is not v for k, v in sums.items()):  # replaced
             target = Target({k: v[None] for k, v in sums.items()}, slice(0, 1))
             self._views[layer] = (dict(sums), target)
-        targets = [target]
-        if self.n_null:
-            if layer not in self.null_sums:
-                self.null_sums[layer] = self._empty_null(device)
-            null = self._views.get((layer, "null"))
-            if null is None or null.sums is not self.null_sums[layer] or null.genes is not self._null_slots:
-                kept = {} if null is None else null.flat  # its views stay valid while its tensors do
-                null = Target(self.null_sums[layer], slice(1, None), self._null_slots, flat=kept)
-                self._views[layer, "null"] = null
-            targets.append(null)
-        return targets
-
-    def _empty_null(self, device) -> dict[str, torch.Tensor]:
-        """A layer's sums of every permutation, only what permutation p-values need: sums and counts
-        (they compare differences of means; no sums of squares), gene sums over the ids seen so far."""
-        shapes = {k: s for k, s in sum_shapes(self.spec, self.n_heads).items() if not k.endswith("_sq")}
-        if self.genes is not None:
-            V = len(self.null_genes)
-            shapes.update(recv_sum=shapes["recv_sum"][:-1] + (V,), recv_count=shapes["recv_count"][:-1] + (V,))
-        return tiled_zeros({k: (self.n_null, *s) for k, s in shapes.items()}, device=device)
-
-    def _grow_null_genes(self, plan: BatchPlan) -> torch.Tensor | None:
-        """Slots of the batch's genes in the permutation sums' gene axis, which grows (appends) by the
-        ids not seen before: a labeling keeps gene sums only over the ids the data holds."""
-        if self.genes is None:
-            return None
-        ids = plan.genes.tolist()
-        new = [t for t in ids if t not in self._null_slot]
-        for t in new:
-            self._null_slot[t] = len(self.null_genes)
-            self.null_genes.append(t)
-        if new:  # a new gene block (still tiled), the old sums copied into its first slots
-            for sums in self.null_sums.values():
-                old = {name: sums[name] for name in ("recv_sum", "recv_count")}
-                shapes = {name: (*t.shape[:-1], len(self.null_genes)) for name, t in old.items()}
-                sums.update(tiled_zeros(shapes, device=old["recv_sum"].device))
-                for name, t in old.items():
-                    sums[name][..., : t.shape[-1]] = t
-        return torch.tensor([self._null_slot[t] for t in ids], dtype=torch.long, device=plan.device)
+        return [target]
 
     # ----------------------------------------------------------------- result
     def profile(self, meta: dict | None = None) -> Profile:
@@ -280,22 +270,6 @@ class Recorder:
                 for name in sums[layers[0]]
             }
 
-        vocab = None if self.genes is None else len(self.genes)
-        null = NullSums({}, vocab_size=vocab)
-        if self.null_sums:
-            # after the session the sums are handed over as they are (no copy of N labelings);
-            # during it (a checkpoint) the profile gets its own copy
-            own = (lambda t: t.numpy()) if self.closed else (lambda t: t.cpu().numpy().copy())
-            layered = {name: [own(self.null_sums[layer][name].cpu()) for layer in layers]
-                       for name in self.null_sums[layers[0]]}  # fmt: skip
-            genes = None
-            if self.genes is not None:  # the gene axis in ascending token ids
-                order = np.argsort(self.null_genes, kind="stable")
-                genes = np.asarray(self.null_genes, dtype=np.int64)[order]
-                if not np.array_equal(order, np.arange(len(order))):
-                    for name in ("recv_sum", "recv_count"):
-                        layered[name] = [a[..., order] for a in layered[name]]
-            null = NullSums(layered, genes=genes, vocab_size=vocab)
         return Profile(
             stacked(self.sums),
             layers=layers,
@@ -306,7 +280,7 @@ class Recorder:
             genes=self.genes,
             panel=list(self.panel),
             meta=dict(meta or {}),
-            null=null,
+            blocks=self.blocks,
         )
 
 

@@ -21,8 +21,8 @@ from .tables import Comparison
 FIGURES = {
     "layer_differences": "Average and maximum difference per layer, against the permutation null band "
     "(grey: below its 95th percentile), its mean (dashed) and the noise floor (dotted).",
-    "head_differences": "Per-head mean and max |difference|; outlined heads lie above their permutation "
-    "null's 95th percentile.",
+    "head_differences": "Per-head mean and max |difference|; outlined heads have a family-wise adjusted "
+    "permutation p ≤ 0.05 (Westfall–Young across all layers x heads).",
     "attention_maps": "Group-averaged attention maps of the head with the most convincing difference, and "
     "their difference.",
     "head_gallery": "Attention maps of chosen heads for one group.",
@@ -55,6 +55,10 @@ def render_report(comparison: Comparison, *, figures: dict[str, bytes] | None = 
         cells=comparison.profile.cells,
         permutations=comparison.permutations,
         permuted=permuted,
+        design=comparison.design(),
+        unit=comparison.unit,
+        replicates=comparison.replicates,
+        min_p=comparison.min_p,
         min_cells=comparison.min_cells,
         settings=settings or {},
         layers={f: _band_rows(comparison.layers[comparison.layers["family"] == f], "layer") for f in families},

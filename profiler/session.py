@@ -8,6 +8,7 @@ from contextlib import ExitStack
 import torch
 
 from .adapters import ADAPTERS, pick_adapter
+from .blocks import PSEUDO_REPLICATES, Blocks
 from .profile import Profile
 from .recorder import Recorder
 
@@ -15,13 +16,21 @@ from .recorder import Recorder
 class Profiler:
     """Profile a model's attention per group while it runs as usual.
 
-    >>> with Profiler(model, groups=["female", "male"], genes=vocab, window=64) as prof:
-    ...     for x, mask, tokens, labels in batches:
-    ...         prof.set_batch(groups=labels, tokens=tokens)
+    >>> with Profiler(model, groups=["female", "male"], genes=vocab, window=64,
+    ...               replicates={"m1": "male", "m2": "male", "f1": "female", "f2": "female"}) as prof:
+    ...     for x, mask, tokens, labels, animals in batches:
+    ...         prof.set_batch(groups=labels, tokens=tokens, replicates=animals)
     ...         model(x, src_key_padding_mask=mask)
     >>> profile = prof.profile
 
     groups:    the group names; ``set_batch`` takes names or codes (-1 = not counted).
+    replicates: replicate name -> group name (animals, donors, samples: the unit a claim about groups
+               rests on); the sums are kept per replicate and ``set_batch`` takes each cell's replicate.
+               Without it the cells of each group are dealt at random into ``pseudo_replicates`` blocks,
+               and the comparison treats cells as independent replicates (and says so).
+    strata:    replicate name -> stratum (batch, section): group labels are exchanged only within one.
+    blocks:    the :class:`~attnprof.blocks.Blocks` themselves (instead of ``replicates``/``strata``).
+    seed:      seed of the pseudo-replicate dealing.
     window:    position window W of the per-head maps.
     genes:     vocabulary (token id -> name) or its size; turns on gene statistics.
     panel:     genes (names or token ids) whose pairwise attention is summed.
@@ -42,35 +51,50 @@ class Profiler:
         backend: str = "auto",
         adapter: str = "auto",
         meta: dict | None = None,
+        replicates: dict | None = None,
+        strata: dict | None = None,
+        blocks: Blocks | None = None,
+        pseudo_replicates: int = PSEUDO_REPLICATES,
+        seed: int = 0,
     ):
         self.model = model
-        self.recorder = Recorder(groups, window=window, genes=genes, panel=panel, n_context=n_context, backend=backend)
+        groups = [str(g) for g in groups]
+        if blocks is not None:
+            if replicates is not None or strata is not None:
+                raise ValueError("give either blocks= or replicates= (and strata=), not both")
+        elif replicates is not None:
+            blocks = Blocks.of_replicates(groups, replicates, strata)
+        elif strata is not None:
+            raise ValueError("strata= names the stratum of each replicate: pass replicates= too")
+        else:
+            blocks = Blocks.pseudo_replicates(len(groups), pseudo_replicates)
+        self.recorder = Recorder(groups, window=window, genes=genes, panel=panel, n_context=n_context,
+                                 backend=backend, blocks=blocks, seed=seed)  # fmt: skip
         self._swap = pick_adapter(model, adapter)
         adapter = next(name for name, swap in ADAPTERS.items() if swap is self._swap)
         self.meta = {"backend": backend, "adapter": adapter, "model_class": type(model).__name__, **(meta or {})}
         self._stack: ExitStack | None = None
 
     def __enter__(self) -> Profiler:
-        self.recorder.closed = False
         self._stack = ExitStack()
         self.layers = self._stack.enter_context(self._swap(self.model, self.recorder))
         return self
 
     def __exit__(self, *exc):
         stack, self._stack = self._stack, None
-        self.recorder.closed = True  # nothing records any more
         suppress = stack.__exit__(*exc)  # adapters see the exception in flight, if any
         if exc[0] is None:
             self.recorder.check_finite()  # the last forward's NaN/Inf verdict (the triton backend defers it)
         return suppress
 
-    def set_batch(self, groups, tokens=None, null_groups=None) -> None:
-        """Before each forward: the group of every cell (names or codes) and the token ids [B, L].
+    def set_batch(self, groups, tokens=None, replicates=None, null_groups=None) -> None:
+        """Before each forward: the group of every cell (names or codes), the token ids [B, L] and, when the
+        profiler was given ``replicates=``, every cell's replicate name.
 
-        ``null_groups``: N permuted labelings of the batch's cells for permutation p-values
-        (``profile.compare(a, b, permutations=N)``); each costs one more attention pass per layer.
+        Permutations no longer run here: ``profile.compare(a, b, permutations=N)`` relabels whole replicates
+        from the kept block sums (``null_groups`` raises, saying so).
         """
-        self.recorder.set_batch(groups, tokens, null_groups)
+        self.recorder.set_batch(groups, tokens, replicates, null_groups)
 
     @property
     def profile(self) -> Profile:

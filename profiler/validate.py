@@ -8,6 +8,8 @@ model's *own* attention maps (``attnprof.own_maps``: ``need_weights=True`` /
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import torch
@@ -75,14 +77,16 @@ def validate(
     with fastpath_disabled():
         plain = _run(model, inputs)
     fast_out, fast = _profile_with(model, inputs, ran, groups, tokens, options)
+    layers = fast.layers
     ref_out, ref = _profile_with(model, inputs, "reference", groups, tokens, options)
     rows = [_row("output", ran, "plain model output", np.concatenate([t.numpy().ravel() for t in fast_out]),
                  np.concatenate([t.numpy().ravel() for t in plain]), tol)]  # fmt: skip
-    rows += [_row(name, ran, "reference", fast.sums[name], ref.sums[name], tol) for name in ref.sums]
-    own = _own_sums(model, inputs, groups, tokens, options, fast.layers)
+    fast, ref = fast.group_sums(), ref.group_sums()  # per group: the own maps' sums know no blocks
+    rows += [_row(name, ran, "reference", fast[name], ref[name], tol) for name in ref]
+    own = _own_sums(model, inputs, groups, tokens, options, layers)
     if own is not None:
         how, sums = own
-        rows += [_row(name, ran, f"own maps: {how}", fast.sums[name], sums[name], tol) for name in sums]
+        rows += [_row(name, ran, f"own maps: {how}", fast[name], sums[name], tol) for name in sums]
     return pd.DataFrame(rows)
 
 
@@ -93,7 +97,7 @@ def _own_sums(model, inputs, groups, tokens, options, layers) -> tuple[str, dict
     ids = None if tokens is None else torch.as_tensor(tokens).cpu()
 
     def sums_of(P, padding):  # per layer, as soon as its maps exist
-        return stats_from_probs(P.cpu(), padding, codes, ids, spec_of.spec)
+        return stats_from_probs(P.cpu(), padding, codes, ids, replace(spec_of.spec, n_groups=len(spec_of.groups)))
 
     found = own_maps(model, inputs, sums_of)
     if found is None:

@@ -86,14 +86,13 @@ def assert_sums_close(actual: dict, expected: dict, atol: float = 1e-5, rtol: fl
 
 def assert_same_sums(actual, expected):
     """Two Profiles of the same cells: counts exactly (no cell twice, none lost), sums to rounding
-    (the same per-batch sums added in another order), permutation nulls included."""
+    (the same per-batch sums added in another order), block by block."""
     assert actual.layout() == expected.layout()
-    for sums, ref in zip([actual.sums, *actual.null], [expected.sums, *expected.null]):
-        for name in ref:
-            if "count" in name or name == "cells":
-                np.testing.assert_array_equal(sums[name], ref[name], err_msg=name)
-            else:
-                np.testing.assert_allclose(sums[name], ref[name], rtol=1e-12, atol=0, err_msg=name)
+    for name, ref in expected.sums.items():
+        if "count" in name or name == "cells":
+            np.testing.assert_array_equal(actual.sums[name], ref, err_msg=name)
+        else:
+            np.testing.assert_allclose(actual.sums[name], ref, rtol=1e-12, atol=0, err_msg=name)
 
 
 def demo_fixtures(n_cells: int, n_genes: int, seed: int, context_length: int):
@@ -135,3 +134,10 @@ def skip_unless_built(ok: bool, reason: str) -> None:
     if os.environ.get("CI", "").strip().lower() in ("1", "true", "yes"):
         pytest.fail(f"{reason} (CI=true: a build failure in CI fails the test instead of skipping it)")
     pytest.skip(reason)
+
+
+def group_spec(prof):
+    """The spec of a profiler's recorder with one group per group name (its sums are per block)."""
+    from dataclasses import replace
+
+    return replace(prof.recorder.spec, n_groups=len(prof.recorder.groups))

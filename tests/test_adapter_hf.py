@@ -15,6 +15,7 @@ from attnprof.adapters.hf import swap_hf
 from attnprof.adapters.sdpa import swap_sdpa
 from attnprof.kernels.reference import stats_from_probs
 from attnprof.recorder import Recorder
+from helpers import group_spec
 
 transformers = pytest.importorskip("transformers")
 
@@ -95,9 +96,9 @@ def test_outputs_and_statistics_match_eager_attention(cls, form):
     assert profile.layers == [prefix + name for name in LAYERS]
     for i, P in enumerate(eager_probs(model, ids, mask)):
         assert not P.masked_select(~real[:, None, None, :]).any()  # the oracle gives padded keys zero
-        want = stats_from_probs(P, ~real, torch.as_tensor(groups), ids, prof.recorder.spec)
+        want = stats_from_probs(P, ~real, torch.as_tensor(groups), ids, group_spec(prof))
         for name, value in want.items():
-            np.testing.assert_allclose(profile.sums[name][i], value.numpy(), atol=1e-5, rtol=1e-5, err_msg=name)
+            np.testing.assert_allclose(profile.group_sums()[name][i], value.numpy(), atol=1e-5, rtol=1e-5, err_msg=name)
 
 
 @torch.no_grad()
@@ -108,7 +109,7 @@ def test_padding_single_token_cell():
     with Profiler(model, groups=["solo", "rest"], window=4, n_context=1) as prof:
         prof.set_batch(groups=[1, 1, 0, 1], tokens=ids)  # cell 2 has a single real token
         model(ids, attention_mask=mask)
-    sums = prof.profile.sums
+    sums = prof.profile.group_sums()
     count = np.zeros((4, 4))
     count[0, 0] = 1
     for i in range(len(LAYERS)):

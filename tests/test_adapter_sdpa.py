@@ -16,6 +16,7 @@ from attnprof.adapters.mha import swap_mha
 from attnprof.adapters.sdpa import key_padding, swap_sdpa
 from attnprof.kernels.reference import stats_from_probs
 from attnprof.recorder import Recorder
+from helpers import group_spec
 
 VOCAB, DIM, HEADS, PAD = 50, 32, 4, 0
 
@@ -108,7 +109,7 @@ def assert_stats_equal(profile, layer_probs, padding, groups, tokens, spec):
     for i, P in enumerate(layer_probs.values()):
         want = stats_from_probs(P, padding, torch.as_tensor(groups), tokens, spec)
         for name, value in want.items():
-            np.testing.assert_allclose(profile.sums[name][i], value.numpy(), atol=1e-5, rtol=1e-5, err_msg=name)
+            np.testing.assert_allclose(profile.group_sums()[name][i], value.numpy(), atol=1e-5, rtol=1e-5, err_msg=name)
 
 
 @pytest.mark.parametrize("mode", ["bool", "bool-rows", "float"])
@@ -131,7 +132,7 @@ def test_outputs_and_statistics_match_materialized_softmax(mode):
         explicit = model(tokens)
     assert (explicit - plain)[real].abs().max() <= 1e-5
     probs = {name: model.get_submodule(name).probs for name in LAYERS}
-    assert_stats_equal(prof.profile, probs, ~real, groups, tokens, prof.recorder.spec)
+    assert_stats_equal(prof.profile, probs, ~real, groups, tokens, group_spec(prof))
 
 
 def test_padding_single_token_cell():
@@ -142,7 +143,7 @@ def test_padding_single_token_cell():
         prof.set_batch(groups=[1, 1, 0, 1], tokens=tokens)  # cell 2 has a single real token
         with torch.no_grad():
             model(tokens)
-    sums = prof.profile.sums
+    sums = prof.profile.group_sums()
     for i in range(len(LAYERS)):
         np.testing.assert_allclose(sums["summary_sum"][i, 0], [[0.0, 1.0, 1.0, 1.0]] * HEADS, atol=1e-6)
         count = np.zeros((4, 4))

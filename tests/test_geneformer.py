@@ -157,7 +157,7 @@ def test_checkpoint_loads_and_profile_equals_eager_attention(tmp_path, layout):
     for i, P in enumerate(maps):
         want = stats_from_probs(P, ~real, codes, ids, spec)
         for name, value in want.items():
-            np.testing.assert_allclose(profile.sums[name][i], value.numpy(), atol=1e-5, rtol=1e-5, err_msg=name)
+            np.testing.assert_allclose(profile.group_sums()[name][i], value.numpy(), atol=1e-5, rtol=1e-5, err_msg=name)
 
 
 def test_bad_inputs_get_clear_errors(tmp_path):

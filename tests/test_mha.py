@@ -90,8 +90,8 @@ def test_outputs_unchanged_and_profile_equals_mha_weights(batch_first, mode):
         expected = stats_from_probs(P, padding, codes, tokens, attnprof.StatsSpec(
             n_groups=2, window=8, vocab_size=VOCAB, panel=(1, 2, 5), n_context=2))  # fmt: skip
         for name, value in expected.items():
-            np.testing.assert_allclose(profile.sums[name][layer], value.numpy(), atol=1e-5, rtol=1e-5, err_msg=name)
-        assert profile.sums["pos_sum"][layer].sum() > 0  # the profiled path really ran
+            np.testing.assert_allclose(profile.group_sums()[name][layer], value.numpy(), atol=1e-5, rtol=1e-5, err_msg=name)
+        assert profile.group_sums()["pos_sum"][layer].sum() > 0  # the profiled path really ran
 
 
 def test_model_is_restored_exactly():
@@ -132,8 +132,8 @@ def test_batches_accumulate():
             for part in (slice(0, 2), slice(2, 6)):
                 prof.set_batch(groups=labels[part], tokens=tokens[part])
                 run(model, x[part], padding[part])
-    for name, value in whole.sums.items():
-        np.testing.assert_allclose(prof.profile.sums[name], value, atol=1e-9, rtol=1e-7, err_msg=name)
+    for name, value in whole.group_sums().items():
+        np.testing.assert_allclose(prof.profile.group_sums()[name], value, atol=1e-9, rtol=1e-7, err_msg=name)
 
 
 class CrossAttention(nn.Module):

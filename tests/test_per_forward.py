@@ -57,8 +57,8 @@ def test_a_mask_changed_in_place_between_layers_gets_its_own_plan(dtype):
         np.testing.assert_array_equal(changed.sums[name], value, err_msg=name)
     # the change reached the second layer's statistics: group a's cells 0 and 2 are full in the first
     # layer; in the second, cell 0 holds 6 of its 9 positions
-    assert fresh.sums["pos_count"][0, 0].sum() == 9 * 9 + 9 * 9
-    assert fresh.sums["pos_count"][1, 0].sum() == 6 * 6 + 9 * 9
+    assert fresh.group_sums()["pos_count"][0, 0].sum() == 9 * 9 + 9 * 9
+    assert fresh.group_sums()["pos_count"][1, 0].sum() == 6 * 6 + 9 * 9
 
 
 def test_per_forward_derives_once_per_mask_and_forward():
@@ -141,4 +141,4 @@ def test_triton_run_with_finite_activations_reads_as_usual():
             prof.set_batch(groups=[0, 1])
             with torch.no_grad():
                 model(x, mask)
-    assert prof.profile.sums["cells"].sum() == 2 * 2 * 3  # 2 forwards of 2 cells, per each of 3 layers
+    assert prof.profile.group_sums()["cells"].sum() == 2 * 2 * 3  # 2 forwards of 2 cells, per each of 3 layers

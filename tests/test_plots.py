@@ -29,21 +29,21 @@ def comparison():
         vocab = demo_vocabulary(adata, seed=7)
         model = small_nicheformer(vocab.n_tokens, seed=7, n_layers=2, context_length=40)
         profile = profile_anndata(model, adata, "sex", vocab=vocab, means=technology_means(adata, vocab),
-                                  panel=["Esr1", "Ar", "Pgr"], window=40, permutations=4, progress=False)  # fmt: skip
+                                  panel=["Esr1", "Ar", "Pgr"], window=40, progress=False)  # fmt: skip
     finally:
         torch.set_num_threads(n)
-    return profile.compare("female", "male")
+    return profile.compare("female", "male", permutations=199)
 
 
 def test_attention_map_is_the_group_mean(comparison):
     p = comparison.profile
     m = attention_map(p, "male", layer=1, head=2)
-    count = p.sums["pos_count"][1, 1]
+    count = p.group_sums()["pos_count"][1, 1]
     seen = count > 0
-    np.testing.assert_allclose(m[seen], p.sums["pos_sum"][1, 1, 2][seen] / count[seen])
+    np.testing.assert_allclose(m[seen], p.group_sums()["pos_sum"][1, 1, 2][seen] / count[seen])
     assert np.isnan(m[~seen]).all()
     # the window (40) covers the whole context (40): each cell's context rows sum to 1
-    np.testing.assert_allclose(p.sums["pos_sum"][1, 1, 2, :3].sum(-1), p.cells["male"], rtol=1e-5)
+    np.testing.assert_allclose(p.group_sums()["pos_sum"][1, 1, 2, :3].sum(-1), p.cells["male"], rtol=1e-5)
     with pytest.raises(ValueError, match="head 4 is out of range"):
         attention_map(p, "male", layer=0, head=4)
 
@@ -83,7 +83,7 @@ def test_layer_difference_figure_reads_well(comparison):
     null_mean, floor = gene_avg.lines[0], gene_avg.lines[1]
     assert list(null_mean.get_ydata()) == list(comparison.layers.query("family == 'gene'")["mean_abs_diff_null_mean"])
     assert list(floor.get_ydata()) == list(comparison.layers.query("family == 'gene'")["noise_floor"])
-    assert "female vs male" in fig._suptitle.get_text() and "4 label permutations" in fig._suptitle.get_text()
+    assert "female vs male" in fig._suptitle.get_text() and "199 relabelings of whole pseudo-replicates" in fig._suptitle.get_text()
 
 
 def test_figures_without_permutations_show_the_noise_floor(comparison):
@@ -135,9 +135,10 @@ def test_head_difference_figure_reads_well(comparison):
         ("max |difference|", "head", "layer"),
     ]
     assert all(ax.images[0].norm.vmin == 0 for ax in images)
-    above = head_matrix(comparison, "gene", "mean_abs_diff") > head_matrix(comparison, "gene", "mean_abs_diff_null_q95")
-    assert len(images[0].patches) == above.sum()  # outlined heads: above their null's 95th percentile
-    assert fig.legends[0].get_texts()[0].get_text() == "outlined: above its permutation null's 95th percentile"
+    found = head_matrix(comparison, "gene", "p_fwer_mean_abs_diff") <= 0.05
+    assert len(images[0].patches) == found.sum()  # outlined heads: family-wise adjusted p <= 0.05
+    assert fig.legends[0].get_texts()[0].get_text() == (
+        "outlined: family-wise adjusted p ≤ 0.05 (cells as replicates; Westfall–Young over 2 x 4 heads)")
     assert "attention received per gene" in fig._suptitle.get_text()
     np.testing.assert_allclose(images[1].images[0].get_array(), head_matrix(comparison, "gene", "max_abs_diff"))
     assert len(images[0].texts) == 8  # the values are printed on a small grid

@@ -157,7 +157,7 @@ def test_profile_equals_need_weights_maps(tmp_path):
     for i, P in enumerate(maps):
         want = stats_from_probs(P, padding, codes, genes, spec)
         for name, value in want.items():
-            np.testing.assert_allclose(profile.sums[name][i], value.numpy(), atol=1e-5, rtol=1e-5, err_msg=name)
+            np.testing.assert_allclose(profile.group_sums()[name][i], value.numpy(), atol=1e-5, rtol=1e-5, err_msg=name)
 
 
 def test_bad_inputs_get_clear_errors(tmp_path):

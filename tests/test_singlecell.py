@@ -112,9 +112,9 @@ def test_profile_names_tokens_and_counts_genes_per_group(model, adata, vocab, me
     for gene in ("Esr1", "Ar", "Gad1"):
         t = profile.genes.index(gene)
         held = (tokens == t).any(1)
-        assert profile.sums["recv_count"][0, :, t].tolist() == [held[female].sum(), held[~female].sum()]
+        assert profile.group_sums()["recv_count"][0, :, t].tolist() == [held[female].sum(), held[~female].sum()]
     mouse = profile.genes.index("<species:mouse>")
-    assert profile.sums["recv_count"][0, :, mouse].tolist() == [female.sum(), (~female).sum()]
+    assert profile.group_sums()["recv_count"][0, :, mouse].tolist() == [female.sum(), (~female).sum()]
     assert profile.meta["options"]["tokenizer"]["context"] == [6, 7, 4]
 
 

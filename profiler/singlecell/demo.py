@@ -1,9 +1,13 @@
 """A built-in demo that needs no download: a small MERFISH-like dataset and a small Nicheformer.
 
 :func:`make_demo_data` draws a few hundred cells over a panel of a few
-hundred genes (as MERFISH panels are), from two sexes and five cell types,
-with a **planted** set of sex-biased genes: their expected counts are
-``SEX_FOLD`` times higher in one sex. The gene names are real mouse genes
+hundred genes (as MERFISH panels are), from ``ANIMALS_PER_SEX`` animals of
+each sex and five cell types, with a **planted** set of sex-biased genes:
+their expected counts are ``SEX_FOLD`` times higher in one sex. Animals
+differ too, as real ones do (dissection, section, age): ``ANIMAL_GENES``
+genes get a random fold per animal, shared by all its cells and unrelated to
+sex, so a test that takes cells for replicates finds "sex differences" there;
+the replicate-level test (``--replicate animal``) does not. The gene names are real mouse genes
 for readability, but the effects are planted by this generator, not
 measured. :func:`write_demo_inputs` writes the data with a matching
 vocabulary, technology means and a seeded small model checkpoint (in the
@@ -39,6 +43,9 @@ from .vocab import N_CONTEXT, Vocabulary
 FEMALE_BIASED = ["Esr1", "Pgr", "Prlr", "Greb1", "Tac1"]
 MALE_BIASED = ["Ar", "Cyp19a1", "Calcr", "Brs3", "Gal"]
 SEX_FOLD = 4.0
+#: Animals of each sex (the unit of replication) and the animal effect: this many genes get a per-animal
+#: log-fold drawn from N(0, ANIMAL_SD²), the same in all the animal's cells.
+ANIMALS_PER_SEX, ANIMAL_GENES, ANIMAL_SD = 6, 40, 1.0
 CELL_TYPES = {
     "excitatory neuron": ["Slc17a6", "Slc17a7", "Nrn1", "Nts", "Cartpt", "Trh"],
     "inhibitory neuron": ["Gad1", "Gad2", "Slc32a1", "Sst", "Npy", "Pvalb"],
@@ -103,13 +110,15 @@ def demo_model(n_tokens: int, seed: int = 0) -> Nicheformer:
 
 
 def make_demo_data(n_cells: int = 400, n_genes: int = 300, seed: int = 0) -> ad.AnnData:
-    """A MERFISH-like AnnData: raw counts in X (sparse), obs ``sex`` and ``cell_type``, obsm ``spatial``."""
+    """A MERFISH-like AnnData: raw counts in X (sparse), obs ``sex``, ``animal`` and ``cell_type``, obsm ``spatial``."""
     rng = np.random.default_rng(seed)
     planted = FEMALE_BIASED + MALE_BIASED
     markers = [g for genes in CELL_TYPES.values() for g in genes]
     fillers = [f"Gene{i:03d}" for i in range(n_genes - len(planted) - len(markers))]
     genes = planted + markers + fillers
-    sex = rng.permutation(np.repeat(["female", "male"], [n_cells // 2, n_cells - n_cells // 2]))
+    animals = [f"F{i + 1}" for i in range(ANIMALS_PER_SEX)] + [f"M{i + 1}" for i in range(ANIMALS_PER_SEX)]
+    animal = rng.permutation(np.resize(np.arange(len(animals)), n_cells))  # about equal cells per animal
+    sex = np.where(animal < ANIMALS_PER_SEX, "female", "male")
     cell_type = rng.choice(list(CELL_TYPES), size=n_cells, p=[0.3, 0.25, 0.2, 0.15, 0.1])
 
     # expected counts: a per-gene baseline, cell-type markers up, planted genes up in one sex
@@ -123,22 +132,28 @@ def make_demo_data(n_cells: int = 400, n_genes: int = 300, seed: int = 0) -> ad.
     fold = np.log(SEX_FOLD)
     log_expected[np.ix_(sex == "female", [index[g] for g in FEMALE_BIASED])] += fold
     log_expected[np.ix_(sex == "male", [index[g] for g in MALE_BIASED])] += fold
+    animal_genes = len(planted) + len(markers) + np.arange(min(ANIMAL_GENES, len(fillers)))  # fillers only
+    log_expected[:, animal_genes] += log_mean[: len(planted)].mean() - log_mean[animal_genes]  # seen in most cells
+    log_expected[:, animal_genes] += rng.normal(0, ANIMAL_SD, size=(len(animals), len(animal_genes)))[animal]
     size_factor = rng.lognormal(0.0, 0.5, size=(n_cells, 1))  # library sizes vary, so cell lengths do
     counts = rng.poisson(np.exp(log_expected) * size_factor)
 
     obs = pd.DataFrame(
         {"sex": pd.Categorical(sex, categories=["female", "male"]),
+         "animal": pd.Categorical(np.asarray(animals)[animal], categories=animals),
          "cell_type": pd.Categorical(cell_type, categories=list(CELL_TYPES))},
         index=[f"cell{i:04d}" for i in range(n_cells)],
     )  # fmt: skip
     var = pd.DataFrame(
         {"planted": [g in planted for g in genes],
+         "animal_effect": np.isin(np.arange(len(genes)), animal_genes),
          "higher_in": ["female" if g in FEMALE_BIASED else "male" if g in MALE_BIASED else "" for g in genes]},
         index=genes,
     )  # fmt: skip
     adata = ad.AnnData(X=sp.csr_matrix(counts.astype(np.float32)), obs=obs, var=var)
     adata.obsm["spatial"] = rng.uniform(0, 1000, size=(n_cells, 2))
-    adata.uns["demo"] = {"seed": seed, "sex_fold": SEX_FOLD, "planted": planted}
+    adata.uns["demo"] = {"seed": seed, "sex_fold": SEX_FOLD, "planted": planted, "animals_per_sex": ANIMALS_PER_SEX,
+                         "animal_sd": ANIMAL_SD}  # fmt: skip
     return adata
 
 
@@ -173,13 +188,31 @@ def write_demo_inputs(directory, *, n_cells: int = 400, n_genes: int = 300, seed
     return paths
 
 
+def _animal_effect_lines(comparison) -> list[str]:
+    """How many genes with only an animal effect each test calls different (Welch p < 0.05, any head)."""
+    genes = comparison.genes
+    if "p_cells" not in genes or not len(genes):
+        return []
+    noise = genes[genes["gene"].isin(animal_effect_genes())]
+    n_genes = noise["gene"].nunique()
+    called = {col: noise.loc[noise[col] < 0.05, "gene"].nunique() for col in ("p", "p_cells")}
+    return [f"  genes with an animal effect only ({n_genes}): called different at Welch p < 0.05 in some head by "
+            f"the replicate-level test {called['p']}, by the cell-level test {called['p_cells']}"]
+
+
+def animal_effect_genes() -> list[str]:
+    """The demo's genes with an animal effect and no sex effect: the first ``ANIMAL_GENES`` fillers."""
+    return [f"Gene{i:03d}" for i in range(ANIMAL_GENES)]
+
+
 def findings(comparison, family: str = "gene", top: int = 10) -> str:
     """What attnprof found, set against what was planted: the demo's closing lines."""
     heads = comparison.ranked_heads(family)
     layers = comparison.layers[comparison.layers["family"] == family]
     by_p = "p_perm_mean_abs_diff" in layers
     if by_p:
-        layers = layers.sort_values(["p_perm_mean_abs_diff", "mean_abs_diff_excess"], ascending=[True, False])
+        layers = layers.sort_values(["p_fwer_mean_abs_diff", "p_perm_mean_abs_diff", "mean_abs_diff_excess"],
+                                    ascending=[True, True, False])  # fmt: skip
     else:
         layers = layers.sort_values("excess_over_noise", ascending=False)
     best, layer = heads.iloc[0], layers.iloc[0]
@@ -190,18 +223,20 @@ def findings(comparison, family: str = "gene", top: int = 10) -> str:
     def against_null(row) -> str:
         if by_p:
             return (f"mean |D| {row['mean_abs_diff']:.3g} vs null mean {row['mean_abs_diff_null_mean']:.3g} "
-                    f"(95th pct {row['mean_abs_diff_null_q95']:.3g}), p_perm = {row['p_perm_mean_abs_diff']:.3g}")
+                    f"(95th pct {row['mean_abs_diff_null_q95']:.3g}), p_perm = {row['p_perm_mean_abs_diff']:.3g}, "
+                    f"family-wise p = {row['p_fwer_mean_abs_diff']:.3g}")
         return f"mean |D| {row['mean_abs_diff']:.3g} vs noise floor {row['noise_floor']:.3g}"
 
     n_planted = sum(g in planted for g in genes["gene"])
     found = (int(best["layer"]), int(best["head"])) == (PLANTED_LAYER, PLANTED_HEAD)
     lines = [
-        f"what attnprof found ({family} family, {comparison.a} − {comparison.b}):",
+        f"what attnprof found ({family} family, {comparison.a} − {comparison.b}; {comparison.design()}):",
         f"  top layer: {int(layer['layer'])}   {against_null(layer)}",
         f"  top head:  layer {int(best['layer'])}, head {int(best['head'])}   {against_null(best)}",
         f"  its top {len(genes)} genes by Welch p: "
         + ", ".join(f"{g}{'*' if g in planted else ''}" for g in genes["gene"]),
         f"  * planted sex-biased genes: {n_planted} of the top {len(genes)}",
+        *_animal_effect_lines(comparison),
         f"planted: layer {PLANTED_LAYER}, head {PLANTED_HEAD} attends to each cell's least expressed genes -> "
         + ("recovered" if found else "NOT recovered"),
     ]

@@ -1,12 +1,13 @@
-"""Profile a Nicheformer over the cells of an AnnData, grouped by an obs column.
+"""Profile a single-cell model over the cells of an AnnData, grouped by an obs column.
 
 :func:`profile_anndata` is the one call: select cells, tokenize them in
 chunks, bucket and trim batches, and run them through the model inside a
-:class:`attnprof.Profiler`. It also shards the cells (``shard=``, or by rank
-inside a ``torch.distributed`` job, whose sums it all-reduces), draws label
-permutations for permutation p-values, and saves checkpoints a rerun resumes
-from. :func:`profile_batches` is the run loop itself; :func:`write_outputs`
-writes a run's folder (profile, tables, figures).
+:class:`attnprof.Profiler`. It keeps the sums per block (each replicate, or
+pseudo-replicates of cells without a replicate key: what a permutation test
+relabels at compare time), shards the cells (``shard=``, or by rank inside a
+``torch.distributed`` job, whose sums it all-reduces), and saves checkpoints
+a rerun resumes from. :func:`profile_batches` is the run loop itself;
+:func:`write_outputs` writes a run's folder (profile, tables, figures).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 
 from attnprof.kernels import resolve_backend
 
+from ..blocks import PSEUDO_REPLICATES, design_blocks
 from ..checkpoint import Checkpoint
 from ..distributed import all_reduce_profile, rank_and_world, shard as shard_indices, sum_over_ranks
 from ..checks import open_h5ad
@@ -62,15 +64,18 @@ def profile_anndata(
     bucket_size: int = 2048,
     backend: str = "auto",
     trim_padding: bool = True,
-    permutations: int = 0,
+    replicate: str | None = None,
+    strata: str | None = None,
+    pseudo_replicates: int = PSEUDO_REPLICATES,
     seed: int = 0,
+    permutations: int | None = None,
     shard: tuple[int, int] | None = None,
     checkpoint=None,
     checkpoint_every: int = 10_000,
     progress: bool = True,
     family=None,
 ) -> Profile:
-    """Group-wise attention sums of a Nicheformer over the cells of ``adata``.
+    """Group-wise attention sums of a model over the cells of ``adata``, kept per replicate.
 
     model:    a :class:`~attnprof.singlecell.Nicheformer` (anything with ``n_tokens``,
               ``context_length`` and ``forward(tokens)``), run on its own device.
@@ -85,9 +90,15 @@ def profile_anndata(
     tokenization: ``"notebook"`` or ``"dataset"``, the upstream path to reproduce (see tokenize.py).
     window:   position window of the per-head maps (at most the model's context length).
     trim_padding: cut each batch to its longest cell (same results, less work).
-    permutations: N label permutations for permutation p-values (``compare(..., permutations=N)``):
-              N global shuffles of the selected cells' groups drawn with ``numpy.random.default_rng(seed)``.
-              Each costs one more attention pass per layer: the run does N + 1 of them.
+    replicate: the obs column of the unit of replication (animal, donor, sample, section): sums are kept
+              per replicate, and ``compare`` tests across replicates and relabels whole replicates. A
+              replicate found in two groups is refused. Without it the cells of each group are dealt at
+              random (``seed``) into ``pseudo_replicates`` blocks and the comparison treats cells as
+              independent replicates (and says so).
+    strata:   obs column within whose values labels are exchanged (batch, section); each replicate must
+              lie in one stratum.
+    permutations: deprecated and ignored: permutations are drawn at compare time from the block sums
+              (``profile.compare(a, b, permutations=N)``), at no cost to this pass.
     shard:    ``(i, n)``: profile only every n-th selected cell starting at the i-th; the shards'
               profiles sum to the whole (:func:`attnprof.merge`). Inside an initialized
               ``torch.distributed`` default group the shard is ``(rank, world size)`` and the
@@ -104,7 +115,10 @@ def profile_anndata(
     Returns a :class:`attnprof.Profile` with the token names as genes and ``n_context=3``.
     """
     n_tokens, context_length = _model_shape(model) if family is None else (None, family.context_length)
-    _check_options(window, context_length, permutations, chunk_size, bucket_size)
+    if permutations is not None:
+        warnings.warn("profile_anndata(permutations=...) is ignored: permutations are drawn at compare time from "
+                      "the replicate blocks (profile.compare(a, b, permutations=N))", DeprecationWarning, stacklevel=2)  # fmt: skip
+    _check_options(window, context_length, chunk_size, bucket_size)
     shard, distributed = _this_shard(shard)
     with _opened(adata) as (adata, source):
         selection = select_cells(adata.obs, groupby, groups=groups, subset=subset)
@@ -116,7 +130,16 @@ def profile_anndata(
             )
         else:
             tokenizer = family
-        plan = plan_cells(selection, shard, permutations, seed)
+        obs = adata.obs.iloc[selection.rows]
+        for key in (replicate, strata):
+            if key is not None and key not in adata.obs.columns:
+                raise ValueError(f"obs has no column {key!r} (columns: {list(adata.obs.columns)})")
+        blocks, block_codes = design_blocks(
+            selection.codes, selection.groups, None if replicate is None else obs[replicate].to_numpy(),
+            None if strata is None else obs[strata].to_numpy(), replicate_key=replicate or "replicate",
+            strata_key=strata or "strata", per_group=pseudo_replicates, seed=seed,
+        )  # fmt: skip
+        plan = plan_cells(selection, shard, block_codes)
         names = adata.obs_names
         meta = {
             "model": model_description(model),
@@ -124,7 +147,9 @@ def profile_anndata(
                 "groupby": groupby,
                 "tokenizer": tokenizer.settings(),  # a family's: its name and tokenizer settings
                 "counts": {"layer": layer, "use_raw": bool(use_raw), "gene_key": gene_key},
-                "permutations": {"n": int(permutations), "seed": int(seed) if permutations else None},
+                "blocks": {"replicate": replicate, "strata": strata,
+                           "pseudo_replicates": None if replicate else int(pseudo_replicates),
+                           "seed": None if replicate else int(seed)},
             },
             "data": {
                 "source": source, "n_obs": int(adata.n_obs), "subset": subset, "cells": plan.counts(),
@@ -136,7 +161,7 @@ def profile_anndata(
             batching=dict(batch_size=batch_size, bucket_size=bucket_size, trim=trim_padding, pad_to=context_length),
             stats=dict(groups=selection.groups, genes=vocab.token_names() if family is None else family.genes,
                        panel=_unique(panel), window=window, n_context=N_CONTEXT if family is None else family.n_context,
-                       backend=backend, family=family),
+                       backend=backend, family=family, blocks=blocks),
             progress=progress and rank_and_world()[0] == 0,
             stream_rows=selection.rows,
         )  # fmt: skip
@@ -183,14 +208,16 @@ def profile_batches(
     meta: dict,
     n_cells: int | None = None,
     progress: bool = True,
-    null_codes_of: Callable[[np.ndarray], list[np.ndarray]] | None = None,
+    blocks=None,
+    blocks_of: Callable[[np.ndarray], np.ndarray] | None = None,
     after_batch: Callable[[Profiler, Batch], None] | None = None,
     family=None,
 ) -> Profile:
     """The run loop: every batch through the model inside one profiling session.
 
-    null_codes_of: row positions -> the permuted group codes of those cells, one array per
-                   permutation (the ``null_groups`` of :meth:`Profiler.set_batch`).
+    blocks:        the :class:`~attnprof.blocks.Blocks` the sums are kept for (default: pseudo-replicates
+                   dealt by the profiler).
+    blocks_of:     row positions -> the block code of those cells (-1: not counted).
     after_batch:   called after each forward with the profiler and the batch (e.g. to checkpoint).
     family:        a family front end whose ``gene_ids`` and ``forward`` read the batch's codes (default:
                    the tokens are the model's input and the gene ids, as for Nicheformer).
@@ -202,13 +229,16 @@ def profile_batches(
     bar = tqdm(total=n_cells, unit="cells", desc="profiling", disable=not progress, smoothing=0.1)
     try:
         with Profiler(model, groups, window=window, genes=genes, panel=panel, n_context=n_context,
-                      backend=backend, meta=meta, adapter="auto" if family is None else family.adapter) as prof, \
+                      backend=backend, meta=meta, adapter="auto" if family is None else family.adapter,
+                      blocks=blocks) as prof, \
                 torch.inference_mode():  # fmt: skip
             for batch in batches:
                 tokens = batch.tokens.to(device)
-                null = None if null_codes_of is None else null_codes_of(batch.rows)
                 ids = tokens if family is None else family.gene_ids(tokens)
-                prof.set_batch(groups=batch.codes, tokens=ids, null_groups=null)
+                if blocks_of is None:
+                    prof.set_batch(groups=batch.codes, tokens=ids)
+                else:
+                    prof.recorder.set_block_batch(blocks_of(batch.rows), ids)
                 model(tokens) if family is None else family.forward(model, tokens)
                 bar.update(len(batch))
                 if after_batch is not None:
@@ -224,22 +254,23 @@ def profile_batches(
 
 def write_outputs(
     profile: Profile, a, b, out, *, min_cells: int | None = None, permutations: int | None = None,
-    figures: bool = True, command: Sequence[str] | None = None,
+    seed: int = 0, figures: bool = True, command: Sequence[str] | None = None,
 ) -> dict:
     """Write a run's folder: ``profile.npz``, ``tables/`` (CSV, Parquet, genes.h5ad), ``figures/`` and
     ``report.html`` (one self-contained page: settings, top findings, figures, links to the tables).
 
     min_cells: cells per group an element needs (default ``attnprof.tables.DEFAULT_MIN_CELLS``).
-    permutations: label permutations behind the null columns (default: all the profile has).
+    permutations: relabelings of whole blocks for the permutation null (default
+               ``attnprof.tables.DEFAULT_PERMUTATIONS``; 0: none).
     Returns the comparison of ``a`` minus ``b`` and the written paths.
     """
     from ..report import run_settings, write_report
 
     out = Path(out)
-    permutations = len(profile.null) if permutations is None else int(permutations)
-    comparison = profile.compare(a, b, min_cells=min_cells, permutations=permutations)
+    comparison = profile.compare(a, b, min_cells=min_cells, permutations=permutations, seed=seed)
     profile.meta["contrast"] = {
-        "a": comparison.a, "b": comparison.b, "min_cells": comparison.min_cells, "permutations": permutations,
+        "a": comparison.a, "b": comparison.b, "min_cells": comparison.min_cells,
+        "permutations": comparison.permutations, "seed": int(seed), "unit": comparison.unit,
     }  # fmt: skip
     written = {"profile": profile.save(out / "profile.npz"), "tables": comparison.save(out / "tables")}
     if figures:
@@ -256,7 +287,7 @@ def write_outputs(
 # ------------------------------------------------------------ cells and runs
 @dataclass
 class CellPlan:
-    """The cells this process profiles: sorted row positions, group codes and permuted codes.
+    """The cells this process profiles: sorted row positions, group codes and block codes.
 
     A code of -1 runs the cell without counting it: an empty shard runs one such cell, so that it
     still has (zero) sums of the run's layout to add to the others.
@@ -264,14 +295,14 @@ class CellPlan:
 
     rows: np.ndarray
     codes: np.ndarray
-    null: np.ndarray  # [permutations, cells]
+    blocks: np.ndarray
     groups: list[str]
 
     def codes_for(self, rows: np.ndarray) -> np.ndarray:
         return self.codes[np.searchsorted(self.rows, rows)]
 
-    def null_for(self, rows: np.ndarray) -> list[np.ndarray]:
-        return list(self.null[:, np.searchsorted(self.rows, rows)])
+    def blocks_for(self, rows: np.ndarray) -> np.ndarray:
+        return self.blocks[np.searchsorted(self.rows, rows)]
 
     def counts(self) -> dict[str, int]:
         counted = self.codes[self.codes >= 0]
@@ -285,21 +316,13 @@ class CellPlan:
         return _cells_digest(obs_names, self.rows[counted], self.codes[counted], self.groups)
 
 
-def plan_cells(selection: CellSelection, shard: tuple[int, int], permutations: int, seed: int) -> CellPlan:
-    """The shard's cells, and its slice of ``permutations`` global shuffles of the selection's group codes.
-
-    Shuffling the whole selection (then slicing) makes the shards' null sums add up to those of one run.
-    """
+def plan_cells(selection: CellSelection, shard: tuple[int, int], block_codes: np.ndarray) -> CellPlan:
+    """The shard's cells with their group and block codes (blocks designed over the whole selection, so
+    that the shards' block sums add up to those of one run)."""
     index = shard_indices(len(selection), *shard)
-    rng = np.random.default_rng(seed)
-    dtype = np.int8 if len(selection.groups) < 128 else np.int64  # N x cells codes: keep them small
-    null = np.empty((permutations, len(index)), dtype=dtype)
-    for i in range(permutations):
-        null[i] = rng.permutation(selection.codes)[index]
     if not len(index):
-        return CellPlan(selection.rows[:1], np.full(1, -1), np.full((permutations, 1), -1, dtype=dtype),
-                        selection.groups)  # fmt: skip
-    return CellPlan(selection.rows[index], selection.codes[index], null, selection.groups)
+        return CellPlan(selection.rows[:1], np.full(1, -1), np.full(1, -1), selection.groups)
+    return CellPlan(selection.rows[index], selection.codes[index], np.asarray(block_codes)[index], selection.groups)
 
 
 @dataclass
@@ -346,7 +369,7 @@ class _Run:
         current = profile_batches(
             model, batches, **self.stats, meta=meta, progress=self.progress,
             n_cells=len(plan.rows) - (0 if ckpt is None else ckpt.n_done),
-            null_codes_of=plan.null_for if plan.null.shape[0] else None, after_batch=after_batch,
+            blocks_of=plan.blocks_for, after_batch=after_batch,
         )  # fmt: skip
         if ckpt is None or ckpt.prior is None:
             return current, context_only.n
@@ -410,14 +433,12 @@ def _unique(panel):
     return list(dict.fromkeys(str(g) for g in panel))
 
 
-def _check_options(window: int, context_length: int, permutations: int, chunk_size: int, bucket_size: int) -> None:
+def _check_options(window: int, context_length: int, chunk_size: int, bucket_size: int) -> None:
     if not 1 <= window <= context_length:
         raise ValueError(
             f"window={window} is outside [1, {context_length}]: the model reads at most {context_length} tokens "
             f"per cell (its context length), so the window must lie within; e.g. window={min(64, context_length)}"
         )
-    if permutations < 0:
-        raise ValueError(f"permutations must be >= 0 (0: no permutation p-values), got {permutations}")
     for name, value in (("chunk_size", chunk_size), ("bucket_size", bucket_size)):
         if value < 1:
             raise ValueError(f"{name} must be at least 1 cell, got {value}")
