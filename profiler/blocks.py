@@ -97,6 +97,39 @@ class Blocks:
             )
         return codes
 
+    def kind(self) -> dict:
+        """What two profiles' blocks must share to merge (names may differ: merging unites them)."""
+        return {"pseudo": self.pseudo, "per_group": self.per_group, "strata": self.strata is not None}
+
+    def union(self, other: Blocks) -> tuple[Blocks, np.ndarray | None, np.ndarray | None]:
+        """The blocks of two profiles united by (group, name), and where each one's blocks go in the union
+        (None, None when they are the same): shards or files holding other animals merge into one profile."""
+        if other == self:
+            return self, None, None
+        if other.kind() != self.kind():
+            raise ValueError(f"cannot merge profiles with other blocks ({_kind(self)} vs {_kind(other)}): profile "
+                             f"every part with the same --replicate/--strata (or --pseudo-replicates)")  # fmt: skip
+        keys = {}
+        for blocks in (self, other):
+            for g, n, s in zip(blocks.group, blocks.names, blocks.strata or [None] * len(blocks)):
+                if blocks.pseudo:
+                    keys[(g, n)] = s
+                    continue
+                seen = next(((g2, s2) for (g2, n2), s2 in keys.items() if n2 == n), None)
+                if seen is not None and seen != (g, s):
+                    raise ValueError(f"replicate {n!r} is in group code {seen[0]} (stratum {seen[1]}) in one profile "
+                                     f"and {g} (stratum {s}) in the other: a replicate lies in one group and stratum")  # fmt: skip
+                keys[(g, n)] = s
+        order = sorted(keys)
+        union = Blocks(tuple(g for g, _ in order), tuple(n for _, n in order),
+                       None if self.strata is None else tuple(keys[k] for k in order), self.pseudo)  # fmt: skip
+        index = {k: i for i, k in enumerate(order)}
+
+        def where(b: Blocks) -> np.ndarray:
+            return np.array([index[(g, n)] for g, n in zip(b.group, b.names)], dtype=np.int64)
+
+        return union, where(self), where(other)
+
     def to_json(self) -> dict:
         return {"group": list(self.group), "names": list(self.names),
                 "strata": None if self.strata is None else list(self.strata), "pseudo": self.pseudo}  # fmt: skip
@@ -106,6 +139,12 @@ class Blocks:
         strata = d.get("strata")
         return cls(tuple(int(g) for g in d["group"]), tuple(str(n) for n in d["names"]),
                    None if strata is None else tuple(str(s) for s in strata), bool(d["pseudo"]))  # fmt: skip
+
+
+def _kind(blocks: Blocks) -> str:
+    if blocks.pseudo:
+        return f"{blocks.per_group} pseudo-replicates per group"
+    return "replicates" + (" within strata" if blocks.strata is not None else "")
 
 
 def design_blocks(codes, groups: Sequence[str], replicates=None, strata=None, *, replicate_key: str = "replicate",

@@ -131,13 +131,16 @@ def add_run_parser(sub) -> None:
     p.set_defaults(func=cmd_run)
 
 
-def _add_permutation_options(p) -> None:
-    p.add_argument("--permutations", type=int, default=DEFAULT_PERMUTATIONS, metavar="N",
+def _add_permutation_options(p, saved: bool = False) -> None:
+    """--permutations and --permutation-seed; ``saved``: default to what the profiles' run used."""
+    default = None if saved else DEFAULT_PERMUTATIONS
+    p.add_argument("--permutations", type=int, default=default, metavar="N",
                    help="relabelings of whole replicates (pseudo-replicates without --replicate) for the null band, "
                    "permutation and family-wise p-values of the heads and layers tables, computed after profiling "
-                   f"from the kept block sums; p resolves down to 1/(N+1) (default {DEFAULT_PERMUTATIONS}: 0.001; "
-                   "all distinct relabelings when the design has fewer; 0 turns them off)")
-    p.add_argument("--permutation-seed", type=int, default=0, metavar="SEED",
+                   "from the kept block sums; p resolves down to 1/(N+1) (default "
+                   + ("the profiles' run's" if saved else f"{DEFAULT_PERMUTATIONS}: 0.001")
+                   + "; all distinct relabelings when the design has fewer; 0 turns them off)")
+    p.add_argument("--permutation-seed", type=int, default=None if saved else 0, metavar="SEED",
                    help="seed of the random relabelings and of the pseudo-replicate blocks; shards of one run need "
                    "the same (default 0)")
 
@@ -159,7 +162,7 @@ def add_merge_parser(sub) -> None:
                    help="groups to compare for --out, A minus B (default: the profiles' contrast)")
     p.add_argument("--min-cells", type=int, metavar="N",
                    help="cells per group an element needs (default: the profiles')")
-    _add_permutation_options(p)
+    _add_permutation_options(p, saved=True)
     p.add_argument("--no-figures", action="store_true", help="skip the figures")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP + "; and an existing -o file")
     p.set_defaults(func=cmd_merge)
@@ -309,14 +312,17 @@ def cmd_merge(args) -> int:
         print(headline)
         return 0
     a, b, min_cells = _contrast(merged, args.compare, args.min_cells)
+    saved = merged.meta.get("contrast", {})
+    permutations = saved.get("permutations", DEFAULT_PERMUTATIONS) if args.permutations is None else args.permutations
+    seed = saved.get("seed", 0) if args.permutation_seed is None else args.permutation_seed
     empty = nothing_to_compare(merged, a, b, min_cells)
     if empty:
         raise ValueError(f"{empty}: no tables or figures to write in {folder.path}")
     with folder.claimed():
         folder.clear_previous()
         command = ["attnprof", *(sys.argv[1:] if args.argv is None else args.argv)]
-        result = write_outputs(merged, a, b, folder.path, min_cells=min_cells, permutations=args.permutations,
-                               seed=args.permutation_seed, figures=not args.no_figures, command=command)  # fmt: skip
+        result = write_outputs(merged, a, b, folder.path, min_cells=min_cells, permutations=permutations,
+                               seed=seed, figures=not args.no_figures, command=command)  # fmt: skip
         record = {"command": command, "merged": [str(p) for p in paths], "contrast": [a, b], "cells": merged.cells,
                   "replicates": merged.replicates, **_design_record(result["comparison"], merged)}  # fmt: skip
         outputs = folder.finish(record)["outputs"]

@@ -76,7 +76,8 @@ def all_reduce_profile(profile: Profile) -> Profile:
     """
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("all_reduce_profile needs torch.distributed initialized (e.g. run under torchrun)")
-    mine = json.dumps({"layout": profile.layout(), "model": profile.meta.get("model")}, sort_keys=True, default=str)
+    mine = json.dumps({"layout": profile.layout(), "blocks": profile.blocks.to_json(), "model": profile.meta.get("model")},
+                      sort_keys=True, default=str)  # fmt: skip
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     differ = [r for r, other in enumerate(everyone) if other != everyone[0]]

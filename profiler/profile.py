@@ -74,8 +74,8 @@ class Profile:
             "n_context": int(self.n_context),
             "genes": None if self.genes is None else list(self.genes),
             "panel": [int(t) for t in self.panel],
-            "blocks": self.blocks.to_json(),
-            "sums": {k: list(v.shape) for k, v in sorted(self.sums.items())},
+            "blocks": self.blocks.kind(),  # the blocks themselves unite (Blocks.union)
+            "sums": {k: [v.shape[0], *v.shape[2:]] for k, v in sorted(self.sums.items())},
         }
 
     def check_compatible(self, other: Profile) -> None:
@@ -118,11 +118,20 @@ class Profile:
         return self._summed(other, self.meta if meta is None else meta)
 
     def _summed(self, other: Profile, meta: dict) -> Profile:
-        sums = {k: self.sums[k] + other.sums[k] for k in self.sums}
+        blocks, mine, theirs = self.blocks.union(other.blocks)
+        if mine is None:
+            sums = {k: self.sums[k] + other.sums[k] for k in self.sums}
+        else:  # parts holding other replicates: each part's blocks go to their place in the union
+            sums = {}
+            for k, a in self.sums.items():
+                total = np.zeros((a.shape[0], len(blocks), *a.shape[2:]))
+                total[:, mine] += a
+                total[:, theirs] += other.sums[k]
+                sums[k] = total
         ids = None
         if self.cell_ids is not None and other.cell_ids is not None:
             ids = np.sort(np.concatenate([self.cell_ids, other.cell_ids]))
-        return Profile(sums, **{**self._fields(), "meta": dict(meta)}, cell_ids=ids)
+        return Profile(sums, **{**self._fields(), "meta": dict(meta), "blocks": blocks}, cell_ids=ids)
 
     def _fields(self) -> dict:
         return dict(

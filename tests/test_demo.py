@@ -39,52 +39,31 @@ def test_demo_runs_end_to_end(demo):
 
 def test_demo_names_the_planted_head_and_lists_the_planted_genes_first(demo):
     out, printed = demo
-    n = len(Profile.load(out / "profile.npz").null)
-    smallest = f"p_perm = {1 / (n + 1):.3g}"  # beats every one of the n permutations
-    assert re.search(rf"top layer: {PLANTED_LAYER} .*{smallest}$", printed, re.M)
-    assert re.search(rf"top head:  layer {PLANTED_LAYER}, head {PLANTED_HEAD} .*{smallest}$", printed, re.M)
+    assert "replicate level: 6 female vs 6 male replicates (200 vs 200 cells); all 924 distinct relabelings " \
+           "(exact): smallest possible p = 0.00108" in printed  # fmt: skip
+    # the observed labeling and its mirror image (sexes swapped) give the same |D|: p = 2/924 at best
+    assert re.search(rf"top layer: {PLANTED_LAYER} .*p_perm = 0.00[0-9]+, family-wise p = 0.0[0-4][0-9]*$", printed, re.M)
+    assert re.search(rf"top head:  layer {PLANTED_LAYER}, head {PLANTED_HEAD} .*p_perm = 0.00216, family-wise p = "
+                     rf"0.0[0-4][0-9]*$", printed, re.M)  # fmt: skip
     top = re.search(r"its top 10 genes by Welch p: (.*)", printed).group(1).replace("*", "").split(", ")
-    assert set(top) == PLANTED
+    assert len(set(top) & PLANTED) >= 8
+    rates = re.search(r"Welch p < 0.05 for (\d+)% across animals, (\d+)% with cells as replicates", printed)
+    assert int(rates.group(1)) <= 10 and int(rates.group(2)) >= 25  # animal effects fool the cell-level test
     assert "-> recovered" in printed and "NOT" not in printed
 
 
 def test_demo_tables_rank_the_planted_layer_and_head_first(demo):
     out, _ = demo
-    n = len(Profile.load(out / "profile.npz").null)
-    assert n == json.loads((out / "run.json").read_text())["permutations"] > 0
+    record = json.loads((out / "run.json").read_text())
+    assert record["unit"] == "replicate" and record["replicates"] == {"female": 6, "male": 6}
+    assert record["permutations"] == 923 and record["exact"] and record["min_p"] == pytest.approx(1 / 924)
     heads = pd.read_csv(out / "tables" / "heads.csv").query("family == 'gene'")
     planted = heads.query("layer == @PLANTED_LAYER and head == @PLANTED_HEAD").iloc[0]
-    assert planted["p_perm_mean_abs_diff"] == pytest.approx(1 / (n + 1))
-    assert (heads.drop(index=planted.name)["p_perm_mean_abs_diff"] > planted["p_perm_mean_abs_diff"]).all()
-    band = planted["mean_abs_diff_null_q95"] - planted["mean_abs_diff_null_mean"]
-    assert planted["mean_abs_diff_excess"] > 3 * band > 0
-    assert planted["excess_over_noise"] > 3 * heads.drop(index=planted.name)["excess_over_noise"].abs().max()
-    layers = pd.read_csv(out / "tables" / "layers.csv").query("family == 'gene'").set_index("layer")
-    assert layers.at[PLANTED_LAYER, "p_perm_mean_abs_diff"] == pytest.approx(1 / (n + 1))
-    assert (layers.drop(index=PLANTED_LAYER)["p_perm_mean_abs_diff"] > 1 / (n + 1)).all()
-    genes = pd.read_csv(out / "tables" / "genes.csv")
-    head_genes = genes.query("layer == @PLANTED_LAYER and head == @PLANTED_HEAD")
-    assert set(head_genes["gene"].iloc[:10]) == PLANTED
-    assert (head_genes["n_a"] >= 10).all() and (head_genes["n_b"] >= 10).all()  # the default min_cells
-
-
-def test_context_tokens_are_not_genes(demo):
-    out, _ = demo
-    genes = pd.read_csv(out / "tables" / "genes.csv")
-    assert not genes["gene"].str.startswith("<").any()
-    context = pd.read_csv(out / "tables" / "context.csv")
-    assert {"<species:mouse>", "<assay:MERFISH>", "<modality:spatial>"} == set(context["token"])
-    assert not any(name.startswith("<") for name in ad.read_h5ad(out / "tables" / "genes.h5ad").var_names)
-
-
-def test_plot_draws_every_group_and_a_gallery(demo, tmp_path, capsys):
-    out, _ = demo
-    argv = ["plot", str(out), "--groups", "all", "--gallery", "0:1,1:2", "--gallery-group", "male", "--out",
-            str(tmp_path)]  # fmt: skip
-    assert main(argv) == 0
-    names = {p.name for p in tmp_path.iterdir()}
-    assert {"head_gallery.png", "head_gallery.pdf", "attention_maps.png"} <= names
-    assert main([*argv[:-2], "--gallery", "1-2", "--out", str(tmp_path)]) == 2
-    assert "--gallery takes layer:head pairs" in capsys.readouterr().err
-    assert main(["plot", str(out), "--groups", "female", "nobody", "--out", str(tmp_path)]) == 2
-    assert "unknown group 'nobody'" in capsys.readouterr().err
+    assert planted["p_perm_mean_abs_diff"] == pytest.approx(2 / 924)
+    assert planted["p_fwer_mean_abs_diff"] <= 0.05
+    others = heads.drop(index=planted.name)
+    assert (others["p_fwer_mean_abs_diff"] > planted["p_fwer_mean_abs_diff"]).all()
+    assert planted["mean_abs_diff"] > planted["mean_abs_diff_null_q95"] and planted["rms_diff"] > 0
+    layers = pd.read_csv(out / "tables" / "layers.csv").query("family == 'gene'")
+    assert layers.sort_values("p_fwer_mean_abs_diff").iloc[0]["layer"] == PLANTED_LAYER
+    assert "Replicate level" in (out / "report.html").read_text()

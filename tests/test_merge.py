@@ -28,31 +28,65 @@ def run(model, data, vocab, means, **kw):
     return profile_anndata(model, data, "sex", **{**options, **kw})
 
 
-def test_shards_merge_to_the_whole_with_their_permutation_nulls(model, adata, vocab, means):
-    whole = run(model, adata, vocab, means, permutations=2, seed=7)
-    shards = [run(model, adata, vocab, means, permutations=2, seed=7, shard=(i, 3)) for i in range(3)]
+def test_shards_merge_to_the_whole_block_by_block(model, adata, vocab, means):
+    """Pseudo-replicates are dealt over all selected cells before sharding: the shards add up exactly."""
+    whole = run(model, adata, vocab, means, seed=7)
+    shards = [run(model, adata, vocab, means, seed=7, shard=(i, 3)) for i in range(3)]
     assert [sum(s.cells.values()) for s in shards] == [16, 16, 16]
     merged = attnprof.merge(shards)
     assert merged.cells == whole.cells == adata.obs["sex"].value_counts().to_dict()
-    assert_same_sums(merged, whole)  # the nulls too: every shard slices the same global shuffles
+    assert_same_sums(merged, whole)
     assert [s["shard"] for s in merged.meta["data"]["shards"]] == [[0, 3], [1, 3], [2, 3]]
     assert merged.meta["merged"] == 3
 
 
+def test_shards_that_split_animals_merge_to_the_whole(model, adata, vocab, means):
+    whole = run(model, adata, vocab, means, replicate="animal")
+    shards = [run(model, adata, vocab, means, replicate="animal", shard=(i, 3)) for i in range(3)]
+    split = [set(adata.obs["animal"].iloc[i::3]) for i in range(3)]
+    assert set.intersection(*split)  # some animal's cells lie in every shard
+    merged = attnprof.merge(shards)
+    assert merged.blocks == whole.blocks and merged.replicates == whole.replicates == {"female": 6, "male": 6}
+    assert_same_sums(merged, whole)
+    pd.testing.assert_frame_equal(merged.compare("female", "male", min_cells=2).heads,
+                                  whole.compare("female", "male", min_cells=2).heads)  # fmt: skip
+
+
 def test_subsets_of_the_cells_merge_to_the_whole(model, adata, vocab, means):
-    """Shards need not be --shard: disjoint subsets (or files) of one dataset merge the same way."""
-    whole = run(model, adata, vocab, means)
+    """Shards need not be --shard: disjoint subsets (or files) of one dataset merge the same way; their
+    replicate blocks unite by name (exactly the whole's), pseudo-replicates add up group by group."""
     glia = "cell_type in ['astrocyte', 'oligodendrocyte', 'microglia']"
-    parts = [run(model, adata, vocab, means, subset=glia), run(model, adata, vocab, means, subset=f"not ({glia})")]
-    assert parts[0].meta["data"] != parts[1].meta["data"]  # per-shard data meta differs and is not compared
-    assert_same_sums(parts[0] + parts[1], whole)
+    by_animal = [run(model, adata, vocab, means, replicate="animal", subset=s) for s in (glia, f"not ({glia})")]
+    assert by_animal[0].meta["data"] != by_animal[1].meta["data"]  # per-shard data meta differs and is not compared
+    assert_same_sums(by_animal[0] + by_animal[1], run(model, adata, vocab, means, replicate="animal"))
+    parts = [run(model, adata, vocab, means, subset=s) for s in (glia, f"not ({glia})")]
+    merged, whole = (parts[0] + parts[1]).group_sums(), run(model, adata, vocab, means).group_sums()
+    for name in whole:
+        np.testing.assert_allclose(merged[name], whole[name], rtol=1e-12, err_msg=name)
 
 
 def test_explicit_cell_selection_merges_to_the_whole(model, adata, vocab, means):
-    """Two AnnData halves (e.g. two files): same model and options, so they merge."""
+    """Two AnnData halves (e.g. two files, each with some of the animals): same model and options, so they merge."""
     first, second = adata[: len(adata) // 2].copy(), adata[len(adata) // 2 :].copy()
-    whole = run(model, adata, vocab, means)
-    assert_same_sums(attnprof.merge([run(model, first, vocab, means), run(model, second, vocab, means)]), whole)
+    whole = run(model, adata, vocab, means, replicate="animal")
+    halves = [run(model, part, vocab, means, replicate="animal") for part in (first, second)]
+    assert_same_sums(attnprof.merge(halves), whole)
+
+
+def test_a_replicate_in_two_groups_is_refused(model, adata, vocab, means):
+    bad = adata.copy()
+    bad.obs["animal"] = bad.obs["animal"].astype(str)
+    bad.obs.loc[bad.obs_names[0], "animal"] = "M1" if bad.obs["sex"].iloc[0] == "female" else "F1"
+    with pytest.raises(ValueError, match="animal '[FM]1' has cells in group 'female' and 'male'"):
+        run(model, bad, vocab, means, replicate="animal")
+    # the same across profiles: one file calls M1 female
+    half = adata[:24].copy()
+    half.obs["sex"] = half.obs["sex"].astype(str)
+    half.obs.loc[half.obs["animal"] == "M1", "sex"] = "female"
+    if (half.obs["animal"] == "M1").any():
+        other = run(model, half, vocab, means, replicate="animal")
+        with pytest.raises(ValueError, match="replicate 'M1' is in group code"):
+            other + run(model, adata[24:].copy(), vocab, means, replicate="animal")
 
 
 def test_merge_refuses_what_does_not_add_up(model, adata, vocab, means):
@@ -69,11 +103,9 @@ def test_merge_refuses_what_does_not_add_up(model, adata, vocab, means):
     for message, bad in cases.items():
         with pytest.raises(ValueError, match=message):
             attnprof.merge([base, other, bad])
-    # shards of a permutation run must shuffle with the same seed, or their nulls do not add up
-    with pytest.raises(ValueError, match=r"options \(options.permutations.seed\)"):
-        run(model, adata, vocab, means, shard=(0, 2), permutations=1) + run(
-            model, adata, vocab, means, shard=(1, 2), permutations=1, seed=1
-        )
+    # shards must deal their pseudo-replicates with the same seed, or their blocks do not add up
+    with pytest.raises(ValueError, match=r"options \(options.blocks.seed\)"):
+        run(model, adata, vocab, means, shard=(0, 2)) + run(model, adata, vocab, means, shard=(1, 2), seed=1)
     merged = attnprof.merge([base, other])  # and the good pair still merges
     assert sum(merged.cells.values()) == len(adata)
 
@@ -88,19 +120,14 @@ def test_merge_refuses_another_vocabulary(model, adata, vocab, means):
 
 # ------------------------------------------------------------ permutations
 def test_permutation_p_values_reach_the_run_tables(model, adata, vocab, means, tmp_path):
-    profile = run(model, adata, vocab, means, permutations=3, seed=1)
-    assert len(profile.null) == 3
-    for null in profile.null:  # a shuffle of the labels keeps the group sizes
-        np.testing.assert_array_equal(null["cells"], profile.sums["cells"])
-    assert not np.array_equal(profile.null[0]["recv_sum"], profile.sums["recv_sum"])
-    again = run(model, adata, vocab, means, permutations=3, seed=1)
-    np.testing.assert_array_equal(again.null[2]["pos_sum"], profile.null[2]["pos_sum"])  # the seed fixes them
-    write_outputs(profile, "female", "male", tmp_path, figures=False)
+    profile = run(model, adata, vocab, means, replicate="animal")
+    write_outputs(profile, "female", "male", tmp_path, min_cells=2, permutations=3, seed=1, figures=False)
     for table in ("heads", "layers"):
         frame = pd.read_csv(tmp_path / "tables" / f"{table}.csv")
-        for column in ("p_perm_mean_abs_diff", "p_perm_max_abs_diff"):
+        for column in ("p_perm_mean_abs_diff", "p_perm_max_abs_diff", "p_fwer_mean_abs_diff"):
             assert frame[column].between(1 / 4, 1).all(), (table, column)  # (1 + count) / (1 + N), N = 3
-    assert Profile.load(tmp_path / "profile.npz").meta["contrast"]["permutations"] == 3
+    contrast = Profile.load(tmp_path / "profile.npz").meta["contrast"]
+    assert contrast["permutations"] == 3 and contrast["unit"] == "replicate" and contrast["seed"] == 1
 
 
 # ---------------------------------------------------------------------- CLI

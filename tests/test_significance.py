@@ -1,4 +1,5 @@
-"""Welch p-values, BH q-values and label-permutation p-values behave on planted and null data."""
+"""Welch p-values, BH q-values and permutation p-values (relabeled blocks, at compare time) behave on
+planted and null data."""
 
 from __future__ import annotations
 
@@ -9,19 +10,21 @@ import torch
 from torch import nn
 
 import attnprof
+from attnprof.blocks import Blocks
+from attnprof.statistics import relabelings
 from attnprof.tables import bh
 
 from test_tables import FEATURE, PLANT_HEAD, VOCAB, cells, planted_model
 
 
-def profile_with_permutations(model, x, tokens, padding, codes, n_perm, seed=0, batch=16):
-    rng = np.random.default_rng(seed)
-    null = [rng.permutation(codes) for _ in range(n_perm)]  # global permutations, streamed by batch
+def profile_cells(model, x, tokens, padding, codes, batch=16, **options):
+    """Profile cells in batches; the profiler deals each group's cells into pseudo-replicate blocks."""
     genes = [f"g{i}" for i in range(VOCAB)]
-    with attnprof.Profiler(model, groups=["a", "b"], genes=genes, window=6) as prof, torch.inference_mode():
+    with attnprof.Profiler(model, groups=["a", "b"], genes=genes, window=6, **options) as prof, \
+            torch.inference_mode():  # fmt: skip
         for s in range(0, len(codes), batch):
             part = slice(s, s + batch)
-            prof.set_batch(groups=codes[part], tokens=tokens[part], null_groups=[n[part] for n in null])
+            prof.set_batch(groups=codes[part], tokens=tokens[part])
             model(x[part], src_key_padding_mask=padding[part])
     return prof.profile
 
@@ -32,23 +35,28 @@ def test_planted_head_is_found_and_top_ranked():
     x_b = x.clone()
     x_b[:, 0, FEATURE] = 2.0
     codes = np.array([0] * 20 + [1] * 20)
-    profile = profile_with_permutations(model, torch.cat([x, x_b]), torch.cat([tokens, tokens]),
-                                        torch.cat([padding, padding]), codes, n_perm=19)  # fmt: skip
-    cmp = profile.compare("b", "a", permutations=19)
+    # one cell per pseudo-replicate block: relabeling the blocks is shuffling the cells' labels
+    profile = profile_cells(model, torch.cat([x, x_b]), torch.cat([tokens, tokens]), torch.cat([padding, padding]),
+                            codes, pseudo_replicates=20)  # fmt: skip
+    cmp = profile.compare("b", "a", permutations=199)
     genes = cmp.heads.query("family == 'gene'")
     top = genes.sort_values("max_abs_diff", ascending=False).iloc[0]
     assert (top["layer"], top["head"], top["where"]) == (0, PLANT_HEAD, "g7")
-    assert top["p_perm_max_abs_diff"] == pytest.approx(1 / 20)  # beats every permutation
+    assert top["p_perm_max_abs_diff"] == pytest.approx(1 / 200)  # beats every permutation
     best = cmp.genes.iloc[0]  # the gene table comes most significant first
     assert (best["layer"], best["head"], best["gene"]) == (0, PLANT_HEAD, "g7") and best["q"] < 1e-3
     # against the permutation null: the planted head ranks first, far above its null band
     first = cmp.ranked_heads("gene").iloc[0]
     assert (first["layer"], first["head"]) == (0, PLANT_HEAD)
-    assert first["p_perm_mean_abs_diff"] == cmp.heads["p_perm_mean_abs_diff"].min() == pytest.approx(1 / 20)
+    assert first["p_perm_mean_abs_diff"] == cmp.heads["p_perm_mean_abs_diff"].min() == pytest.approx(1 / 200)
+    # family-wise over all heads: min-P counts the relabelings in which any head reaches its own smallest p
+    assert first["p_fwer_mean_abs_diff"] == cmp.heads["p_fwer_mean_abs_diff"].min() <= 0.05
+    # far above its null band: the excess is over twice the band's width (q95 - mean of 199 relabelings; the
+    # same data with attnprof's earlier cell shuffles in the forward pass gave 2.2-2.6x over three seeds)
     band = first["mean_abs_diff_null_q95"] - first["mean_abs_diff_null_mean"]
-    assert first["mean_abs_diff_excess"] > 3 * band > 0
+    assert first["mean_abs_diff_excess"] > 2 * band > 0
     layer0 = cmp.layers.query("layer == 0 and family == 'gene'").iloc[0]
-    assert layer0["mean_abs_diff"] > layer0["mean_abs_diff_null_q95"] and layer0["p_perm_mean_abs_diff"] == 1 / 20
+    assert layer0["mean_abs_diff"] > layer0["mean_abs_diff_null_q95"] and layer0["p_perm_mean_abs_diff"] == 1 / 200
 
 
 def test_null_labels_give_about_alpha_false_positives():
@@ -61,7 +69,7 @@ def test_null_labels_give_about_alpha_false_positives():
     tokens = torch.randint(0, VOCAB, (n, L), generator=g)
     padding = torch.arange(L)[None, :] >= torch.randint(4, L + 1, (n, 1), generator=g)
     codes = np.random.default_rng(3).permutation(np.arange(n) % 2)  # labels unrelated to the cells
-    profile = profile_with_permutations(model, x, tokens, padding, codes, n_perm=19, batch=48)
+    profile = profile_cells(model, x, tokens, padding, codes, batch=48)
     cmp = profile.compare("a", "b", permutations=19)
     welch_fp = (cmp.summaries["p"] < 0.05).mean()  # 3 layers x 8 heads x 4 summaries
     assert welch_fp <= 0.10, welch_fp
@@ -74,7 +82,7 @@ def test_null_labels_give_about_alpha_false_positives():
 
 @pytest.fixture(scope="module")
 def shuffled():
-    """A random encoder on cells whose labels are unrelated to them, with 39 label permutations."""
+    """A random encoder on cells whose labels are unrelated to them (pseudo-replicate blocks)."""
     torch.manual_seed(1)
     layer = nn.TransformerEncoderLayer(32, 8, 64, dropout=0.0, batch_first=True)
     model = nn.TransformerEncoder(layer, 3, enable_nested_tensor=False).eval()
@@ -84,22 +92,24 @@ def shuffled():
     tokens = torch.randint(0, VOCAB, (n, L), generator=g)
     padding = torch.arange(L)[None, :] >= torch.randint(4, L + 1, (n, 1), generator=g)
     codes = np.random.default_rng(3).permutation(np.arange(n) % 2)
-    return profile_with_permutations(model, x, tokens, padding, codes, n_perm=39, batch=60)
+    return profile_cells(model, x, tokens, padding, codes, batch=60)
 
 
 def test_shuffled_labels_stay_within_the_null_band(shuffled):
-    """Labels and permutations are exchangeable: taking each labeling in turn as the observed one, every
-    layer's mean |D| lies at or below its null 95th percentile (the other 39) about 95% of the time."""
-    labelings = [shuffled.sums, *shuffled.null]
+    """Labelings of whole blocks are exchangeable: taking each of 40 relabelings in turn as the observed one,
+    every layer's mean |D| lies above its null 95th percentile (39 others) about 5% of the time."""
+    blocks = shuffled.blocks
+    draws = relabelings(np.asarray(blocks.group) == 0, n=39, seed=5)
     above, excess = [], []
-    for i, sums in enumerate(labelings):
-        rotated = attnprof.Profile(sums, **shuffled._fields(), null=labelings[:i] + labelings[i + 1 :])
-        layers = attnprof.compare(rotated, "a", "b").layers
+    for i, row in enumerate(draws.in_a):
+        relabeled = Blocks(tuple(0 if a else 1 for a in row), blocks.names, None, True)
+        rotated = attnprof.Profile(shuffled.sums, **{**shuffled._fields(), "blocks": relabeled})
+        layers = attnprof.compare(rotated, "a", "b", permutations=39, seed=i).layers
         above += list(layers["mean_abs_diff"] > layers["mean_abs_diff_null_q95"])
         excess += list(layers["mean_abs_diff_excess"] / layers["mean_abs_diff_null_mean"])
     assert len(above) == 40 * 3 * 2  # labelings x layers x families
     assert 0.01 <= np.mean(above) <= 0.10, np.mean(above)
-    assert abs(np.mean(excess)) < 0.02  # the excess over the null mean centres on zero
+    assert abs(np.mean(excess)) < 0.03  # the excess over the null mean centres on zero
 
 
 def test_noise_floor_predicts_the_null_mean(shuffled):
@@ -119,43 +129,29 @@ def test_bh_matches_the_definition():
     assert np.isnan(q[2])
 
 
-def test_permutations_need_null_labelings():
+def test_permutations_leave_the_forward_pass():
     model = planted_model()
     x, tokens, padding = cells(n=6)
-    profile = profile_with_permutations(model, x, tokens, padding, np.array([0, 1] * 3), n_perm=2)
-    with pytest.raises(ValueError, match="needs that many label permutations.*has 2"):
-        profile.compare("a", "b", permutations=5)
+    with attnprof.Profiler(model, groups=["a", "b"], window=6) as prof:
+        with pytest.raises(TypeError, match="permutations no longer run in the forward pass"):
+            prof.set_batch(groups=[0, 1] * 3, null_groups=[[1, 0] * 3])
+    profile = profile_cells(model, x, tokens, padding, np.array([0, 1] * 3))
+    with pytest.raises(ValueError, match="permutations must be >= 0"):
+        profile.compare("a", "b", permutations=-1)
+    # 3 cells per group in 8 pseudo-replicate blocks each: 3 vs 3 non-empty blocks, 20 relabelings in all
+    cmp = profile.compare("a", "b", min_cells=1, permutations=1000)
+    assert cmp.exact and cmp.permutations == 19 and cmp.min_p == pytest.approx(1 / 20)
+    assert "all 20 distinct relabelings (exact): smallest possible p = 0.05" in cmp.design()
 
 
-def test_null_labelings_survive_save_load_and_merge(tmp_path):
+def test_block_sums_survive_save_load_and_merge(tmp_path):
     model = planted_model()
     x, tokens, padding = cells(n=6)
-    profile = profile_with_permutations(model, x, tokens, padding, np.array([0, 1] * 3), n_perm=2)
+    profile = profile_cells(model, x, tokens, padding, np.array([0, 1] * 3))
     loaded = attnprof.Profile.load(profile.save(tmp_path / "p.npz"))
-    assert len(loaded.null) == 2
-    for mine, theirs in zip(profile.null, loaded.null):
-        assert all(np.array_equal(mine[k], theirs[k]) for k in mine)
-    merged = loaded + profile
-    np.testing.assert_allclose(merged.null[1]["pos_sum"], 2 * profile.null[1]["pos_sum"])
-
-
-def test_permutation_null_reads_differences_of_means_only(shuffled):
-    """A permutation holds sums and counts, no sums of squares (they read as 0): its null statistics are
-    the heads' mean and max |D| of its own labeling, whatever its squares hold, and nothing built on a
-    variance (noise floor, Welch t) comes out of its zero squares as a silent 0."""
-    cmp = shuffled.compare("a", "b")
-    own = [shuffled.null_profile(i).compare("a", "b", permutations=0) for i in range(len(shuffled.null))]
-    for table in ("heads", "layers"):
-        for col in ("mean_abs_diff", "max_abs_diff"):
-            null = np.stack([getattr(c, table)[col].to_numpy() for c in own])
-            np.testing.assert_allclose(getattr(cmp, table)[f"{col}_null_mean"], null.mean(0), rtol=1e-12)
-            np.testing.assert_allclose(getattr(cmp, table)[f"{col}_null_q95"], np.quantile(null, 0.95, 0), rtol=1e-12)
-    for c in own:  # no squares: the variance is unknown, never 0
-        assert c.heads["noise_floor"].isna().all() and c.heads["excess_over_noise"].isna().all()
-        assert c.genes["t"].isna().all() and c.genes["p"].isna().all() and len(c.genes) > 0
-        assert c.heads["mean_abs_diff"].gt(0).all()
-    # the same permutations with made-up squares give the same null columns: squares are never read
-    squared = [{k: np.full_like(v, 7.0) if k.endswith("_sq") else v for k, v in sums.items()} for sums in shuffled.null]
-    other = attnprof.compare(attnprof.Profile(shuffled.sums, **shuffled._fields(), null=squared), "a", "b")
-    null_cols = [c for c in cmp.heads if "_null_" in c or c.startswith("p_perm")]
-    pd.testing.assert_frame_equal(other.heads[null_cols], cmp.heads[null_cols])
+    assert loaded.blocks == profile.blocks and loaded.layout() == profile.layout()
+    assert all(np.array_equal(loaded.sums[k], v) for k, v in profile.sums.items())
+    merged = loaded.accumulate(profile)
+    np.testing.assert_allclose(merged.sums["pos_sum"], 2 * profile.sums["pos_sum"])
+    for a, b in [(profile, loaded)]:
+        pd.testing.assert_frame_equal(a.compare("a", "b", min_cells=1).heads, b.compare("a", "b", min_cells=1).heads)
