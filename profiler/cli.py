@@ -243,8 +243,12 @@ def _profile_and_write(args, folder: RunFolder, rank: int, world: int, device) -
     from .singlecell.run import profile_anndata, write_outputs
 
     shard = _shard(args.shard)
+    _check_design_options(args)
     out = folder.path
     with _open_data(args.data) as adata:
+        for key in (args.replicate, args.strata):  # before the model loads
+            if key is not None and key not in adata.obs.columns:
+                raise ValueError(f"obs has no column {key!r} (columns: {list(adata.obs.columns)})")
         with warnings.catch_warnings():  # profiling warns about the same cells below
             warnings.simplefilter("ignore")
             groups = select_cells(adata.obs, args.groupby, groups=args.compare, subset=args.subset).groups
@@ -476,6 +480,16 @@ def _profile_path(source) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"no profile at {path}: give a run folder of `attnprof run` or a profile .npz")
     return path
+
+
+def _check_design_options(args) -> None:
+    """The permutation and replicate options, before any work."""
+    if args.permutations < 0:
+        raise ValueError(f"--permutations must be >= 0 (0: no permutation null), got {args.permutations}")
+    if args.pseudo_replicates < 1:
+        raise ValueError(f"--pseudo-replicates must be at least 1 per group, got {args.pseudo_replicates}")
+    if args.strata is not None and args.replicate is None:
+        raise ValueError("--strata names strata of replicates: give --replicate too")
 
 
 def _design_record(comparison, profile: Profile) -> dict:

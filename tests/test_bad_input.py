@@ -113,8 +113,10 @@ def test_profiler_refuses_broken_batches_and_names_the_layer(encoder):
             prof.set_batch(groups=["a", "b", "c", "a"], tokens=tokens)
         with pytest.raises(ValueError, match="gene statistics are on.*pass tokens="):
             prof.set_batch(groups=labels)
-        with pytest.raises(ValueError, match="every labeling in null_groups must have one code per cell"):
-            prof.set_batch(groups=labels, tokens=tokens, null_groups=[labels[:2]])
+        with pytest.raises(TypeError, match="permutations no longer run in the forward pass"):
+            prof.set_batch(groups=labels, tokens=tokens, null_groups=[labels])
+        with pytest.raises(ValueError, match="pseudo-replicate indices must be one per cell, in \\[0, 8\\)"):
+            prof.set_batch(groups=labels, tokens=tokens, replicates=[0, 1, 2, 9])
         prof.set_batch(groups=labels, tokens=tokens)
         with pytest.raises(ValueError, match=r"layer 'layers.0.self_attn': q contains NaN or Inf"):
             encoder(with_value(x, (1, 2, 3), float("nan")))
@@ -209,8 +211,10 @@ def test_merge_and_compare_refuse_what_does_not_fit(saved, encoder):
         attnprof.compare(profile, "a", "c")
     with pytest.raises(ValueError, match="two different groups"):
         attnprof.compare(profile, "a", "a")
-    with pytest.raises(ValueError, match=r"permutations=3.*which has 0.*profile with permutations=3"):
-        attnprof.compare(profile, "a", "b", permutations=3)
+    with pytest.raises(ValueError, match=r"permutations must be >= 0 \(0: no permutation null\), got -3"):
+        attnprof.compare(profile, "a", "b", permutations=-3)
+    with pytest.raises(ValueError, match="unit='replicate' needs a profile with replicates"):
+        attnprof.compare(profile, "a", "b", unit="replicate")
     only_a = profile_of(encoder, x, tokens, ["a"] * 4)
     with pytest.raises(ValueError, match=r"group\(s\) \['b'\] have zero cells"):
         only_a.compare("a", "b")
@@ -241,14 +245,14 @@ def profile_cells(model, cells, **kw):
         ({"window": 25}, ValueError, r"window=25 is outside \[1, 24\]: the model reads at most 24 tokens"),
         ({"window": 0}, ValueError, r"window=0 is outside \[1, 24\]"),
         ({"vocab": ["Esr1", "Ar"]}, ValueError, "has 2 genes, so the model would need n_tokens=32"),
-        ({"permutations": -1}, ValueError, "permutations must be >= 0"),
+        ({"pseudo_replicates": 0}, ValueError, "pseudo_replicates must be at least 1 per group"),
         ({"shard": (2, 2)}, ValueError, r"shard=\(2, 2\) needs 0 <= index < count"),
         ({"batch_size": 0}, ValueError, "batch_size must be >= 1"),
         ({"chunk_size": 0}, ValueError, "chunk_size must be at least 1 cell"),
         ({"subset": "cell_type == 'pericyte'"}, ValueError, "selects no cells"),
         ({"checkpoint_every": 0, "checkpoint": "ckpt.npz"}, ValueError, "checkpoint_every must be at least 1"),
     ],
-    ids=["window-beyond-context", "window-zero", "vocabulary", "permutations", "shard", "batch-size",
+    ids=["window-beyond-context", "window-zero", "vocabulary", "pseudo-replicates", "shard", "batch-size",
          "chunk-size", "empty-selection", "checkpoint-every"],  # fmt: skip
 )
 def test_profile_anndata_refuses_broken_options(niche, cells, kw, error, message, tmp_path, monkeypatch):
@@ -322,8 +326,12 @@ def run_argv(inputs, out, *extra):
         (["--shard", "half"], "--shard takes I/N"),
         (["--checkpoint-every", "0"], "--checkpoint-every must be at least 1 cell"),
         (["--permutations", "-2"], "permutations must be >= 0"),
+        (["--pseudo-replicates", "0"], "pseudo-replicates must be at least 1"),
+        (["--replicate", "donor"], "obs has no column 'donor'"),
+        (["--strata", "cell_type"], "--strata names strata of replicates: give --replicate too"),
     ],
-    ids=["window", "shard-range", "shard-format", "checkpoint-every", "permutations"],
+    ids=["window", "shard-range", "shard-format", "checkpoint-every", "permutations", "pseudo-replicates",
+         "replicate-column", "strata-alone"],
 )
 def test_cli_run_refuses_broken_options(inputs, tmp_path, capsys, extra, message):
     assert main(run_argv(inputs, tmp_path, *extra)) == 2

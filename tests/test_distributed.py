@@ -25,7 +25,8 @@ def inputs(tmp_path_factory):
 def run_argv(inputs, out):
     return ["run", str(inputs["data.h5ad"]), "--groupby", "sex", "--model", str(inputs["model.ckpt"]),
             "--vocab", str(inputs["vocab.txt"]), "--means", str(inputs["means.npy"]), "--panel", "Esr1,Ar",
-            "--window", "16", "--batch-size", "4", "--threads", "1", "--permutations", "2",
+            "--window", "16", "--batch-size", "4", "--threads", "1", "--permutations", "2", "--replicate", "animal",
+            "--min-cells", "2",
             "--checkpoint-every", "4", "--no-figures", "--quiet", "--out", str(out)]  # fmt: skip
 
 
@@ -52,10 +53,10 @@ def test_torchrun_ranks_sum_to_the_single_process_run(inputs, tmp_path):
     single = Profile.load(tmp_path / "single" / "profile.npz")
     assert dist_profile.meta["world_size"] == 2 and dist_profile.meta["data"]["cells"] == single.meta["data"]["cells"]
     assert dist_profile.meta["data"]["cells_digest"] == single.meta["data"]["cells_digest"]
-    assert dist_profile.layout() == single.layout() and len(single.null) == 2
-    for sums, ref in zip([dist_profile.sums, *dist_profile.null], [single.sums, *single.null]):
-        for name in ref:
-            np.testing.assert_allclose(sums[name], ref[name], rtol=1e-12, atol=0, err_msg=name)
+    assert dist_profile.layout() == single.layout() and dist_profile.blocks == single.blocks
+    assert single.replicates == {"female": 6, "male": 6}  # the ranks split the animals' cells
+    for name, ref in single.sums.items():
+        np.testing.assert_allclose(dist_profile.sums[name], ref, rtol=1e-12, atol=0, err_msg=name)
     layers = pd.read_csv(tmp_path / "dist" / "tables" / "layers.csv")
     pd.testing.assert_frame_equal(layers, pd.read_csv(tmp_path / "single" / "tables" / "layers.csv"), rtol=1e-9)
     assert layers["p_perm_max_abs_diff"].notna().all()

@@ -233,8 +233,8 @@ def test_tiled_layout_is_checked():
 VOCAB = 12
 
 
-def test_profiler_permutations_equal_separate_profiles():
-    """A run with N null labelings == N + 1 runs, one per labeling; permutation p-values follow."""
+def test_replicate_blocks_equal_separate_profiles():
+    """A run keeping sums per replicate == one run per replicate (its cells alone counted)."""
     torch.manual_seed(0)
     encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 2).eval()
     g = torch.Generator().manual_seed(1)
@@ -244,37 +244,28 @@ def test_profiler_permutations_equal_separate_profiles():
         mask = torch.rand(B, L, generator=g) < 0.3
         mask[:, 0] = False
         tokens = torch.randint(0, VOCAB, (B, L), generator=g)
-        labels = np.array(["a", "b"] * B)[:B]
-        batches.append((x, mask, tokens, labels))
-    rng = np.random.default_rng(0)
-    nulls = [[rng.permutation(b[3]) for _ in range(3)] for b in batches]
-
-    def run(labelings_of):
-        options = dict(genes=[f"g{i}" for i in range(VOCAB)], window=4, panel=["g1", "g3"], n_context=1, backend="torch")
-        with attnprof.Profiler(encoder, ["a", "b"], **options) as prof, torch.inference_mode():
-            for i, (x, mask, tokens, _) in enumerate(batches):
-                labels, null = labelings_of(i)
-                prof.set_batch(groups=labels, tokens=tokens, null_groups=null)
+        animals = np.array(["f1", "m1", "f2", "m2", "m1"] * 2)[:B]
+        batches.append((x, mask, tokens, animals))
+    owner = {"f1": "a", "f2": "a", "m1": "b", "m2": "b"}
+    options = dict(genes=[f"g{i}" for i in range(VOCAB)], window=4, panel=["g1", "g3"], n_context=1, backend="torch")
+    with attnprof.Profiler(encoder, ["a", "b"], replicates=owner, **options) as prof, torch.inference_mode():
+        for x, mask, tokens, animals in batches:
+            prof.set_batch(groups=[owner[a] for a in animals], tokens=tokens, replicates=animals)
+            encoder(x, src_key_padding_mask=mask)
+    together = prof.profile
+    assert together.blocks.names == ("f1", "f2", "m1", "m2") and together.replicates == {"a": 2, "b": 2}
+    for k, animal in enumerate(together.blocks.names):
+        with attnprof.Profiler(encoder, ["a", "b"], pseudo_replicates=1, **options) as alone, torch.inference_mode():
+            for x, mask, tokens, animals in batches:
+                codes = [0 if owner[a] == "a" else 1 for a in animals]
+                alone.set_batch(groups=np.where(animals == animal, codes, -1), tokens=tokens)
                 encoder(x, src_key_padding_mask=mask)
-        return prof.profile
-
-    together = run(lambda i: (batches[i][3], nulls[i]))
-    assert len(together.null) == 3
-    # the permutations' gene sums span only the ids the data holds
-    held = sorted({int(t) for x, m, tok, _ in batches for t in tok[~m].tolist()})
-    assert together.null.genes.tolist() == held
-    for j in range(-1, 3):
-        alone = run(lambda i: (batches[i][3] if j < 0 else nulls[i][j], None))
-        sums = together.sums if j < 0 else together.null[j]
-        for name, value in alone.sums.items():
-            if j >= 0 and name.endswith("_sq"):  # permutations keep no sums of squares
-                assert not sums[name].any(), name
-            elif "count" in name or name == "cells":
-                np.testing.assert_array_equal(sums[name], value, err_msg=name)
-            else:
-                np.testing.assert_allclose(sums[name], value, rtol=1e-12, atol=1e-15, err_msg=name)
-    table = together.compare("a", "b", min_cells=1, permutations=3).layers  # few cells: below the default min_cells
-    assert table["p_perm_mean_abs_diff"].between(0.25, 1).all()
+        g = together.blocks.group[k]
+        for name, value in alone.profile.sums.items():
+            np.testing.assert_allclose(together.sums[name][:, k], value[:, g], rtol=1e-12, atol=1e-15, err_msg=name)
+    table = together.compare("a", "b", min_cells=1).layers  # 2 vs 2 animals: 6 relabelings, exact
+    p = table["p_perm_mean_abs_diff"]
+    assert p.notna().sum() >= 4 and p.dropna().between(1 / 6, 1).all()  # NaN: a family without elements
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -85,7 +85,8 @@ def test_report_shows_settings_and_chance_levels(run):
     assert settings["groups (cells)"] == "female (30), male (30)" and settings["backend"] == "torch"
     assert settings["command"].startswith("attnprof run ") and "--permutations 4" in settings["command"]
     header = next(r for r in page.rows if r and r[0] == "layer")
-    assert header[:7] == ["layer", "mean |D|", "noise floor", "null mean", "null 95th pct", "excess", "p_perm"]
+    assert header[:9] == ["layer", "mean |D|", "noise floor", "rms diff", "null mean", "null 95th pct", "excess", "p_perm",
+                          "p_fwer"]
     gene_header = next(r for r in page.rows if r and r[:3] == ["layer", "head", "gene"])
     assert "cells female" in gene_header and "cells male" in gene_header
 
@@ -99,4 +100,5 @@ def test_report_escapes_names_and_reads_without_permutations_or_figures(run):
     assert "<script>" not in html and "&lt;script&gt;" in html and "&lt;b&gt;female&lt;/b&gt;" in html
     page = Page(html)
     assert page.images == [] and "null mean" not in sum(page.rows, [])
-    assert "no label permutations" in html and "attnprof plot" in html
+    assert "No permutations" in html and "attnprof plot" in html
+    assert "Cells are treated as independent replicates" in html  # no replicate key: the page says so

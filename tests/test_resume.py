@@ -90,7 +90,7 @@ adata, vocab, means, model = demo_fixtures(n_cells=40, n_genes=40, seed=10, cont
 
 def run(model, adata, vocab, **kw):
     options = dict(vocab=vocab, means=technology_means(adata, vocab), window=16, batch_size=4, chunk_size=8,
-                   bucket_size=12, permutations=1, backend="torch", progress=False)  # fmt: skip
+                   bucket_size=12, backend="torch", progress=False)  # fmt: skip
     return profile_anndata(model, adata, "sex", **{**options, **kw})
 
 
@@ -199,7 +199,7 @@ def test_a_stale_temporary_file_is_cleaned_up(model, adata, vocab, tmp_path):
         ({"subset": "cell_type != 'microglia'"}, r"data.cells, data.subset"),
         ({"model": "other"}, r"model.weights"),
         ({"window": 8}, r"options.window"),
-        ({"seed": 1}, r"options.permutations.seed"),
+        ({"seed": 1}, r"options.blocks.seed"),
         ({"batch_size": 8}, r"options.batch_size"),
         ({"shard": (0, 1)}, r"data.shard"),
     ],
