@@ -15,9 +15,11 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+from . import warnings_log
 from .checks import describe_groups, nothing_to_compare, open_h5ad
 from .outputs import RunFolder, check_writable_file, written_summary
 from .profile import Profile, check_disjoint
+from .rebuild import add_report_parser
 from .tables import DEFAULT_MIN_CELLS
 
 #: Exit status for bad input (argparse uses it too).
@@ -44,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_parser(sub)
     add_validate_parser(sub)
     add_plot_parser(sub)
+    add_report_parser(sub)
     return parser
 
 
@@ -251,11 +254,12 @@ def _profile_and_write(args, folder: RunFolder, rank: int, world: int, device) -
     command = ["attnprof", *sys.argv[1:]] if args.argv is None else ["attnprof", *args.argv]
     folder.clear_previous()  # the replaced run's outputs go only now that this run has its result
     empty = nothing_to_compare(profile, groups[0], groups[1], args.min_cells)
-    if empty:
-        profile.save(out / "profile.npz")
-    else:
-        result = write_outputs(profile, groups[0], groups[1], out, min_cells=args.min_cells,
-                               figures=not args.no_figures, command=command)  # fmt: skip
+    with folder.staged(record={"command": command}) as staging:  # beside --out, moved in when complete
+        if empty:
+            profile.save(staging / "profile.npz")
+        else:
+            result = write_outputs(profile, groups[0], groups[1], staging, min_cells=args.min_cells,
+                                   figures=not args.no_figures, command=command)  # fmt: skip
     record = {
         "command": command,
         "contrast": [groups[0], groups[1]],
@@ -298,8 +302,9 @@ def cmd_merge(args) -> int:
     with folder.claimed():
         folder.clear_previous()
         command = ["attnprof", *(sys.argv[1:] if args.argv is None else args.argv)]
-        result = write_outputs(merged, a, b, folder.path, min_cells=min_cells, figures=not args.no_figures,
-                               command=command)  # fmt: skip
+        with folder.staged() as staging:
+            result = write_outputs(merged, a, b, staging, min_cells=min_cells, figures=not args.no_figures,
+                                   command=command)  # fmt: skip
         record = {"command": command,
                   "merged": [str(p) for p in paths], "contrast": [a, b], "cells": merged.cells}  # fmt: skip
         outputs = folder.finish(record)["outputs"]
@@ -617,6 +622,7 @@ def layer_summary(comparison, profile: Profile, headline: str | None = None) -> 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"attnprof: warning: {message}", file=sys.stderr if file is None else file)
+    warnings_log.note(message)  # run.json and report.html list it too
 
 
 def main(argv=None) -> int:
@@ -624,16 +630,19 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not hasattr(args, "argv"):
         args.argv = None if argv is None else list(argv)
+    from .signals import Terminated, terminate_as_interrupt
+
     previous = warnings.showwarning
     warnings.showwarning = _show_warning  # one plain line per warning, without source lines
     try:
-        return args.func(args)
+        with warnings_log.recording(), terminate_as_interrupt():
+            return args.func(args)
     except (ValueError, OSError) as e:  # bad input; anything else is a bug: show its traceback
         print(f"attnprof: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("attnprof: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # SIGINT, and SIGTERM (Terminated) the same way
+        print(f"attnprof: interrupted{' (SIGTERM)' if isinstance(e, Terminated) else ''}", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     finally:
         warnings.showwarning = previous
 
