@@ -58,13 +58,13 @@ def _add_input_options(p: argparse.ArgumentParser) -> None:
                    "default: an untrained small Nicheformer")
     m.add_argument("--family", choices=("nicheformer", "geneformer", "scgpt"),
                    help="model family (default: detected from --model, else nicheformer)")
-    m.add_argument("--heads", type=int, help="attention heads, for checkpoints without hyper_parameters")
+    m.add_argument("--heads", type=_at_least(1), help="attention heads, for checkpoints without hyper_parameters")
     m.add_argument("--trust-checkpoint", action="store_true",
                    help="allow a checkpoint that holds pickled Python objects (runs its code: trusted files only)")
     m.add_argument("--device", default="auto",
                    help="cpu, cuda, cuda:1, ... (default: cuda when available; cuda:LOCAL_RANK under torchrun)")
     m.add_argument("--seed", type=int, default=0, help="seed of the untrained model without --model (default 0)")
-    m.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; 1 suits small models)")
+    m.add_argument("--threads", type=_at_least(1), help="CPU threads for torch (default: torch's choice; 1 suits small models)")
     t = p.add_argument_group("tokenization")
     t.add_argument("--vocab", help="the model's gene list: text file (one gene per line) or .h5ad (var names)")
     t.add_argument("--means", help="technology mean vector (.npy, one entry per vocabulary gene); default: ones")
@@ -110,7 +110,7 @@ def add_run_parser(sub) -> None:
     p.add_argument("--compare", nargs=2, metavar=("A", "B"),
                    help="the two groups to compare, A minus B (needed when the column has more than two)")
     p.add_argument("--batch-size", type=int, default=32, help="cells per forward pass (default 32)")
-    p.add_argument("--min-cells", type=int, default=DEFAULT_MIN_CELLS,
+    p.add_argument("--min-cells", type=_at_least(0), default=DEFAULT_MIN_CELLS,
                    help=f"cells per group an element needs (default {DEFAULT_MIN_CELLS})")
     p.add_argument("--out", help="output folder (default: attnprof_<data name>)")
     p.add_argument("--no-figures", action="store_true", help="skip the figures")
@@ -147,7 +147,7 @@ def add_merge_parser(sub) -> None:
     p.add_argument("--out", metavar="DIR", help="write a run folder: profile.npz, tables/, figures/")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"),
                    help="groups to compare for --out, A minus B (default: the profiles' contrast)")
-    p.add_argument("--min-cells", type=int, metavar="N",
+    p.add_argument("--min-cells", type=_at_least(0), metavar="N",
                    help="cells per group an element needs (default: the profiles')")
     p.add_argument("--no-figures", action="store_true", help="skip the figures")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP + "; and an existing -o file")
@@ -165,7 +165,7 @@ def add_demo_parser(sub) -> None:
     p.add_argument("--cells", type=int, default=400, help="cells to generate (default 400)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and the model (default 0)")
     p.add_argument("--backend", default="auto", help="auto, torch, triton or reference (default auto)")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: fastest for the tiny model)")
+    p.add_argument("--threads", type=_at_least(1), default=1, help="CPU threads (default 1: fastest for the tiny model)")
     p.add_argument("--permutations", type=int, default=DEFAULT_PERMUTATIONS, metavar="N",
                    help=f"label permutations (default {DEFAULT_PERMUTATIONS})")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -203,9 +203,24 @@ def add_plot_parser(sub) -> None:
     p.add_argument("--gallery", metavar="L:H,...",
                    help="draw figures/head_gallery: the maps of these layer:head pairs for one group, e.g. 0:1,3:2")
     p.add_argument("--gallery-group", metavar="GROUP", help="the gallery's group (default: the first compared)")
-    p.add_argument("--min-cells", type=int, help="cells per group an element needs (default: the run's)")
+    p.add_argument("--min-cells", type=_at_least(0), help="cells per group an element needs (default: the run's)")
     p.add_argument("--out", help="figure folder (default: <run>/figures)")
     p.set_defaults(func=cmd_plot)
+
+
+def _at_least(low: int):
+    """An argparse type: an integer >= ``low`` (argparse turns the error into a usage message, exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
 
 
 # ---------------------------------------------------------------- commands
@@ -491,11 +506,9 @@ def _checkpointing(args, out: Path) -> dict:
 
 def _device(name: str):
     """The torch device of --device; ``auto``: this rank's GPU when there is one, else the CPU."""
-    import torch
+    from .devices import parse_device
 
-    from .distributed import local_device
-
-    return local_device() if name == "auto" else torch.device(name)
+    return parse_device(name)  # checked here, before any data or model loads
 
 
 @contextmanager
@@ -555,6 +568,7 @@ def _model_and_front(args, adata, device):
     model, front = load_front_end(
         family, args.model, token_dictionary=args.token_dictionary, gene_medians=args.gene_medians,
         counts_key=args.counts_key, max_length=args.max_length, scgpt_mode=args.scgpt_mode, seed=args.scgpt_seed,
+        trust_checkpoint=args.trust_checkpoint, quiet=getattr(args, "quiet", False),
     )  # fmt: skip
     return model.to(device), None, front
 

@@ -16,6 +16,8 @@ from .outputs import PROFILE, RunFolder, written_summary
 
 
 def add_report_parser(sub) -> None:
+    from .cli import _at_least
+
     p = sub.add_parser(
         "report",
         help="rebuild a run folder's tables, figures and report.html from its profile.npz",
@@ -24,7 +26,7 @@ def add_report_parser(sub) -> None:
     )
     p.add_argument("out", metavar="OUT", help="the run folder (holds profile.npz)")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="groups to compare (default: the run's contrast)")
-    p.add_argument("--min-cells", type=int, help="cells per group an element needs (default: the run's)")
+    p.add_argument("--min-cells", type=_at_least(0), help="cells per group an element needs (default: the run's)")
     p.add_argument("--no-figures", action="store_true", help="skip the figures")
     p.add_argument("--overwrite", action="store_true",
                    help="also replace files in tables/, figures/ or report.html that no run.json lists")

@@ -28,11 +28,14 @@ Quirks named, and what attnprof does about them:
 from __future__ import annotations
 
 import pickle
+import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..safe_pickle import UntrustedPickle, load_plain
 from .family import FrontEnd, Packing, nonzero_rows, pad_rows
 from .vocab import Vocabulary
 
@@ -42,8 +45,8 @@ SPECIAL = ("<pad>", "<mask>", "<cls>", "<eos>")
 INPUT_SIZE = {False: 2048, True: 4096}
 
 
-def read_dictionary(path, what: str) -> dict:
-    """A Geneformer pickle dictionary (token dictionary or gene medians)."""
+def read_dictionary(path, what: str, trust: bool = False) -> dict:
+    """A Geneformer pickle dictionary (token dictionary or gene medians): plain data only unless ``trust``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -51,8 +54,9 @@ def read_dictionary(path, what: str) -> dict:
             f"(geneformer/{'token_dictionary' if what == 'token dictionary' else 'gene_median_dictionary'}*.pkl)"
         )
     try:
-        with open(path, "rb") as f:
-            found = pickle.load(f)  # Geneformer ships these as pickles: trusted files only
+        found = load_plain(path, what, trust=trust)  # Geneformer ships these as pickles
+    except UntrustedPickle:
+        raise
     except (pickle.UnpicklingError, EOFError, ValueError) as e:
         raise ValueError(f"{path} is not a readable pickle ({what}): {e}") from e
     if not isinstance(found, dict) or not found:
@@ -167,14 +171,45 @@ class GeneformerFrontEnd(FrontEnd):
         )
 
 
-def load_geneformer_model(folder):
+def require_transformers():
+    """The transformers module, or a message naming the extra that installs it."""
+    try:
+        import transformers
+    except ImportError as e:
+        raise ValueError(
+            f"Geneformer models need the transformers package, which is not installed ({e}): "
+            f"pip install 'attnprof[hf]' (or pip install transformers)"
+        ) from None
+    return transformers
+
+
+@contextmanager
+def _transformers_quiet(quiet: bool):
+    """transformers' loading bar and its LOAD REPORT (of the training heads left aside) off while ``quiet``."""
+    if not quiet:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
+def load_geneformer_model(folder, *, trust_checkpoint: bool = False, quiet: bool = False):
     """A Geneformer model folder (``config.json`` + weights) as a transformers ``BertModel``, eager attention.
 
     Checkpoints of ``BertForMaskedLM`` or a classifier load too (their heads are not needed for
-    attention); a missing encoder weight is an error.
+    attention); a missing encoder weight is an error. A ``pytorch_model.bin`` that holds pickled
+    objects besides tensors loads only with ``trust_checkpoint`` (its code may run).
     """
-    import transformers
-
+    transformers = require_transformers()
     folder = Path(folder)
     config_file = folder / "config.json"
     if not config_file.is_file():
@@ -185,19 +220,40 @@ def load_geneformer_model(folder):
     config = transformers.AutoConfig.from_pretrained(folder)
     if config.model_type != "bert":
         raise ValueError(f"{folder} holds a {config.model_type!r} model; Geneformer models are BERT ('bert')")
-    model, info = transformers.BertModel.from_pretrained(
-        folder, attn_implementation="eager", add_pooling_layer=False, output_loading_info=True
-    )
+    try:
+        with _transformers_quiet(quiet):
+            model, info = transformers.BertModel.from_pretrained(
+                folder, attn_implementation="eager", add_pooling_layer=False, output_loading_info=True,
+                weights_only=not trust_checkpoint,
+            )  # fmt: skip
+    except pickle.UnpicklingError as e:  # torch's weights_only refusal of a .bin holding Python objects
+        found = re.search(r"Unsupported global: GLOBAL (\S+)|but got <class '([^']+)'>", str(e))
+        what = f" (e.g. {found.group(1) or found.group(2)})" if found else ""
+        raise ValueError(
+            f"{folder}'s weights hold Python objects besides tensors{what}: loading them would run code from the "
+            f"file; if you trust it, pass --trust-checkpoint (or use its model.safetensors)"
+        ) from None
+    except OSError:
+        raise
+    except Exception as e:  # safetensors' and torch's errors of a truncated or corrupted file
+        files = ", ".join(p.name for p in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")))
+        raise ValueError(
+            f"{folder}: cannot read its weights ({files or 'no weight file'}): {type(e).__name__}: {e}; is a file "
+            f"truncated (an interrupted download)? download it again"
+        ) from e
     if info["missing_keys"] or info.get("mismatched_keys"):
         missing = sorted(info["missing_keys"])[:5] or info["mismatched_keys"][:5]
         raise ValueError(f"{folder} lacks or mismatches weights of its BERT encoder (e.g. {missing}): is it complete?")
     return model.eval()
 
 
-def geneformer_front_end(model, token_dictionary, gene_medians, *, input_size=None, counts_key="n_counts"):
-    """The Geneformer front end for ``model`` from the two dictionary files (paths or dicts)."""
-    token_dict = token_dictionary if isinstance(token_dictionary, dict) else read_dictionary(token_dictionary, "token dictionary")
-    medians = gene_medians if isinstance(gene_medians, dict) else read_dictionary(gene_medians, "gene median dictionary")
+def geneformer_front_end(model, token_dictionary, gene_medians, *, input_size=None, counts_key="n_counts",
+                         trust_checkpoint: bool = False):  # fmt: skip
+    """The Geneformer front end for ``model`` from the two dictionary files (paths, read as plain data unless
+    ``trust_checkpoint``, or dicts)."""
+    trust = trust_checkpoint
+    token_dict = token_dictionary if isinstance(token_dictionary, dict) else read_dictionary(token_dictionary, "token dictionary", trust)
+    medians = gene_medians if isinstance(gene_medians, dict) else read_dictionary(gene_medians, "gene median dictionary", trust)
     tokenizer = GeneformerTokenizer(token_dict, medians, input_size=input_size, counts_key=counts_key)
     positions = int(model.config.max_position_embeddings)
     if tokenizer.input_size > positions:

@@ -168,8 +168,9 @@ def model_file(folder: Path) -> Path:
     return found[0]
 
 
-def load_scgpt(folder) -> tuple[ScGPT, dict, dict]:
-    """An scGPT model folder (args.json, vocab.json, best_model.pt) as (model, vocab, args)."""
+def load_scgpt(folder, *, trust_checkpoint: bool = False) -> tuple[ScGPT, dict, dict]:
+    """An scGPT model folder (args.json, vocab.json, best_model.pt) as (model, vocab, args); a checkpoint
+    holding pickled objects besides tensors loads only with ``trust_checkpoint`` (its code may run)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder: pass the scGPT model folder (args.json, vocab.json, "
@@ -184,9 +185,16 @@ def load_scgpt(folder) -> tuple[ScGPT, dict, dict]:
     )  # fmt: skip
     path = model_file(folder)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        state = torch.load(path, map_location="cpu", weights_only=not trust_checkpoint)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):
+            raise ValueError(f"{path} holds Python objects besides tensors, which loading it would run as code; "
+                             f"if you trust the file, pass --trust-checkpoint") from None  # fmt: skip
         raise ValueError(f"{path} is not a readable PyTorch state dict: {e}") from e
+    except (RuntimeError, EOFError) as e:
+        raise ValueError(f"{path} is not a readable PyTorch state dict: {e}") from e
+    if trust_checkpoint and isinstance(state, dict):
+        state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}  # the code ran; keep the weights
     model = ScGPT(config)
     load_state(model, state, path)
     return model.eval(), vocab, args

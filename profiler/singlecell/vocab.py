@@ -179,6 +179,11 @@ def load_means(means, n_genes: int) -> np.ndarray:
             f"{source} has {means.size} entries but the vocabulary has {n_genes} genes: "
             f"the mean vector must be the one made for this vocabulary (same genes, same order)"
         )
+    if means.size and not np.any(means > 0):  # a few negative or NaN means occur; none positive is another file
+        raise ValueError(
+            f"{source} has no positive mean (all {means.size} are negative, zero or NaN), so every gene would be "
+            f"ranked by a negated or undefined score: pass the technology's mean vector (*_mean_script.npy)"
+        )
     return means
 
 
