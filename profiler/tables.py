@@ -30,6 +30,8 @@ from scipy import stats
 
 from attnprof.kernels import SUMMARIES
 
+from .special_tokens import looks_special, special_token_mask
+
 if TYPE_CHECKING:  # the profile holds sums, the comparison reads them: no import at run time
     from .profile import Profile
 
@@ -45,8 +47,7 @@ STATS = ("mean_abs_diff", "max_abs_diff")
 
 def is_special_token(name) -> bool:
     """Context and special tokens (``<species:mouse>``, ``<pad>``, ``[CLS]``): never listed among genes."""
-    name = str(name)
-    return len(name) > 1 and ((name[0], name[-1]) in {("<", ">"), ("[", "]")})
+    return looks_special(name)  # the fallback of profiles that do not record their special token ids
 
 
 @dataclass
@@ -154,7 +155,7 @@ class Comparison:
         self.contrasts = {family: self._contrast(family, ia, ib) for family in self._families()}
         self.token_contrast = None  # context and special tokens, apart from the genes
         if "gene" in self.contrasts and profile.genes is not None:
-            special = np.array([is_special_token(g) for g in profile.genes], dtype=bool)
+            special = special_token_mask(profile)  # by the ids the front end recorded (names: old profiles)
             self.token_contrast = self.contrasts["gene"].restricted(special)
             self.contrasts["gene"] = self.contrasts["gene"].restricted(~special)
         self.heads = self._heads_table()
@@ -211,7 +212,7 @@ class Comparison:
         keep = None  # elements of the null's axis that may count (genes: not context tokens)
         if family == "gene":
             ids = np.arange(null.vocab_size or len(p.genes)) if null.genes is None else null.genes
-            keep = np.array([not is_special_token(p.genes[i]) for i in ids], dtype=bool)
+            keep = ~special_token_mask(p)[ids]
         mean_abs = np.full((n, len(p.layers), p.n_heads), np.nan)
         max_abs = np.full_like(mean_abs, np.nan)
         for layer, (sums, counts) in enumerate(zip(null.layers[f"{prefix}_sum"], null.layers[f"{prefix}_count"])):

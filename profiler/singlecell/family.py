@@ -71,6 +71,7 @@ class FrontEnd:
     n_context: int
     context_length: int
     genes: list[str]
+    special_ids: list[int]  # ids of ``genes`` that are no gene (special tokens, unused ids)
 
     def gene_ids(self, codes: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -6,8 +6,9 @@ The specification is Geneformer's own ``geneformer/tokenizer.py``
 - the library size is the obs column ``n_counts`` (not recomputed), the genes
   are those of the data whose Ensembl id (a var column) is in the token
   dictionary, kept in var-column order;
-- ``X / n_counts * 10_000 / median`` in numpy, left to right, with the dtypes
-  of X, of the ``n_counts`` column and of the (float64) medians;
+- ``X / n_counts * 10_000 / median`` left to right, with the dtypes of X, of the ``n_counts`` column
+  and of the (float64) medians: in numpy on dense X; on sparse X in scipy's sparse arithmetic, which
+  divides by multiplying with the reciprocal (the two differ in the last bit and swap near-ties)
 - the non-zero values, in var-column order, ranked by ``np.argsort(-values)``:
   numpy's default (unstable) sort, so ties fall where that sort puts them;
 - V1 dictionaries (no ``<cls>``/``<eos>``): the first 2,048 ranked genes; V2
@@ -33,6 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from ..safe_pickle import UntrustedPickle, load_plain
@@ -113,19 +115,13 @@ class GeneformerTokenizer:
 
     def tokenize(self, block, rows: np.ndarray, alignment) -> tuple[np.ndarray, np.ndarray]:
         """Codes and lengths of the cells; length 0 for the cells left out (see the module docstring)."""
-        X = nonzero_rows(block, self.columns)
         n_counts = self.n_counts[rows]
         cells = []
-        for i in range(X.shape[0]):
-            span = slice(X.indptr[i], X.indptr[i + 1])
-            values, columns = X.data[span], X.indices[span]
+        for i, (values, columns) in enumerate(self._normalized(block, n_counts)):
             if n_counts[i] == 0:
                 cells.append(np.empty(0, dtype=np.int64))
                 continue
-            # Geneformer's X / n_counts * 10_000 / median, elementwise on the non-zero entries only: the same
-            # operations on the same dtypes give the same values; zeros stay 0 and are not ranked either way
-            normed = values / n_counts[i : i + 1] * TARGET_SUM / self.norm[columns]
-            ranked = self.tokens[columns][np.argsort(-normed)]  # default (unstable) argsort, as rank_genes
+            ranked = self.tokens[columns][np.argsort(-values)]  # default (unstable) argsort, as rank_genes
             if ranked.size and self.special:
                 ranked = np.concatenate([[self.token_dict["<cls>"]], ranked[: self.input_size - 2],
                                          [self.token_dict["<eos>"]]])  # fmt: skip
@@ -133,6 +129,30 @@ class GeneformerTokenizer:
                 ranked = ranked[: self.input_size]
             cells.append(self.packing.pack(ranked))
         return pad_rows(cells)
+
+    def _normalized(self, block, n_counts):
+        """Per cell, the values Geneformer ranks and their columns (of the aligned genes), as it computes them.
+
+        Dense X: numpy's ``X / n_counts * 10_000 / median`` on the non-zero entries only (the same operations
+        on the same dtypes give the same values; zeros are not ranked). Sparse X: Geneformer's expression runs
+        on scipy's sparse matrix, where ``X / a`` is ``X.multiply(1 / a)``, so the values are
+        X·(1/n_counts)·10,000·(1/median), which differ in the last bit and can swap near-ties: the same
+        expression on the same scipy here, then ``csr_matrix`` (entries as it keeps them, explicit zeros too).
+        """
+        if sp.issparse(block):
+            X = sp.csr_matrix(block)[:, self.columns]
+            with np.errstate(divide="ignore", invalid="ignore"):  # n_counts 0: those cells are left out
+                normed = sp.csr_matrix(X / n_counts[:, None] * TARGET_SUM / self.norm)
+            for i in range(normed.shape[0]):
+                span = slice(normed.indptr[i], normed.indptr[i + 1])
+                yield normed.data[span], normed.indices[span]
+            return
+        X = nonzero_rows(block, self.columns)
+        for i in range(X.shape[0]):
+            span = slice(X.indptr[i], X.indptr[i + 1])
+            values, columns = X.data[span], X.indices[span]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                yield values / n_counts[i : i + 1] * TARGET_SUM / self.norm[columns], columns
 
 
 class GeneformerFrontEnd(FrontEnd):
@@ -156,6 +176,7 @@ class GeneformerFrontEnd(FrontEnd):
         for gene, token in tokenizer.token_dict.items():
             names[token] = str(gene)
         self.genes = names
+        self.special_ids = sorted(set(range(vocab_size)) - set(tokenizer.token_of.tolist()))
 
     def gene_ids(self, codes: torch.Tensor) -> torch.Tensor:
         return self.tokenizer.packing.unpack(codes, self.pad_id)[0]

@@ -119,6 +119,7 @@ def profile_anndata(
         plan = plan_cells(selection, shard, permutations, seed)
         names = adata.obs_names
         meta = {
+            "special_tokens": vocab.special_ids() if family is None else family.special_ids,  # known by id
             "model": model_description(model),
             "options": {
                 "groupby": groupby,

@@ -386,6 +386,7 @@ class ScGPTFrontEnd(FrontEnd):
         for token, i in vocab.items():
             names[i] = token
         self.genes = names
+        self.special_ids = sorted(vocab[t] for t in SPECIAL_TOKENS)
 
     def _unpack(self, codes):
         return self.tokenizer.packing.unpack(codes, self.tokenizer.pad_id, self.tokenizer.pad_value)

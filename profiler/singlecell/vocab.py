@@ -124,6 +124,11 @@ class Vocabulary:
         names[GENE_OFFSET : GENE_OFFSET + len(self.genes)] = self.genes
         return names
 
+    def special_ids(self) -> list[int]:
+        """Ids of :meth:`token_names` that are no gene: context tokens, padding, unused rows."""
+        genes = range(GENE_OFFSET, GENE_OFFSET + len(self.genes))
+        return [i for i in range(self.n_tokens + EXTRA_EMBEDDINGS) if i not in genes]
+
     def digest(self) -> str:
         """A short fingerprint: profiles merge only when made with the same vocabulary."""
         return hashlib.blake2b("\n".join(self.genes).encode(), digest_size=8).hexdigest()
