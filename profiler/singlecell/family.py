@@ -110,7 +110,8 @@ def iter_family_chunks(
     Cells the tokenizer gives length 0 are left out of the chunks and counted in ``left_out.n``.
     """
     matrix, var = count_matrix(adata, layer=layer, use_raw=use_raw)
-    alignment = align_genes(gene_names(var, gene_key), front.tokenizer.vocab)
+    alignment = align_genes(gene_names(var, gene_key), front.tokenizer.vocab,
+                            keep_duplicates=getattr(front.tokenizer, "keeps_duplicates", False))  # fmt: skip
     rows = np.asarray(rows, dtype=np.int64)
     read = rows if stream_rows is None or not front.tokenizer.draws else np.asarray(stream_rows, dtype=np.int64)
     front.tokenizer.start(adata, alignment)

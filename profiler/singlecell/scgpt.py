@@ -292,6 +292,7 @@ class ScGPTTokenizer:
     """Cells -> scGPT (gene id, value) pairs, by one of scGPT's two preprocessing paths (``MODES``)."""
 
     draws = True  # random bins and samples: one stream over all selected cells (see iter_family_chunks)
+    keeps_duplicates = True  # scGPT maps every column by its name: a name given twice is the same gene twice
 
     def __init__(self, vocab: dict, config: ScGPTConfig, *, mode: str = "embed", max_length: int = 1200, seed: int = 0):
         if mode not in MODES:
@@ -318,6 +319,7 @@ class ScGPTTokenizer:
         self.ids = self.id_of[alignment.vocab_index]
         self.rng = np.random.RandomState(self.seed)
         self.generator = torch.Generator().manual_seed(self.seed)
+        self.sampled = False  # said once per run: the draws of long cells follow the seed in one process
 
     def tokenize(self, block, rows: np.ndarray, alignment) -> tuple[np.ndarray, np.ndarray]:
         # genes outside the vocabulary are dropped first, in both paths
@@ -358,6 +360,14 @@ class ScGPTTokenizer:
             ids = np.insert(self.ids[keep], 0, self.cls_id)
             values = np.insert(binned, 0, self.cls_value)
             if len(ids) > self.max_length:  # DataCollator._sample: <cls> kept, the rest a random sample
+                if not self.sampled:
+                    self.sampled = True
+                    warnings.warn(
+                        f"cells with more than --max-length {self.max_length} tokens keep a random sample of their "
+                        f"genes, drawn as scGPT's collator draws them right after torch.manual_seed({self.seed}) in "
+                        f"one process; scGPT's embed_data draws after building its model and in DataLoader workers, "
+                        f"so its samples differ (docs/reliability.md: how to match them)", stacklevel=2,
+                    )  # fmt: skip
                 picked = torch.randperm(len(ids) - 1, generator=self.generator)[: self.max_length - 1].numpy() + 1
                 picked = np.insert(picked, 0, 0)
                 ids, values = ids[picked], values[picked]
