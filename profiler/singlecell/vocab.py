@@ -174,6 +174,7 @@ def load_means(means, n_genes: int) -> np.ndarray:
     tokenization's business, see :func:`technology_means`.
     """
     source = str(means) if isinstance(means, (str, Path)) else "the means array"
+    from_file = isinstance(means, (str, Path))
     if isinstance(means, (str, Path)):
         if not Path(means).exists():
             raise FileNotFoundError(f"technology mean file {means} does not exist")
@@ -184,10 +185,10 @@ def load_means(means, n_genes: int) -> np.ndarray:
             f"{source} has {means.size} entries but the vocabulary has {n_genes} genes: "
             f"the mean vector must be the one made for this vocabulary (same genes, same order)"
         )
-    if means.size and not np.any(means > 0):  # a few negative or NaN means occur; none positive is another file
+    if from_file and np.any(means < 0) and not np.any(means > 0):  # a few negative means occur; all is another file
         raise ValueError(
-            f"{source} has no positive mean (all {means.size} are negative, zero or NaN), so every gene would be "
-            f"ranked by a negated or undefined score: pass the technology's mean vector (*_mean_script.npy)"
+            f"{source} has no positive mean (its {means.size} entries are negative, zero or NaN), so every gene "
+            f"would be ranked by a negated score: pass the technology's mean vector (*_mean_script.npy)"
         )
     return means
 
