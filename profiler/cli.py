@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import warnings_log
 from .checks import describe_groups, nothing_to_compare, open_h5ad
-from .outputs import RunFolder, check_writable_file, written_summary
+from .outputs import RunFolder, check_writable_file, list_outputs, written_summary
 from .profile import Profile, check_disjoint
 from .rebuild import add_report_parser
 from .tables import DEFAULT_MIN_CELLS
@@ -434,6 +434,7 @@ def cmd_plot(args) -> int:
         profile.group_index(g)  # an unknown group fails before drawing
     written = save_figures(profile, comparison, out, layer=args.layer, head=args.head, groups=groups,
                            gallery=_heads(args.gallery), gallery_group=args.gallery_group)  # fmt: skip
+    list_outputs(path.parent, written)  # figures drawn into a run folder are that run's outputs
     for path in written:
         print(path)
     return 0

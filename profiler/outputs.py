@@ -252,6 +252,22 @@ class RunFolder:
         return record
 
 
+def list_outputs(folder, paths) -> None:
+    """Add files attnprof wrote into a run folder after its run (``attnprof plot``'s figures) to its manifest,
+    so that they stay attnprof's: replaced by ``--overwrite`` and ``attnprof report``, never taken for a user's."""
+    folder = Path(folder)
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return
+    root = folder.resolve()
+    inside = [str(Path(p).resolve().relative_to(root)) for p in paths if root in Path(p).resolve().parents]
+    record = json.loads(manifest.read_text())
+    record["outputs"] = sorted({*record.get("outputs", []), *inside})
+    tmp = manifest.with_name(f".{MANIFEST}.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, manifest)
+
+
 def written_summary(outputs) -> str:
     """The outputs as one line: top-level files, and folders with their file types (``tables/ (csv, parquet)``)."""
     files, folders = [], {}

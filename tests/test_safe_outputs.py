@@ -139,3 +139,12 @@ def test_every_printed_warning_is_in_run_json_and_the_report(inputs, tmp_path, c
     assert json.loads((out / "run.json").read_text())["warnings"] == printed
     report = (out / "report.html").read_text()
     assert 'id="warnings"' in report and "untrained small Nicheformer" in report
+
+
+def test_figures_plot_draws_into_a_run_folder_stay_that_runs(inputs, tmp_path):
+    out = tmp_path / "out"
+    assert main([str(a) for a in run_argv(inputs, out, "--no-figures")]) == 0
+    assert main(["plot", str(out), "--gallery", "0:1", "--min-cells", "1"]) == 0
+    record = json.loads((out / "run.json").read_text())
+    assert "figures/head_gallery.png" in record["outputs"] and set(record["outputs"]) == files(out)
+    assert main(["report", str(out), "--no-figures"]) == 0  # attnprof's own figures: no --overwrite needed
