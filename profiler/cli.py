@@ -1,4 +1,4 @@
-"""The ``attnprof`` command: run, merge, demo, validate, plot.
+"""The ``attnprof`` command: run, merge, demo, validate, plot, report.
 
 One small function per subcommand (``cmd_<name>``) and one parser builder
 per subcommand (``add_<name>_parser``); shared options live in
@@ -20,6 +20,7 @@ from .checks import describe_groups, nothing_to_compare, open_h5ad
 from .outputs import RunFolder, check_writable_file, list_outputs, written_summary
 from .profile import Profile, check_disjoint
 from .rebuild import add_report_parser
+from .signals import Terminated, terminate_as_interrupt
 from .tables import DEFAULT_MIN_CELLS
 
 #: Exit status for bad input (argparse uses it too).
@@ -317,7 +318,7 @@ def cmd_merge(args) -> int:
     with folder.claimed():
         folder.clear_previous()
         command = ["attnprof", *(sys.argv[1:] if args.argv is None else args.argv)]
-        with folder.staged() as staging:
+        with folder.staged(record={"command": command}) as staging:
             result = write_outputs(merged, a, b, staging, min_cells=min_cells, figures=not args.no_figures,
                                    command=command)  # fmt: skip
         record = {"command": command,
@@ -645,8 +646,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not hasattr(args, "argv"):
         args.argv = None if argv is None else list(argv)
-    from .signals import Terminated, terminate_as_interrupt
-
     previous = warnings.showwarning
     warnings.showwarning = _show_warning  # one plain line per warning, without source lines
     try:

@@ -76,8 +76,8 @@ class RunFolder:
     """The output folder of one run. Call :meth:`check` first, then use :meth:`claimed` around the work.
 
     Inside :meth:`claimed`, :meth:`clear_previous` removes the replaced run's outputs (right before the
-    new ones are written, so a failed run leaves the previous result whole) and :meth:`finish` writes the
-    manifest listing what changed since.
+    new ones are written, so a failed run leaves the previous result whole), the outputs are written
+    inside :meth:`staged` and moved in when complete, and :meth:`finish` writes the manifest listing them.
     """
 
     def __init__(self, path, overwrite: bool = False, option: str = "--out"):
@@ -209,7 +209,8 @@ class RunFolder:
         ``record``: what the manifest says until :meth:`finish` (e.g. the command).
         """
         record = dict(record or {})
-        tmp = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.partial-"))
+        base = self.path.absolute()  # beside it, on the same file system: each move is one rename
+        tmp = Path(tempfile.mkdtemp(dir=base.parent, prefix=f".{base.name}.partial-"))
         self._published = list(kept)
         try:
             try:
