@@ -177,6 +177,8 @@ def test_a_pytorch_model_bin_holding_code_needs_trust(geneformer, capsys):
     fails(argv + ["--quiet", "--out", tmp_path / "out"], capsys, "hold Python objects besides tensors",
           "pass --trust-checkpoint")  # fmt: skip
     assert not marker.exists() and not (tmp_path / "out").exists()
+    assert main(argv + ["--quiet", "--out", str(tmp_path / "out"), "--trust-checkpoint"]) == 0  # trusted: loads
+    assert marker.exists()  # and its code ran, as the flag's help says
 
 
 def test_a_dictionary_pickle_holding_code_needs_trust(geneformer, capsys):

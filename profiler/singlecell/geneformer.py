@@ -241,11 +241,18 @@ def load_geneformer_model(folder, *, trust_checkpoint: bool = False, quiet: bool
     config = transformers.AutoConfig.from_pretrained(folder)
     if config.model_type != "bert":
         raise ValueError(f"{folder} holds a {config.model_type!r} model; Geneformer models are BERT ('bert')")
+    source = {"pretrained_model_name_or_path": folder}
+    bins = sorted(folder.glob("pytorch_model*.bin"))
+    if trust_checkpoint and bins and not any(folder.glob("*.safetensors")):  # transformers reads .bin weights_only
+        state = {}
+        for path in bins:
+            state.update(torch.load(path, map_location="cpu", weights_only=False))  # trusted: its code runs
+        source = {"pretrained_model_name_or_path": None, "config": config,
+                  "state_dict": {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}}  # fmt: skip
     try:
         with _transformers_quiet(quiet):
             model, info = transformers.BertModel.from_pretrained(
-                folder, attn_implementation="eager", add_pooling_layer=False, output_loading_info=True,
-                weights_only=not trust_checkpoint,
+                **source, attn_implementation="eager", add_pooling_layer=False, output_loading_info=True,
             )  # fmt: skip
     except pickle.UnpicklingError as e:  # torch's weights_only refusal of a .bin holding Python objects
         found = re.search(r"Unsupported global: GLOBAL (\S+)|but got <class '([^']+)'>", str(e))
