@@ -65,7 +65,8 @@ def _add_input_options(p: argparse.ArgumentParser) -> None:
     m.add_argument("--device", default="auto",
                    help="cpu, cuda, cuda:1, ... (default: cuda when available; cuda:LOCAL_RANK under torchrun)")
     m.add_argument("--seed", type=int, default=0, help="seed of the untrained model without --model (default 0)")
-    m.add_argument("--threads", type=_at_least(1), help="CPU threads for torch (default: torch's choice; 1 suits small models)")
+    m.add_argument("--threads", type=_at_least(1),
+                   help="CPU threads for torch (default: torch's choice; 1 suits small models)")
     t = p.add_argument_group("tokenization")
     t.add_argument("--vocab", help="the model's gene list: text file (one gene per line) or .h5ad (var names)")
     t.add_argument("--means", help="technology mean vector (.npy, one entry per vocabulary gene); default: ones")
@@ -166,7 +167,8 @@ def add_demo_parser(sub) -> None:
     p.add_argument("--cells", type=int, default=400, help="cells to generate (default 400)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and the model (default 0)")
     p.add_argument("--backend", default="auto", help="auto, torch, triton or reference (default auto)")
-    p.add_argument("--threads", type=_at_least(1), default=1, help="CPU threads (default 1: fastest for the tiny model)")
+    p.add_argument("--threads", type=_at_least(1), default=1,
+                   help="CPU threads (default 1: fastest for the tiny model)")
     p.add_argument("--permutations", type=int, default=DEFAULT_PERMUTATIONS, metavar="N",
                    help=f"label permutations (default {DEFAULT_PERMUTATIONS})")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

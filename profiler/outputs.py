@@ -116,8 +116,10 @@ class RunFolder:
             )
         foreign = self.foreign_files()
         if foreign:
-            what = "a profile.npz of no listed run" if PROFILE in foreign else f"files of no listed run ({foreign[0]}" + (
-                f" and {len(foreign) - 1} more)" if len(foreign) > 1 else ")")
+            more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+            what = f"files of no listed run ({foreign[0]}{more})"
+            if PROFILE in foreign:
+                what = "a profile.npz of no listed run"
             raise ValueError(
                 f"{option} {path} holds {what} where attnprof writes its outputs: move them away, give a new "
                 f"{option}, or add --overwrite to let this run replace them"
@@ -130,7 +132,8 @@ class RunFolder:
         found = [name for name in (PROFILE, "report.html") if (self.path / name).is_file()]
         for folder in ("tables", "figures"):
             if (self.path / folder).is_dir():
-                found += sorted(str(p.relative_to(self.path)) for p in (self.path / folder).rglob("*") if not p.is_dir())
+                found += sorted(str(p.relative_to(self.path)) for p in (self.path / folder).rglob("*")
+                                if not p.is_dir())  # fmt: skip
         return [f for f in found if f not in listed and f not in keep]
 
     def previous_record(self) -> dict:

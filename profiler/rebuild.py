@@ -41,7 +41,8 @@ def cmd_report(args) -> int:
 
     out = Path(args.out)
     if not (out / PROFILE).is_file():
-        raise FileNotFoundError(f"{out} holds no {PROFILE}: give the folder of an `attnprof run` that profiled its cells")
+        raise FileNotFoundError(f"{out} holds no {PROFILE}: give the folder of an `attnprof run` that profiled "
+                                f"its cells")  # fmt: skip
     folder = RunFolder(out, overwrite=args.overwrite)
     previous = folder.previous_record()  # checks the manifest
     if not args.overwrite:

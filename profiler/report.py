@@ -8,7 +8,6 @@ Reads the same :class:`attnprof.Comparison` the tables come from; rendering is a
 from __future__ import annotations
 
 import base64
-import importlib.resources
 import math
 from pathlib import Path
 

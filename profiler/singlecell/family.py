@@ -253,8 +253,8 @@ def load_front_end(family: str, model_path, *, token_dictionary=None, gene_media
                 f"median dictionary (.pkl) of the model's release"
             )
         model = load_geneformer_model(model_path, trust_checkpoint=trust_checkpoint, quiet=quiet)
-        front = geneformer_front_end(model, token_dictionary, gene_medians, input_size=max_length, counts_key=counts_key,
-                                     trust_checkpoint=trust_checkpoint)  # fmt: skip
+        front = geneformer_front_end(model, token_dictionary, gene_medians, input_size=max_length,
+                                     counts_key=counts_key, trust_checkpoint=trust_checkpoint)  # fmt: skip
         return model, front
     if family == "scgpt":
         from .scgpt import load_scgpt, scgpt_front_end

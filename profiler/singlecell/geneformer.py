@@ -279,9 +279,10 @@ def geneformer_front_end(model, token_dictionary, gene_medians, *, input_size=No
                          trust_checkpoint: bool = False):  # fmt: skip
     """The Geneformer front end for ``model`` from the two dictionary files (paths, read as plain data unless
     ``trust_checkpoint``, or dicts)."""
-    trust = trust_checkpoint
-    token_dict = token_dictionary if isinstance(token_dictionary, dict) else read_dictionary(token_dictionary, "token dictionary", trust)
-    medians = gene_medians if isinstance(gene_medians, dict) else read_dictionary(gene_medians, "gene median dictionary", trust)
+    def read(value, what):
+        return value if isinstance(value, dict) else read_dictionary(value, what, trust_checkpoint)
+
+    token_dict, medians = read(token_dictionary, "token dictionary"), read(gene_medians, "gene median dictionary")
     tokenizer = GeneformerTokenizer(token_dict, medians, input_size=input_size, counts_key=counts_key)
     positions = int(model.config.max_position_embeddings)
     if tokenizer.input_size > positions:
