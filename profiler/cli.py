@@ -357,6 +357,10 @@ def cmd_demo(args) -> int:
         raise ValueError(f"--cells must be at least 2 (a female and a male cell to compare), got {args.cells}")
     out = Path(args.out)
     RunFolder(out, overwrite=args.overwrite).check()  # before the inputs are written into it
+    taken = [] if args.overwrite else sorted(p for p in (out / "inputs").glob("*") if p.is_file())
+    if taken:  # the demo's inputs would replace them: never without --overwrite
+        raise ValueError(f"--out {out}: {taken[0]} exists where the demo writes its inputs; give a new --out, or "
+                         f"--overwrite to replace them")  # fmt: skip
     inputs = write_demo_inputs(out / "inputs", n_cells=args.cells, seed=args.seed)
     argv = [
         "run", str(inputs["data.h5ad"]), "--groupby", "sex", "--compare", "female", "male",

@@ -153,3 +153,12 @@ def test_figures_plot_draws_into_a_run_folder_stay_that_runs(inputs, tmp_path):
     record = json.loads((out / "run.json").read_text())
     assert "figures/head_gallery.png" in record["outputs"] and set(record["outputs"]) == files(out)
     assert main(["report", str(out), "--no-figures"]) == 0  # attnprof's own figures: no --overwrite needed
+
+
+def test_demo_never_writes_over_a_users_file(tmp_path, capsys):
+    mine = tmp_path / "demo" / "inputs" / "data.h5ad"
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b"the user's data")
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--cells", "8", "--quiet"]) == 2
+    assert f"{mine} exists where the demo writes its inputs" in capsys.readouterr().err
+    assert mine.read_bytes() == b"the user's data" and files(tmp_path / "demo") == {"inputs/data.h5ad"}
