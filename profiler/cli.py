@@ -1,4 +1,4 @@
-"""The ``attnprof`` command: run, merge, demo, validate, plot.
+"""The ``attnprof`` command: run, merge, demo, validate, plot, report.
 
 One small function per subcommand (``cmd_<name>``) and one parser builder
 per subcommand (``add_<name>_parser``); shared options live in
@@ -15,10 +15,13 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+from . import warnings_log
 from .checks import describe_groups, nothing_to_compare, open_h5ad
-from .outputs import RunFolder, check_writable_file, written_summary
+from .outputs import RunFolder, check_writable_file, list_outputs, written_summary
 from .profile import Profile, check_disjoint
 from .blocks import PSEUDO_REPLICATES
+from .rebuild import add_report_parser
+from .signals import Terminated, terminate_as_interrupt
 from .tables import DEFAULT_MIN_CELLS, DEFAULT_PERMUTATIONS
 
 #: Exit status for bad input (argparse uses it too).
@@ -41,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_parser(sub)
     add_validate_parser(sub)
     add_plot_parser(sub)
+    add_report_parser(sub)
     return parser
 
 
@@ -52,13 +56,14 @@ def _add_input_options(p: argparse.ArgumentParser) -> None:
                    "default: an untrained small Nicheformer")
     m.add_argument("--family", choices=("nicheformer", "geneformer", "scgpt"),
                    help="model family (default: detected from --model, else nicheformer)")
-    m.add_argument("--heads", type=int, help="attention heads, for checkpoints without hyper_parameters")
+    m.add_argument("--heads", type=_at_least(1), help="attention heads, for checkpoints without hyper_parameters")
     m.add_argument("--trust-checkpoint", action="store_true",
                    help="allow a checkpoint that holds pickled Python objects (runs its code: trusted files only)")
     m.add_argument("--device", default="auto",
                    help="cpu, cuda, cuda:1, ... (default: cuda when available; cuda:LOCAL_RANK under torchrun)")
     m.add_argument("--seed", type=int, default=0, help="seed of the untrained model without --model (default 0)")
-    m.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; 1 suits small models)")
+    m.add_argument("--threads", type=_at_least(1),
+                   help="CPU threads for torch (default: torch's choice; 1 suits small models)")
     t = p.add_argument_group("tokenization")
     t.add_argument("--vocab", help="the model's gene list: text file (one gene per line) or .h5ad (var names)")
     t.add_argument("--means", help="technology mean vector (.npy, one entry per vocabulary gene); default: ones")
@@ -114,7 +119,7 @@ def add_run_parser(sub) -> None:
                    help=f"without --replicate: random blocks of cells per group for the permutation null "
                    f"(default {PSEUDO_REPLICATES})")
     p.add_argument("--batch-size", type=int, default=32, help="cells per forward pass (default 32)")
-    p.add_argument("--min-cells", type=int, default=DEFAULT_MIN_CELLS,
+    p.add_argument("--min-cells", type=_at_least(0), default=DEFAULT_MIN_CELLS,
                    help=f"cells per group an element needs (default {DEFAULT_MIN_CELLS})")
     p.add_argument("--out", help="output folder (default: attnprof_<data name>)")
     p.add_argument("--no-figures", action="store_true", help="skip the figures")
@@ -160,7 +165,7 @@ def add_merge_parser(sub) -> None:
     p.add_argument("--out", metavar="DIR", help="write a run folder: profile.npz, tables/, figures/")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"),
                    help="groups to compare for --out, A minus B (default: the profiles' contrast)")
-    p.add_argument("--min-cells", type=int, metavar="N",
+    p.add_argument("--min-cells", type=_at_least(0), metavar="N",
                    help="cells per group an element needs (default: the profiles')")
     _add_permutation_options(p, saved=True)
     p.add_argument("--no-figures", action="store_true", help="skip the figures")
@@ -179,7 +184,8 @@ def add_demo_parser(sub) -> None:
     p.add_argument("--cells", type=int, default=400, help="cells to generate (default 400)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and the model (default 0)")
     p.add_argument("--backend", default="auto", help="auto, torch, triton or reference (default auto)")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: fastest for the tiny model)")
+    p.add_argument("--threads", type=_at_least(1), default=1,
+                   help="CPU threads (default 1: fastest for the tiny model)")
     p.add_argument("--permutations", type=int, default=DEFAULT_PERMUTATIONS, metavar="N",
                    help=f"relabelings of whole animals for the null (default {DEFAULT_PERMUTATIONS})")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -217,9 +223,24 @@ def add_plot_parser(sub) -> None:
     p.add_argument("--gallery", metavar="L:H,...",
                    help="draw figures/head_gallery: the maps of these layer:head pairs for one group, e.g. 0:1,3:2")
     p.add_argument("--gallery-group", metavar="GROUP", help="the gallery's group (default: the first compared)")
-    p.add_argument("--min-cells", type=int, help="cells per group an element needs (default: the run's)")
+    p.add_argument("--min-cells", type=_at_least(0), help="cells per group an element needs (default: the run's)")
     p.add_argument("--out", help="figure folder (default: <run>/figures)")
     p.set_defaults(func=cmd_plot)
+
+
+def _at_least(low: int):
+    """An argparse type: an integer >= ``low`` (argparse turns the error into a usage message, exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
 
 
 # ---------------------------------------------------------------- commands
@@ -273,12 +294,13 @@ def _profile_and_write(args, folder: RunFolder, rank: int, world: int, device) -
     command = ["attnprof", *sys.argv[1:]] if args.argv is None else ["attnprof", *args.argv]
     folder.clear_previous()  # the replaced run's outputs go only now that this run has its result
     empty = nothing_to_compare(profile, groups[0], groups[1], args.min_cells)
-    if empty:
-        profile.save(out / "profile.npz")
-    else:
-        result = write_outputs(profile, groups[0], groups[1], out, min_cells=args.min_cells,
-                               permutations=args.permutations, seed=args.permutation_seed,
-                               figures=not args.no_figures, command=command)  # fmt: skip
+    with folder.staged(record={"command": command}) as staging:  # beside --out, moved in when complete
+        if empty:
+            profile.save(staging / "profile.npz")
+        else:
+            result = write_outputs(profile, groups[0], groups[1], staging, min_cells=args.min_cells,
+                                   permutations=args.permutations, seed=args.permutation_seed,
+                                   figures=not args.no_figures, command=command)  # fmt: skip
     record = {
         "command": command,
         "contrast": [groups[0], groups[1]],
@@ -325,8 +347,9 @@ def cmd_merge(args) -> int:
     with folder.claimed():
         folder.clear_previous()
         command = ["attnprof", *(sys.argv[1:] if args.argv is None else args.argv)]
-        result = write_outputs(merged, a, b, folder.path, min_cells=min_cells, permutations=permutations,
-                               seed=seed, figures=not args.no_figures, command=command)  # fmt: skip
+        with folder.staged(record={"command": command}) as staging:
+            result = write_outputs(merged, a, b, staging, min_cells=min_cells, permutations=permutations,
+                                   seed=seed, figures=not args.no_figures, command=command)  # fmt: skip
         record = {"command": command, "merged": [str(p) for p in paths], "contrast": [a, b], "cells": merged.cells,
                   "replicates": merged.replicates, **_design_record(result["comparison"], merged)}  # fmt: skip
         outputs = folder.finish(record)["outputs"]
@@ -361,6 +384,10 @@ def cmd_demo(args) -> int:
         raise ValueError(f"--cells must be at least 2 (a female and a male cell to compare), got {args.cells}")
     out = Path(args.out)
     RunFolder(out, overwrite=args.overwrite).check()  # before the inputs are written into it
+    taken = [] if args.overwrite else sorted(p for p in (out / "inputs").glob("*") if p.is_file())
+    if taken:  # the demo's inputs would replace them: never without --overwrite
+        raise ValueError(f"--out {out}: {taken[0]} exists where the demo writes its inputs; give a new --out, or "
+                         f"--overwrite to replace them")  # fmt: skip
     inputs = write_demo_inputs(out / "inputs", n_cells=args.cells, seed=args.seed)
     argv = [
         "run", str(inputs["data.h5ad"]), "--groupby", "sex", "--compare", "female", "male",
@@ -445,6 +472,7 @@ def cmd_plot(args) -> int:
         profile.group_index(g)  # an unknown group fails before drawing
     written = save_figures(profile, comparison, out, layer=args.layer, head=args.head, groups=groups,
                            gallery=_heads(args.gallery), gallery_group=args.gallery_group)  # fmt: skip
+    list_outputs(path.parent, written)  # figures drawn into a run folder are that run's outputs
     for path in written:
         print(path)
     return 0
@@ -536,11 +564,9 @@ def _checkpointing(args, out: Path) -> dict:
 
 def _device(name: str):
     """The torch device of --device; ``auto``: this rank's GPU when there is one, else the CPU."""
-    import torch
+    from .devices import parse_device
 
-    from .distributed import local_device
-
-    return local_device() if name == "auto" else torch.device(name)
+    return parse_device(name)  # checked here, before any data or model loads
 
 
 @contextmanager
@@ -600,6 +626,7 @@ def _model_and_front(args, adata, device):
     model, front = load_front_end(
         family, args.model, token_dictionary=args.token_dictionary, gene_medians=args.gene_medians,
         counts_key=args.counts_key, max_length=args.max_length, scgpt_mode=args.scgpt_mode, seed=args.scgpt_seed,
+        trust_checkpoint=args.trust_checkpoint, quiet=getattr(args, "quiet", False),
     )  # fmt: skip
     return model.to(device), None, front
 
@@ -669,6 +696,7 @@ def layer_summary(comparison, profile: Profile, headline: str | None = None) -> 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"attnprof: warning: {message}", file=sys.stderr if file is None else file)
+    warnings_log.note(message)  # run.json and report.html list it too
 
 
 def main(argv=None) -> int:
@@ -679,13 +707,14 @@ def main(argv=None) -> int:
     previous = warnings.showwarning
     warnings.showwarning = _show_warning  # one plain line per warning, without source lines
     try:
-        return args.func(args)
+        with warnings_log.recording(), terminate_as_interrupt():
+            return args.func(args)
     except (ValueError, OSError) as e:  # bad input; anything else is a bug: show its traceback
         print(f"attnprof: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("attnprof: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # SIGINT, and SIGTERM (Terminated) the same way
+        print(f"attnprof: interrupted{' (SIGTERM)' if isinstance(e, Terminated) else ''}", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     finally:
         warnings.showwarning = previous
 

@@ -1,31 +1,38 @@
-"""Run folders that never mix runs: checked before the work, listed by what the run wrote.
+"""Run folders that never mix runs, never lose the profile and never take over a user's file.
 
-A run folder (``attnprof run --out``, ``attnprof merge --out``) ends with a
-manifest, ``run.json``, whose ``outputs`` are exactly the files this run
-wrote: those that are new or changed since the folder was claimed, whoever
-wrote them (profile, tables, figures, a report, ...). The manifest makes the
-rules generic:
+A run folder (``attnprof run --out``, ``attnprof merge --out``, ``attnprof report``) ends with a
+manifest, ``run.json``, whose ``outputs`` are exactly the files this run moved into it. The rules:
 
-- a folder holding a manifest holds another run: it is refused unless
-  ``overwrite``; then the files that manifest lists (attnprof's own making)
-  are removed before the new outputs are written, and every other file stays;
-- files the run did not write are never listed;
-- every location is checked before the long work starts, and a folder the
-  run created is removed again when the run fails before writing anything.
+- a folder holding a manifest holds another run: it is refused unless ``overwrite``; then the files
+  that manifest lists (attnprof's own making) are removed before the new outputs arrive, and every
+  other file stays;
+- a file where attnprof writes (``profile.npz``, ``report.html``, anything in ``tables/`` or
+  ``figures/``) that no manifest lists is a user's: refused before any work unless ``overwrite``;
+- outputs are written into a temporary folder beside the run folder and moved in only when complete,
+  ``profile.npz`` first; a failure while writing the rest still moves the profile in and leaves a
+  manifest marked ``"complete": false``, from which ``attnprof report OUT`` rebuilds the rest;
+- every location is checked before the long work starts, and a folder the run created is removed
+  again when the run fails before writing anything.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from . import warnings_log
+
 #: The manifest of a run folder.
 MANIFEST = "run.json"
 #: Files and folders attnprof writes into a run folder, and the kind each must be if it exists.
-KNOWN = {"profile.npz": "file", MANIFEST: "file", "tables": "folder", "figures": "folder"}
+KNOWN = {"profile.npz": "file", MANIFEST: "file", "report.html": "file", "tables": "folder", "figures": "folder"}
+#: The output moved in first: the expensive part, kept when writing the rest fails.
+PROFILE = "profile.npz"
 
 
 def check_writable_file(path, option: str, overwrite: bool = False, inputs=(), suffix: str = ".npz") -> Path:
@@ -69,13 +76,13 @@ class RunFolder:
     """The output folder of one run. Call :meth:`check` first, then use :meth:`claimed` around the work.
 
     Inside :meth:`claimed`, :meth:`clear_previous` removes the replaced run's outputs (right before the
-    new ones are written, so a failed run leaves the previous result whole) and :meth:`finish` writes the
-    manifest listing what changed since.
+    new ones are written, so a failed run leaves the previous result whole), the outputs are written
+    inside :meth:`staged` and moved in when complete, and :meth:`finish` writes the manifest listing them.
     """
 
     def __init__(self, path, overwrite: bool = False, option: str = "--out"):
         self.path, self.overwrite, self.option = Path(path), bool(overwrite), option
-        self._before: dict[str, tuple] | None = None
+        self._published: list[str] = []  # outputs this run moved in (relative)
 
     # ------------------------------------------------------------ before work
     def check(self) -> RunFolder:
@@ -94,13 +101,48 @@ class RunFolder:
                     f"{name} {kind}; move it away or give another {option}"
                 )
         previous = self.previous_outputs()  # reads (and checks) the manifest
-        if (previous is not None or (path / "profile.npz").exists()) and not self.overwrite:
-            what = "another run (run.json)" if previous is not None else "a profile.npz of no listed run"
+        if self.overwrite:
+            return self
+        if previous is not None and self.previous_record().get("complete") is False:
             raise ValueError(
-                f"{option} {path} holds {what}: give a new {option}, or add --overwrite to replace that run's "
-                f"outputs (files attnprof did not write there stay)"
+                f"{option} {path} holds an unfinished run whose {PROFILE} was kept (run.json says complete: false): "
+                f"rebuild its tables, figures and report with `attnprof report {path}`, give a new {option}, or add "
+                f"--overwrite to replace that run"
+            )
+        if previous is not None:
+            raise ValueError(
+                f"{option} {path} holds another run (run.json): give a new {option}, or add --overwrite to replace "
+                f"that run's outputs (files attnprof did not write there stay)"
+            )
+        foreign = self.foreign_files()
+        if foreign:
+            more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+            what = f"files of no listed run ({foreign[0]}{more})"
+            if PROFILE in foreign:
+                what = "a profile.npz of no listed run"
+            raise ValueError(
+                f"{option} {path} holds {what} where attnprof writes its outputs: move them away, give a new "
+                f"{option}, or add --overwrite to let this run replace them"
             )
         return self
+
+    def foreign_files(self, keep=()) -> list[str]:
+        """Files (relative) where attnprof writes its outputs that no manifest lists, except ``keep``."""
+        listed = {str(p.relative_to(self.path)) for p in self.previous_outputs() or []}
+        found = [name for name in (PROFILE, "report.html") if (self.path / name).is_file()]
+        for folder in ("tables", "figures"):
+            if (self.path / folder).is_dir():
+                found += sorted(str(p.relative_to(self.path)) for p in (self.path / folder).rglob("*")
+                                if not p.is_dir())  # fmt: skip
+        return [f for f in found if f not in listed and f not in keep]
+
+    def previous_record(self) -> dict:
+        """The manifest in the folder ({} without one)."""
+        manifest = self.path / MANIFEST
+        if not manifest.is_file():
+            return {}
+        self.previous_outputs()  # checks it
+        return json.loads(manifest.read_text())
 
     def previous_outputs(self) -> list[Path] | None:
         """The files the manifest in the folder lists (None without a manifest), all inside the folder."""
@@ -131,7 +173,6 @@ class RunFolder:
                 break
             created.append(folder)
         self.path.mkdir(parents=True, exist_ok=True)
-        self._before = self._stat_all()
         try:
             yield self
         except BaseException:
@@ -142,46 +183,93 @@ class RunFolder:
                     break
             raise
 
-    def clear_previous(self) -> list[Path]:
-        """Remove the files the replaced run's manifest lists, and the manifest (only with ``overwrite``)."""
+    def clear_previous(self, keep=()) -> list[Path]:
+        """Remove the files the replaced run's manifest lists (but ``keep``), and the manifest (only with
+        ``overwrite``, or for ``attnprof report`` rebuilding the run's own outputs)."""
         previous = self.previous_outputs()
         if previous is None:
             return []
-        if not self.overwrite:  # check() refused this already; guard against a race
+        if not self.overwrite and not keep:  # check() refused this already; guard against a race
             raise ValueError(f"{self.option} {self.path} holds another run: add --overwrite to replace it")
         removed = []
         for p in [*previous, self.path / MANIFEST]:
-            if p.is_file():
+            if p.is_file() and str(p.relative_to(self.path)) not in keep:
                 p.unlink()
                 removed.append(p)
         for folder in sorted({p.parent for p in removed}, key=lambda f: len(f.parts), reverse=True):
             if folder != self.path and not any(folder.iterdir()):
                 folder.rmdir()
-        self._before = self._stat_all()
         return removed
 
-    def written(self) -> list[str]:
-        """Files (relative, sorted) that are new or changed since the folder was claimed or cleared."""
-        before = self._before or {}
-        now = self._stat_all()
-        return sorted(p for p, stat in now.items() if before.get(p) != stat and p != MANIFEST)
+    @contextmanager
+    def staged(self, kept=(), record: dict | None = None):
+        """A temporary folder beside the run folder to write the outputs into (yielded).
+
+        When the block ends, every file in it is moved into the run folder, ``profile.npz`` first, and a
+        manifest marked incomplete lists them (:meth:`finish` completes it). When the block fails, a
+        complete ``profile.npz`` is still moved in and listed: the expensive part is never lost.
+        ``kept``: outputs already in the folder that stay this run's (``attnprof report``: the profile).
+        ``record``: what the manifest says until :meth:`finish` (e.g. the command).
+        """
+        record = dict(record or {})
+        base = self.path.absolute()  # beside it, on the same file system: each move is one rename
+        tmp = Path(tempfile.mkdtemp(dir=base.parent, prefix=f".{base.name}.partial-"))
+        self._published = list(kept)
+        try:
+            try:
+                yield tmp
+            except BaseException as e:
+                if (tmp / PROFILE).is_file():  # written atomically: it exists only when complete
+                    self._publish(tmp, [PROFILE])
+                    self._write_manifest({**record, "complete": False, "error": f"{type(e).__name__}: {e}"})
+                    print(f"attnprof: the profile is kept in {self.path / PROFILE}; once the problem below is fixed, "
+                          f"`attnprof report {self.path}` writes the tables, figures and report from it",
+                          file=sys.stderr)  # fmt: skip
+                raise
+            files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if not p.is_dir())
+            self._publish(tmp, sorted(files, key=lambda f: f != PROFILE))
+            self._write_manifest({**record, "complete": False})
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _publish(self, tmp: Path, files) -> None:
+        """Move ``files`` (relative) from ``tmp`` into the run folder, one atomic rename each."""
+        for name in files:
+            target = self.path / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp / name, target)
+            self._published.append(name)
 
     def finish(self, record: dict) -> dict:
-        """Write the manifest: ``record`` plus ``outputs`` (what this run wrote, the manifest included)."""
-        record = {**record, "outputs": sorted([*self.written(), MANIFEST])}
+        """Write the manifest: ``record``, the warnings the run printed, ``outputs`` (the files this run moved
+        in, the manifest included) and ``complete``."""
+        return self._write_manifest({**record, "complete": True})
+
+    def _write_manifest(self, record: dict) -> dict:
+        published = self._published
+        record = {**record, "warnings": warnings_log.recorded(),
+                  "outputs": sorted({*published, MANIFEST})}  # fmt: skip
         manifest = self.path / MANIFEST
         tmp = manifest.with_name(f".{MANIFEST}.tmp")
         tmp.write_text(json.dumps(record, indent=2) + "\n")
         os.replace(tmp, manifest)
         return record
 
-    def _stat_all(self) -> dict[str, tuple]:
-        out = {}
-        for p in self.path.rglob("*"):
-            if p.is_file():
-                st = p.stat()
-                out[str(p.relative_to(self.path))] = (st.st_ino, st.st_size, st.st_mtime_ns)
-        return out
+
+def list_outputs(folder, paths) -> None:
+    """Add files attnprof wrote into a run folder after its run (``attnprof plot``'s figures) to its manifest,
+    so that they stay attnprof's: replaced by ``--overwrite`` and ``attnprof report``, never taken for a user's."""
+    folder = Path(folder)
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return
+    root = folder.resolve()
+    inside = [str(Path(p).resolve().relative_to(root)) for p in paths if root in Path(p).resolve().parents]
+    record = json.loads(manifest.read_text())
+    record["outputs"] = sorted({*record.get("outputs", []), *inside})
+    tmp = manifest.with_name(f".{MANIFEST}.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, manifest)
 
 
 def written_summary(outputs) -> str:

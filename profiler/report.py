@@ -15,6 +15,7 @@ import jinja2
 import numpy as np
 import pandas as pd
 
+from . import warnings_log
 from .tables import Comparison
 
 #: Figures in the order the report shows them, with what each answers.
@@ -38,7 +39,7 @@ def render_report(comparison: Comparison, *, figures: dict[str, bytes] | None = 
     settings: name -> value shown under "Run" (command, model, times, ...).
     """
     env = jinja2.Environment(
-        loader=jinja2.PackageLoader("attnprof", "templates"),
+        loader=jinja2.FunctionLoader(_package_template),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
@@ -67,7 +68,16 @@ def render_report(comparison: Comparison, *, figures: dict[str, bytes] | None = 
         context=comparison.context.head(5).to_dict("records"),
         figures=[(n, FIGURES.get(n, ""), base64.b64encode(figures[n]).decode("ascii")) for n in ordered],
         tables=tables or [],
+        warnings=list(dict.fromkeys([*comparison.profile.meta.get("warnings", []), *warnings_log.recorded()])),
     )
+
+
+def _package_template(name: str) -> str:
+    """A template of the package data, read through importlib.resources' reader of this module's own loader
+    (what ``importlib.resources.files(module)`` does on Python 3.12+): never looked up by the name
+    ``attnprof``, which a folder of that name in the working directory (a clone) shadows as a namespace."""
+    reader = __spec__.loader.get_resource_reader(__spec__.name)
+    return reader.files().joinpath("templates").joinpath(name).read_text(encoding="utf-8")
 
 
 def write_report(comparison: Comparison, path, **options) -> Path:

@@ -27,6 +27,7 @@ import pandas as pd
 
 from attnprof.kernels import SUMMARIES
 
+from .special_tokens import looks_special, special_token_mask
 from .statistics import (
     HALF_NORMAL_MEAN, Contrast, bh, cell_contrast, head_null, mean_square_diff, permutation_p, relabelings,
     replicate_contrast, welch, westfall_young,
@@ -55,8 +56,7 @@ STATS = ("mean_abs_diff", "max_abs_diff")
 
 def is_special_token(name) -> bool:
     """Context and special tokens (``<species:mouse>``, ``<pad>``, ``[CLS]``): never listed among genes."""
-    name = str(name)
-    return len(name) > 1 and ((name[0], name[-1]) in {("<", ">"), ("[", "]")})
+    return looks_special(name)  # the fallback of profiles that do not record their special token ids
 
 
 class Comparison:
@@ -116,7 +116,7 @@ class Comparison:
             self.contrasts[family], self.cell_contrasts[family], self.left_out[family] = self._contrast(family)
         self.token_contrast = None  # context and special tokens, apart from the genes
         if "gene" in self.contrasts and profile.genes is not None:
-            special = self._special()
+            special = self._special = special_token_mask(profile)  # by the recorded ids (names: old profiles)
             self.token_contrast = self.contrasts["gene"].restricted(special)
             self.contrasts["gene"] = self.contrasts["gene"].restricted(~special)
             self._cell_tokens = self.cell_contrasts["gene"].restricted(special)
@@ -173,9 +173,6 @@ class Comparison:
         present = {"position": "pos_sum", "gene": "recv_sum", "pair": "pair_sum"}
         return [f for f in FAMILIES if present[f] in self.profile.sums]
 
-    def _special(self) -> np.ndarray:
-        return np.array([is_special_token(g) for g in self.profile.genes], dtype=bool)
-
     def _unit_arrays(self, family: str, layer: int):
         """One layer's sums, squares [units, heads, elements] and counts [units, 1, elements]."""
         s, nh, units = self.profile.sums, self.profile.n_heads, self._units
@@ -210,7 +207,7 @@ class Comparison:
         n = len(in_a) - 1
         nulls = {"heads": {s: [] for s in STATS}, "layers": {s: [] for s in STATS}}
         for family in self.contrasts:
-            keep = ~self._special() if family == "gene" else None
+            keep = ~self._special if family == "gene" else None
             mean_abs = np.full((n + 1, len(self.profile.layers), self.profile.n_heads), np.nan)
             max_abs = np.full_like(mean_abs, np.nan)
             for layer in range(len(self.profile.layers)):

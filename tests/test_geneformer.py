@@ -208,11 +208,45 @@ def unsorted_with_explicit_zeros(counts):
 
 @pytest.mark.filterwarnings("ignore:1 of the data's")
 @pytest.mark.parametrize("storage", ["dense", "csr-unsorted-zeros"])
-def test_tokens_do_not_depend_on_the_storage(storage):
+def test_tokens_follow_geneformer_on_either_storage(storage):
+    """Dense X and CSR X give Geneformer's tokens; on CSR Geneformer keeps explicit zeros (scipy's multiply
+    and csr_matrix keep stored entries) and ranks them last: (0, 1) is ENSG02 (token 5), (1, 0) ENSG01 (4)."""
     adata = data()
     adata.X = COUNTS.copy() if storage == "dense" else unsorted_with_explicit_zeros(COUNTS)
     got = tokens_of(geneformer_front_end(tiny_bert(), V2_TOKENS, MEDIANS), adata)
-    assert got == {r: [2, *ranked, 3] for r, ranked in enumerate(UPSTREAM_V2_RANKED) if ranked}
+    zeros = {0: [5], 1: [4]} if storage != "dense" else {}
+    assert got == {r: [2, *ranked, *zeros.get(r, []), 3] for r, ranked in enumerate(UPSTREAM_V2_RANKED) if ranked}
+
+
+@pytest.mark.parametrize("x_dtype", [np.float32, np.int32])
+def test_csr_tokens_equal_geneformers_at_near_ties(x_dtype):
+    """Geneformer's tokenize_anndata on a CSR matrix, step by step: ``X_view / n_counts * target_sum /
+    norm_factor_vector`` (scipy: multiplications by reciprocals), ``sp.csr_matrix``, ``rank_genes`` per row.
+    Counts proportional to their medians tie in exact arithmetic, so the last bit decides the order."""
+    genes = [f"ENSG{i:03d}" for i in range(8)]
+    token_dict = {"<pad>": 0, "<mask>": 1, "<cls>": 2, "<eos>": 3, **{g: 4 + i for i, g in enumerate(genes)}}
+    base = np.array([3, 1, 7, 5, 2, 6, 9, 11])
+    medians = {g: float(m) * 0.37 for g, m in zip(genes, base)}
+    n_counts = np.arange(200, 230, dtype=np.float64)  # libraries of these cells (the data's other genes included)
+    counts = np.tile(base, (len(n_counts), 1)).astype(x_dtype)
+    adata = ad.AnnData(sp.csr_matrix(counts), var=pd.DataFrame({"ensembl_id": genes}, index=genes))
+    adata.obs["n_counts"], adata.obs["sex"] = n_counts, "female"
+    got = tokens_of(geneformer_front_end(tiny_bert(vocab_size=12), token_dict, medians), adata)
+
+    # upstream's steps (geneformer/tokenizer.py, tokenize_anndata and rank_genes)
+    norm_factor_vector = np.array([medians[g] for g in genes])
+    coding_miRNA_tokens = np.array([token_dict[g] for g in genes])
+    X_view = adata.X[:, np.arange(len(genes))]
+    X_norm = sp.csr_matrix(X_view / adata.obs["n_counts"].values[:, None] * 10_000 / norm_factor_vector)
+    upstream = {i: [2, *coding_miRNA_tokens[X_norm[i].indices][np.argsort(-X_norm[i].data)].tolist(), 3]
+                for i in range(X_norm.shape[0])}  # fmt: skip
+    assert got == upstream
+    # the dense expression orders some of these cells differently: the test can tell the two apart
+    dense = counts / n_counts[:, None] * 10_000 / norm_factor_vector
+    as_dense = {i: [2, *coding_miRNA_tokens[np.argsort(-dense[i])].tolist(), 3] for i in range(len(dense))}
+    assert sum(as_dense[i] != upstream[i] for i in upstream) >= 5
+    adata.X = counts  # dense input keeps numpy's division
+    assert tokens_of(geneformer_front_end(tiny_bert(vocab_size=12), token_dict, medians), adata) == as_dense
 
 
 @settings(max_examples=40, deadline=None)
@@ -222,9 +256,10 @@ def test_tokens_do_not_depend_on_the_storage(storage):
     st.sampled_from([np.float32, np.float64]),
     st.integers(0, 2**31 - 1),
 )
-def test_sparse_tokenization_equals_the_dense_expression_bit_for_bit(x_dtype, counts_dtype, median_dtype, seed):
-    """attnprof computes on the non-zero entries only; Geneformer on dense chunks: X / n_counts * 10_000 / medians
-    with X's, n_counts' and the medians' dtypes, then csr_matrix and argsort(-values). Same tokens, also on ties."""
+def test_tokenization_equals_geneformers_expression_bit_for_bit(x_dtype, counts_dtype, median_dtype, seed):
+    """attnprof computes on the non-zero entries only; Geneformer on whole chunks: X / n_counts * 10_000 / medians
+    with X's, n_counts' and the medians' dtypes (numpy on dense X, scipy's sparse arithmetic on CSR X), then
+    csr_matrix and argsort(-values). Same tokens on either storage, also on ties."""
     rng = np.random.default_rng(seed)
     n_cells, n_genes = 6, 25
     counts = (rng.poisson(0.8, (n_cells, n_genes)) * rng.integers(1, 3, n_genes)).astype(x_dtype)  # many ties
@@ -237,16 +272,19 @@ def test_sparse_tokenization_equals_the_dense_expression_bit_for_bit(x_dtype, co
     adata = ad.AnnData(sp.csr_matrix(counts), var=pd.DataFrame({"ensembl_id": genes}, index=genes))
     adata.obs["n_counts"] = n_counts
     adata.obs["sex"] = "female"
-    got = tokens_of(geneformer_front_end(tiny_bert(vocab_size=n_genes + 4), token_dict, medians), adata)
+    front = geneformer_front_end(tiny_bert(vocab_size=n_genes + 4), token_dict, medians)
 
     norm = np.array([medians[g] for g in genes])
-    with np.errstate(invalid="ignore", divide="ignore"):
-        dense = sp.csr_matrix(counts).toarray() / n_counts[:, None] * 10_000 / norm
     tokens = np.array([token_dict[g] for g in genes])
-    for r in range(n_cells):
-        row = sp.csr_matrix(dense[r : r + 1])
-        ranked = tokens[row.indices][np.argsort(-row.data)]
-        if n_counts[r] == 0 or not ranked.size:
-            assert r not in got
-        else:
-            assert got[r] == [2, *ranked.tolist(), 3]
+    for X in (sp.csr_matrix(counts), counts):
+        adata.X = X
+        got = tokens_of(front, adata)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            normed = sp.csr_matrix(X / n_counts[:, None] * 10_000 / norm)
+        for r in range(n_cells):
+            row = normed[r]
+            ranked = tokens[row.indices][np.argsort(-row.data)]
+            if n_counts[r] == 0 or not ranked.size:
+                assert r not in got
+            else:
+                assert got[r] == [2, *ranked.tolist(), 3]

@@ -197,3 +197,25 @@ def test_non_counts_are_named():
         inputs_of(front, data(COUNTS / 3))
     with pytest.raises(ValueError, match="negative values"):
         inputs_of(front, data(COUNTS - 1))
+
+
+def test_duplicated_gene_names_are_tokenized_as_scgpt_maps_them():
+    """embed_data maps every var column by name (``vocab[gene]``) and keeps them all: a name given twice is the
+    same gene id twice in a cell. attnprof does the same, with a warning, instead of refusing the data."""
+    genes = ["g0", "g1", "g1", "g2"]
+    counts = np.array([[1, 2, 3, 0], [0, 4, 0, 5]], dtype=np.float32)
+    adata = ad.AnnData(sp.csr_matrix(counts), var=pd.DataFrame(index=genes))
+    adata.obs["sex"] = pd.Categorical(["female", "male"])
+    front = scgpt_front_end(VOCAB, ARGS, mode="embed", max_length=20, seed=SEED)
+    with pytest.warns(UserWarning, match=r"names 1 genes more than once .*same gene id"):
+        got = inputs_of(front, adata)
+    gene_ids = np.array([VOCAB[g] for g in genes])  # upstream: adata.var["id_in_vocab"]
+    upstream = {i: [VOCAB["<cls>"], *gene_ids[np.nonzero(row)[0]].tolist()] for i, row in enumerate(counts)}
+    assert {r: ids for r, (ids, _) in got.items()} == upstream == {0: [9, 0, 1, 1], 1: [9, 1, 2]}
+
+
+@pytest.mark.filterwarnings("ignore:1 of the data's")
+def test_sampling_long_cells_says_which_generator_state_it_reproduces():
+    front = scgpt_front_end(VOCAB, ARGS, mode="embed", max_length=5, seed=SEED)
+    with pytest.warns(UserWarning, match=r"right after torch.manual_seed\(7\) in one process.*docs/reliability.md"):
+        inputs_of(front, data())

@@ -71,6 +71,7 @@ class FrontEnd:
     n_context: int
     context_length: int
     genes: list[str]
+    special_ids: list[int]  # ids of ``genes`` that are no gene (special tokens, unused ids)
 
     def gene_ids(self, codes: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -109,7 +110,8 @@ def iter_family_chunks(
     Cells the tokenizer gives length 0 are left out of the chunks and counted in ``left_out.n``.
     """
     matrix, var = count_matrix(adata, layer=layer, use_raw=use_raw)
-    alignment = align_genes(gene_names(var, gene_key), front.tokenizer.vocab)
+    alignment = align_genes(gene_names(var, gene_key), front.tokenizer.vocab,
+                            keep_duplicates=getattr(front.tokenizer, "keeps_duplicates", False))  # fmt: skip
     rows = np.asarray(rows, dtype=np.int64)
     read = rows if stream_rows is None or not front.tokenizer.draws else np.asarray(stream_rows, dtype=np.int64)
     front.tokenizer.start(adata, alignment)
@@ -208,7 +210,7 @@ def check_family(family: str, model_path) -> str:
 #: Options (CLI names with underscores) that only one family reads, with their defaults.
 FAMILY_OPTIONS = {
     "nicheformer": {"vocab": None, "means": None, "heads": None, "species": "mouse", "assay": "MERFISH",
-                    "modality": "spatial", "tokenization": "notebook", "trust_checkpoint": False, "seed": 0},
+                    "modality": "spatial", "tokenization": "notebook", "seed": 0},
     "geneformer": {"token_dictionary": None, "gene_medians": None, "counts_key": "n_counts"},
     "scgpt": {"scgpt_mode": "embed", "scgpt_seed": 0},
 }
@@ -230,13 +232,19 @@ def check_family_options(family: str, given: dict) -> None:
 
 
 def load_front_end(family: str, model_path, *, token_dictionary=None, gene_medians=None, counts_key="n_counts",
-                   max_length=None, scgpt_mode="embed", seed=0):
-    """(model, front end) of a Geneformer or scGPT from its published files; errors name the missing file."""
+                   max_length=None, scgpt_mode="embed", seed=0, trust_checkpoint=False, quiet=False):
+    """(model, front end) of a Geneformer or scGPT from its published files; errors name the missing file.
+
+    trust_checkpoint: allow files that hold pickled code (Geneformer's dictionaries and ``pytorch_model.bin``,
+    scGPT's ``best_model.pt``); without it they are read as data only. quiet: transformers' output off.
+    """
     check_family(family, model_path)
     if model_path is None:
         raise ValueError(f"--family {family} needs --model: the {family} model folder")
     if family == "geneformer":
-        from .geneformer import geneformer_front_end, load_geneformer_model
+        from .geneformer import geneformer_front_end, load_geneformer_model, require_transformers
+
+        require_transformers()  # before any file is read
 
         missing = [n for n, v in (("--token-dictionary", token_dictionary), ("--gene-medians", gene_medians)) if v is None]
         if missing:
@@ -244,12 +252,13 @@ def load_front_end(family: str, model_path, *, token_dictionary=None, gene_media
                 f"--family geneformer needs {' and '.join(missing)}: Geneformer's token dictionary and gene "
                 f"median dictionary (.pkl) of the model's release"
             )
-        model = load_geneformer_model(model_path)
-        front = geneformer_front_end(model, token_dictionary, gene_medians, input_size=max_length, counts_key=counts_key)
+        model = load_geneformer_model(model_path, trust_checkpoint=trust_checkpoint, quiet=quiet)
+        front = geneformer_front_end(model, token_dictionary, gene_medians, input_size=max_length,
+                                     counts_key=counts_key, trust_checkpoint=trust_checkpoint)  # fmt: skip
         return model, front
     if family == "scgpt":
         from .scgpt import load_scgpt, scgpt_front_end
 
-        model, vocab, args = load_scgpt(model_path)
+        model, vocab, args = load_scgpt(model_path, trust_checkpoint=trust_checkpoint)
         return model, scgpt_front_end(vocab, args, mode=scgpt_mode, max_length=max_length, seed=seed)
     raise ValueError(f"load_front_end loads geneformer or scgpt models, not {family!r}")

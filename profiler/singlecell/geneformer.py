@@ -6,8 +6,9 @@ The specification is Geneformer's own ``geneformer/tokenizer.py``
 - the library size is the obs column ``n_counts`` (not recomputed), the genes
   are those of the data whose Ensembl id (a var column) is in the token
   dictionary, kept in var-column order;
-- ``X / n_counts * 10_000 / median`` in numpy, left to right, with the dtypes
-  of X, of the ``n_counts`` column and of the (float64) medians;
+- ``X / n_counts * 10_000 / median`` left to right, with the dtypes of X, of the ``n_counts`` column
+  and of the (float64) medians: in numpy on dense X; on sparse X in scipy's sparse arithmetic, which
+  divides by multiplying with the reciprocal (the two differ in the last bit and swap near-ties)
 - the non-zero values, in var-column order, ranked by ``np.argsort(-values)``:
   numpy's default (unstable) sort, so ties fall where that sort puts them;
 - V1 dictionaries (no ``<cls>``/``<eos>``): the first 2,048 ranked genes; V2
@@ -28,11 +29,15 @@ Quirks named, and what attnprof does about them:
 from __future__ import annotations
 
 import pickle
+import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
+from ..safe_pickle import UntrustedPickle, load_plain
 from .family import FrontEnd, Packing, nonzero_rows, pad_rows
 from .vocab import Vocabulary
 
@@ -42,8 +47,8 @@ SPECIAL = ("<pad>", "<mask>", "<cls>", "<eos>")
 INPUT_SIZE = {False: 2048, True: 4096}
 
 
-def read_dictionary(path, what: str) -> dict:
-    """A Geneformer pickle dictionary (token dictionary or gene medians)."""
+def read_dictionary(path, what: str, trust: bool = False) -> dict:
+    """A Geneformer pickle dictionary (token dictionary or gene medians): plain data only unless ``trust``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -51,8 +56,9 @@ def read_dictionary(path, what: str) -> dict:
             f"(geneformer/{'token_dictionary' if what == 'token dictionary' else 'gene_median_dictionary'}*.pkl)"
         )
     try:
-        with open(path, "rb") as f:
-            found = pickle.load(f)  # Geneformer ships these as pickles: trusted files only
+        found = load_plain(path, what, trust=trust)  # Geneformer ships these as pickles
+    except UntrustedPickle:
+        raise
     except (pickle.UnpicklingError, EOFError, ValueError) as e:
         raise ValueError(f"{path} is not a readable pickle ({what}): {e}") from e
     if not isinstance(found, dict) or not found:
@@ -109,19 +115,13 @@ class GeneformerTokenizer:
 
     def tokenize(self, block, rows: np.ndarray, alignment) -> tuple[np.ndarray, np.ndarray]:
         """Codes and lengths of the cells; length 0 for the cells left out (see the module docstring)."""
-        X = nonzero_rows(block, self.columns)
         n_counts = self.n_counts[rows]
         cells = []
-        for i in range(X.shape[0]):
-            span = slice(X.indptr[i], X.indptr[i + 1])
-            values, columns = X.data[span], X.indices[span]
+        for i, (values, columns) in enumerate(self._normalized(block, n_counts)):
             if n_counts[i] == 0:
                 cells.append(np.empty(0, dtype=np.int64))
                 continue
-            # Geneformer's X / n_counts * 10_000 / median, elementwise on the non-zero entries only: the same
-            # operations on the same dtypes give the same values; zeros stay 0 and are not ranked either way
-            normed = values / n_counts[i : i + 1] * TARGET_SUM / self.norm[columns]
-            ranked = self.tokens[columns][np.argsort(-normed)]  # default (unstable) argsort, as rank_genes
+            ranked = self.tokens[columns][np.argsort(-values)]  # default (unstable) argsort, as rank_genes
             if ranked.size and self.special:
                 ranked = np.concatenate([[self.token_dict["<cls>"]], ranked[: self.input_size - 2],
                                          [self.token_dict["<eos>"]]])  # fmt: skip
@@ -129,6 +129,30 @@ class GeneformerTokenizer:
                 ranked = ranked[: self.input_size]
             cells.append(self.packing.pack(ranked))
         return pad_rows(cells)
+
+    def _normalized(self, block, n_counts):
+        """Per cell, the values Geneformer ranks and their columns (of the aligned genes), as it computes them.
+
+        Dense X: numpy's ``X / n_counts * 10_000 / median`` on the non-zero entries only (the same operations
+        on the same dtypes give the same values; zeros are not ranked). Sparse X: Geneformer's expression runs
+        on scipy's sparse matrix, where ``X / a`` is ``X.multiply(1 / a)``, so the values are
+        X·(1/n_counts)·10,000·(1/median), which differ in the last bit and can swap near-ties: the same
+        expression on the same scipy here, then ``csr_matrix`` (entries as it keeps them, explicit zeros too).
+        """
+        if sp.issparse(block):
+            X = sp.csr_matrix(block)[:, self.columns]
+            with np.errstate(divide="ignore", invalid="ignore"):  # n_counts 0: those cells are left out
+                normed = sp.csr_matrix(X / n_counts[:, None] * TARGET_SUM / self.norm)
+            for i in range(normed.shape[0]):
+                span = slice(normed.indptr[i], normed.indptr[i + 1])
+                yield normed.data[span], normed.indices[span]
+            return
+        X = nonzero_rows(block, self.columns)
+        for i in range(X.shape[0]):
+            span = slice(X.indptr[i], X.indptr[i + 1])
+            values, columns = X.data[span], X.indices[span]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                yield values / n_counts[i : i + 1] * TARGET_SUM / self.norm[columns], columns
 
 
 class GeneformerFrontEnd(FrontEnd):
@@ -152,6 +176,7 @@ class GeneformerFrontEnd(FrontEnd):
         for gene, token in tokenizer.token_dict.items():
             names[token] = str(gene)
         self.genes = names
+        self.special_ids = sorted(set(range(vocab_size)) - set(tokenizer.token_of.tolist()))
 
     def gene_ids(self, codes: torch.Tensor) -> torch.Tensor:
         return self.tokenizer.packing.unpack(codes, self.pad_id)[0]
@@ -167,14 +192,45 @@ class GeneformerFrontEnd(FrontEnd):
         )
 
 
-def load_geneformer_model(folder):
+def require_transformers():
+    """The transformers module, or a message naming the extra that installs it."""
+    try:
+        import transformers
+    except ImportError as e:
+        raise ValueError(
+            f"Geneformer models need the transformers package, which is not installed ({e}): "
+            f"pip install 'attnprof[hf]' (or pip install transformers)"
+        ) from None
+    return transformers
+
+
+@contextmanager
+def _transformers_quiet(quiet: bool):
+    """transformers' loading bar and its LOAD REPORT (of the training heads left aside) off while ``quiet``."""
+    if not quiet:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
+def load_geneformer_model(folder, *, trust_checkpoint: bool = False, quiet: bool = False):
     """A Geneformer model folder (``config.json`` + weights) as a transformers ``BertModel``, eager attention.
 
     Checkpoints of ``BertForMaskedLM`` or a classifier load too (their heads are not needed for
-    attention); a missing encoder weight is an error.
+    attention); a missing encoder weight is an error. A ``pytorch_model.bin`` that holds pickled
+    objects besides tensors loads only with ``trust_checkpoint`` (its code may run).
     """
-    import transformers
-
+    transformers = require_transformers()
     folder = Path(folder)
     config_file = folder / "config.json"
     if not config_file.is_file():
@@ -185,19 +241,48 @@ def load_geneformer_model(folder):
     config = transformers.AutoConfig.from_pretrained(folder)
     if config.model_type != "bert":
         raise ValueError(f"{folder} holds a {config.model_type!r} model; Geneformer models are BERT ('bert')")
-    model, info = transformers.BertModel.from_pretrained(
-        folder, attn_implementation="eager", add_pooling_layer=False, output_loading_info=True
-    )
+    source = {"pretrained_model_name_or_path": folder}
+    bins = sorted(folder.glob("pytorch_model*.bin"))
+    if trust_checkpoint and bins and not any(folder.glob("*.safetensors")):  # transformers reads .bin weights_only
+        state = {}
+        for path in bins:
+            state.update(torch.load(path, map_location="cpu", weights_only=False))  # trusted: its code runs
+        source = {"pretrained_model_name_or_path": None, "config": config,
+                  "state_dict": {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}}  # fmt: skip
+    try:
+        with _transformers_quiet(quiet):
+            model, info = transformers.BertModel.from_pretrained(
+                **source, attn_implementation="eager", add_pooling_layer=False, output_loading_info=True,
+            )  # fmt: skip
+    except pickle.UnpicklingError as e:  # torch's weights_only refusal of a .bin holding Python objects
+        found = re.search(r"Unsupported global: GLOBAL (\S+)|but got <class '([^']+)'>", str(e))
+        what = f" (e.g. {found.group(1) or found.group(2)})" if found else ""
+        raise ValueError(
+            f"{folder}'s weights hold Python objects besides tensors{what}: loading them would run code from the "
+            f"file; if you trust it, pass --trust-checkpoint (or use its model.safetensors)"
+        ) from None
+    except OSError:
+        raise
+    except Exception as e:  # safetensors' and torch's errors of a truncated or corrupted file
+        files = ", ".join(p.name for p in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")))
+        raise ValueError(
+            f"{folder}: cannot read its weights ({files or 'no weight file'}): {type(e).__name__}: {e}; is a file "
+            f"truncated (an interrupted download)? download it again"
+        ) from e
     if info["missing_keys"] or info.get("mismatched_keys"):
         missing = sorted(info["missing_keys"])[:5] or info["mismatched_keys"][:5]
         raise ValueError(f"{folder} lacks or mismatches weights of its BERT encoder (e.g. {missing}): is it complete?")
     return model.eval()
 
 
-def geneformer_front_end(model, token_dictionary, gene_medians, *, input_size=None, counts_key="n_counts"):
-    """The Geneformer front end for ``model`` from the two dictionary files (paths or dicts)."""
-    token_dict = token_dictionary if isinstance(token_dictionary, dict) else read_dictionary(token_dictionary, "token dictionary")
-    medians = gene_medians if isinstance(gene_medians, dict) else read_dictionary(gene_medians, "gene median dictionary")
+def geneformer_front_end(model, token_dictionary, gene_medians, *, input_size=None, counts_key="n_counts",
+                         trust_checkpoint: bool = False):  # fmt: skip
+    """The Geneformer front end for ``model`` from the two dictionary files (paths, read as plain data unless
+    ``trust_checkpoint``, or dicts)."""
+    def read(value, what):
+        return value if isinstance(value, dict) else read_dictionary(value, what, trust_checkpoint)
+
+    token_dict, medians = read(token_dictionary, "token dictionary"), read(gene_medians, "gene median dictionary")
     tokenizer = GeneformerTokenizer(token_dict, medians, input_size=input_size, counts_key=counts_key)
     positions = int(model.config.max_position_embeddings)
     if tokenizer.input_size > positions:

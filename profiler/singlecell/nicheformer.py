@@ -237,6 +237,13 @@ def _config(state: dict, hparams, n_heads, path) -> NicheformerConfig:
         )
     if n_heads is not None and int(n_heads) != int(heads):
         raise ValueError(f"{path}: hyper_parameters say {heads} heads but n_heads={n_heads} was given")
+    if int(heads) < 1 or shapes["d_model"] % int(heads):
+        raise ValueError(f"{path}: its weights have d_model {shapes['d_model']}, which {int(heads)} heads cannot "
+                         f"split evenly; pass a head count that divides it (--heads)")  # fmt: skip
+    if "n_heads" not in hp:  # only the count given can be used: shapes are the same for every split
+        warnings.warn(f"{path} does not record its number of attention heads: profiling {heads} heads as given "
+                      f"(--heads); a wrong count silently splits q, k and v into other heads (the published "
+                      f"Nicheformer has 16)", stacklevel=3)  # fmt: skip
     return NicheformerConfig(**shapes, n_heads=int(heads), dropout=float(hp.get("dropout", 0.0)))
 
 

@@ -142,6 +142,7 @@ def profile_anndata(
         plan = plan_cells(selection, shard, block_codes)
         names = adata.obs_names
         meta = {
+            "special_tokens": vocab.special_ids() if family is None else family.special_ids,  # known by id
             "model": model_description(model),
             "options": {
                 "groupby": groupby,
@@ -357,6 +358,8 @@ class _Run:
                                         stream_rows=self.stream_rows, **self.reading)  # fmt: skip
         batches = make_batches(chunks if ckpt is None else ckpt.watch(chunks), plan.codes_for, **self.batching)
         batches = _nonempty(batches if ckpt is None else ckpt.skip_done(batches))
+        if batches is None and (ckpt is None or ckpt.prior is None):  # the front end left out every cell
+            raise ValueError(_all_left_out(self.stats["family"], context_only.n))
         if batches is None:  # the checkpoint holds every cell: the run had finished
             return ckpt.prior, context_only.n
 
@@ -489,3 +492,12 @@ def _nonempty(items: Iterator) -> Iterator | None:
     """The iterator unchanged, or None when it yields nothing."""
     first = next(items, None)
     return None if first is None else chain([first], items)
+
+
+def _all_left_out(family, n: int) -> str:
+    """Why a run has no cell to profile: its family front end left out every selected one."""
+    why = family.left_out_message(n) if family is not None else f"{n} cells were left out"
+    return (
+        f"nothing to profile: {why}, which is every selected cell; check where the counts are (--layer, "
+        f"--use-raw; Geneformer: --counts-key) and the gene names (--gene-key)"
+    )

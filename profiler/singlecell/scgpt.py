@@ -168,8 +168,9 @@ def model_file(folder: Path) -> Path:
     return found[0]
 
 
-def load_scgpt(folder) -> tuple[ScGPT, dict, dict]:
-    """An scGPT model folder (args.json, vocab.json, best_model.pt) as (model, vocab, args)."""
+def load_scgpt(folder, *, trust_checkpoint: bool = False) -> tuple[ScGPT, dict, dict]:
+    """An scGPT model folder (args.json, vocab.json, best_model.pt) as (model, vocab, args); a checkpoint
+    holding pickled objects besides tensors loads only with ``trust_checkpoint`` (its code may run)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder: pass the scGPT model folder (args.json, vocab.json, "
@@ -184,9 +185,16 @@ def load_scgpt(folder) -> tuple[ScGPT, dict, dict]:
     )  # fmt: skip
     path = model_file(folder)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        state = torch.load(path, map_location="cpu", weights_only=not trust_checkpoint)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):
+            raise ValueError(f"{path} holds Python objects besides tensors, which loading it would run as code; "
+                             f"if you trust the file, pass --trust-checkpoint") from None  # fmt: skip
         raise ValueError(f"{path} is not a readable PyTorch state dict: {e}") from e
+    except (RuntimeError, EOFError) as e:
+        raise ValueError(f"{path} is not a readable PyTorch state dict: {e}") from e
+    if trust_checkpoint and isinstance(state, dict):
+        state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}  # the code ran; keep the weights
     model = ScGPT(config)
     load_state(model, state, path)
     return model.eval(), vocab, args
@@ -284,6 +292,7 @@ class ScGPTTokenizer:
     """Cells -> scGPT (gene id, value) pairs, by one of scGPT's two preprocessing paths (``MODES``)."""
 
     draws = True  # random bins and samples: one stream over all selected cells (see iter_family_chunks)
+    keeps_duplicates = True  # scGPT maps every column by its name: a name given twice is the same gene twice
 
     def __init__(self, vocab: dict, config: ScGPTConfig, *, mode: str = "embed", max_length: int = 1200, seed: int = 0):
         if mode not in MODES:
@@ -310,6 +319,7 @@ class ScGPTTokenizer:
         self.ids = self.id_of[alignment.vocab_index]
         self.rng = np.random.RandomState(self.seed)
         self.generator = torch.Generator().manual_seed(self.seed)
+        self.sampled = False  # said once per run: the draws of long cells follow the seed in one process
 
     def tokenize(self, block, rows: np.ndarray, alignment) -> tuple[np.ndarray, np.ndarray]:
         # genes outside the vocabulary are dropped first, in both paths
@@ -350,6 +360,14 @@ class ScGPTTokenizer:
             ids = np.insert(self.ids[keep], 0, self.cls_id)
             values = np.insert(binned, 0, self.cls_value)
             if len(ids) > self.max_length:  # DataCollator._sample: <cls> kept, the rest a random sample
+                if not self.sampled:
+                    self.sampled = True
+                    warnings.warn(
+                        f"cells with more than --max-length {self.max_length} tokens keep a random sample of their "
+                        f"genes, drawn as scGPT's collator draws them right after torch.manual_seed({self.seed}) in "
+                        f"one process; scGPT's embed_data draws after building its model and in DataLoader workers, "
+                        f"so its samples differ (docs/reliability.md: how to match them)", stacklevel=2,
+                    )  # fmt: skip
                 picked = torch.randperm(len(ids) - 1, generator=self.generator)[: self.max_length - 1].numpy() + 1
                 picked = np.insert(picked, 0, 0)
                 ids, values = ids[picked], values[picked]
@@ -378,6 +396,7 @@ class ScGPTFrontEnd(FrontEnd):
         for token, i in vocab.items():
             names[i] = token
         self.genes = names
+        self.special_ids = sorted(vocab[t] for t in SPECIAL_TOKENS)
 
     def _unpack(self, codes):
         return self.tokenizer.packing.unpack(codes, self.tokenizer.pad_id, self.tokenizer.pad_value)

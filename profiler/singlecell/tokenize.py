@@ -94,15 +94,25 @@ class GeneAlignment:
         return np.argsort(self.vocab_index, kind="stable")
 
 
-def align_genes(data_genes: Sequence[str], vocab) -> GeneAlignment:
-    """Map the data's genes onto the vocabulary; warn about the dropped ones, fail if none match."""
+def align_genes(data_genes: Sequence[str], vocab, keep_duplicates: bool = False) -> GeneAlignment:
+    """Map the data's genes onto the vocabulary; warn about the dropped ones, fail if none match.
+
+    keep_duplicates: a name given twice keeps both columns under the same vocabulary gene, as scGPT maps
+    them (with a warning); otherwise it is an error.
+    """
     vocab = as_vocabulary(vocab)
     seen, dupes = set(), []
     for g in data_genes:
         if g in seen:
             dupes.append(g)
         seen.add(g)
-    if dupes:
+    if dupes and keep_duplicates:
+        warnings.warn(
+            f"the data names {len(dupes)} genes more than once (e.g. {dupes[:5]}): as scGPT does, every such "
+            f"column is tokenized under the same gene id",
+            stacklevel=2,
+        )
+    elif dupes:
         raise ValueError(
             f"the data names {len(dupes)} genes more than once (e.g. {dupes[:5]}): make them unique "
             f"(adata.var_names_make_unique()) or pick another var column with gene_key= (--gene-key)"

@@ -124,6 +124,11 @@ class Vocabulary:
         names[GENE_OFFSET : GENE_OFFSET + len(self.genes)] = self.genes
         return names
 
+    def special_ids(self) -> list[int]:
+        """Ids of :meth:`token_names` that are no gene: context tokens, padding, unused rows."""
+        genes = range(GENE_OFFSET, GENE_OFFSET + len(self.genes))
+        return [i for i in range(self.n_tokens + EXTRA_EMBEDDINGS) if i not in genes]
+
     def digest(self) -> str:
         """A short fingerprint: profiles merge only when made with the same vocabulary."""
         return hashlib.blake2b("\n".join(self.genes).encode(), digest_size=8).hexdigest()
@@ -169,6 +174,7 @@ def load_means(means, n_genes: int) -> np.ndarray:
     tokenization's business, see :func:`technology_means`.
     """
     source = str(means) if isinstance(means, (str, Path)) else "the means array"
+    from_file = isinstance(means, (str, Path))
     if isinstance(means, (str, Path)):
         if not Path(means).exists():
             raise FileNotFoundError(f"technology mean file {means} does not exist")
@@ -178,6 +184,11 @@ def load_means(means, n_genes: int) -> np.ndarray:
         raise ValueError(
             f"{source} has {means.size} entries but the vocabulary has {n_genes} genes: "
             f"the mean vector must be the one made for this vocabulary (same genes, same order)"
+        )
+    if from_file and np.any(means < 0) and not np.any(means > 0):  # a few negative means occur; all is another file
+        raise ValueError(
+            f"{source} has no positive mean (its {means.size} entries are negative, zero or NaN), so every gene "
+            f"would be ranked by a negated score: pass the technology's mean vector (*_mean_script.npy)"
         )
     return means
 

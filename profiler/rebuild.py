@@ -1,0 +1,75 @@
+"""``attnprof report OUT``: rebuild a run folder's tables, figures and report from its ``profile.npz``.
+
+For a run that failed after profiling (disk full, a killed job): the profile, the expensive part, was
+moved in first and kept; this writes the rest the same way a run does (beside the folder, moved in when
+complete) and completes the manifest. The run's own earlier outputs are replaced; a file the manifest
+does not list is a user's and is refused unless ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from . import warnings_log
+from .outputs import PROFILE, RunFolder, written_summary
+
+
+def add_report_parser(sub) -> None:
+    from .cli import _at_least
+
+    p = sub.add_parser(
+        "report",
+        help="rebuild a run folder's tables, figures and report.html from its profile.npz",
+        description="Rebuild the tables, figures and report.html of a run folder from its profile.npz, e.g. after "
+        "a run that failed or was killed once its profile was written (run.json then says complete: false).",
+    )
+    p.add_argument("out", metavar="OUT", help="the run folder (holds profile.npz)")
+    p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="groups to compare (default: the run's contrast)")
+    p.add_argument("--min-cells", type=_at_least(0), help="cells per group an element needs (default: the run's)")
+    p.add_argument("--no-figures", action="store_true", help="skip the figures")
+    p.add_argument("--overwrite", action="store_true",
+                   help="also replace files in tables/, figures/ or report.html that no run.json lists")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args) -> int:
+    from .checks import nothing_to_compare
+    from .cli import _contrast, _design_record, layer_summary
+    from .profile import Profile
+    from .singlecell.run import write_outputs
+
+    out = Path(args.out)
+    if not (out / PROFILE).is_file():
+        raise FileNotFoundError(f"{out} holds no {PROFILE}: give the folder of an `attnprof run` that profiled "
+                                f"its cells")  # fmt: skip
+    folder = RunFolder(out, overwrite=args.overwrite)
+    previous = folder.previous_record()  # checks the manifest
+    if not args.overwrite:
+        foreign = folder.foreign_files(keep=(PROFILE,))
+        if foreign:
+            raise ValueError(
+                f"{out} holds files no run.json lists where the report writes ({', '.join(foreign[:3])}"
+                f"{' ...' if len(foreign) > 3 else ''}): move them away, or add --overwrite to replace them"
+            )
+    profile = Profile.load(out / PROFILE)
+    a, b, min_cells = _contrast(profile, args.compare, args.min_cells)
+    empty = nothing_to_compare(profile, a, b, min_cells)
+    if empty:
+        raise ValueError(f"{empty}: no tables or figures to write in {out}")
+    for message in previous.get("warnings", []):  # the run's warnings stay in run.json and the report
+        warnings_log.note(message)
+    command = previous.get("command") or ["attnprof", *sys.argv[1:]]
+    folder.clear_previous(keep=(PROFILE,))
+    saved = profile.meta.get("contrast", {})  # the run's permutations and seed, so the tables come out the same
+    with folder.staged(kept=(PROFILE,)) as staging:
+        result = write_outputs(profile, a, b, staging, min_cells=min_cells, permutations=saved.get("permutations"),
+                               seed=saved.get("seed", 0), figures=not args.no_figures, command=command)  # fmt: skip
+    record = {k: v for k, v in previous.items() if k not in ("outputs", "warnings", "complete", "error")}
+    record.update(command=command, contrast=[a, b], cells=profile.cells, replicates=profile.replicates,
+                  **_design_record(result["comparison"], profile),
+                  rebuilt_by=["attnprof", *(sys.argv[1:] if args.argv is None else args.argv)])
+    outputs = folder.finish(record)["outputs"]
+    print(layer_summary(result["comparison"], profile))
+    print(f"\nwrote {out}/: {written_summary(outputs)}")
+    return 0
