@@ -16,8 +16,8 @@ Cells are full-length (1,500 tokens; 4 cells in one batch) or panel-length (150-
 longest cell of the batch and padded to 1,500. Keep-every-map is not run on the 64 panel cells at
 full scale: padded to the context, their maps alone would take about 27 GB.
 
-Permutations: attnprof with 0, 10 and 100 label permutations on the panel cells (every labeling
-from the same attention pass; the 0-permutation run is the baseline).
+Permutations: attnprof on the panel cells (cells of 8 animals, sums per animal), then ``compare`` with 0,
+99 and 999 relabelings of whole animals (computed from the block sums after the pass; 0 is the baseline).
 """
 
 from __future__ import annotations
@@ -92,14 +92,14 @@ def plain(model, tokens, labels, size, trim, fast):
                     model(t)
 
 
-def profiled(model, tokens, labels, size, trim, backend, vocab, permutations=0):
-    rng = np.random.default_rng(0)
-    nulls = [rng.permutation(labels) for _ in range(permutations)]  # whole-dataset shuffles, sliced per batch
-    with attnprof.Profiler(model, groups=["a", "b"], genes=vocab, window=64, n_context=3, backend=backend) as prof:
-        with torch.inference_mode():
-            for s, (t, lab) in zip(range(0, len(tokens), size), batches(tokens, labels, size, trim)):
-                prof.set_batch(groups=lab, tokens=t, null_groups=[n[s : s + size] for n in nulls] or None)
-                model(t)
+def profiled(model, tokens, labels, size, trim, backend, vocab, replicates=None):
+    """The profile of the cells; ``replicates``: each cell's animal (sums kept per animal)."""
+    owner = None if replicates is None else {r: f"ab"[int(g)] for r, g in zip(replicates, labels)}
+    with attnprof.Profiler(model, groups=["a", "b"], genes=vocab, window=64, n_context=3, backend=backend,
+                           replicates=owner) as prof, torch.inference_mode():  # fmt: skip
+        for s, (t, lab) in zip(range(0, len(tokens), size), batches(tokens, labels, size, trim)):
+            prof.set_batch(groups=lab, tokens=t, replicates=None if replicates is None else replicates[s : s + size])
+            model(t)
     return prof.profile
 
 
@@ -208,22 +208,25 @@ def test_padding_trimming(benchmark, setup, trim):
 
 @pytest.mark.parametrize("index", [0, 1, 2], ids=["none", "some", "many"])
 def test_permutations(benchmark, setup, index):
-    """Label permutations on the panel cells: 0 / 10 / 100 (quick mode: 0 / 2 / 4), one attention pass."""
-    n = (0, 10, 100)[index] if setup["full_mode"] else (0, 2, 4)[index]
-    benchmark.group = "e2e panel-length cells: permutations"
+    """Relabelings of whole animals at compare time on the panel cells: 0 / 99 / 999 (quick: 0 / 9 / 99)."""
+    n = (0, 99, 999)[index] if setup["full_mode"] else (0, 9, 99)[index]
+    benchmark.group = "e2e panel-length cells: permutations at compare time"
     tokens, labels, size = setup["panel"], setup["panel_labels"], setup["panel_batch"]
+    animals = np.array([f"{'ab'[g]}{i % 4}" for i, g in enumerate(labels)])  # 4 animals per group
 
     def run():
-        return profiled(setup["model"], tokens, labels, size, True, "auto", setup["vocab"], permutations=n)
+        profile = profiled(setup["model"], tokens, labels, size, True, "auto", setup["vocab"], replicates=animals)
+        return profile.compare("a", "b", min_cells=1, permutations=n)
 
     _, peak = peak_rss_mb(run)
     if n:
-        none = lambda: profiled(setup["model"], tokens, labels, size, True, "auto", setup["vocab"])  # noqa: E731
+        none = lambda: profiled(setup["model"], tokens, labels, size, True, "auto", setup["vocab"],  # noqa: E731
+                                replicates=animals).compare("a", "b", min_cells=1, permutations=0)
         interleaved(benchmark, run, none)
     else:
         benchmark.pedantic(run, rounds=3, iterations=1)
     benchmark.extra_info.update(
-        contender=f"attnprof auto, {n} permutations",
+        contender=f"attnprof auto + compare, {n} relabelings",
         cells=len(tokens),
         cells_per_s=round(len(tokens) / benchmark.stats.stats.min, 3),
         peak_rss_mb=round(peak),

@@ -1,6 +1,6 @@
 """Ratios that survive a shared, noisy machine: process CPU time on one thread, rounds interleaved.
 
-    python benches/cpu_ratios.py panel   # plain (regular path) vs attnprof vs attnprof + 100 permutations
+    python benches/cpu_ratios.py panel   # plain (regular path) vs attnprof vs attnprof + compare with 999 relabelings
     python benches/cpu_ratios.py full    # the same on 1,500-token cells (no permutations)
 
 The workloads are bench_e2e's full-mode ones (Nicheformer scale; 64 panel cells of 150-250 tokens in
@@ -14,13 +14,15 @@ import bench_e2e as be
 s = be.setup._fixture_function(True)
 kind = sys.argv[1] if len(sys.argv) > 1 else "panel"
 t, lab, size = (s["panel"], s["panel_labels"], s["panel_batch"]) if kind == "panel" else (s["full"], s["labels"], s["batch"])
+animals = __import__("numpy").array([f"{'ab'[g]}{i % 4}" for i, g in enumerate(lab)])  # 4 animals per group
 runs = {
     "plain regular": lambda: be.plain(s["model"], t, lab, size, True, False),
     "attnprof": lambda: be.profiled(s["model"], t, lab, size, True, "auto", s["vocab"]),
-    "attnprof 100 perms": lambda: be.profiled(s["model"], t, lab, size, True, "auto", s["vocab"], permutations=100),
+    "attnprof 999 perms": lambda: be.profiled(s["model"], t, lab, size, True, "auto", s["vocab"], replicates=animals)
+    .compare("a", "b", min_cells=1, permutations=999),
 }
 if kind != "panel":
-    del runs["attnprof 100 perms"]
+    del runs["attnprof 999 perms"]
 for f in runs.values(): f()
 res = {k: [] for k in runs}
 for r in range(3):
@@ -32,4 +34,4 @@ cpu = {k: min(x[0] for x in v) for k, v in res.items()}
 wall = {k: min(x[1] for x in v) for k, v in res.items()}
 print("cpu min", cpu, "wall min", wall)
 print("attnprof / plain: cpu %.3f wall %.3f" % (cpu["attnprof"] / cpu["plain regular"], wall["attnprof"] / wall["plain regular"]))
-if kind == "panel": print("100 perms / none: cpu %.3f wall %.3f" % (cpu["attnprof 100 perms"] / cpu["attnprof"], wall["attnprof 100 perms"] / wall["attnprof"]))
+if kind == "panel": print("999 perms / none: cpu %.3f wall %.3f" % (cpu["attnprof 999 perms"] / cpu["attnprof"], wall["attnprof 999 perms"] / wall["attnprof"]))
