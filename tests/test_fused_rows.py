@@ -135,7 +135,7 @@ def test_build_failure_warns_once(monkeypatch):
     monkeypatch.setenv("ATTNPROF_FUSED", "1")
     monkeypatch.setattr(fused_rows, "_module", None)
     monkeypatch.setattr(fused_rows, "_failed", None)
-    monkeypatch.setattr(ce, "load_inline", broken)
+    monkeypatch.setattr(ce, "load", broken)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert not fused_rows.available()
