@@ -190,17 +190,23 @@ class BuildLock:
             self.fd = None
 
 
+def extension_folder(name: str, key: dict) -> Path:
+    """This environment's build folder for ``name`` built as ``key`` says."""
+    return extensions_root() / environment_tag() / f"{name}-{key_hash(key)}"
+
+
 def load_extension(name: str, sources: dict[str, bytes], *, cflags: list[str], ldflags: list[str],
-                   what: str = "a C++ extension", about: str = "about 40 s"):  # fmt: skip
+                   what: str = "a C++ extension", about: str = "about 40 s", python_module: bool = True):  # fmt: skip
     """Build (when needed) and load ``sources`` (file name -> contents) as the Python module ``name_<key>``.
 
-    Returns the module; raises what ``torch.utils.cpp_extension.load`` raises when the build fails.
+    Returns the module (``python_module=False``: the path of the shared library, loaded into the process);
+    raises what ``torch.utils.cpp_extension.load`` raises when the build fails.
     """
     from torch.utils.cpp_extension import load
 
     key = build_key(sources, cflags, ldflags)
+    folder = extension_folder(name, key)
     digest = key_hash(key)
-    folder = extensions_root() / environment_tag() / f"{name}-{digest}"
     with BuildLock(folder, what):
         reason = build_reason(folder, key)
         paths = []
@@ -214,7 +220,8 @@ def load_extension(name: str, sources: dict[str, bytes], *, cflags: list[str], l
             _say(f"building {what} ({reason}), {about}, in {folder}")
             start = time.monotonic()
         module = load(name=f"{name}_{digest}", sources=paths, extra_cflags=cflags, extra_ldflags=ldflags,
-                      build_directory=str(folder), with_cuda=False, verbose=False)  # fmt: skip
+                      build_directory=str(folder), with_cuda=False, is_python_module=python_module,
+                      verbose=False)  # fmt: skip
         if reason is not None:
             tmp = folder / f"{KEY_NAME}.tmp"
             tmp.write_text(json.dumps(key, indent=1, sort_keys=True))

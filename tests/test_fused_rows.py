@@ -143,3 +143,26 @@ def test_build_failure_warns_once(monkeypatch):
     assert len(caught) == 1 and "no compiler" in str(caught[0].message)
     with pytest.raises(RuntimeError, match="not available"):
         fused_rows.cell_rows(*make(1, 3, 4))
+
+
+def test_built_once_per_environment_in_a_keyed_folder(built):
+    """The real kernel: its library lies in this environment's folder, keyed by what changes the binary,
+    and the next process (same environment) loads it without a build or a word."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from attnprof.kernels import cpp_build
+
+    folder = Path(built.__file__).parent
+    assert folder.parent == cpp_build.extensions_root() / cpp_build.environment_tag()
+    key = json.loads((folder / "key.json").read_text())
+    assert key == cpp_build.build_key(fused_rows._sources(), fused_rows._flags()[1], ["-fopenmp"])
+    assert folder.name.endswith(cpp_build.key_hash(key))
+    code = "from attnprof.kernels import fused_rows; assert fused_rows.available(); print(fused_rows._module.__file__)"
+    env = {k: v for k, v in os.environ.items() if k != "ATTNPROF_FUSED"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "attnprof:" not in done.stderr, done.stderr  # no build, no lock message
+    assert done.stdout.strip() == built.__file__
