@@ -43,6 +43,8 @@ LOCK_NAME = "attnprof.lock"
 KEY_NAME = "key.json"
 #: seconds between two tries of a lock held by a live process
 POLL_S = 0.2
+#: a wait shorter than this (another process loading the built library) goes unannounced
+QUIET_WAIT_S = 1.0
 
 
 def extensions_root() -> Path:
@@ -155,13 +157,13 @@ class BuildLock:
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         if fcntl is None:  # pragma: no cover
             return self
-        told = False
+        told, start = False, time.monotonic()
         while True:
             try:
                 fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                if not told:
+                if not told and time.monotonic() - start >= QUIET_WAIT_S:  # a load takes less: no word
                     owner = self._record() or {}
                     _say(f"waiting for process {owner.get('pid', '?')} on {owner.get('host', '?')}, which is "
                          f"building {self.what} in {self.folder}")  # fmt: skip
@@ -173,9 +175,11 @@ class BuildLock:
             gone = host == socket.gethostname() and isinstance(pid, int) and not _alive(pid)
             _say(f"cleared a build lock left by process {pid} on {host}, which "
                  f"{'is gone' if gone else 'no longer holds it'}; proceeding in {self.folder}")  # fmt: skip
-            baton = self.folder / "lock"  # torch's FileBaton: holds no pid, and would stall its build forever
-            if baton.exists():
-                baton.unlink()
+        baton = self.folder / "lock"  # torch's FileBaton: it holds no pid, and would stall torch's build forever
+        if baton.exists():  # every process takes this lock before torch's: one left now is stale
+            baton.unlink()
+            if not left:
+                _say(f"removed torch's build lock left by an interrupted build in {self.folder}")
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}).encode(), 0)
         return self

@@ -119,6 +119,22 @@ def test_a_build_killed_before_it_finished_is_redone(tmp_path, watchdog):
     assert f"cleared a build lock left by process {holder.pid}" in err and BUILDING in err
 
 
+def test_torchs_own_lock_left_alone_is_removed_with_a_message(tmp_path, capsys):
+    """torch's FileBaton file (no pid) left by a build killed inside torch: whoever holds attnprof's lock
+    removes it, since every process takes attnprof's lock before torch's."""
+    folder = tmp_path / "ext"
+    folder.mkdir()
+    (folder / "lock").write_text("")
+    with cpp_build.BuildLock(folder):
+        assert not (folder / "lock").exists()
+        assert json.loads((folder / cpp_build.LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert capsys.readouterr().err == f"attnprof: removed torch's build lock left by an interrupted build in {folder}\n"
+    assert (folder / cpp_build.LOCK_NAME).read_text() == ""
+    with cpp_build.BuildLock(folder):
+        pass
+    assert capsys.readouterr().err == ""
+
+
 def second_environment(path):
     """A venv of its own (another ``sys.prefix``) that sees this environment's packages."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True, timeout=120)
