@@ -80,7 +80,7 @@ def test_block_sizes_and_exp(built, rows, fast_exp):
 
 
 def test_mm_fallback(built):
-    """Without an exported sgemm_ the kernel uses at::mm on views; same results."""
+    """Products through the dispatcher (at::mm_out) instead of at::cpu::mm_out on the same views: same results."""
     q, k, v = make(3, 70, 12, seed=5)
     built.set_force_mm(True)
     try:
