@@ -5,8 +5,8 @@
 // product, then per row (while it is in L1) the max, exp(s - max) in place with z and sum e (s - max)
 // in the same loop, the column sums; then E V scaled by 1 / z. Tasks run under at::parallel_for.
 //
-// Matrix products go through ATen (at::cpu::mm_out on views of the buffers: libtorch's own BLAS call,
-// with its own integer width), never through a hand-declared BLAS symbol.
+// Matrix products go through ATen (at::cpu::mm_out on strided views of the buffers: libtorch's own BLAS
+// call, with its own integer width), never through a hand-declared BLAS symbol.
 #include <torch/extension.h>
 #include <ATen/CPUFunctions.h>
 #include <ATen/Parallel.h>
@@ -21,21 +21,20 @@ using Vec = at::vec::Vectorized<float>;
 
 static bool g_force_mm = false;  // tests: the dispatcher's at::mm_out instead of at::cpu::mm_out
 
-// Column-major C[m x n] = op(A) op(B) (beta = 0), BLAS conventions, on row-major views of the same
-// memory: C^T [n x m] (row stride ldc) = op(B)^T [n x k] @ op(A)^T [k x m]. ATen's CPU mm sees a
-// row-major output and hands the product to BLAS as the column-major C = op(A) op(B).
-static void gemm_cm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
-                    const float* b, int64_t ldb, float* c, int64_t ldc) {
-  const auto opt = at::TensorOptions().dtype(at::kFloat);
-  float* pa = const_cast<float*>(a);
-  float* pb = const_cast<float*>(b);
-  at::Tensor opAT = ta ? at::from_blob(pa, {m, k}, {lda, 1}, opt).t() : at::from_blob(pa, {k, m}, {lda, 1}, opt);
-  at::Tensor opBT = tb ? at::from_blob(pb, {k, n}, {ldb, 1}, opt).t() : at::from_blob(pb, {n, k}, {ldb, 1}, opt);
-  at::Tensor Ct = at::from_blob(c, {n, m}, {ldc, 1}, opt);
+// A [rows x cols] float view of a raw buffer with the given strides (no dispatcher call, no copy).
+static inline at::Tensor view2d(const float* p, int64_t rows, int64_t cols, int64_t row_stride,
+                                int64_t col_stride) {
+  return at::from_blob(const_cast<float*>(p), {rows, cols}, {row_stride, col_stride},
+                       at::TensorOptions().dtype(at::kFloat));
+}
+
+// out = a @ b through ATen's CPU mm (libtorch's BLAS call on these strided views, beta = 0).
+// A task makes its per-head views (K^T, V) once and only the per-block ones (Q, S, O) per block.
+static inline void mm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   if (g_force_mm)
-    at::mm_out(Ct, opBT, opAT);
+    at::mm_out(out, a, b);
   else
-    at::cpu::mm_out(Ct, opBT, opAT);
+    at::cpu::mm_out(out, a, b);
 }
 
 template <bool FAST>
@@ -100,11 +99,16 @@ static void rows_impl(const float* q, const float* k, const float* v, float* out
       float* cs = part + t * n;  // this task's column sums
       std::fill(cs, cs + n, 0.f);
       const int64_t b0 = c * per_chunk, b1 = std::min(nblocks, b0 + per_chunk);
+      if (b0 >= b1) continue;
+      const at::Tensor KT = view2d(kh, D, n, 1, D);  // K^T [D x n]
+      const at::Tensor Vh = view2d(vh, n, D, D, 1);  // V [n x D]
+      at::Tensor Sfull = view2d(sbuf.data(), rows, n, n, 1);
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t r0 = b * rows, r = std::min(rows, n - r0);
         float* S = sbuf.data();
-        // S[r x n] row-major == col-major [n x r]: S^T = K Q^T, K row-major [n x D] = col-major D x n.
-        gemm_cm(true, false, n, r, D, kh, D, qh + r0 * D, D, S, n);
+        at::Tensor Sv = r == rows ? Sfull : view2d(S, r, n, n, 1);
+        // S [r x n] = Q[r0 : r0 + r] K^T
+        mm(Sv, view2d(qh + r0 * D, r, D, D, 1), KT);
         for (int64_t i = 0; i < r; ++i) {
           float* s = S + i * n;
           float m, z, w;  // e = exp(s - m) in place; z = sum e; w = sum e (s - m)
@@ -123,10 +127,10 @@ static void rows_impl(const float* q, const float* k, const float* v, float* out
             at::vec::fmadd(Vec::loadu(s + j), viz, Vec::loadu(cs + j)).store(cs + j);
           for (; j < n; ++j) cs[j] += s[j] * iz;
         }
-        // O[r x D] row-major == col-major [D x r] = V^T E^T: V row-major [n x D] = col-major D x n,
-        // E row-major [r x n] = col-major n x r.
+        // O [r x D] = E V (E = exp(S - max) in place of S)
         float* O = oh + r0 * D;
-        gemm_cm(false, false, D, r, n, vh, D, S, n, O, D);
+        at::Tensor Ov = view2d(O, r, D, D, 1);
+        mm(Ov, Sv, Vh);
         for (int64_t i = 0; i < r; ++i) {
           const Vec viz(zinv[i]);
           float* o = O + i * D;
@@ -195,11 +199,16 @@ static void batch_impl(const float* q, const float* k, const float* v, const int
       const int64_t rows = std::max<int64_t>(32, std::min<int64_t>(128, (1 << 18) / std::max<int64_t>(n, 1)));
       sbuf.resize(rows * n);
       zinv.resize(rows);
+      if (mq == 0) { check[t] = 0.f; continue; }
+      const at::Tensor KT = view2d(kh, D, n, 1, HD);  // K^T [D x n] of head h
+      const at::Tensor Vh = view2d(vh, n, D, HD, 1);  // V [n x D] of head h
+      at::Tensor Sfull = view2d(sbuf.data(), rows, n, n, 1);
       double osum = 0.0;
       for (int64_t r0 = 0; r0 < mq; r0 += rows) {
         const int64_t r = std::min(rows, mq - r0);
         float* S = sbuf.data();
-        gemm_cm(true, false, n, r, D, kh, HD, qh + r0 * HD, HD, S, n);
+        at::Tensor Sv = r == rows ? Sfull : view2d(S, r, n, n, 1);
+        mm(Sv, view2d(qh + r0 * HD, r, D, HD, 1), KT);  // S [r x n] = Q[r0 : r0 + r] K^T
         for (int64_t i = 0; i < r; ++i) {
           float* s = S + i * n;
           float m, z, w;
@@ -234,7 +243,8 @@ static void batch_impl(const float* q, const float* k, const float* v, const int
           }
         }
         float* O = oh + r0 * HD;
-        gemm_cm(false, false, D, r, n, vh, HD, S, n, O, HD);
+        at::Tensor Ov = view2d(O, r, D, HD, 1);
+        mm(Ov, Sv, Vh);  // O [r x D] = E V
         for (int64_t i = 0; i < r; ++i) {
           const Vec viz(zinv[i]);
           float* o = O + i * HD;
