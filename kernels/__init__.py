@@ -10,6 +10,9 @@ Pure compute on ``q, k, v``; no model knowledge. Two entry points with interchan
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import torch
 
 from .blocked import blocked_cells
@@ -20,13 +23,43 @@ from .spec import SUMMARIES, Inputs, StatsSpec, check_qkv, empty_sums, sum_shape
 
 BACKENDS = ("auto", "reference", "torch", "triton")
 
+TRITON_MISSING = 'the triton backend needs Triton, which is not installed here: pip install "attnprof[gpu]"'
+
+
+class MissingExtra(ImportError, ValueError):
+    """An optional dependency is not installed (also a ValueError: the command line reports it as bad input)."""
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when Triton imports (the ``gpu`` extra); the CPU install and its torch backend need none."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.cache
+def _warn_no_triton() -> None:  # once per process
+    warnings.warn('Triton is not installed here (pip install "attnprof[gpu]" for the fast GPU kernels): '
+                  "the torch backend runs on CUDA instead", RuntimeWarning, stacklevel=4)  # fmt: skip
+
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """``auto`` is triton on CUDA and torch elsewhere."""
+    """``auto`` is triton on CUDA (torch there too, with a warning, when Triton is not installed) and torch
+    elsewhere; ``triton`` without Triton raises :class:`MissingExtra` saying how to install it."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        return "triton" if torch.device(device).type == "cuda" else "torch"
+        if torch.device(device).type != "cuda":
+            return "torch"
+        if triton_available():
+            return "triton"
+        _warn_no_triton()
+        return "torch"
+    if backend == "triton" and not triton_available():
+        raise MissingExtra(f'{TRITON_MISSING} (or choose backend="torch")')
     return backend
 
 
@@ -64,7 +97,7 @@ def attention_stats(
     out = planned_stats(q, k, v, plan, [Target({k: v[None] for k, v in sums.items()}, slice(0, 1))],
                         scale=scale, backend=name)  # fmt: skip
     if name == "triton":  # its layer calls defer the NaN/Inf verdict (a host sync) to the caller
-        from .triton_stats import raise_if_non_finite
+        from .triton_stats import raise_if_non_finite  # resolve_backend checked that Triton imports
 
         raise_if_non_finite(plan, q, k, v)
     return out, sums
@@ -118,6 +151,7 @@ __all__ = [
     "SUMMARIES",
     "BatchPlan",
     "CellResults",
+    "MissingExtra",
     "StatsSpec",
     "Target",
     "attention_stats",
@@ -127,4 +161,5 @@ __all__ = [
     "resolve_backend",
     "sum_shapes",
     "tiled_zeros",
+    "triton_available",
 ]

@@ -80,7 +80,7 @@ def test_block_sizes_and_exp(built, rows, fast_exp):
 
 
 def test_mm_fallback(built):
-    """Without an exported sgemm_ the kernel uses at::mm on views; same results."""
+    """Products through the dispatcher (at::mm_out) instead of at::cpu::mm_out on the same views: same results."""
     q, k, v = make(3, 70, 12, seed=5)
     built.set_force_mm(True)
     try:
@@ -135,7 +135,7 @@ def test_build_failure_warns_once(monkeypatch):
     monkeypatch.setenv("ATTNPROF_FUSED", "1")
     monkeypatch.setattr(fused_rows, "_module", None)
     monkeypatch.setattr(fused_rows, "_failed", None)
-    monkeypatch.setattr(ce, "load_inline", broken)
+    monkeypatch.setattr(ce, "load", broken)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert not fused_rows.available()
@@ -143,3 +143,26 @@ def test_build_failure_warns_once(monkeypatch):
     assert len(caught) == 1 and "no compiler" in str(caught[0].message)
     with pytest.raises(RuntimeError, match="not available"):
         fused_rows.cell_rows(*make(1, 3, 4))
+
+
+def test_built_once_per_environment_in_a_keyed_folder(built):
+    """The real kernel: its library lies in this environment's folder, keyed by what changes the binary,
+    and the next process (same environment) loads it without a build or a word."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from attnprof.kernels import cpp_build
+
+    folder = Path(built.__file__).parent
+    assert folder.parent == cpp_build.extensions_root() / cpp_build.environment_tag()
+    key = json.loads((folder / "key.json").read_text())
+    assert key == cpp_build.build_key(fused_rows._sources(), fused_rows._flags()[1], ["-fopenmp"])
+    assert folder.name.endswith(cpp_build.key_hash(key))
+    code = "from attnprof.kernels import fused_rows; assert fused_rows.available(); print(fused_rows._module.__file__)"
+    env = {k: v for k, v in os.environ.items() if k != "ATTNPROF_FUSED"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "attnprof:" not in done.stderr, done.stderr  # no build, no lock message
+    assert done.stdout.strip() == built.__file__

@@ -22,7 +22,9 @@ import contextlib
 
 import pytest
 import torch
-import triton.runtime.interpreter as interpreter
+
+pytest.importorskip("triton", reason="the triton backend is an extra: pip install \"attnprof[gpu]\"")
+import triton.runtime.interpreter as interpreter  # noqa: E402
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 

@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import triton
+
+triton = pytest.importorskip("triton", reason="the triton backend is an extra: pip install \"attnprof[gpu]\"")
 import triton.language as tl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

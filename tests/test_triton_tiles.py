@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import triton
+
+triton = pytest.importorskip("triton", reason="the triton backend is an extra: pip install \"attnprof[gpu]\"")
 
 from attnprof.kernels import triton_forward as kf
 from attnprof.kernels import triton_stats as ks

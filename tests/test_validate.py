@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -32,7 +34,8 @@ def check(model, tokens, groups, backend, **extra):
                              **extra)  # fmt: skip
 
 
-@pytest.mark.parametrize("backend", ["auto", "torch", "reference", "triton"])
+@pytest.mark.parametrize("backend", ["auto", "torch", "reference", pytest.param("triton", marks=pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="the triton backend is an extra: pip install \"attnprof[gpu]\""))])
 def test_real_backends_pass_against_reference_and_the_models_own_maps(backend):
     model, tokens, groups = nicheformer_batch()
     table = check(model, tokens, groups, backend)
