@@ -20,8 +20,9 @@ from .checks import describe_groups, nothing_to_compare, open_h5ad
 from .outputs import RunFolder, check_writable_file, list_outputs, written_summary
 from .profile import Profile, check_disjoint
 from .blocks import PSEUDO_REPLICATES
-from .rebuild import add_report_parser
+from .rebuild import cmd_report
 from .signals import Terminated, terminate_as_interrupt
+from .summary import design_record, layer_summary, saved_contrast
 from .tables import DEFAULT_MIN_CELLS, DEFAULT_PERMUTATIONS
 
 #: Exit status for bad input (argparse uses it too).
@@ -243,6 +244,22 @@ def _at_least(low: int):
     return parse
 
 
+def add_report_parser(sub) -> None:
+    p = sub.add_parser(
+        "report",
+        help="rebuild a run folder's tables, figures and report.html from its profile.npz",
+        description="Rebuild the tables, figures and report.html of a run folder from its profile.npz, e.g. after "
+        "a run that failed or was killed once its profile was written (run.json then says complete: false).",
+    )
+    p.add_argument("out", metavar="OUT", help="the run folder (holds profile.npz)")
+    p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="groups to compare (default: the run's contrast)")
+    p.add_argument("--min-cells", type=_at_least(0), help="cells per group an element needs (default: the run's)")
+    p.add_argument("--no-figures", action="store_true", help="skip the figures")
+    p.add_argument("--overwrite", action="store_true",
+                   help="also replace files in tables/, figures/ or report.html that no run.json lists")
+    p.set_defaults(func=cmd_report)
+
+
 # ---------------------------------------------------------------- commands
 def cmd_run(args) -> int:
     from .distributed import process_group
@@ -306,7 +323,7 @@ def _profile_and_write(args, folder: RunFolder, rank: int, world: int, device) -
         "contrast": [groups[0], groups[1]],
         "cells": profile.cells,
         "replicates": profile.replicates,
-        **_design_record(None if empty else result["comparison"], profile),
+        **design_record(None if empty else result["comparison"], profile),
         "shard": list(shard) if shard else None,
         "world_size": world,
         "resumed_cells": profile.meta.get("resumed_cells", 0),
@@ -337,7 +354,7 @@ def cmd_merge(args) -> int:
     if not folder:
         print(headline)
         return 0
-    a, b, min_cells = _contrast(merged, args.compare, args.min_cells)
+    a, b, min_cells = saved_contrast(merged, args.compare, args.min_cells)
     saved = merged.meta.get("contrast", {})
     permutations = saved.get("permutations", DEFAULT_PERMUTATIONS) if args.permutations is None else args.permutations
     seed = saved.get("seed", 0) if args.permutation_seed is None else args.permutation_seed
@@ -351,7 +368,7 @@ def cmd_merge(args) -> int:
             result = write_outputs(merged, a, b, staging, min_cells=min_cells, permutations=permutations,
                                    seed=seed, figures=not args.no_figures, command=command)  # fmt: skip
         record = {"command": command, "merged": [str(p) for p in paths], "contrast": [a, b], "cells": merged.cells,
-                  "replicates": merged.replicates, **_design_record(result["comparison"], merged)}  # fmt: skip
+                  "replicates": merged.replicates, **design_record(result["comparison"], merged)}  # fmt: skip
         outputs = folder.finish(record)["outputs"]
     print(layer_summary(result["comparison"], merged, headline=headline))
     print(f"\nwrote {folder.path}/: {written_summary(outputs)}")
@@ -459,7 +476,7 @@ def cmd_plot(args) -> int:
 
     path = _profile_path(args.run)
     profile = Profile.load(path)
-    a, b, min_cells = _contrast(profile, args.compare, args.min_cells)
+    a, b, min_cells = saved_contrast(profile, args.compare, args.min_cells)
     empty = nothing_to_compare(profile, a, b, min_cells)
     if empty:
         raise ValueError(f"{empty}: no figures to draw")
@@ -518,26 +535,6 @@ def _check_design_options(args) -> None:
         raise ValueError(f"--pseudo-replicates must be at least 1 per group, got {args.pseudo_replicates}")
     if args.strata is not None and args.replicate is None:
         raise ValueError("--strata names strata of replicates: give --replicate too")
-
-
-def _design_record(comparison, profile: Profile) -> dict:
-    """What run.json says about the unit of replication and the permutation null."""
-    if comparison is None:
-        unit = "cell" if profile.blocks.pseudo else "replicate"
-        return {"unit": unit, "design": None, "permutations": 0, "exact": False, "min_p": None}
-    return {"unit": comparison.unit, "design": comparison.design(), "permutations": comparison.permutations,
-            "exact": comparison.exact, "min_p": comparison.min_p}  # fmt: skip
-
-
-def _contrast(profile: Profile, compare, min_cells) -> tuple[str, str, int]:
-    """Groups A, B and min_cells: as given, else the profile's saved contrast, else its two groups."""
-    contrast = profile.meta.get("contrast", {})
-    a, b = compare or (contrast.get("a"), contrast.get("b"))
-    if a is None:
-        if len(profile.groups) != 2:
-            raise ValueError(f"the profile has groups {profile.groups}: name the two to compare with --compare A B")
-        a, b = profile.groups
-    return a, b, min_cells if min_cells is not None else contrast.get("min_cells", DEFAULT_MIN_CELLS)
 
 
 def _shard(value: str | None) -> tuple[int, int] | None:
@@ -641,57 +638,6 @@ def _panel(value: str | None) -> list[str] | None:
     if not names:
         raise ValueError(f"--panel {value!r} names no genes")
     return names
-
-
-def layer_summary(comparison, profile: Profile, headline: str | None = None) -> str:
-    """The layer table as a few lines: mean over heads and max over heads (head) per family.
-
-    headline: the first line (default: cells profiled, time and backend).
-    """
-    if headline is None:
-        cells = ", ".join(f"{g} {n}" for g, n in profile.cells.items())
-        elapsed = profile.meta.get("elapsed_s") or float("nan")
-        total = sum(profile.cells.values())
-        resumed = int(profile.meta.get("resumed_cells", 0))
-        rate = (total - resumed) / elapsed if elapsed > 0 else float("nan")  # the time is this run's only
-        backend = profile.meta.get("backend_used", profile.meta.get("backend"))
-        if resumed:
-            headline = (
-                f"profiled {total - resumed} cells in {elapsed:.1f} s ({rate:.0f} cells/s) and {resumed} from the "
-                f"checkpoint: {total} cells ({cells}), backend {backend}"
-            )
-        else:
-            headline = f"profiled {total} cells ({cells}) in {elapsed:.1f} s ({rate:.0f} cells/s), backend {backend}"
-    lines = [
-        headline,
-        comparison.design(),
-        f"attention difference per layer, {comparison.a} − {comparison.b}: mean over heads / max over heads (head)",
-    ]
-    table = comparison.layers
-    families = list(dict.fromkeys(table["family"]))
-    header = "layer  " + "".join(f"{f:>28}" for f in families)
-    lines.append(header)
-    permuted = "mean_abs_diff_null_q95" in table
-
-    def mark(r, stat) -> str:  # above the permutation null's 95th percentile
-        return "*" if permuted and r[stat] > r[f"{stat}_null_q95"] else " "
-
-    for layer, rows in table.groupby("layer", sort=True):
-        by_family = rows.set_index("family")
-        cells_txt = []
-        for f in families:
-            r = by_family.loc[f]
-            mean = f"{r['mean_abs_diff']:.3g}{mark(r, 'mean_abs_diff')}"
-            top = f"{r['max_abs_diff']:.3g}{mark(r, 'max_abs_diff')}"
-            cells_txt.append(f"{mean:>11}/ {top:<9}({int(r['max_head']):>2})")
-        lines.append(f"{layer:>5}  " + "".join(f"{c:>28}" for c in cells_txt))
-    if permuted:
-        lines.append(f"* above its permutation null's 95th percentile ({comparison.permutations} relabelings of whole "
-                     f"{'replicates' if comparison.unit == 'replicate' else 'pseudo-replicate blocks'}); null bands, "
-                     f"p_perm and family-wise p_fwer: tables/layers.csv, tables/heads.csv, report.html")  # fmt: skip
-    else:
-        lines.append("noise floors (the |difference| expected by chance): tables/layers.csv, report.html")
-    return "\n".join(lines)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -13,29 +13,11 @@ from pathlib import Path
 
 from . import warnings_log
 from .outputs import PROFILE, RunFolder, written_summary
-
-
-def add_report_parser(sub) -> None:
-    from .cli import _at_least
-
-    p = sub.add_parser(
-        "report",
-        help="rebuild a run folder's tables, figures and report.html from its profile.npz",
-        description="Rebuild the tables, figures and report.html of a run folder from its profile.npz, e.g. after "
-        "a run that failed or was killed once its profile was written (run.json then says complete: false).",
-    )
-    p.add_argument("out", metavar="OUT", help="the run folder (holds profile.npz)")
-    p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="groups to compare (default: the run's contrast)")
-    p.add_argument("--min-cells", type=_at_least(0), help="cells per group an element needs (default: the run's)")
-    p.add_argument("--no-figures", action="store_true", help="skip the figures")
-    p.add_argument("--overwrite", action="store_true",
-                   help="also replace files in tables/, figures/ or report.html that no run.json lists")
-    p.set_defaults(func=cmd_report)
+from .summary import design_record, layer_summary, saved_contrast
 
 
 def cmd_report(args) -> int:
     from .checks import nothing_to_compare
-    from .cli import _contrast, _design_record, layer_summary
     from .profile import Profile
     from .singlecell.run import write_outputs
 
@@ -53,7 +35,7 @@ def cmd_report(args) -> int:
                 f"{' ...' if len(foreign) > 3 else ''}): move them away, or add --overwrite to replace them"
             )
     profile = Profile.load(out / PROFILE)
-    a, b, min_cells = _contrast(profile, args.compare, args.min_cells)
+    a, b, min_cells = saved_contrast(profile, args.compare, args.min_cells)
     empty = nothing_to_compare(profile, a, b, min_cells)
     if empty:
         raise ValueError(f"{empty}: no tables or figures to write in {out}")
@@ -67,7 +49,7 @@ def cmd_report(args) -> int:
                                seed=saved.get("seed", 0), figures=not args.no_figures, command=command)  # fmt: skip
     record = {k: v for k, v in previous.items() if k not in ("outputs", "warnings", "complete", "error")}
     record.update(command=command, contrast=[a, b], cells=profile.cells, replicates=profile.replicates,
-                  **_design_record(result["comparison"], profile),
+                  **design_record(result["comparison"], profile),
                   rebuilt_by=["attnprof", *(sys.argv[1:] if args.argv is None else args.argv)])
     outputs = folder.finish(record)["outputs"]
     print(layer_summary(result["comparison"], profile))

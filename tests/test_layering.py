@@ -22,6 +22,7 @@ PYPROJECT = ROOT / "pyproject.toml"
 CONTRACTS = (
     "kernels import nothing of the profiler",
     "core imports no single-cell front end and no command line",
+    "statistics import no torch",
     "no import cycles between the modules of a package",
 )
 LINT = "import sys; from importlinter.cli import lint_imports; sys.exit(lint_imports(config_filename=sys.argv[1], no_cache=True, no_logo=True))"  # noqa: E501
@@ -60,7 +61,10 @@ def test_the_contracts_hold(tmp_path):
         ("kernels/reduce.py", "import attnprof.singlecell.demo", CONTRACTS[0]),
         ("profile.py", "from attnprof.cli import main", CONTRACTS[1]),
         ("adapters/__init__.py", "import attnprof.singlecell", CONTRACTS[1]),
-        ("tables.py", "import attnprof.cli", CONTRACTS[2]),  # cli imports tables: a cycle
+        ("statistics/null.py", "import torch", CONTRACTS[2]),
+        ("statistics/welch.py", "from attnprof.kernels import SUMMARIES", CONTRACTS[2]),  # torch through the kernels
+        ("statistics/effects.py", "import pandas", CONTRACTS[2]),
+        ("tables.py", "import attnprof.cli", CONTRACTS[3]),  # cli imports tables: a cycle
     ],
 )  # fmt: skip
 def test_a_planted_violation_fails_the_check(tmp_path, where, line, broken):
@@ -69,43 +73,6 @@ def test_a_planted_violation_fails_the_check(tmp_path, where, line, broken):
     done = lint(staged)
     assert done.returncode == 1, done.stdout + done.stderr
     assert f"{broken} BROKEN" in done.stdout  # (a planted import into the kernels makes a cycle too)
-
-
-def statistics_config(tmp_path: Path) -> Path:
-    """pyproject.toml with the commented "statistics import no torch" contract enabled."""
-    text = PYPROJECT.read_text()
-    block = text[text.index("# [[tool.importlinter.contracts]]\n# name = \"statistics import no torch\""):]
-    block = block[: block.index("\n\n")]
-    config = tmp_path / "pyproject.toml"
-    config.write_text(text.replace(block, "\n".join(ln[2:] for ln in block.splitlines())))
-    return config
-
-
-@pytest.mark.parametrize("imports, kept", [("import numpy as np\nfrom scipy import stats", True),
-                                           ("import numpy as np\nimport torch", False),
-                                           ("from attnprof.kernels import SUMMARIES", False)])  # fmt: skip
-def test_the_statistics_contract_once_enabled(tmp_path, imports, kept):
-    """The commented contract, enabled, on a planted attnprof.statistics: torch directly or through the kernels
-    breaks it."""
-    config = statistics_config(tmp_path)
-    staged = stage(tmp_path / "stage")
-    if not (staged / "statistics").exists():
-        (staged / "statistics").mkdir()
-        (staged / "statistics" / "__init__.py").write_text('"""planted"""\n')
-    plant(staged / "statistics" / "__init__.py", imports.replace("\n", "  # planted\n"))
-    done = lint(staged, config)
-    assert ("statistics import no torch KEPT" if kept else "statistics import no torch BROKEN") in done.stdout, (
-        done.stdout + done.stderr
-    )
-
-
-def test_the_statistics_contract_is_enabled_once_the_package_exists():
-    contracts = tomllib.loads(PYPROJECT.read_text())["tool"]["importlinter"]["contracts"]
-    if not (ROOT / "profiler" / "statistics").exists():
-        pytest.skip("attnprof.statistics does not exist yet (its contract waits, commented, in pyproject.toml)")
-    assert any("attnprof.statistics" in c.get("source_modules", []) for c in contracts), (
-        "attnprof.statistics exists: enable the 'statistics import no torch' contract in pyproject.toml"
-    )
 
 
 if __name__ == "__main__":  # python tests/test_layering.py: the check on this checkout, with import-linter's report
