@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from .profile import Profile
+from .tables import DEFAULT_MIN_CELLS
 
 
 def design_record(comparison, profile: Profile) -> dict:
