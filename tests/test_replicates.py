@@ -305,3 +305,87 @@ def test_a_group_effect_in_every_animal_ranks_the_planted_head_first():
     assert top["p_fwer_mean_abs_diff"] <= 0.05
     other = c.heads[(c.heads["family"] == "position") & (c.heads["head"] == 0)].iloc[0]
     assert other["p_fwer_mean_abs_diff"] > top["p_fwer_mean_abs_diff"]
+
+
+# ------------------------------------------------------------------ the tables, end to end
+def profile_from_cells(values, present, block, groups_of_block, names, n_groups=2):
+    """A Profile whose position family holds per-cell values [cells, H, W*W] (present [cells, W*W])."""
+    B = len(groups_of_block)
+    cells, H, E = values.shape
+    W = int(round(np.sqrt(E)))
+    sums, sq, counts = cells_to_blocks(values, present, block, B)
+    n_cells = np.bincount(block, minlength=B).astype(float)
+    summary = np.zeros((1, B, H, 4))
+    profile = attnprof.Profile(
+        {"pos_sum": sums.reshape(1, B, H, W, W), "pos_sq": sq.reshape(1, B, H, W, W),
+         "pos_count": counts.reshape(1, B, W, W), "cells": n_cells[None],
+         "summary_sum": summary, "summary_sq": summary},
+        layers=["layer0"], groups=["a", "b"][:n_groups], n_heads=H, window=W,
+        blocks=Blocks(tuple(groups_of_block), tuple(names), None, False),
+    )  # fmt: skip
+    return profile
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(3, 4), st.integers(3, 4))
+def test_heads_table_equals_an_independent_computation_from_per_cell_values(seed, ra, rb):
+    """mean |D|, mean(D² − SE²), max |t| and where, and p_perm of every head, recomputed from per-cell values
+    with scipy and a loop over every relabeling of the replicates."""
+    rng = np.random.default_rng(seed)
+    H, W = 2, 2
+    B = ra + rb
+    per = rng.integers(2, 6, size=B)
+    block = np.repeat(np.arange(B), per)
+    values = rng.random((len(block), H, W * W)) + rng.normal(0, 0.3, size=(B, H, W * W))[block]
+    present = rng.random((len(block), W * W)) < 0.9
+    groups = [0] * ra + [1] * rb
+    profile = profile_from_cells(values, present, block, groups, [f"r{i}" for i in range(B)])
+    cmp = profile.compare("a", "b", min_cells=2, permutations=10_000)
+    assert cmp.unit == "replicate" and cmp.exact and cmp.permutations == math.comb(B, ra) - 1
+
+    def replicate_means(in_a):
+        """Per head: D, SE, t of each element from replicate means, with the replicates of a as given."""
+        out = []
+        for h in range(H):
+            rows = []
+            for e in range(W * W):
+                means = {True: [], False: []}
+                for b in range(B):
+                    held = (block == b) & present[:, e]
+                    if held.sum() >= 2:
+                        means[bool(in_a[b])].append(values[held, h, e].mean())
+                a, b_ = np.array(means[True]), np.array(means[False])
+                if len(a) < 2 or len(b_) < 2:
+                    continue
+                se = np.sqrt(a.var(ddof=1) / len(a) + b_.var(ddof=1) / len(b_))
+                t = stats.ttest_ind(a, b_, equal_var=False).statistic
+                rows.append((e, a.mean() - b_.mean(), se, t))
+            out.append(rows)
+        return out
+
+    observed = replicate_means(np.array(groups) == 0)
+    heads = cmp.heads.set_index("head")
+    for h, rows in enumerate(observed):
+        if not rows:
+            assert np.isnan(heads.loc[h, "mean_abs_diff"])
+            continue
+        e, d, se, t = (np.array(x) for x in zip(*rows))
+        assert heads.loc[h, "n_elements"] == len(rows)
+        np.testing.assert_allclose(heads.loc[h, "mean_abs_diff"], np.abs(d).mean(), rtol=1e-9)
+        np.testing.assert_allclose(heads.loc[h, "mean_sq_diff"], np.mean(d**2 - se**2), rtol=1e-7, atol=1e-12)
+        np.testing.assert_allclose(heads.loc[h, "rms_diff"], np.sqrt(max(np.mean(d**2 - se**2), 0)), rtol=1e-7)
+        finite = np.isfinite(t)
+        if finite.any():
+            np.testing.assert_allclose(heads.loc[h, "max_abs_t"], np.abs(t[finite]).max(), rtol=1e-7)
+            i, j = divmod(int(e[finite][np.abs(t[finite]).argmax()]), W)
+            assert heads.loc[h, "max_t_where"] == f"{i},{j}"
+        # p_perm: every relabeling of the replicates, one at a time
+        null = []
+        for chosen in itertools.combinations(range(B), ra):
+            in_a = np.isin(np.arange(B), chosen)
+            rows_k = replicate_means(in_a)[h]
+            null.append(np.abs([r[1] for r in rows_k]).mean() if rows_k else np.nan)
+        null = np.array(null)
+        obs = np.abs(d).mean()
+        expected = np.sum(null >= obs * (1 - 1e-6)) / len(null)  # the observed labeling among them
+        np.testing.assert_allclose(heads.loc[h, "p_perm_mean_abs_diff"], expected, rtol=1e-12)
