@@ -9,8 +9,10 @@ where both groups reach ``threshold`` in ``sum V`` (replicates, or cells). A lab
 matrix products of its 0/1 weights with the units' values, done for many labelings at once in chunks
 that stay in cache; memory is independent of the number of labelings.
 
-Elements that every unit holds with weight 1 (the usual case at the replicate level) take a faster
-path: their difference is one product with the contrast weights ``1/n_a`` and ``-1/n_b``.
+At the replicate level (0/1 weights) elements held by the same set of replicates share each labeling's
+counts, so their difference is one product with contrast weights ``1/n_a`` and ``-1/n_b`` over the holding
+replicates (a linear path, 3-5x faster than the general one); the cell level (counts) and rare holding
+patterns take the general path.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import numpy as np
 #: (4 MB) measured fastest on this project's CPUs (0.8 ns per element and labeling, against 1.4-4 ns for
 #: the [labelings, elements] layout).
 LABEL_CHUNK, ELEMENT_CHUNK = 512, 256
+#: Elements held by one set of units take the linear path when at least this many share it (fewer: general).
+MIN_PATTERN = 16
 
 
 def head_null(X: np.ndarray, V: np.ndarray, in_a: np.ndarray, threshold: float, keep: np.ndarray | None = None,
@@ -43,23 +47,27 @@ def head_null(X: np.ndarray, V: np.ndarray, in_a: np.ndarray, threshold: float, 
     keep = np.ones(E, dtype=bool) if keep is None else np.asarray(keep, dtype=bool)
     wa = np.asarray(in_a, dtype=bool).T.astype(np.float32)  # [units, labelings]
     N = wa.shape[1]
-    n_a = wa.sum(0)
-    n_b = U - n_a
-    complete = keep & np.all(V == 1, axis=0)
-    if not complete.any() or min(n_a.min(), n_b.min()) < threshold:
-        complete[:] = False
-    general = keep & ~complete & (V.sum(0) > 0)
-    contrast = wa / n_a - (1 - wa) / n_b  # D = values @ contrast: the mean of a's units minus b's
-    jobs = [(_complete, (_rows(X, idx), H), contrast) for idx in _chunks(complete)]
-    jobs += [(_general, (_rows(X, idx), np.ascontiguousarray(V[:, idx].T, dtype=np.float32), threshold, H), wa)
-             for idx in _chunks(general)]  # fmt: skip
+    held = keep & (V.sum(0) >= 2 * max(threshold, 1e-12))  # both groups need `threshold`: others never count
+    jobs, general = [], held
+    if np.isin(V, (0, 1)).all() and U < 63:  # replicate level: group elements by which units hold them
+        pattern = (V.astype(np.int64) << np.arange(U)[:, None]).sum(0)
+        kinds, inverse, sizes = np.unique(np.where(held, pattern, -1), return_inverse=True, return_counts=True)
+        for kind, size, members in zip(kinds, sizes, range(len(kinds))):
+            if kind < 0 or size < MIN_PATTERN:
+                continue
+            idx = np.flatnonzero(inverse == members)
+            general = general & (inverse != members)
+            contrast, valid = _pattern_contrast(wa, V[:, idx[0]].astype(np.float32), threshold)
+            jobs += [(_linear, (contrast, _rows(X, chunk), valid)) for chunk in _chunks(idx)]
+    jobs += [(_general, (wa, _rows(X, chunk), np.ascontiguousarray(V[:, chunk].T, dtype=np.float32), threshold))
+             for chunk in _chunks(np.flatnonzero(general))]  # fmt: skip
 
     def run(job):
-        fn, data, weights = job
+        fn, data = job
         s, c, m = np.zeros((H, N)), np.zeros((H, N)), np.full((H, N), -np.inf)
         for k in range(0, N, LABEL_CHUNK):
             cols = slice(k, k + LABEL_CHUNK)
-            s[:, cols], c[:, cols], m[:, cols] = fn(weights[:, cols], *data)
+            s[:, cols], c[:, cols], m[:, cols] = fn(cols, H, *data)
         return s, c, m
 
     sums, counts, maxes = np.zeros((H, N)), np.zeros((H, N)), np.full((H, N), -np.inf)
@@ -75,8 +83,7 @@ def head_null(X: np.ndarray, V: np.ndarray, in_a: np.ndarray, threshold: float, 
     return mean_abs.T, max_abs.T
 
 
-def _chunks(mask: np.ndarray):
-    idx = np.flatnonzero(mask)
+def _chunks(idx: np.ndarray):
     return [idx[i : i + ELEMENT_CHUNK] for i in range(0, len(idx), ELEMENT_CHUNK)]
 
 
@@ -86,14 +93,27 @@ def _rows(X: np.ndarray, idx: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(X[:, :, idx].transpose(1, 2, 0).reshape(H * len(idx), U), dtype=np.float32)
 
 
-def _complete(contrast: np.ndarray, M: np.ndarray, H: int):
-    """Sum, count and max of |D| per head over elements every unit holds: D = M @ contrast."""
-    D = np.abs(M @ contrast).reshape(H, -1, contrast.shape[1])  # [heads, elements, labelings]
-    return D.sum(1), np.full((H, D.shape[2]), D.shape[1], dtype=np.float64), D.max(1)
+def _pattern_contrast(wa: np.ndarray, v: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """For elements held by the units ``v`` (0/1 [units]): D = values @ contrast, the mean of a's holding units
+    minus b's, under every labeling; 0 (and not valid) where a group holds fewer than ``threshold`` units."""
+    held = wa * v[:, None]
+    ca, cb = held.sum(0), (v[:, None] - held).sum(0)
+    valid = (ca >= threshold) & (cb >= threshold)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        contrast = held / ca - (v[:, None] - held) / cb
+    return np.where(valid, contrast, 0).astype(np.float32), valid
 
 
-def _general(wa: np.ndarray, M: np.ndarray, Vt: np.ndarray, threshold: float, H: int):
+def _linear(cols: slice, H: int, contrast: np.ndarray, M: np.ndarray, valid: np.ndarray):
+    """Sum, count and max of |D| per head over elements held by the same units: D = M @ contrast."""
+    c = contrast[:, cols]
+    D = np.abs(M @ c).reshape(H, -1, c.shape[1])  # [heads, elements, labelings]; 0 where not valid
+    return D.sum(1), np.broadcast_to(valid[cols] * float(D.shape[1]), (H, c.shape[1])), D.max(1)
+
+
+def _general(cols: slice, H: int, wa_all: np.ndarray, M: np.ndarray, Vt: np.ndarray, threshold: float):
     """Sum, count and max of |D| per head: each group's mean as a weighted sum of its units' values."""
+    wa = wa_all[:, cols]
     ca = Vt @ wa  # [elements, labelings]
     cb = Vt.sum(1, keepdims=True) - ca
     valid = (ca >= threshold) & (cb >= threshold)
