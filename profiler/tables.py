@@ -145,7 +145,9 @@ class Comparison:
 
     @property
     def min_p(self) -> float | None:
-        """The smallest permutation p this design and these permutations can give (None without any)."""
+        """The smallest permutation p of mean |D| or max |D| this design and these permutations allow (None
+        without any): 1 / (1 + N), or 2 / (1 + N) when every relabeling, the observed one's mirror image among
+        them, is enumerated."""
         return None if self.relabelings is None else self.relabelings.min_p
 
     def design(self) -> str:
@@ -166,7 +168,8 @@ class Comparison:
             return line + "; no permutations"
         how = (f"all {self.relabelings.distinct} distinct relabelings (exact)" if self.exact
                else f"{self.permutations} random relabelings of {self.relabelings.distinct} possible")  # fmt: skip
-        return line + f"; {how}: smallest possible p = {self.min_p:.3g}"
+        mirror = " (its mirror image, the groups swapped, ties it)" if self.relabelings.mirrored else ""
+        return line + f"; {how}: smallest possible p = {self.min_p:.3g}{mirror}"
 
     # ------------------------------------------------------------ statistics
     def _families(self):

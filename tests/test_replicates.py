@@ -148,12 +148,13 @@ def test_head_null_equals_a_loop_over_labelings(seed, level, U, min_pattern):
 
 def test_relabelings_exact_enumeration_and_strata():
     r = relabelings(np.arange(6) < 3, None, n=999)
-    assert r.exact and r.distinct == 20 and r.n == 19 and r.min_p == pytest.approx(0.05)
+    assert r.exact and r.distinct == 20 and r.n == 19 and r.mirrored and r.min_p == pytest.approx(0.1)
     assert len({tuple(row) for row in r.in_a}) == 20 and (r.in_a.sum(1) == 3).all()
     strata = np.array([0, 0, 0, 0, 1, 1, 1, 1])
     in_a = np.array([1, 1, 0, 0, 1, 0, 0, 0], dtype=bool)
     r = relabelings(in_a, strata, n=999)
     assert r.distinct == math.comb(4, 2) * math.comb(4, 1) and r.exact
+    assert not r.mirrored and r.min_p == pytest.approx(1 / 24)  # 1 of 4 in the second stratum: no mirror image
     assert (r.in_a[:, :4].sum(1) == 2).all() and (r.in_a[:, 4:].sum(1) == 1).all()
     mc = relabelings(np.arange(40) < 20, np.arange(40) % 2, n=300, seed=1)
     assert not mc.exact and mc.n == 300 and np.array_equal(mc.in_a[0], np.arange(40) < 20)

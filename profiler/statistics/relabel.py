@@ -34,9 +34,16 @@ class Relabelings:
         return len(self.in_a) - 1
 
     @property
+    def mirrored(self) -> bool:
+        """Every distinct relabeling is enumerated and the observed labeling's mirror image (the groups
+        swapped) is among them: a statistic of |D| ties it, so no p falls below 2 / (1 + N)."""
+        return self.exact and bool(np.any(np.all(self.in_a[1:] == ~self.in_a[0], axis=1)))
+
+    @property
     def min_p(self) -> float:
-        """The smallest permutation p this design and these relabelings can give: 1 / (1 + N)."""
-        return 1.0 / (1 + self.n)
+        """The smallest p of a statistic of |D| with these relabelings: 1 / (1 + N), or 2 / (1 + N) when the
+        mirror image of the observed labeling is enumerated too (equal group sizes in every stratum)."""
+        return (2.0 if self.mirrored else 1.0) / (1 + self.n)
 
 
 def count_relabelings(in_a: np.ndarray, strata: np.ndarray) -> int:
