@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_options import dot_precision, resolve
+
 #: Read once at import: the interpreter must be on before any kernel is decorated.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = math.log2(math.e)
@@ -51,6 +53,9 @@ LN2_C = tl.constexpr(LN2)
 MAX_HEAD_DIM = 128
 #: Programs of a 1-D launch grid (axis 0 allows 2**31 - 1; axes 1 and 2 only 65,535, so none is used).
 MAX_PROGRAMS = 2**31 - 1
+#: Under the interpreter tl.dot ignores input_precision (numpy fp32 matmul) and gets bfloat16 wrong, so
+#: :func:`mma` emulates each policy's operand rounding with bit operations there.
+EMULATE = tl.constexpr(INTERPRET)
 #: Context keys are re-scored after the loop in tiles of this many (tl.dot needs >= 16).
 CTX_BLOCK = 16
 
@@ -73,6 +78,73 @@ def load_rows(base, idx, ok, stride_l, stride_d, HEAD_D: tl.constexpr, BLOCK_D: 
 
 
 @triton.jit
+def _tf32_rna(x):
+    """fp32 -> tf32 (10 mantissa bits), round to nearest, ties away (as ``cvt.rna.tf32.f32``)."""
+    return ((x.to(tl.int32, bitcast=True) + 0x1000) & -8192).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _tf32_trunc(x):
+    """fp32 -> tf32 by dropping the low 13 bits (what a tensor core does with an fp32 register)."""
+    return (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _bf16_rne(x):
+    """fp32 -> bf16 (7 mantissa bits), round to nearest even, kept in fp32 (as ``cvt.rn.bf16.f32``)."""
+    bits = x.to(tl.int32, bitcast=True)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def round_like_mma(x, PREC: tl.constexpr):
+    """``x`` (fp32) rounded as :func:`mma` rounds its operands under a single-product policy (``tf32``,
+    ``bf16``, ``fp16``); unchanged otherwise. For scores computed off the tensor cores (the diagonal)
+    that must agree with the ones the log-sum-exp came from."""
+    if PREC == "tf32":
+        return _tf32_trunc(x)
+    elif PREC == "bf16":
+        return _bf16_rne(x)
+    elif PREC == "fp16":
+        return x.to(tl.float16).to(tl.float32)
+    else:
+        return x
+
+
+@triton.jit
+def mma(a, b, PREC: tl.constexpr):
+    """``a @ b`` with fp32 accumulation under the precision policy ``PREC`` (see triton_options):
+    ``"native"`` for 16-bit inputs; for fp32 inputs ``"tf32x3"``, ``"tf32"``, ``"bf16"``, ``"fp16"``
+    (tensor cores) or ``"ieee"`` (FMA pipe). Under the interpreter the roundings are emulated."""
+    if PREC == "native":
+        return tl.dot(a, b)
+    elif PREC == "fp16":
+        return tl.dot(a.to(tl.float16), b.to(tl.float16))
+    elif PREC == "bf16":
+        if EMULATE:
+            return tl.dot(_bf16_rne(a), _bf16_rne(b), input_precision="ieee")
+        else:
+            return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    elif PREC == "tf32":
+        if EMULATE:  # the hardware's truncation: the larger of the two possible errors
+            return tl.dot(_tf32_trunc(a), _tf32_trunc(b), input_precision="ieee")
+        else:
+            return tl.dot(a, b, input_precision="tf32")
+    elif PREC == "tf32x3":
+        if EMULATE:  # Triton's split: hi = rna(x), lo = x - hi (truncated by the tensor core)
+            a_hi = _tf32_rna(a)
+            b_hi = _tf32_rna(b)
+            a_lo = _tf32_trunc(a - a_hi)
+            b_lo = _tf32_trunc(b - b_hi)
+            small = tl.dot(a_lo, b_hi, input_precision="ieee") + tl.dot(a_hi, b_lo, input_precision="ieee")
+            return small + tl.dot(a_hi, b_hi, input_precision="ieee")
+        else:
+            return tl.dot(a, b, input_precision="tf32x3")
+    else:
+        return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
 def key_tile(q, k_base, v_base, bias_base, start, extent, skl, skd, svl, svd,
              HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, KEYS: tl.constexpr):  # fmt: skip
     """Raw scores ``q . k`` of the keys ``start .. start + KEYS`` and their values. Padded keys (past
@@ -82,7 +154,7 @@ def key_tile(q, k_base, v_base, bias_base, start, extent, skl, skd, svl, svd,
     ok = cols < extent
     k = load_rows(k_base, cols, ok, skl, skd, HEAD_D, BLOCK_D)
     v = load_rows(v_base, cols, ok, svl, svd, HEAD_D, BLOCK_D)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+    s = mma(q, tl.trans(k), DOT_PREC)
     real = tl.load(bias_base + cols, mask=ok, other=MASKED_C) == 0.0
     if tl.min(real.to(tl.int32), 0) == 0:
         s = tl.where(real[None, :], s, MASKED_RAW)
@@ -143,7 +215,7 @@ def _forward_kernel(
             # sum p~ (t - m_new) = alpha (a + l (m_old - m_new)) + this tile; a padded key adds 0 * x = 0
             a_i = alpha * (a_i + l_i * (m_i - m_new)) + tl.sum(p * shifted, 1)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOT_PREC)
         m_i = m_new
         if COUNT_TILES:
             visited += 1
@@ -167,8 +239,9 @@ def _forward_kernel(
         # + 0 * sum(out): a NaN or Inf in v (which only the output sees) reaches the statistics' checksum
         row_max = 1.0 / l_i + 0.0 * tl.sum(out, 1)
         # self mass from the diagonal score, summed in fp32 like the dot (a padded row's term masks it)
-        k_diag = load_rows(k_base, rows, row_ok, skl, skd, HEAD_D, BLOCK_D).to(tl.float32)
-        self_mass = tl.exp2(tl.sum(q.to(tl.float32) * k_diag, 1) * qk_scale + term)
+        # (its operands rounded as the tensor cores rounded them for the lse, under a rounding policy)
+        k_diag = round_like_mma(load_rows(k_base, rows, row_ok, skl, skd, HEAD_D, BLOCK_D).to(tl.float32), DOT_PREC)
+        self_mass = tl.exp2(tl.sum(round_like_mma(q.to(tl.float32), DOT_PREC) * k_diag, 1) * qk_scale + term)
         # context mass: the first C keys re-scored against the final lse (C + ... exps per row, not L)
         context = tl.zeros([BLOCK_M], tl.float32)
         for start_c in range(0, tl.minimum(n_context, extent), CTX):
@@ -176,7 +249,7 @@ def _forward_kernel(
             ok = (cols < n_context) & (cols < extent)
             k = load_rows(k_base, cols, ok, skl, skd, HEAD_D, BLOCK_D)
             bias = tl.load(BIAS + b * L + cols, mask=ok, other=MASKED_C)
-            t = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale + bias[None, :]
+            t = mma(q, tl.trans(k), DOT_PREC) * qk_scale + bias[None, :]
             context += tl.sum(tl.exp2(t + term[:, None]), 1)
         stats_base = ROWSTATS + bh.to(tl.int64) * 4 * L + rows  # [B, H, 4, L] in the order of SUMMARIES
         tl.store(stats_base, entropy * weight, mask=row_ok)
@@ -236,7 +309,7 @@ def extents(padding: torch.Tensor) -> torch.Tensor:
 
 def forward(
     q, k, v, bias, extent, scale: float, *, inv_n=None, n_context: int = 0, tiles=None, want_lse=False,
-    term=None, rowstats=None,
+    term=None, rowstats=None, precision=None, deterministic=None,
 ):  # fmt: skip
     """Kernel 1 on checked inputs: ``out`` (dtype of q) and the rows' ``term = bias - lse2`` [B, H, L]
     (float32, base 2); with ``inv_n`` ([B] float32, 1 / real tokens per cell) also the weighted row
@@ -247,7 +320,9 @@ def forward(
     program stores the key tiles it visited (a debug count, compiled out otherwise).
     ``want_lse``: also return every row's ``lse2`` [B, H, L] (padded rows included).
     ``term``, ``rowstats``: buffers of those shapes to write into (reused across layers), else new.
+    ``precision``, ``deterministic``: see :mod:`.triton_options` (None: the options in force).
     """
+    opts = resolve(precision, deterministic)
     B, H, L, D = q.shape
     if not 2.0**-60 <= scale * LOG2E <= 2.0**20:  # padded keys score MASKED_RAW * scale: far below any real one
         raise ValueError(f"the triton backend takes attention scales in [2**-60, 2**20], got {scale}; use backend='torch'")
@@ -266,7 +341,7 @@ def forward(
         rowstats if with_stats else term, tiles if tiles is not None else extent,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         H, L, triton.next_power_of_2(L), n_context, scale * LOG2E,
-        HEAD_D=D, BLOCK_D=block_d(D), DOT_PREC=dot_precision(q.dtype),
+        HEAD_D=D, BLOCK_D=block_d(D), DOT_PREC=dot_precision(q.dtype, opts.precision),
         WITH_STATS=with_stats, WRITE_LSE=want_lse, COUNT_TILES=tiles is not None, CTX=CTX_BLOCK,
     )  # fmt: skip
     return (out, term, rowstats, lse2) if want_lse else (out, term, rowstats)
@@ -276,12 +351,7 @@ def block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))  # tl.dot needs >= 16 along the reduced axis
 
 
-def dot_precision(dtype: torch.dtype) -> str | None:
-    # fp32 inputs get true fp32 dots, not tf32: the statistics are meant to match the reference to ~1e-6
-    return "ieee" if dtype == torch.float32 else None
-
-
-def triton_forward(q, k, v, padding=None, scale=None):
+def triton_forward(q, k, v, padding=None, scale=None, *, precision=None, deterministic=None):
     """Softmax attention over ``[B, H, L, D]`` with a key padding mask ``[B, L]`` (True = padding).
 
     Returns ``(out, lse)``: the output in the dtype of ``q`` (padded query rows
@@ -301,5 +371,6 @@ def triton_forward(q, k, v, padding=None, scale=None):
     if bool(padding.all(1).any()):
         raise ValueError("some cells have no real token (all keys are padding); drop zero-length cells first")
     scale = D**-0.5 if scale is None else float(scale)
-    out, _, _, lse2 = forward(q, k, v, key_bias(padding), extents(padding), scale, want_lse=True)
+    out, _, _, lse2 = forward(q, k, v, key_bias(padding), extents(padding), scale, want_lse=True, precision=precision,
+                             deterministic=deterministic)  # fmt: skip
     return out, lse2 * LN2

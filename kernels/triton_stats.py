@@ -41,15 +41,17 @@ from .triton_forward import (
     forward,
     key_bias,
     load_rows,
+    mma,
     tile_configs,
 )
+from .triton_options import resolve
 
 
 @triton.jit
 def _log2_probs(a, b, a_term, b_term, qk_scale, DOT_PREC: tl.constexpr):
     """``log2 P`` on the tile ``a @ b^T``; one of a, b holds queries (term: kernel 1's ``bias - lse2``),
     the other keys (term: their padding bias)."""
-    s = tl.dot(a, tl.trans(b), input_precision=DOT_PREC)
+    s = mma(a, tl.trans(b), DOT_PREC)
     return s * qk_scale + a_term[:, None] + b_term[None, :]
 
 
@@ -83,7 +85,7 @@ def _column_part(k, q_base, term_base, start, extent, sql, sqd, qk_scale,
     rows = start + tl.arange(0, ROWS)
     q = load_rows(q_base, rows, rows < extent, sql, sqd, HEAD_D, BLOCK_D)
     term = tl.load(term_base + rows, mask=rows < extent, other=MASKED_C)  # padded rows: p = 0
-    t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale + term[None, :]
+    t = mma(k, tl.trans(q), DOT_PREC) * qk_scale + term[None, :]
     if ON_FMA:
         return tl.sum(exp2_fma(t), 1)
     return tl.sum(tl.exp2(t), 1)
@@ -202,6 +204,7 @@ class KernelResults:
 def cell_results(
     q, k, v, scale: float, *, bias, extent, inv_n, cells, window: int, n_context: int = 0,
     panel_pos=None, received: bool = True, work: dict | None = None, tiles: dict | None = None,
+    precision: str | None = None, deterministic: bool | None = None,
 ):  # fmt: skip
     """Kernel 1, then kernel 2 on the counted cells: ``(out, KernelResults)``.
 
@@ -212,8 +215,10 @@ def cell_results(
     ``work``: buffers to reuse across the layers of a forward (filled on first use; results live in
     them until the next call). ``tiles``: {"forward": buf, "columns": buf} zeroed int32 buffers (one
     entry per program, at least ``B * H * L`` and ``C * H * L``) to count the tiles each program visits.
+    ``precision``, ``deterministic``: see :mod:`.triton_options` (None: the options in force).
     """
     check_tensors(q, k, v)
+    opts = resolve(precision, deterministic)
     B, H, L, D = q.shape
     C = cells.shape[0]
     check_grid(C * H * max(L, window * window), "counted cells x heads x max(L, W^2)")
@@ -221,13 +226,14 @@ def cell_results(
     work = {} if work is None else work
     out, term, rowstats = forward(
         q, k, v, bias, extent, scale, inv_n=inv_n, n_context=n_context, tiles=tiles.get("forward"),
-        term=work.get("term"), rowstats=work.get("rowstats"),
+        term=work.get("term"), rowstats=work.get("rowstats"), precision=opts.precision,
+        deterministic=opts.deterministic,
     )  # fmt: skip
     work.update(term=term, rowstats=rowstats)
     every = rowstats.sum(-1)  # [B, H, 4]: rows come weighted by real / n (NaN if any q, k, v was not finite)
     summary = every.index_select(0, cells)
     common = (*q.stride(), *k.stride())
-    meta = dict(HEAD_D=D, BLOCK_D=block_d(D), DOT_PREC=dot_precision(q.dtype))
+    meta = dict(HEAD_D=D, BLOCK_D=block_d(D), DOT_PREC=dot_precision(q.dtype, opts.precision))
     qk_scale = scale * LOG2E
     recv = None
     if received:
@@ -286,19 +292,21 @@ def plan_device(plan) -> PlanDevice:
     return plan.cache["triton"]
 
 
-def triton_cells(q, k, v, plan, scale: float):
+def triton_cells(q, k, v, plan, scale: float, *, precision: str | None = None, deterministic: bool | None = None):
     """The triton backend on a plan: ``(out, CellResults)`` for :func:`attnprof.kernels.reduce.reduce_into`.
 
     No host sync: everything data-dependent comes from the plan. Non-finite q, k or v (a NaN row
     log-sum-exp, or a NaN output) is not raised here, which would wait for the device: each call
     appends a device checksum to ``plan_device(plan).finite`` and :func:`first_non_finite` checks them
     all with one sync (the caller does, once per forward).
+    ``precision``, ``deterministic``: see :mod:`.triton_options` (None: the options in force).
     """
     spec, dev = plan.spec, plan_device(plan)
+    opts = resolve(precision, deterministic)
     out, res = cell_results(
         q, k, v, scale, bias=dev.bias, extent=dev.extent, inv_n=dev.inv_n, cells=plan.counted,
         window=plan.window, n_context=spec.n_context, panel_pos=plan.panel_pos if spec.panel else None,
-        received=spec.gene_stats, work=dev.work,
+        received=spec.gene_stats, work=dev.work, precision=opts.precision, deterministic=opts.deterministic,
     )  # fmt: skip
     dev.finite.append(res.checksum)  # kernel 1 folds every row's lse and output into it
     cells = CellResults(summary=res.summary, window=res.window)
