@@ -51,8 +51,10 @@ VARIANTS = {  # the autotune configs with the fewest instructions per score (and
 }  # fmt: skip
 
 
-def compile_for_h100(kernel, consts: dict, dtype: str = "fp16", warps: int = 4, stages: int = 3, real_launch: bool = True):
-    """``kernel`` (an autotuned attnprof kernel) compiled for sm_90 with ``dtype`` q, k, v and ``consts``
+def compile_for_h100(kernel, consts: dict, dtype: str = "fp16", warps: int = 4, stages: int = 3, real_launch: bool = True,
+                     capability: int = 90):
+    """``kernel`` (an autotuned attnprof kernel) compiled for sm_90 (or ``capability``, e.g. 80 for an
+    A100) with ``dtype`` q, k, v and ``consts``
     (its tile sizes and flags; head dim 24 padded to 32 unless given). ``real_launch``: the attributes
     the JIT gives real inputs (unit strides specialized, pointers and row strides divisible by 16)."""
     fn = kernel.fn
@@ -71,8 +73,31 @@ def compile_for_h100(kernel, consts: dict, dtype: str = "fp16", warps: int = 4, 
     if real_launch:
         aligned = [a for a in fn.arg_names if a not in consts and (a in pointers or a[:2] in ("sq", "sk", "sv", "so"))]
         attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
-    return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+    return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", capability, 32),
                           options=dict(num_warps=warps, num_stages=stages))  # fmt: skip
+
+
+def ptxas_usage(compiled) -> dict:
+    """Registers and spill bytes of a compiled kernel, from ptxas -v on its own PTX (Triton's ptxas, the
+    options Triton compiles with). Without a GPU the driver never loads the kernel, so its
+    ``n_regs`` / ``n_spills`` stay unset: ptxas says them instead."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptx = compiled.asm["ptx"]
+    arch = re.search(r"^\.target\s+(sm_\w+)", ptx, re.MULTILINE).group(1)
+    src = Path(f"/tmp/attnprof_usage_{os.getpid()}.ptx")
+    src.write_text(ptx)
+    try:
+        ptxas = get_ptxas(compiled.metadata.target.arch).path  # the one Triton picks for this target
+        run = subprocess.run([ptxas, "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={arch}", str(src),
+                              "-o", os.devnull], capture_output=True, text=True, check=True)  # fmt: skip
+    finally:
+        src.unlink()
+    log = run.stdout + run.stderr
+    number = lambda pattern: int(m.group(1)) if (m := re.search(pattern, log)) else 0  # noqa: E731
+    return {"arch": arch, "registers": number(r"Used (\d+) registers"),
+            "spill_stores": number(r"(\d+) bytes spill stores"), "spill_loads": number(r"(\d+) bytes spill loads"),
+            "stack": number(r"(\d+) bytes stack frame")}  # fmt: skip
 
 
 def compile_sass(kernel, consts: dict, warps: int, stages: int) -> str:

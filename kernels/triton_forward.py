@@ -68,6 +68,74 @@ def tile_configs(gpu: list[tuple[int, int, int, int]]) -> list[triton.Config]:
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in gpu]
 
 
+def table_key(block_d: int, dot_prec: str) -> tuple[int, bool]:
+    """Which row of a per-head-dim config table a launch reads: (BLOCK_D, at least 32; fp32 operands)."""
+    return max(32, int(block_d)), dot_prec != "native"
+
+
+def _config_id(config: triton.Config, names) -> tuple:
+    return (*(config.kwargs.get(n, 0) for n in names), config.num_warps, config.num_stages)
+
+
+def head_dim_configs(table: dict, names=("BLOCK_M", "BLOCK_N"), interpreter: tuple = (32, 32)):
+    """``(configs, prune)`` for ``triton.autotune``: every config of ``table`` ({(BLOCK_D, fp32 operands):
+    [(*sizes, warps, stages), ...]}, each row free of register spills on sm_80 and sm_90:
+    benches/sass_counts.py --spills) and an ``early_config_prune`` that keeps, before any tuning, the
+    configs of the launch's row in the row's order (its first is the deterministic mode's pinned
+    config). A config list that has none of the row's (a test forcing tiles, the interpreter's one
+    small tile) is kept as it is. Under the interpreter: one config of ``interpreter`` sizes."""
+    if INTERPRET:
+        configs = [triton.Config(dict(zip(names, interpreter)), num_warps=1, num_stages=1)]
+    else:
+        configs = table_configs(table, names)
+
+    def prune(configs, named_args, **kwargs):
+        wanted = table.get(table_key(kwargs["BLOCK_D"], kwargs["DOT_PREC"]), [])
+        by_id = {_config_id(c, names): c for c in configs}
+        return [by_id[tuple(row)] for row in wanted if tuple(row) in by_id] or list(configs)
+
+    return configs, prune
+
+
+def table_configs(table: dict, names=("BLOCK_M", "BLOCK_N")) -> list[triton.Config]:
+    """Every config of a per-head-dim table, once each, in first-seen order."""
+    rows = dict.fromkeys(tuple(row) for entries in table.values() for row in entries)
+    return [triton.Config(dict(zip(names, row[:-2])), num_warps=row[-2], num_stages=row[-1]) for row in rows]
+
+
+def pinned_config(kernel, args: tuple, kwargs: dict) -> triton.Config:
+    """The deterministic mode's config of a launch: the first the kernel's prune keeps (no timing)."""
+    nargs = dict(zip(kernel.arg_names, args))
+    configs = kernel.configs
+    if kernel.early_config_prune is not None:
+        configs = kernel.early_config_prune(configs, nargs, **kwargs)
+    return configs[0]
+
+
+def launch(kernel, grid, args: tuple, kwargs: dict, deterministic: bool) -> None:
+    """``kernel[grid](*args, **kwargs)``; in deterministic mode with its pinned config, never autotuned
+    (no timing-dependent choice, no tuning sync): every run, shard and rank sums in the same order."""
+    if not deterministic:
+        kernel[grid](*args, **kwargs)
+        return
+    config = pinned_config(kernel, args, kwargs)
+    kernel.best_config = config  # as the autotuner records its choice (tests read it)
+    kernel.fn[grid](*args, **kwargs, **config.all_kwargs())
+
+
+#: Kernel 1's configs per (head dim, fp32 operands): (BLOCK_M, BLOCK_N, warps, stages), the pinned one
+#: first; none spills on sm_80 or sm_90 (python benches/sass_counts.py --spills).
+FORWARD_CONFIGS = {
+    (32, False): [(128, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4), (64, 32, 4, 3)],
+    (32, True): [(128, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4), (64, 32, 4, 3)],
+    (64, False): [(128, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4), (64, 32, 4, 3)],
+    (64, True): [(128, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4), (64, 32, 4, 3)],
+    (128, False): [(128, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4), (64, 32, 4, 3)],
+    (128, True): [(128, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4), (64, 32, 4, 3)],
+}
+_FORWARD_CONFIGS, _forward_prune = head_dim_configs(FORWARD_CONFIGS)
+
+
 @triton.jit
 def load_rows(base, idx, ok, stride_l, stride_d, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr):
     """Rows ``idx`` of one (cell, head)'s [L, D] matrix as a [len(idx), BLOCK_D] tile; zeros where
@@ -162,11 +230,12 @@ def key_tile(q, k_base, v_base, bias_base, start, extent, skl, skd, svl, svd,
 
 
 @triton.autotune(
-    # (128, 128, 4 warps): fewest instructions per score when compiled for sm_90 (benches/sass_counts.py)
-    configs=tile_configs([(128, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4), (64, 32, 4, 3)]),
+    # per head dim and operand width, pruned before tuning (FORWARD_CONFIGS)
+    configs=_FORWARD_CONFIGS,
+    prune_configs_by={"early_config_prune": _forward_prune},
     # L_BUCKET = next power of two of L: tune once per size class, not for every batch's length;
     # the tensor dtypes join the key automatically
-    key=["L_BUCKET", "BLOCK_D", "WITH_STATS"],
+    key=["L_BUCKET", "BLOCK_D", "WITH_STATS", "DOT_PREC"],
 )
 @triton.jit
 def _forward_kernel(
@@ -336,14 +405,15 @@ def forward(
         rowstats = torch.empty(B, H, 4, L, dtype=torch.float32, device=q.device)
     lse2 = torch.empty_like(term) if want_lse else None
     grid = lambda meta: (B * H * triton.cdiv(L, meta["BLOCK_M"]),)  # noqa: E731
-    _forward_kernel[grid](
+    args = (
         q, k, v, bias, extent, inv_n if with_stats else bias, out, term, lse2 if want_lse else term,
         rowstats if with_stats else term, tiles if tiles is not None else extent,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         H, L, triton.next_power_of_2(L), n_context, scale * LOG2E,
-        HEAD_D=D, BLOCK_D=block_d(D), DOT_PREC=dot_precision(q.dtype, opts.precision),
-        WITH_STATS=with_stats, WRITE_LSE=want_lse, COUNT_TILES=tiles is not None, CTX=CTX_BLOCK,
     )  # fmt: skip
+    meta = dict(HEAD_D=D, BLOCK_D=block_d(D), DOT_PREC=dot_precision(q.dtype, opts.precision),
+                WITH_STATS=with_stats, WRITE_LSE=want_lse, COUNT_TILES=tiles is not None, CTX=CTX_BLOCK)  # fmt: skip
+    launch(_forward_kernel, grid, args, meta, opts.deterministic)
     return (out, term, rowstats, lse2) if want_lse else (out, term, rowstats)
 
 

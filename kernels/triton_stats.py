@@ -30,7 +30,6 @@ import triton.language as tl
 from .reduce import CellResults
 from .spec import refuse_non_finite
 from .triton_forward import (
-    INTERPRET,
     LOG2E,
     MASKED_C,
     block_d,
@@ -40,9 +39,10 @@ from .triton_forward import (
     extents,
     forward,
     key_bias,
+    head_dim_configs,
+    launch,
     load_rows,
     mma,
-    tile_configs,
 )
 from .triton_options import resolve
 
@@ -91,17 +91,27 @@ def _column_part(k, q_base, term_base, start, extent, sql, sqd, qk_scale,
     return tl.sum(tl.exp2(t), 1)
 
 
+#: The column pass's configs per (head dim, fp32 operands): (BLOCK_M, BLOCK_N, BLOCK_M_FMA, warps, stages),
+#: the pinned one first; BLOCK_M_FMA more query rows per step whose exponentials run on the FMA pipe, the
+#: rest on MUFU (what balances them is measured, not assumed). None spills on sm_80 or sm_90.
+COLUMNS_CONFIGS = {
+    key: [(128, 128, 32, 4, 3), (128, 128, 0, 4, 3), (64, 128, 0, 8, 3), (64, 64, 0, 4, 3), (128, 128, 0, 8, 3),
+          (128, 64, 0, 4, 3), (64, 128, 32, 8, 3), (128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 64, 16, 4, 3)]
+    for key in [(32, False), (32, True), (64, False), (64, True), (128, False), (128, True)]
+}  # fmt: skip
+_COLUMNS_CONFIGS, _columns_prune = head_dim_configs(COLUMNS_CONFIGS, ("BLOCK_M", "BLOCK_N", "BLOCK_M_FMA"), (32, 32, 16))
+#: The entries kernel's: (BLOCK_M, BLOCK_N, warps, stages).
+ENTRIES_CONFIGS = {
+    key: [(64, 64, 4, 2), (32, 32, 4, 2), (64, 32, 4, 2)]
+    for key in [(32, False), (32, True), (64, False), (64, True), (128, False), (128, True)]
+}  # fmt: skip
+_ENTRIES_CONFIGS, _entries_prune = head_dim_configs(ENTRIES_CONFIGS)
+
+
 @triton.autotune(
-    # (BLOCK_M, BLOCK_N, warps, stages, BLOCK_M_FMA): BLOCK_M_FMA more query rows per step whose
-    # exponentials run on the FMA pipe, the rest on MUFU (what balances them is measured, not assumed)
-    configs=[
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_M_FMA": f}, num_warps=w, num_stages=s)
-        for m, n, w, s, f in ([(32, 32, 1, 1, 16)] if INTERPRET else [
-            (128, 128, 4, 3, 0), (128, 128, 4, 3, 32), (64, 128, 8, 3, 0), (64, 64, 4, 3, 0), (128, 128, 8, 3, 0),
-            (128, 64, 4, 3, 0), (64, 128, 8, 3, 32), (128, 128, 8, 3, 32), (128, 64, 4, 3, 32), (64, 64, 4, 3, 16),
-        ])
-    ],  # fmt: skip
-    key=["L_BUCKET", "BLOCK_D"],
+    configs=_COLUMNS_CONFIGS,
+    prune_configs_by={"early_config_prune": _columns_prune},
+    key=["L_BUCKET", "BLOCK_D", "DOT_PREC"],
 )
 @triton.jit
 def _columns_kernel(
@@ -149,7 +159,8 @@ def _columns_kernel(
         tl.store(TILES + pid, visited)
 
 
-@triton.autotune(configs=tile_configs([(64, 64, 4, 2), (32, 32, 4, 2), (64, 32, 4, 2)]), key=["W", "BLOCK_D"])
+@triton.autotune(configs=_ENTRIES_CONFIGS, prune_configs_by={"early_config_prune": _entries_prune},
+                 key=["W", "BLOCK_D", "DOT_PREC"])
 @triton.jit
 def _entries_kernel(
     Q, K, BIAS, TERM, EXTENT, CELLS, POS, OUT,
@@ -240,10 +251,10 @@ def cell_results(
         recv = _buffer(work, "received", (C, L, H), q.device)  # [C, L, H]: rows gathered per token
         grid = lambda meta: (C * H * triton.cdiv(L, meta["BLOCK_N"]),)  # noqa: E731
         cols = tiles.get("columns")
-        _columns_kernel[grid](
-            q, k, bias, term, extent, inv_n, cells, recv, cols if cols is not None else extent,
-            *common, H, L, triton.next_power_of_2(L), qk_scale, **meta, COUNT_TILES=cols is not None,
-        )  # fmt: skip
+        args = (q, k, bias, term, extent, inv_n, cells, recv, cols if cols is not None else extent,
+                *common, H, L, triton.next_power_of_2(L), qk_scale)  # fmt: skip
+        launch(_columns_kernel, grid, args, dict(meta, COUNT_TILES=cols is not None), opts.deterministic)
+    meta["deterministic"] = opts.deterministic
     win = _entries(work, "window", q, k, bias, term, extent, cells, None, window, common, L, qk_scale, meta)
     pair = None
     if panel_pos is not None and panel_pos.shape[1]:
@@ -262,10 +273,10 @@ def _entries(work, name, q, k, bias, term, extent, cells, pos, W, common, L, qk_
     C, H = cells.shape[0], q.shape[1]
     block = _buffer(work, name, (C, H, W, W), q.device)
     grid = lambda m: (C * H * triton.cdiv(W, m["BLOCK_M"]) * triton.cdiv(W, m["BLOCK_N"]),)  # noqa: E731
-    _entries_kernel[grid](
-        q, k, bias, term, extent, cells, pos if pos is not None else cells, block,
-        *common, H, L, W, qk_scale, **meta, WINDOW=pos is None,
-    )  # fmt: skip
+    meta = dict(meta)
+    deterministic = meta.pop("deterministic")
+    args = (q, k, bias, term, extent, cells, pos if pos is not None else cells, block, *common, H, L, W, qk_scale)
+    launch(_entries_kernel, grid, args, dict(meta, WINDOW=pos is None), deterministic)
     return block
 
 
@@ -311,11 +322,35 @@ def triton_cells(q, k, v, plan, scale: float, *, precision: str | None = None, d
     dev.finite.append(res.checksum)  # kernel 1 folds every row's lse and output into it
     cells = CellResults(summary=res.summary, window=res.window)
     if spec.gene_stats:  # per (cell, gene) pair: its tokens' column means, summed
-        flat = _view(dev, "received", res.received, (-1, q.shape[1])).index_select(0, plan.gene_src)
-        cells.received = flat.new_zeros(plan.pair_cell.numel(), q.shape[1]).index_add_(0, plan.gene_pairs, flat)
+        recv = _view(dev, "received", res.received, (-1, q.shape[1]))
+        if opts.deterministic:  # a fixed-order gather-sum: index_add_ with repeated ids uses float atomics on CUDA
+            at, real = occurrences(plan)
+            cells.received = (recv[at] * real).sum(1)
+        else:
+            flat = recv.index_select(0, plan.gene_src)
+            cells.received = flat.new_zeros(plan.pair_cell.numel(), q.shape[1]).index_add_(0, plan.gene_pairs, flat)
     if spec.panel:
         cells.pair = _pair_means(plan, dev, res.pair, q.shape[1])
     return out, cells
+
+
+def occurrences(plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (cell, gene) pair of the plan, where its tokens are: ``at [U, R]`` int64 indices into a
+    counted-cell ``[C L]`` array (R = the most occurrences of an id in one cell; unused slots point at
+    the pair's first token) and ``real [U, R, 1]`` (1.0 / 0.0), so that ``(x[at] * real).sum(1)`` sums
+    each pair's tokens in token order, with no atomics. Once per plan; the one host sync (R) is taken
+    with the plan's other per-forward work, not per layer call."""
+    if "occurrences" not in plan.cache:
+        pairs, U = plan.gene_pairs, plan.pair_cell.numel()
+        order = torch.argsort(pairs, stable=True)  # tokens grouped by pair, each group in token order
+        counts = torch.zeros(U, dtype=torch.long, device=pairs.device).index_add_(0, pairs, torch.ones_like(pairs))
+        starts = counts.cumsum(0) - counts
+        R = int(counts.max()) if U else 1
+        slot = torch.arange(R, device=pairs.device)
+        real = slot < counts[:, None]
+        at = plan.gene_src[order][torch.where(real, starts[:, None] + slot, starts[:, None])]
+        plan.cache["occurrences"] = (at, real[:, :, None].float())
+    return plan.cache["occurrences"]
 
 
 def _pair_means(plan, dev: PlanDevice, block, H):
