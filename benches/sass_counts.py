@@ -4,6 +4,11 @@ loop. Then bound each loop by the H100's issue rate, exponential unit and tensor
 
     python benches/sass_counts.py            # table + benches/results/sass_counts.json
     python benches/sass_counts.py OUT.json   # the same, written elsewhere
+    python benches/sass_counts.py --spills   # registers and spills of the kernels' per-head-dim config
+                                             # tables on sm_80 and sm_90 -> benches/results/spills.json and
+                                             # kernels/triton_spills.py (what the autotune prune reads)
+    python benches/sass_counts.py --spills --pinned OUT.json  # the first config each launch takes, per
+                                             # head dim, arch and precision, compiled again (0 spills expected)
 
 The counts are exact for the code the compiler emits (fp16, head dim 32, the autotune configs named
 below: 128 x 128 tiles of 4 warps unless said); the times are ESTIMATES: a loop at the slowest of its
@@ -36,7 +41,7 @@ from attnprof.kernels import triton_forward as kf  # noqa: E402
 from attnprof.kernels import triton_stats as ks  # noqa: E402
 
 SMS, CLOCK = 132, 1.83e9
-ISSUE, MUFU, MACS = 4.0, 0.5, 2048.0  # per SM and clock: warp instructions, MUFU warp instructions, MACs
+ISSUE, MUFU, MACS = 4.0, 0.5, 2048.0  # per SM and clock: warp instructions, MUFU warp instructions, fp16 MACs
 SCORES = 8 * 16 * 1500**2
 MASKED_RAW = "-1.26765060022822940150e+30"  # how nvdisasm prints kf.MASKED_RAW (-2**100)
 NVDISASM = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
@@ -48,6 +53,11 @@ VARIANTS = {  # the autotune configs with the fewest instructions per score (and
     "kernel 1, 128x64": (kf._forward_kernel, dict(BLOCK_M=128, BLOCK_N=64, WITH_STATS=True, WRITE_LSE=False), 4, 3, 128 * 64),
     "column pass": (ks._columns_kernel, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_M_FMA=0), 4, 3, 128 * 128),
     "column pass, 32 FMA rows": (ks._columns_kernel, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_M_FMA=32), 4, 3, 160 * 128),
+    # fp32 models under the default policy (tf32x3: three tf32 tensor-core products per dot), with the
+    # configs their launches take first on sm_90 (kernels/triton_spills.py)
+    "kernel 1, fp32 tf32x3": (kf._forward_kernel, dict(BLOCK_M=128, BLOCK_N=64, WITH_STATS=True, WRITE_LSE=False, DOT_PREC="tf32x3"), 8, 3, 128 * 64, "fp32"),
+    "column pass, fp32 tf32x3": (ks._columns_kernel, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_M_FMA=0, DOT_PREC="tf32x3"), 4, 3, 128 * 128, "fp32"),
+    "flash forward, fp32 tf32x3": (kf._forward_kernel, dict(BLOCK_M=128, BLOCK_N=64, WITH_STATS=False, WRITE_LSE=True, DOT_PREC="tf32x3"), 8, 3, 128 * 64, "fp32"),
 }  # fmt: skip
 
 
@@ -100,10 +110,10 @@ def ptxas_usage(compiled) -> dict:
             "stack": number(r"(\d+) bytes stack frame")}  # fmt: skip
 
 
-def compile_sass(kernel, consts: dict, warps: int, stages: int) -> str:
-    """SASS of ``kernel`` for sm_90 with fp16 q, k, v of head dim 32, launched as real inputs are."""
+def compile_sass(kernel, consts: dict, warps: int, stages: int, dtype: str = "fp16") -> str:
+    """SASS of ``kernel`` for sm_90 with ``dtype`` q, k, v of head dim 32, launched as real inputs are."""
     consts = dict(consts, HEAD_D=32, BLOCK_D=32, COUNT_TILES=False)
-    compiled = compile_for_h100(kernel, consts, "fp16", warps, stages)
+    compiled = compile_for_h100(kernel, consts, dtype, warps, stages)
     cubin = Path(f"/tmp/attnprof_sass_{os.getpid()}.cubin")
     cubin.write_bytes(compiled.asm["cubin"])
     try:
@@ -138,7 +148,8 @@ def bounds(ops: list[str], warps: int, scores: int) -> dict:
     """Per score: warp instructions, exponentials, MACs; and the SM clocks per score of each bound."""
     count = collections.Counter(ops)
     mufu = sum(n for op, n in count.items() if op.startswith("MUFU.EX2"))
-    macs = sum(n * _hgmma_macs(op) for op, n in count.items() if op.startswith("HGMMA")) * warps / 4
+    # tf32 products run at half the fp16 rate (494 against 989 TFLOP/s): each counts twice against the bound
+    macs = sum(n * _hgmma_macs(op) * (2 if "TF32" in op else 1) for op, n in count.items() if op.startswith("HGMMA")) * warps / 4
     per_score = {"instructions": len(ops) * warps * 32 / scores, "MUFU.EX2": mufu * warps * 32 / scores}
     clocks = {"issue": len(ops) * warps / scores / ISSUE, "MUFU": mufu * warps / scores / MUFU, "tensor": macs / scores / MACS}
     return {"per_score": per_score, "clocks_per_score": clocks, "bound": max(clocks, key=clocks.get),
@@ -153,8 +164,8 @@ def _hgmma_macs(op: str) -> int:
 
 def main(out: Path) -> dict:
     results = {}
-    for name, (kernel, consts, warps, stages, scores) in VARIANTS.items():
-        hot, cold = main_loop(compile_sass(kernel, consts, warps, stages))
+    for name, (kernel, consts, warps, stages, scores, *dtype) in VARIANTS.items():
+        hot, cold = main_loop(compile_sass(kernel, consts, warps, stages, *dtype))
         results[name] = dict(bounds(hot, warps, scores), config=dict(consts, warps=warps, stages=stages),
                              masking_block_instructions=len(cold))  # fmt: skip
     flash = results["flash forward (SDPA stand-in)"]["estimate_us"]
@@ -167,5 +178,95 @@ def main(out: Path) -> dict:
     return results
 
 
+# name: (kernel, its per-head-dim table, the table's size names, the flags it runs with)
+TABLES = {
+    "kernel 1": (kf._forward_kernel, kf.FORWARD_CONFIGS, ("BLOCK_M", "BLOCK_N"), dict(WITH_STATS=True, WRITE_LSE=False, COUNT_TILES=False)),
+    "column pass": (ks._columns_kernel, ks.COLUMNS_CONFIGS, ("BLOCK_M", "BLOCK_N", "BLOCK_M_FMA"), dict(COUNT_TILES=False)),
+    "entries": (ks._entries_kernel, ks.ENTRIES_CONFIGS, ("BLOCK_M", "BLOCK_N"), dict(WINDOW=False)),
+}  # fmt: skip
+FP32_POLICIES = ("tf32x3", "tf32", "ieee", "bf16", "fp16")
+ARCHS = {"sm_80": 80, "sm_90a": 90}
+SPILLS_TABLE = Path(__file__).parents[1] / "kernels" / "triton_spills.py"
+
+
+def _usage(name, config, head_dim, dtype, policy, arch, progress) -> dict:
+    kernel, _, names, flags = TABLES[name]
+    consts = dict(flags, **dict(zip(names, config[:-2])), HEAD_D=head_dim, BLOCK_D=head_dim, DOT_PREC=policy)
+    compiled = compile_for_h100(kernel, consts, dtype, config[-2], config[-1], capability=ARCHS[arch])
+    row = dict(kernel=name, head_dim=head_dim, dtype=dtype, precision=policy, config=list(config), **ptxas_usage(compiled))
+    progress(f"{name:12} D {head_dim:3} {dtype} {policy:7} {str(tuple(config)):24} {row['arch']:7} {row['registers']:3} "
+             f"registers, {row['spill_stores']} B spill stores, {row['spill_loads']} B spill loads")  # fmt: skip
+    return row
+
+
+def spill_check(archs=tuple(ARCHS), kernels=tuple(TABLES), head_dims=(32, 64, 128), progress=print):
+    """Registers and spills (ptxas -v) of each kernel's per-head-dim table, for each arch: every config of
+    a row with its main inputs (fp16 for 16-bit rows, fp32 tf32x3 for fp32 rows); the row's first
+    spill-free config also with bf16 inputs (16-bit rows); for the other fp32 policies the row's configs
+    in order until one is spill-free (the one they run). Returns ``(rows, checked)``: every compile, and
+    {(arch, kernel, head dim, DOT_PREC, config): spill bytes} for kernels/triton_spills.py."""
+    rows, checked = [], {}
+
+    def record(name, config, head_dim, dtype, policy, arch):
+        row = _usage(name, config, head_dim, dtype, policy, arch, progress)
+        rows.append(row)
+        key = (arch, name, head_dim, policy, tuple(config))
+        checked[key] = max(checked.get(key, 0), row["spill_stores"] + row["spill_loads"])
+        return checked[key]
+
+    for name in kernels:
+        table = TABLES[name][1]
+        for (head_dim, wide), configs in table.items():
+            if head_dim not in head_dims:
+                continue
+            for arch in archs:
+                main_dtype, main_policy = ("fp32", "tf32x3") if wide else ("fp16", "native")
+                free = [c for c in configs if record(name, c, head_dim, main_dtype, main_policy, arch) == 0]
+                if not wide and free:
+                    record(name, free[0], head_dim, "bf16", "native", arch)
+                for policy in FP32_POLICIES[1:] if wide else ():
+                    for c in configs:
+                        if record(name, c, head_dim, "fp32", policy, arch) == 0:
+                            break
+    return rows, checked
+
+
+def write_spills_table(checked: dict, path: Path = SPILLS_TABLE) -> None:
+    lines = [repr(k) + ": " + str(v) + "," for k, v in sorted(checked.items())]
+    head = path.read_text().split("CHECKED")[0]
+    path.write_text(head + "CHECKED: dict = {\n" + "\n".join("    " + line for line in lines) + "\n}  # fmt: skip\n")
+
+
+def pinned_spills(archs=tuple(ARCHS), head_dims=(32, 64, 128), kernels=tuple(TABLES), policies=None,
+                  progress=print) -> list[dict]:  # fmt: skip
+    """The config each kernel launches first (the deterministic mode's) for each head dim, arch and
+    precision, compiled again: the rows of the check that must show no spills."""
+    rows = []
+    for name in kernels:
+        table = TABLES[name][1]
+        for (head_dim, wide), configs in table.items():
+            if head_dim not in head_dims:
+                continue
+            for arch in archs:
+                inputs = [("fp32", p) for p in FP32_POLICIES] if wide else [("fp16", "native"), ("bf16", "native")]
+                for dtype, policy in [x for x in inputs if policies is None or x[1] in policies]:
+                    free = kf.spill_free(name, configs, head_dim, policy, arch)
+                    rows.append(dict(_usage(name, free[0], head_dim, dtype, policy, arch, progress), pinned=True))
+    return rows
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "results" / "sass_counts.json")
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    if "--spills" in sys.argv:
+        out = Path(args[0]) if args else Path(__file__).parent / "results" / "spills.json"
+        if "--pinned" in sys.argv:
+            found = pinned_spills()
+        else:
+            found, checked = spill_check()
+            write_spills_table(checked)
+            print(f"written {SPILLS_TABLE}")
+        out.write_text(json.dumps(found, indent=1) + "\n")
+        spilled = [r for r in found if r["spill_stores"] or r["spill_loads"]]
+        print(f"{len(found)} compiles, {len(spilled)} with spills; written to {out}")
+        sys.exit(1 if spilled else 0)
+    main(Path(args[0]) if args else Path(__file__).parent / "results" / "sass_counts.json")

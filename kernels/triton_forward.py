@@ -77,24 +77,53 @@ def _config_id(config: triton.Config, names) -> tuple:
     return (*(config.kwargs.get(n, 0) for n in names), config.num_warps, config.num_stages)
 
 
-def head_dim_configs(table: dict, names=("BLOCK_M", "BLOCK_N"), interpreter: tuple = (32, 32)):
+def head_dim_configs(table: dict, names=("BLOCK_M", "BLOCK_N"), interpreter: tuple = (32, 32), kernel: str = ""):
     """``(configs, prune)`` for ``triton.autotune``: every config of ``table`` ({(BLOCK_D, fp32 operands):
-    [(*sizes, warps, stages), ...]}, each row free of register spills on sm_80 and sm_90:
-    benches/sass_counts.py --spills) and an ``early_config_prune`` that keeps, before any tuning, the
-    configs of the launch's row in the row's order (its first is the deterministic mode's pinned
-    config). A config list that has none of the row's (a test forcing tiles, the interpreter's one
-    small tile) is kept as it is. Under the interpreter: one config of ``interpreter`` sizes."""
+    [(*sizes, warps, stages), ...]}, candidates in order of preference) and an ``early_config_prune``
+    that keeps, before any tuning, the configs of the launch's row in the row's order that compiled
+    without register spills for the launch's GPU and precision (:func:`spill_free`); its first is the
+    deterministic mode's pinned config. A config list that has none of the row's (a test forcing tiles,
+    the interpreter's one small tile) is kept as it is. Under the interpreter: one config of
+    ``interpreter`` sizes."""
     if INTERPRET:
         configs = [triton.Config(dict(zip(names, interpreter)), num_warps=1, num_stages=1)]
     else:
         configs = table_configs(table, names)
 
     def prune(configs, named_args, **kwargs):
-        wanted = table.get(table_key(kwargs["BLOCK_D"], kwargs["DOT_PREC"]), [])
+        key = table_key(kwargs["BLOCK_D"], kwargs["DOT_PREC"])
+        wanted = spill_free(kernel, table.get(key, []), key[0], kwargs["DOT_PREC"], current_arch())
         by_id = {_config_id(c, names): c for c in configs}
         return [by_id[tuple(row)] for row in wanted if tuple(row) in by_id] or list(configs)
 
     return configs, prune
+
+
+def current_arch() -> str | None:
+    """The spill check's name of this process's GPU: ``sm_90a`` (Hopper), ``sm_80`` (Ampere and Ada: the
+    same mma.sync code and register file), None elsewhere (no GPU, the interpreter)."""
+    if INTERPRET or not torch.cuda.is_available():
+        return None
+    major = torch.cuda.get_device_capability()[0]
+    return "sm_90a" if major >= 9 else "sm_80" if major == 8 else None
+
+
+def spill_free(kernel: str, rows: list, head_dim: int, dot_prec: str, arch: str | None) -> list:
+    """The rows of a table row that ptxas compiled without spills for ``arch`` and ``dot_prec``, in order
+    (kernels/triton_spills.py, written by ``python benches/sass_counts.py --spills``). Rows never checked
+    for that policy are dropped when any was checked (the non-default fp32 policies are checked until one
+    is spill-free: they run that one); with no data (another GPU, the interpreter) all stay."""
+    from .triton_spills import CHECKED
+
+    if arch is None:
+        return rows
+    seen = {tuple(r): CHECKED.get((arch, kernel, head_dim, dot_prec, tuple(r))) for r in rows}
+    if all(v is None for v in seen.values()):
+        return rows
+    free = [r for r in rows if seen[tuple(r)] == 0]
+    if free:
+        return free
+    return [min((r for r in rows if seen[tuple(r)] is not None), key=lambda r: seen[tuple(r)])]  # the least spilling
 
 
 def table_configs(table: dict, names=("BLOCK_M", "BLOCK_N")) -> list[triton.Config]:
@@ -126,14 +155,16 @@ def launch(kernel, grid, args: tuple, kwargs: dict, deterministic: bool) -> None
 #: Kernel 1's configs per (head dim, fp32 operands): (BLOCK_M, BLOCK_N, warps, stages), the pinned one
 #: first; none spills on sm_80 or sm_90 (python benches/sass_counts.py --spills).
 FORWARD_CONFIGS = {
-    (32, False): [(128, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4), (64, 32, 4, 3)],
-    (32, True): [(128, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4), (64, 32, 4, 3)],
-    (64, False): [(128, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4), (64, 32, 4, 3)],
-    (64, True): [(128, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4), (64, 32, 4, 3)],
-    (128, False): [(128, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4), (64, 32, 4, 3)],
-    (128, True): [(128, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4), (64, 32, 4, 3)],
+    # fp16/bf16: 128 x 128 tiles of 4 warps have the fewest instructions per score at D 32 (sass_counts)
+    (32, False): [(128, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
+    # fp32 operands (tf32x3 splits each into two tf32 halves): 128 x 128 of 4 warps spills
+    (32, True): [(128, 64, 8, 3), (64, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3), (32, 32, 4, 2)],
+    (64, False): [(128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2)],
+    (64, True): [(64, 64, 8, 3), (64, 64, 8, 2), (64, 32, 8, 3), (32, 32, 4, 2)],
+    (128, False): [(128, 64, 8, 2), (64, 64, 8, 3), (64, 128, 8, 3), (128, 32, 8, 3), (64, 64, 8, 2), (64, 32, 4, 3)],
+    (128, True): [(32, 64, 8, 1), (16, 64, 4, 1), (16, 32, 4, 2), (16, 32, 4, 1)],
 }
-_FORWARD_CONFIGS, _forward_prune = head_dim_configs(FORWARD_CONFIGS)
+_FORWARD_CONFIGS, _forward_prune = head_dim_configs(FORWARD_CONFIGS, kernel="kernel 1")
 
 
 @triton.jit

@@ -95,17 +95,26 @@ def _column_part(k, q_base, term_base, start, extent, sql, sqd, qk_scale,
 #: the pinned one first; BLOCK_M_FMA more query rows per step whose exponentials run on the FMA pipe, the
 #: rest on MUFU (what balances them is measured, not assumed). None spills on sm_80 or sm_90.
 COLUMNS_CONFIGS = {
-    key: [(128, 128, 32, 4, 3), (128, 128, 0, 4, 3), (64, 128, 0, 8, 3), (64, 64, 0, 4, 3), (128, 128, 0, 8, 3),
-          (128, 64, 0, 4, 3), (64, 128, 32, 8, 3), (128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 64, 16, 4, 3)]
-    for key in [(32, False), (32, True), (64, False), (64, True), (128, False), (128, True)]
+    # fp16/bf16: 32 of 160 rows on the FMA pipe balances it against MUFU at D 32 (sass_counts)
+    (32, False): [(128, 128, 32, 4, 3), (128, 128, 0, 4, 3), (128, 128, 0, 8, 3), (64, 128, 0, 8, 3), (64, 64, 0, 4, 3)],
+    (64, False): [(128, 128, 32, 4, 3), (128, 128, 0, 4, 3), (128, 128, 0, 8, 3), (64, 128, 0, 8, 3), (64, 64, 0, 4, 3)],
+    (128, False): [(128, 128, 32, 4, 3), (128, 128, 0, 4, 3), (128, 128, 0, 8, 3), (64, 128, 0, 8, 3), (64, 64, 0, 4, 3)],
+    (32, True): [(128, 128, 0, 4, 3), (128, 128, 0, 8, 3), (64, 128, 0, 8, 3), (64, 64, 0, 4, 3)],
+    (64, True): [(128, 128, 0, 4, 3), (128, 128, 0, 8, 3), (64, 128, 0, 8, 3), (64, 64, 0, 4, 3)],
+    (128, True): [(128, 128, 0, 8, 3), (64, 128, 0, 8, 3), (64, 64, 0, 4, 3)],
 }  # fmt: skip
-_COLUMNS_CONFIGS, _columns_prune = head_dim_configs(COLUMNS_CONFIGS, ("BLOCK_M", "BLOCK_N", "BLOCK_M_FMA"), (32, 32, 16))
+_COLUMNS_CONFIGS, _columns_prune = head_dim_configs(COLUMNS_CONFIGS, ("BLOCK_M", "BLOCK_N", "BLOCK_M_FMA"), (32, 32, 16),
+                                                    kernel="column pass")
 #: The entries kernel's: (BLOCK_M, BLOCK_N, warps, stages).
 ENTRIES_CONFIGS = {
-    key: [(64, 64, 4, 2), (32, 32, 4, 2), (64, 32, 4, 2)]
-    for key in [(32, False), (32, True), (64, False), (64, True), (128, False), (128, True)]
-}  # fmt: skip
-_ENTRIES_CONFIGS, _entries_prune = head_dim_configs(ENTRIES_CONFIGS)
+    (32, False): [(64, 64, 4, 2), (32, 32, 4, 2)],
+    (64, False): [(64, 64, 4, 2), (32, 32, 4, 2)],
+    (128, False): [(64, 64, 4, 2), (64, 32, 4, 2)],
+    (32, True): [(64, 64, 4, 2), (64, 32, 4, 2)],
+    (64, True): [(64, 64, 4, 2), (64, 32, 4, 2)],
+    (128, True): [(64, 32, 4, 2), (64, 64, 4, 2)],  # 32 x 32 of 4 warps spills with fp32 operands
+}
+_ENTRIES_CONFIGS, _entries_prune = head_dim_configs(ENTRIES_CONFIGS, kernel="entries")
 
 
 @triton.autotune(

@@ -8,6 +8,12 @@ on CUDA). Under the interpreter: equal to the reference within the contract, bit
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -120,3 +126,55 @@ def test_pinned_config_is_the_first_kept(monkeypatch):
     monkeypatch.setattr(kernel, "configs", kf.table_configs(table, names))
     pinned = kf.pinned_config(kernel, (), dict(BLOCK_D=64, DOT_PREC="tf32x3"))
     assert kf._config_id(pinned, names) == tuple(table[64, True][0])
+
+
+def test_spill_data_drops_spilling_configs(monkeypatch):
+    """The prune reads kernels/triton_spills.py for the launch's GPU: configs that spilled are dropped;
+    for a policy checked on one config only (the non-default fp32 ones), that one is kept; with every
+    config spilling, the least spilling; on a GPU without data (or none), the whole row."""
+    from attnprof.kernels import triton_spills
+
+    rows = [(128, 128, 4, 3), (128, 64, 4, 3), (64, 64, 4, 3)]
+    monkeypatch.setattr(triton_spills, "CHECKED", {
+        ("sm_80", "kernel 1", 32, "native", rows[0]): 88, ("sm_80", "kernel 1", 32, "native", rows[1]): 0,
+        ("sm_80", "kernel 1", 32, "native", rows[2]): 0, ("sm_80", "kernel 1", 32, "ieee", rows[0]): 900,
+        ("sm_80", "kernel 1", 32, "ieee", rows[1]): 0, ("sm_80", "kernel 1", 64, "native", rows[0]): 40,
+        ("sm_80", "kernel 1", 64, "native", rows[1]): 20,
+    })  # fmt: skip
+    assert kf.spill_free("kernel 1", rows, 32, "native", "sm_80") == rows[1:]
+    assert kf.spill_free("kernel 1", rows, 32, "ieee", "sm_80") == [rows[1]]
+    assert kf.spill_free("kernel 1", rows, 64, "native", "sm_80") == [rows[1]]
+    assert kf.spill_free("kernel 1", rows, 32, "native", "sm_90a") == rows
+    assert kf.spill_free("kernel 1", rows, 32, "native", None) == rows
+
+
+def test_the_checked_tables_have_a_spill_free_first_config():
+    """For every kernel, head dim (32, 64, 128), arch (sm_80, sm_90a) and precision the spill check
+    covered, the config a launch takes first compiled without spills (benches/results/spills.json)."""
+    from attnprof.kernels.triton_spills import CHECKED
+
+    assert CHECKED, "run python benches/sass_counts.py --spills"
+    for name, (_, table, _) in KERNELS.items():
+        name = {"forward": "kernel 1", "columns": "column pass", "entries": "entries"}[name]
+        for (head_dim, wide), rows in table.items():
+            for arch in ("sm_80", "sm_90a"):
+                for prec in ("tf32x3", "tf32", "ieee", "bf16", "fp16") if wide else ("native",):
+                    first = kf.spill_free(name, rows, head_dim, prec, arch)[0]
+                    assert CHECKED[arch, name, head_dim, prec, tuple(first)] == 0, (name, head_dim, prec, arch, first)
+
+
+def test_pinned_kernel1_compiles_without_spills_for_sm90():
+    """Compiled again now (ptxas -v on Triton's PTX for sm_90a): kernel 1's first config at head dims 32,
+    64 and 128, fp16 and fp32 tf32x3 inputs. All kernels, policies and sm_80: ``python
+    benches/sass_counts.py --spills --pinned`` (slow)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    code = ("import sys, json; sys.path.insert(0, 'benches'); import sass_counts as s; "
+            "print(json.dumps(s.pinned_spills(archs=('sm_90a',), kernels=('kernel 1',), policies=('native', 'tf32x3'), "
+            "progress=lambda *a: None)))")  # fmt: skip
+    root = Path(__file__).parents[1]
+    run = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads(run.stdout.strip().splitlines()[-1])
+    assert {(r["head_dim"], r["dtype"]) for r in rows} >= {(d, t) for d in (32, 64, 128) for t in ("fp16", "fp32")}
+    assert [r for r in rows if r["spill_stores"] or r["spill_loads"]] == []
