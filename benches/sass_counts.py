@@ -184,7 +184,7 @@ TABLES = {
     "column pass": (ks._columns_kernel, ks.COLUMNS_CONFIGS, ("BLOCK_M", "BLOCK_N", "BLOCK_M_FMA"), dict(COUNT_TILES=False)),
     "entries": (ks._entries_kernel, ks.ENTRIES_CONFIGS, ("BLOCK_M", "BLOCK_N"), dict(WINDOW=False)),
 }  # fmt: skip
-FP32_POLICIES = ("tf32x3", "tf32", "ieee", "bf16", "fp16")
+FP32_POLICIES = ("tf32x3", "fp16x3", "tf32", "ieee", "bf16", "fp16")
 ARCHS = {"sm_80": 80, "sm_90a": 90}
 SPILLS_TABLE = Path(__file__).parents[1] / "kernels" / "triton_spills.py"
 
@@ -199,7 +199,8 @@ def _usage(name, config, head_dim, dtype, policy, arch, progress) -> dict:
     return row
 
 
-def spill_check(archs=tuple(ARCHS), kernels=tuple(TABLES), head_dims=(32, 64, 128), progress=print):
+def spill_check(archs=tuple(ARCHS), kernels=tuple(TABLES), head_dims=(32, 64, 128), progress=print,
+                policies=FP32_POLICIES, main_rows=True):  # fmt: skip
     """Registers and spills (ptxas -v) of each kernel's per-head-dim table, for each arch: every config of
     a row with its main inputs (fp16 for 16-bit rows, fp32 tf32x3 for fp32 rows); the row's first
     spill-free config also with bf16 inputs (16-bit rows); for the other fp32 policies the row's configs
@@ -221,10 +222,11 @@ def spill_check(archs=tuple(ARCHS), kernels=tuple(TABLES), head_dims=(32, 64, 12
                 continue
             for arch in archs:
                 main_dtype, main_policy = ("fp32", "tf32x3") if wide else ("fp16", "native")
-                free = [c for c in configs if record(name, c, head_dim, main_dtype, main_policy, arch) == 0]
-                if not wide and free:
-                    record(name, free[0], head_dim, "bf16", "native", arch)
-                for policy in FP32_POLICIES[1:] if wide else ():
+                if main_rows:
+                    free = [c for c in configs if record(name, c, head_dim, main_dtype, main_policy, arch) == 0]
+                    if not wide and free:
+                        record(name, free[0], head_dim, "bf16", "native", arch)
+                for policy in [p for p in policies if p != "tf32x3"] if wide else ():
                     for c in configs:
                         if record(name, c, head_dim, "fp32", policy, arch) == 0:
                             break

@@ -229,6 +229,13 @@ def mma(a, b, PREC: tl.constexpr):
             return tl.dot(_tf32_trunc(a), _tf32_trunc(b), input_precision="ieee")
         else:
             return tl.dot(a, b, input_precision="tf32")
+    elif PREC == "fp16x3":  # hi = fp16(x), lo = fp16(x - hi): 22 bits of x in three full-rate fp16 products
+        a_hi = a.to(tl.float16)
+        b_hi = b.to(tl.float16)
+        a_lo = (a - a_hi.to(tl.float32)).to(tl.float16)
+        b_lo = (b - b_hi.to(tl.float32)).to(tl.float16)
+        small = tl.dot(a_lo, b_hi, tl.dot(a_hi, b_lo))
+        return tl.dot(a_hi, b_hi, small)
     elif PREC == "tf32x3":
         if EMULATE:  # Triton's split: hi = rna(x), lo = x - hi (truncated by the tensor core)
             a_hi = _tf32_rna(a)
@@ -241,6 +248,16 @@ def mma(a, b, PREC: tl.constexpr):
             return tl.dot(a, b, input_precision="tf32x3")
     else:
         return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def mma_pv(p, v, PREC: tl.constexpr):
+    """``p @ v`` for probabilities ``p`` in [0, 1] (fp32): as :func:`mma`, but under ``fp16x3`` p is scaled
+    by 2**14 first (exactly), so that its low half stays a normal fp16 down to p ~ 2**-24."""
+    if PREC == "fp16x3":
+        return mma(p * 16384.0, v, PREC) * (1.0 / 16384.0)
+    else:
+        return mma(p.to(v.dtype), v, PREC)
 
 
 @triton.jit
@@ -315,7 +332,7 @@ def _forward_kernel(
             # sum p~ (t - m_new) = alpha (a + l (m_old - m_new)) + this tile; a padded key adds 0 * x = 0
             a_i = alpha * (a_i + l_i * (m_i - m_new)) + tl.sum(p * shifted, 1)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOT_PREC)
+        acc = acc * alpha[:, None] + mma_pv(p, v, DOT_PREC)
         m_i = m_new
         if COUNT_TILES:
             visited += 1

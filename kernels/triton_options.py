@@ -6,6 +6,10 @@ tensor cores in their own dtype, fp32 accumulation):
 - ``"tf32x3"`` (default): tensor cores with error compensation. Each fp32 operand is split into a
   tf32 ``hi`` and the tf32 of the rest ``lo``; ``a.b = hi.hi + hi.lo + lo.hi`` (fp32 accumulation):
   about fp32's own error, at three tensor-core products per dot. Meets the exactness contract.
+- ``"fp16x3"``: the same split with fp16 halves (11 + 11 bits) and three full-rate fp16 products (tf32
+  runs at half the fp16 rate, and its 32-bit operands need register shuffles before ``P @ V``): about
+  half the tensor-core time of ``tf32x3`` and meets the contract, but needs |q|, |k|, |v| < 65504 (fp16's
+  range: a larger entry overflows and is reported as non-finite input). Not the default for that reason.
 - ``"tf32"``: one tensor-core product on tf32-rounded operands (10 mantissa bits). Faster; does NOT
   meet the contract (see docs/gpu.md for the measured error).
 - ``"bf16"``, ``"fp16"``: operands rounded to that dtype (round to nearest even), fp32 accumulation.
@@ -33,10 +37,10 @@ from dataclasses import dataclass
 
 import torch
 
-PRECISIONS = ("tf32x3", "tf32", "bf16", "fp16", "ieee")
+PRECISIONS = ("tf32x3", "fp16x3", "tf32", "bf16", "fp16", "ieee")
 DEFAULT_PRECISION = "tf32x3"
 #: Policies that meet the exactness contract against ``reference`` on fp32 inputs (tests/test_triton_precision.py).
-EXACT_PRECISIONS = ("tf32x3", "ieee")
+EXACT_PRECISIONS = ("tf32x3", "fp16x3", "ieee")
 
 
 @dataclass(frozen=True)

@@ -131,4 +131,19 @@ def test_where_the_options_come_from(monkeypatch):
         resolve("fp8")
     with pytest.raises(ValueError, match="unknown precision"), triton_options(precision="tf64"):
         pass
-    assert set(PRECISIONS) == {"tf32x3", "tf32", "bf16", "fp16", "ieee"}
+    assert set(PRECISIONS) == {"tf32x3", "fp16x3", "tf32", "bf16", "fp16", "ieee"}
+
+
+def test_fp16x3_outside_fp16_range_is_reported_not_wrong():
+    """fp16x3 needs |q|, |k|, |v| < 65504: a larger entry overflows its fp16 half and the call is refused
+    as non-finite (the reference and tf32x3 take it)."""
+    from attnprof.kernels import attention_stats
+
+    q, k, v, padding, groups, tokens, spec = ragged()
+    q = q.clone()
+    q[0, 0, 0, 0] = 1e5
+    kw = dict(spec=spec, groups=groups, key_padding_mask=padding, tokens=tokens, backend="triton")
+    with triton_options(precision="fp16x3"), pytest.raises(ValueError, match="overflowed|NaN or Inf"):
+        attention_stats(q, k, v, **kw)
+    with triton_options(precision="tf32x3"):
+        attention_stats(q, k, v, **kw)
