@@ -7,6 +7,7 @@ loop. Then bound each loop by the H100's issue rate, exponential unit and tensor
     python benches/sass_counts.py --spills   # registers and spills of the kernels' per-head-dim config
                                              # tables on sm_80 and sm_90 -> benches/results/spills.json and
                                              # kernels/triton_spills.py (what the autotune prune reads)
+    python benches/sass_counts.py --spills --missing   # only the (config, policy, arch) not checked yet
     python benches/sass_counts.py --spills --pinned OUT.json  # the first config each launch takes, per
                                              # head dim, arch and precision, compiled again (0 spills expected)
 
@@ -58,6 +59,8 @@ VARIANTS = {  # the autotune configs with the fewest instructions per score (and
     "kernel 1, fp32 tf32x3": (kf._forward_kernel, dict(BLOCK_M=128, BLOCK_N=64, WITH_STATS=True, WRITE_LSE=False, DOT_PREC="tf32x3"), 8, 3, 128 * 64, "fp32"),
     "column pass, fp32 tf32x3": (ks._columns_kernel, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_M_FMA=0, DOT_PREC="tf32x3"), 4, 3, 128 * 128, "fp32"),
     "flash forward, fp32 tf32x3": (kf._forward_kernel, dict(BLOCK_M=128, BLOCK_N=64, WITH_STATS=False, WRITE_LSE=True, DOT_PREC="tf32x3"), 8, 3, 128 * 64, "fp32"),
+    "kernel 1, fp32 fp16x3": (kf._forward_kernel, dict(BLOCK_M=128, BLOCK_N=64, WITH_STATS=True, WRITE_LSE=False, DOT_PREC="fp16x3"), 8, 3, 128 * 64, "fp32"),
+    "column pass, fp32 fp16x3": (ks._columns_kernel, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_M_FMA=0, DOT_PREC="fp16x3"), 4, 3, 128 * 128, "fp32"),
 }  # fmt: skip
 
 
@@ -169,7 +172,7 @@ def main(out: Path) -> dict:
         results[name] = dict(bounds(hot, warps, scores), config=dict(consts, warps=warps, stages=stages),
                              masking_block_instructions=len(cold))  # fmt: skip
     flash = results["flash forward (SDPA stand-in)"]["estimate_us"]
-    print(f"{'main loop (fp16, D 32, sm_90)':34} {'instr/score':>11} {'exp/score':>9} {'bound':>7} {'ESTIMATE us':>11} {'x flash':>7}")
+    print(f"{'main loop (D 32, sm_90; fp16 unless said)':34} {'instr/score':>11} {'exp/score':>9} {'bound':>7} {'ESTIMATE us':>11} {'x flash':>7}")
     for name, r in results.items():
         print(f"{name:34} {r['per_score']['instructions']:11.2f} {r['per_score']['MUFU.EX2']:9.3f} "
               f"{r['bound']:>7} {r['estimate_us']:11.1f} {r['estimate_us'] / flash:7.2f}")  # fmt: skip
@@ -200,15 +203,20 @@ def _usage(name, config, head_dim, dtype, policy, arch, progress) -> dict:
 
 
 def spill_check(archs=tuple(ARCHS), kernels=tuple(TABLES), head_dims=(32, 64, 128), progress=print,
-                policies=FP32_POLICIES, main_rows=True):  # fmt: skip
+                policies=FP32_POLICIES, main_rows=True, known=None):  # fmt: skip
     """Registers and spills (ptxas -v) of each kernel's per-head-dim table, for each arch: every config of
     a row with its main inputs (fp16 for 16-bit rows, fp32 tf32x3 for fp32 rows); the row's first
     spill-free config also with bf16 inputs (16-bit rows); for the other fp32 policies the row's configs
     in order until one is spill-free (the one they run). Returns ``(rows, checked)``: every compile, and
     {(arch, kernel, head dim, DOT_PREC, config): spill bytes} for kernels/triton_spills.py."""
     rows, checked = [], {}
+    known = known or {}
 
     def record(name, config, head_dim, dtype, policy, arch):
+        key = (arch, name, head_dim, policy, tuple(config))
+        if key in known and dtype != "bf16":  # ``known``: a previous check's results, not compiled again
+            checked[key] = known[key]
+            return known[key]
         row = _usage(name, config, head_dim, dtype, policy, arch, progress)
         rows.append(row)
         key = (arch, name, head_dim, policy, tuple(config))
@@ -233,7 +241,12 @@ def spill_check(archs=tuple(ARCHS), kernels=tuple(TABLES), head_dims=(32, 64, 12
     return rows, checked
 
 
-def write_spills_table(checked: dict, path: Path = SPILLS_TABLE) -> None:
+def write_spills_table(checked: dict, path: Path = SPILLS_TABLE, merge: bool = False) -> None:
+    """Write ``checked`` as kernels/triton_spills.py's CHECKED (``merge``: updating what is there)."""
+    if merge:
+        from attnprof.kernels.triton_spills import CHECKED
+
+        checked = {**CHECKED, **checked}
     lines = [repr(k) + ": " + str(v) + "," for k, v in sorted(checked.items())]
     head = path.read_text().split("CHECKED")[0]
     path.write_text(head + "CHECKED: dict = {\n" + "\n".join("    " + line for line in lines) + "\n}  # fmt: skip\n")
@@ -263,6 +276,13 @@ if __name__ == "__main__":
         out = Path(args[0]) if args else Path(__file__).parent / "results" / "spills.json"
         if "--pinned" in sys.argv:
             found = pinned_spills()
+        elif "--missing" in sys.argv:  # only what kernels/triton_spills.py lacks (new candidates or policies)
+            from attnprof.kernels.triton_spills import CHECKED
+
+            found, checked = spill_check(known=CHECKED)
+            write_spills_table(checked, merge=True)
+            previous = json.loads(out.read_text()) if out.exists() else []
+            found = previous + found
         else:
             found, checked = spill_check()
             write_spills_table(checked)
