@@ -45,12 +45,16 @@ class CellResults:
     received: ``[U, H]`` per (cell, gene) pair of the plan (``plan.pair_cell/pair_gene``): the sum
              over the cell's occurrences of the gene of the column mean of P; None without genes.
     pair:    ``[C, H, K, K]`` the cell's panel pair means (see :func:`pair_means`); None without a panel.
+    received_tokens: instead of ``received``, ``[C L, H]`` float32 per counted cell and position (the
+             column means as the triton column pass writes them): the reduction sums each pair's tokens
+             itself, straight into its float32 gene features (no ``[U, H]`` detour).
     """
 
     summary: torch.Tensor
     window: torch.Tensor
     received: torch.Tensor | None = None
     pair: torch.Tensor | None = None
+    received_tokens: torch.Tensor | None = None
     shared: dict = field(default_factory=dict, repr=False)  # written once per layer for every target (the features)
 
 
@@ -196,6 +200,24 @@ class _GeneChunk:
         self.dense, self.square = self.x[:, :H], self.x[:, H + 1 :]
         self.flat = self.x.view(self.x.shape[0], -1)
 
+    def token_destinations(self, plan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(src, dest, flat)``, once per plan: the chunk's tokens as indices into a ``[C L, H]`` array of
+        per-position values (``plan.gene_src``), ``dest [T, H]``: where each (token, head) value adds in
+        ``flat`` = ``x.view(-1)`` (its cell, head row and gene column)."""
+        if "tokens" not in self.views:
+            pairs = plan.gene_pairs
+            chosen = None if (self.a, self.b) == (0, plan.pair_cell.numel()) else ((pairs >= self.a) & (pairs < self.b)).nonzero().flatten()
+            src = plan.gene_src if chosen is None else plan.gene_src[chosen]
+            pair = pairs if chosen is None else pairs[chosen]
+            C, rows, width = self.x.shape
+            H = (rows - 1) // 2
+            cell = src // plan.L
+            slot = plan.pair_gene[pair] - self.v0
+            heads = torch.arange(H, device=src.device) * width
+            dest = (cell * rows * width + slot)[:, None] + heads[None, :]
+            self.views["tokens"] = (src, dest, self.x.view(-1))
+        return self.views["tokens"]
+
     def prefix(self, rows: int) -> torch.Tensor:
         """``[C, rows (v1 - v0)]``: the features of the first ``rows`` rows (a view, made once)."""
         if rows not in self.views:
@@ -267,7 +289,9 @@ def _gene_features(plan, H: int) -> list:
     present = plan.cell_counts["recv_count"]
     chunks = []
     for v0, v1, cell, gene, a, b in _gene_chunks(plan, step):
-        x = torch.zeros(C, 2 * H + 1, v1 - v0, dtype=torch.float64, device=plan.device)
+        # float32: a batch's gene sums are accumulated in float32 (one fp32 matmul per target) and added into
+        # the float64 run sums once per layer call; no float64 GEMM (1/32-1/64 rate on most GPUs)
+        x = torch.zeros(C, 2 * H + 1, v1 - v0, dtype=torch.float32, device=plan.device)
         x[:, H] = present[:, v0:v1]
         chunks.append(_GeneChunk(v0, v1, cell, gene, a, b, x))
     return chunks
@@ -283,8 +307,13 @@ def _layer_features(plan, cells: CellResults) -> _Features:
         if f.pair is not None:
             f.pair.copy_(cells.pair)
         torch.mul(f.sums, f.sums, out=f.squares)
-        for g in f.genes:  # a plan writes the same (cell, gene) entries in every layer: the rest stays 0
-            g.dense[g.cell, :, g.gene] = _part(cells.received, g.a, g.b).double()  # the sums' [H, V] order
+        for g in f.genes:
+            if cells.received_tokens is not None:  # each token's value added at its (cell, gene): repeats sum up
+                src, dest, flat = g.token_destinations(plan)
+                g.dense.zero_()
+                flat.index_put_((dest,), cells.received_tokens.index_select(0, src), accumulate=True)
+            else:  # a plan writes the same (cell, gene) entries in every layer: the rest stays 0
+                g.dense[g.cell, :, g.gene] = _part(cells.received, g.a, g.b).float()  # the sums' [H, V] order
             torch.mul(g.dense, g.dense, out=g.square)
     return f
 
@@ -317,16 +346,37 @@ def _add_genes(target: Target, plan, onehot_t, f: _Features, n: int, G: int) -> 
     rows = sum(height[k] for k in names)
     V = target.sums[names[0]].shape[-1]
     block = target.tiled(names, n, G, rows, V) if names == GENES[: len(names)] else None
+    onehot32_t = _onehot_t32(plan, onehot_t)
     for g in f.genes:
         slots = _part(plan.genes if target.genes is None else target.genes, g.v0, g.v1)
         if block is not None:
-            block.index_add_(3, slots, (onehot_t @ g.prefix(rows)).view(n, G, rows, g.v1 - g.v0))
+            block.index_add_(3, slots, _mm32(onehot32_t, g.prefix(rows)).double().view(n, G, rows, g.v1 - g.v0))
             continue
-        value = (onehot_t @ g.flat).view(n, G, 2 * H + 1, g.v1 - g.v0)
+        value = _mm32(onehot32_t, g.flat).double().view(n, G, 2 * H + 1, g.v1 - g.v0)
         for name, part in (("recv_sum", slice(0, H)), ("recv_count", H), ("recv_sq", slice(H + 1, None))):
             if name in target.sums:
                 t = target.sums[name]
                 t.index_add_(t.dim() - 1, slots, value[:, :, part])
+
+
+def _onehot_t32(plan, onehot_t) -> torch.Tensor:
+    """``onehot_t`` in float32 (0 and 1 exactly), once per plan and labeling slice."""
+    key = ("onehot_t32", onehot_t.data_ptr(), tuple(onehot_t.shape))
+    if key not in plan.cache:
+        plan.cache[key] = onehot_t.float()
+    return plan.cache[key]
+
+
+def _mm32(a, b) -> torch.Tensor:
+    """``a @ b`` in float32 with float32 products: on CUDA TF32 is switched off for the call (a user's
+    ``allow_tf32`` would round the features to 10 bits)."""
+    if not (a.is_cuda and torch.backends.cuda.matmul.allow_tf32):
+        return a @ b
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        return a @ b
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = True
 
 
 def _part(t, a: int, b: int):

@@ -337,9 +337,8 @@ def triton_cells(q, k, v, plan, scale: float, *, precision: str | None = None, d
         if opts.deterministic:  # a fixed-order gather-sum: index_add_ with repeated ids uses float atomics on CUDA
             at, real = occurrences(plan)
             cells.received = (recv[at] * real).sum(1)
-        else:
-            flat = recv.index_select(0, plan.gene_src)
-            cells.received = flat.new_zeros(plan.pair_cell.numel(), q.shape[1]).index_add_(0, plan.gene_pairs, flat)
+        else:  # the reduction adds each token into its (cell, gene) feature itself
+            cells.received_tokens = recv
     if spec.panel:
         cells.pair = _pair_means(plan, dev, res.pair, q.shape[1])
     return out, cells
