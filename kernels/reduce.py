@@ -46,8 +46,8 @@ class CellResults:
              over the cell's occurrences of the gene of the column mean of P; None without genes.
     pair:    ``[C, H, K, K]`` the cell's panel pair means (see :func:`pair_means`); None without a panel.
     received_tokens: instead of ``received``, ``[C L, H]`` float32 per counted cell and position (the
-             column means as the triton column pass writes them): the reduction sums each pair's tokens
-             itself, straight into its float32 gene features (no ``[U, H]`` detour).
+             column means as the triton column pass writes them): the reduction adds each token straight
+             into its (cell, gene) feature (no ``[U, H]`` detour).
     """
 
     summary: torch.Tensor
@@ -289,9 +289,10 @@ def _gene_features(plan, H: int) -> list:
     present = plan.cell_counts["recv_count"]
     chunks = []
     for v0, v1, cell, gene, a, b in _gene_chunks(plan, step):
-        # float32: a batch's gene sums are accumulated in float32 (one fp32 matmul per target) and added into
-        # the float64 run sums once per layer call; no float64 GEMM (1/32-1/64 rate on most GPUs)
-        x = torch.zeros(C, 2 * H + 1, v1 - v0, dtype=torch.float32, device=plan.device)
+        # float64, like the dense features: a cell's value and its square are exact, so the run sums do not
+        # depend on how the cells were batched (shards and subsets merge to the whole run to ~1e-16,
+        # tests/test_merge.py); float32 accumulation per batch would make that ~1e-7 (docs/gpu.md, section 4)
+        x = torch.zeros(C, 2 * H + 1, v1 - v0, dtype=torch.float64, device=plan.device)
         x[:, H] = present[:, v0:v1]
         chunks.append(_GeneChunk(v0, v1, cell, gene, a, b, x))
     return chunks
@@ -311,9 +312,9 @@ def _layer_features(plan, cells: CellResults) -> _Features:
             if cells.received_tokens is not None:  # each token's value added at its (cell, gene): repeats sum up
                 src, dest, flat = g.token_destinations(plan)
                 g.dense.zero_()
-                flat.index_put_((dest,), cells.received_tokens.index_select(0, src), accumulate=True)
+                flat.index_put_((dest,), cells.received_tokens.index_select(0, src).double(), accumulate=True)
             else:  # a plan writes the same (cell, gene) entries in every layer: the rest stays 0
-                g.dense[g.cell, :, g.gene] = _part(cells.received, g.a, g.b).float()  # the sums' [H, V] order
+                g.dense[g.cell, :, g.gene] = _part(cells.received, g.a, g.b).double()  # the sums' [H, V] order
             torch.mul(g.dense, g.dense, out=g.square)
     return f
 
@@ -346,37 +347,16 @@ def _add_genes(target: Target, plan, onehot_t, f: _Features, n: int, G: int) -> 
     rows = sum(height[k] for k in names)
     V = target.sums[names[0]].shape[-1]
     block = target.tiled(names, n, G, rows, V) if names == GENES[: len(names)] else None
-    onehot32_t = _onehot_t32(plan, onehot_t)
     for g in f.genes:
         slots = _part(plan.genes if target.genes is None else target.genes, g.v0, g.v1)
         if block is not None:
-            block.index_add_(3, slots, _mm32(onehot32_t, g.prefix(rows)).double().view(n, G, rows, g.v1 - g.v0))
+            block.index_add_(3, slots, (onehot_t @ g.prefix(rows)).view(n, G, rows, g.v1 - g.v0))
             continue
-        value = _mm32(onehot32_t, g.flat).double().view(n, G, 2 * H + 1, g.v1 - g.v0)
+        value = (onehot_t @ g.flat).view(n, G, 2 * H + 1, g.v1 - g.v0)
         for name, part in (("recv_sum", slice(0, H)), ("recv_count", H), ("recv_sq", slice(H + 1, None))):
             if name in target.sums:
                 t = target.sums[name]
                 t.index_add_(t.dim() - 1, slots, value[:, :, part])
-
-
-def _onehot_t32(plan, onehot_t) -> torch.Tensor:
-    """``onehot_t`` in float32 (0 and 1 exactly), once per plan and labeling slice."""
-    key = ("onehot_t32", onehot_t.data_ptr(), tuple(onehot_t.shape))
-    if key not in plan.cache:
-        plan.cache[key] = onehot_t.float()
-    return plan.cache[key]
-
-
-def _mm32(a, b) -> torch.Tensor:
-    """``a @ b`` in float32 with float32 products: on CUDA TF32 is switched off for the call (a user's
-    ``allow_tf32`` would round the features to 10 bits)."""
-    if not (a.is_cuda and torch.backends.cuda.matmul.allow_tf32):
-        return a @ b
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        return a @ b
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = True
 
 
 def _part(t, a: int, b: int):

@@ -252,12 +252,18 @@ def mma(a, b, PREC: tl.constexpr):
 
 @triton.jit
 def mma_pv(p, v, PREC: tl.constexpr):
-    """``p @ v`` for probabilities ``p`` in [0, 1] (fp32): as :func:`mma`, but under ``fp16x3`` p is scaled
-    by 2**14 first (exactly), so that its low half stays a normal fp16 down to p ~ 2**-24."""
+    """``p @ v`` for unnormalized probabilities ``p`` (fp32): as :func:`mma`. Under ``fp16x3`` kernel 1's
+    ``p`` comes scaled by 2**P_SHIFT (from the exponent's shift: no instruction), so that the low half
+    of its fp16 split stays a normal fp16 down to p ~ 2**-24 and p stays below fp16's 65504."""
     if PREC == "fp16x3":
-        return mma(p * 16384.0, v, PREC) * (1.0 / 16384.0)
+        return mma(p, v, PREC)
     else:
         return mma(p.to(v.dtype), v, PREC)
+
+
+#: Under fp16x3 kernel 1 keeps p~ = 2**P_SHIFT exp2(t - m) <= 2**14 (see mma_pv); l and the output's
+#: accumulator carry the same factor (it cancels in O = acc / l); lse, entropy and row max take it out.
+P_SHIFT = tl.constexpr(14.0)
 
 
 @triton.jit
@@ -326,12 +332,20 @@ def _forward_kernel(
         # qk_scale; they weigh exp2(0) = 1 each) or the initial MASKED if that is larger (they weigh 0);
         # the first real key raises m by ~1e29, alpha = 0 and they vanish (every row has a real key)
         alpha = tl.exp2(m_i - m_new)
-        shifted = s * qk_scale - m_new[:, None]
-        p = tl.exp2(shifted)
-        if WITH_STATS:
-            # sum p~ (t - m_new) = alpha (a + l (m_old - m_new)) + this tile; a padded key adds 0 * x = 0
-            a_i = alpha * (a_i + l_i * (m_i - m_new)) + tl.sum(p * shifted, 1)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        if DOT_PREC == "fp16x3":  # p~ scaled by 2**P_SHIFT through the same FMA (see mma_pv)
+            shifted = s * qk_scale - (m_new - P_SHIFT)[:, None]
+            p = tl.exp2(shifted)
+            p_sum = tl.sum(p, 1)
+            if WITH_STATS:  # sum p~ (t - m_new) with t - m_new = shifted - P_SHIFT
+                a_i = alpha * (a_i + l_i * (m_i - m_new)) + (tl.sum(p * shifted, 1) - P_SHIFT * p_sum)
+            l_i = l_i * alpha + p_sum
+        else:
+            shifted = s * qk_scale - m_new[:, None]
+            p = tl.exp2(shifted)
+            if WITH_STATS:
+                # sum p~ (t - m_new) = alpha (a + l (m_old - m_new)) + this tile; a padded key adds 0 * x = 0
+                a_i = alpha * (a_i + l_i * (m_i - m_new)) + tl.sum(p * shifted, 1)
+            l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + mma_pv(p, v, DOT_PREC)
         m_i = m_new
         if COUNT_TILES:
@@ -343,7 +357,10 @@ def _forward_kernel(
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=(rows[:, None] < L) & (d[None, :] < HEAD_D))
     row_ok = rows < L
     row_bias = tl.load(BIAS + b * L + rows, mask=row_ok, other=MASKED_C)
-    lse2 = m_i + tl.log2(l_i)
+    log2_l = tl.log2(l_i)
+    if DOT_PREC == "fp16x3":
+        log2_l = log2_l - P_SHIFT  # l carries 2**P_SHIFT
+    lse2 = m_i + log2_l
     term = row_bias - lse2  # log2 p_ij = t_ij (key bias included) + term_i; <= -1e30 for padded rows
     row_ptrs = bh.to(tl.int64) * L + rows
     tl.store(TERM + row_ptrs, term, mask=row_ok)
@@ -352,9 +369,9 @@ def _forward_kernel(
     if WITH_STATS:
         # weight of a row in its cell's mean: 1 / n for real rows, 0 for padding (incl. rows >= L)
         weight = tl.where(row_bias == 0.0, tl.load(INV_N + b), 0.0)
-        entropy = LN2_C * (tl.log2(l_i) - a_i / l_i)
+        entropy = LN2_C * (log2_l - a_i / l_i)  # a and l carry the same factor
         # + 0 * sum(out): a NaN or Inf in v (which only the output sees) reaches the statistics' checksum
-        row_max = 1.0 / l_i + 0.0 * tl.sum(out, 1)
+        row_max = tl.exp2(m_i - lse2) + 0.0 * tl.sum(out, 1) if DOT_PREC == "fp16x3" else 1.0 / l_i + 0.0 * tl.sum(out, 1)
         # self mass from the diagonal score, summed in fp32 like the dot (a padded row's term masks it)
         # (its operands rounded as the tensor cores rounded them for the lse, under a rounding policy)
         k_diag = round_like_mma(load_rows(k_base, rows, row_ok, skl, skd, HEAD_D, BLOCK_D).to(tl.float32), DOT_PREC)
