@@ -132,13 +132,20 @@ def table_configs(table: dict, names=("BLOCK_M", "BLOCK_N")) -> list[triton.Conf
     return [triton.Config(dict(zip(names, row[:-2])), num_warps=row[-2], num_stages=row[-1]) for row in rows]
 
 
+_PINNED: dict = {}
+
+
 def pinned_config(kernel, args: tuple, kwargs: dict) -> triton.Config:
-    """The deterministic mode's config of a launch: the first the kernel's prune keeps (no timing)."""
-    nargs = dict(zip(kernel.arg_names, args))
-    configs = kernel.configs
-    if kernel.early_config_prune is not None:
-        configs = kernel.early_config_prune(configs, nargs, **kwargs)
-    return configs[0]
+    """The deterministic mode's config of a launch: the first the kernel's prune keeps (no timing);
+    remembered per kernel, config list, table row and precision (the prune reads nothing else)."""
+    key = (id(kernel), kwargs.get("BLOCK_D"), kwargs.get("DOT_PREC"))
+    hit = _PINNED.get(key)
+    if hit is None or hit[0] is not kernel.configs:  # the list itself, not its id: a test may swap it
+        configs = kernel.configs
+        if kernel.early_config_prune is not None:
+            configs = kernel.early_config_prune(configs, dict(zip(kernel.arg_names, args)), **kwargs)
+        hit = _PINNED[key] = (kernel.configs, configs[0])
+    return hit[1]
 
 
 def launch(kernel, grid, args: tuple, kwargs: dict, deterministic: bool) -> None:
