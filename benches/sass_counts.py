@@ -287,7 +287,7 @@ if __name__ == "__main__":
             found, checked = spill_check()
             write_spills_table(checked)
             print(f"written {SPILLS_TABLE}")
-        out.write_text(json.dumps(found, indent=1) + "\n")
+        out.write_text("[\n" + ",\n".join(json.dumps(r) for r in found) + "\n]\n")  # one compile per line
         spilled = [r for r in found if r["spill_stores"] or r["spill_loads"]]
         print(f"{len(found)} compiles, {len(spilled)} with spills; written to {out}")
         sys.exit(1 if spilled else 0)

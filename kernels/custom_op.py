@@ -112,7 +112,8 @@ def _given_buffers(recorder, layer: str, given: list[torch.Tensor]):
         for name, t in sums.items():
             i = next(i for i, b in enumerate(own) if b is (t if t._base is None else t._base))
             b, g = own[i], given[i]
-            views[name] = g.as_strided(t.shape, t.stride(), g.storage_offset() + t.storage_offset() - b.storage_offset())
+            offset = g.storage_offset() + t.storage_offset() - b.storage_offset()
+            views[name] = g.as_strided(t.shape, t.stride(), offset)
         return views
 
     try:

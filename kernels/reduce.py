@@ -206,7 +206,9 @@ class _GeneChunk:
         ``flat`` = ``x.view(-1)`` (its cell, head row and gene column)."""
         if "tokens" not in self.views:
             pairs = plan.gene_pairs
-            chosen = None if (self.a, self.b) == (0, plan.pair_cell.numel()) else ((pairs >= self.a) & (pairs < self.b)).nonzero().flatten()
+            chosen = None  # every token (one chunk), else those of the chunk's pairs (once per plan: a sync)
+            if (self.a, self.b) != (0, plan.pair_cell.numel()):
+                chosen = ((pairs >= self.a) & (pairs < self.b)).nonzero().flatten()
             src = plan.gene_src if chosen is None else plan.gene_src[chosen]
             pair = pairs if chosen is None else pairs[chosen]
             C, rows, width = self.x.shape

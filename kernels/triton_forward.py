@@ -378,7 +378,8 @@ def _forward_kernel(
         weight = tl.where(row_bias == 0.0, tl.load(INV_N + b), 0.0)
         entropy = LN2_C * (log2_l - a_i / l_i)  # a and l carry the same factor
         # + 0 * sum(out): a NaN or Inf in v (which only the output sees) reaches the statistics' checksum
-        row_max = tl.exp2(m_i - lse2) + 0.0 * tl.sum(out, 1) if DOT_PREC == "fp16x3" else 1.0 / l_i + 0.0 * tl.sum(out, 1)
+        row_max = tl.exp2(m_i - lse2) if DOT_PREC == "fp16x3" else 1.0 / l_i  # 1 / l without the 2**P_SHIFT
+        row_max += 0.0 * tl.sum(out, 1)
         # self mass from the diagonal score, summed in fp32 like the dot (a padded row's term masks it)
         # (its operands rounded as the tensor cores rounded them for the lse, under a rounding policy)
         k_diag = round_like_mma(load_rows(k_base, rows, row_ok, skl, skd, HEAD_D, BLOCK_D).to(tl.float32), DOT_PREC)

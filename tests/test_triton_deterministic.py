@@ -225,3 +225,24 @@ def test_gene_tokens_go_straight_into_the_features(deterministic):
     _, ref = attention_stats(q, k, v, spec=spec, groups=groups, key_padding_mask=padding, tokens=tokens,
                              backend="reference")  # fmt: skip
     assert_sums_close({n: x[0] for n, x in sums.items()}, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_gene_tokens_in_several_chunks_of_genes(monkeypatch, deterministic):
+    """The reduction's gene features in chunks of 3 genes (a ragged last one): each chunk takes its own
+    tokens on the token path; the sums equal the reference."""
+    from attnprof.kernels import attention_stats, reduce
+
+    B, H, L, D = 4, 2, 24, 16
+    q, k, v, padding, groups, tokens = batch(13, B, H, L, D)
+    tokens[0, :6] = torch.tensor([3, 3, 9, 5, 9, 3])
+    spec = spec_for(4, L, window=8, n_context=2)
+    counted = int((groups >= 0).sum())
+    monkeypatch.setattr(reduce, "GENE_CHUNK", 3 * counted * H)
+    plan = build_plan(spec, groups, padding, tokens)
+    assert plan.genes.numel() > 3 and plan.genes.numel() % 3
+    with triton_options(deterministic=deterministic):
+        _, sums = run_layers(q, k, v, plan, spec, H, calls=2)
+    kw = dict(spec=spec, groups=groups, key_padding_mask=padding, tokens=tokens, backend="reference")
+    _, ref = attention_stats(q, k, v, **kw)
+    assert_sums_close({n: x[0] / 2 for n, x in sums.items()}, ref, atol=1e-5, rtol=1e-5)  # two calls: all twice
