@@ -45,12 +45,16 @@ class CellResults:
     received: ``[U, H]`` per (cell, gene) pair of the plan (``plan.pair_cell/pair_gene``): the sum
              over the cell's occurrences of the gene of the column mean of P; None without genes.
     pair:    ``[C, H, K, K]`` the cell's panel pair means (see :func:`pair_means`); None without a panel.
+    received_tokens: instead of ``received``, ``[C L, H]`` float32 per counted cell and position (the
+             column means as the triton column pass writes them): the reduction adds each token straight
+             into its (cell, gene) feature (no ``[U, H]`` detour).
     """
 
     summary: torch.Tensor
     window: torch.Tensor
     received: torch.Tensor | None = None
     pair: torch.Tensor | None = None
+    received_tokens: torch.Tensor | None = None
     shared: dict = field(default_factory=dict, repr=False)  # written once per layer for every target (the features)
 
 
@@ -196,6 +200,26 @@ class _GeneChunk:
         self.dense, self.square = self.x[:, :H], self.x[:, H + 1 :]
         self.flat = self.x.view(self.x.shape[0], -1)
 
+    def token_destinations(self, plan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(src, dest, flat)``, once per plan: the chunk's tokens as indices into a ``[C L, H]`` array of
+        per-position values (``plan.gene_src``), ``dest [T, H]``: where each (token, head) value adds in
+        ``flat`` = ``x.view(-1)`` (its cell, head row and gene column)."""
+        if "tokens" not in self.views:
+            pairs = plan.gene_pairs
+            chosen = None  # every token (one chunk), else those of the chunk's pairs (once per plan: a sync)
+            if (self.a, self.b) != (0, plan.pair_cell.numel()):
+                chosen = ((pairs >= self.a) & (pairs < self.b)).nonzero().flatten()
+            src = plan.gene_src if chosen is None else plan.gene_src[chosen]
+            pair = pairs if chosen is None else pairs[chosen]
+            C, rows, width = self.x.shape
+            H = (rows - 1) // 2
+            cell = src // plan.L
+            slot = plan.pair_gene[pair] - self.v0
+            heads = torch.arange(H, device=src.device) * width
+            dest = (cell * rows * width + slot)[:, None] + heads[None, :]
+            self.views["tokens"] = (src, dest, self.x.view(-1))
+        return self.views["tokens"]
+
     def prefix(self, rows: int) -> torch.Tensor:
         """``[C, rows (v1 - v0)]``: the features of the first ``rows`` rows (a view, made once)."""
         if rows not in self.views:
@@ -267,6 +291,9 @@ def _gene_features(plan, H: int) -> list:
     present = plan.cell_counts["recv_count"]
     chunks = []
     for v0, v1, cell, gene, a, b in _gene_chunks(plan, step):
+        # float64, like the dense features: a cell's value and its square are exact, so the run sums do not
+        # depend on how the cells were batched (shards and subsets merge to the whole run to ~1e-16,
+        # tests/test_merge.py); float32 accumulation per batch would make that ~1e-7 (docs/gpu.md, section 4)
         x = torch.zeros(C, 2 * H + 1, v1 - v0, dtype=torch.float64, device=plan.device)
         x[:, H] = present[:, v0:v1]
         chunks.append(_GeneChunk(v0, v1, cell, gene, a, b, x))
@@ -283,8 +310,13 @@ def _layer_features(plan, cells: CellResults) -> _Features:
         if f.pair is not None:
             f.pair.copy_(cells.pair)
         torch.mul(f.sums, f.sums, out=f.squares)
-        for g in f.genes:  # a plan writes the same (cell, gene) entries in every layer: the rest stays 0
-            g.dense[g.cell, :, g.gene] = _part(cells.received, g.a, g.b).double()  # the sums' [H, V] order
+        for g in f.genes:
+            if cells.received_tokens is not None:  # each token's value added at its (cell, gene): repeats sum up
+                src, dest, flat = g.token_destinations(plan)
+                g.dense.zero_()
+                flat.index_put_((dest,), cells.received_tokens.index_select(0, src).double(), accumulate=True)
+            else:  # a plan writes the same (cell, gene) entries in every layer: the rest stays 0
+                g.dense[g.cell, :, g.gene] = _part(cells.received, g.a, g.b).double()  # the sums' [H, V] order
             torch.mul(g.dense, g.dense, out=g.square)
     return f
 

@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_options import dot_precision, resolve
+
 #: Read once at import: the interpreter must be on before any kernel is decorated.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = math.log2(math.e)
@@ -51,6 +53,9 @@ LN2_C = tl.constexpr(LN2)
 MAX_HEAD_DIM = 128
 #: Programs of a 1-D launch grid (axis 0 allows 2**31 - 1; axes 1 and 2 only 65,535, so none is used).
 MAX_PROGRAMS = 2**31 - 1
+#: Under the interpreter tl.dot ignores input_precision (numpy fp32 matmul) and gets bfloat16 wrong, so
+#: :func:`mma` emulates each policy's operand rounding with bit operations there.
+EMULATE = tl.constexpr(INTERPRET)
 #: Context keys are re-scored after the loop in tiles of this many (tl.dot needs >= 16).
 CTX_BLOCK = 16
 
@@ -63,6 +68,112 @@ def tile_configs(gpu: list[tuple[int, int, int, int]]) -> list[triton.Config]:
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in gpu]
 
 
+def table_key(block_d: int, dot_prec: str) -> tuple[int, bool]:
+    """Which row of a per-head-dim config table a launch reads: (BLOCK_D, at least 32; fp32 operands)."""
+    return max(32, int(block_d)), dot_prec != "native"
+
+
+def _config_id(config: triton.Config, names) -> tuple:
+    return (*(config.kwargs.get(n, 0) for n in names), config.num_warps, config.num_stages)
+
+
+def head_dim_configs(table: dict, names=("BLOCK_M", "BLOCK_N"), interpreter: tuple = (32, 32), kernel: str = ""):
+    """``(configs, prune)`` for ``triton.autotune``: every config of ``table`` ({(BLOCK_D, fp32 operands):
+    [(*sizes, warps, stages), ...]}, candidates in order of preference) and an ``early_config_prune``
+    that keeps, before any tuning, the configs of the launch's row in the row's order that compiled
+    without register spills for the launch's GPU and precision (:func:`spill_free`); its first is the
+    deterministic mode's pinned config. A config list that has none of the row's (a test forcing tiles,
+    the interpreter's one small tile) is kept as it is. Under the interpreter: one config of
+    ``interpreter`` sizes."""
+    if INTERPRET:
+        configs = [triton.Config(dict(zip(names, interpreter)), num_warps=1, num_stages=1)]
+    else:
+        configs = table_configs(table, names)
+
+    def prune(configs, named_args, **kwargs):
+        key = table_key(kwargs["BLOCK_D"], kwargs["DOT_PREC"])
+        wanted = spill_free(kernel, table.get(key, []), key[0], kwargs["DOT_PREC"], current_arch())
+        by_id = {_config_id(c, names): c for c in configs}
+        return [by_id[tuple(row)] for row in wanted if tuple(row) in by_id] or list(configs)
+
+    return configs, prune
+
+
+def current_arch() -> str | None:
+    """The spill check's name of this process's GPU: ``sm_90a`` (Hopper), ``sm_80`` (Ampere and Ada: the
+    same mma.sync code and register file), None elsewhere (no GPU, the interpreter)."""
+    if INTERPRET or not torch.cuda.is_available():
+        return None
+    major = torch.cuda.get_device_capability()[0]
+    return "sm_90a" if major >= 9 else "sm_80" if major == 8 else None
+
+
+def spill_free(kernel: str, rows: list, head_dim: int, dot_prec: str, arch: str | None) -> list:
+    """The rows of a table row that ptxas compiled without spills for ``arch`` and ``dot_prec``, in order
+    (kernels/triton_spills.py, written by ``python benches/sass_counts.py --spills``). Rows never checked
+    for that policy are dropped when any was checked (the non-default fp32 policies are checked until one
+    is spill-free: they run that one); with no data (another GPU, the interpreter) all stay."""
+    from .triton_spills import CHECKED
+
+    if arch is None:
+        return rows
+    seen = {tuple(r): CHECKED.get((arch, kernel, head_dim, dot_prec, tuple(r))) for r in rows}
+    if all(v is None for v in seen.values()):
+        return rows
+    free = [r for r in rows if seen[tuple(r)] == 0]
+    if free:
+        return free
+    return [min((r for r in rows if seen[tuple(r)] is not None), key=lambda r: seen[tuple(r)])]  # the least spilling
+
+
+def table_configs(table: dict, names=("BLOCK_M", "BLOCK_N")) -> list[triton.Config]:
+    """Every config of a per-head-dim table, once each, in first-seen order."""
+    rows = dict.fromkeys(tuple(row) for entries in table.values() for row in entries)
+    return [triton.Config(dict(zip(names, row[:-2])), num_warps=row[-2], num_stages=row[-1]) for row in rows]
+
+
+_PINNED: dict = {}
+
+
+def pinned_config(kernel, args: tuple, kwargs: dict) -> triton.Config:
+    """The deterministic mode's config of a launch: the first the kernel's prune keeps (no timing);
+    remembered per kernel, config list, table row and precision (the prune reads nothing else)."""
+    key = (id(kernel), kwargs.get("BLOCK_D"), kwargs.get("DOT_PREC"))
+    hit = _PINNED.get(key)
+    if hit is None or hit[0] is not kernel.configs:  # the list itself, not its id: a test may swap it
+        configs = kernel.configs
+        if kernel.early_config_prune is not None:
+            configs = kernel.early_config_prune(configs, dict(zip(kernel.arg_names, args)), **kwargs)
+        hit = _PINNED[key] = (kernel.configs, configs[0])
+    return hit[1]
+
+
+def launch(kernel, grid, args: tuple, kwargs: dict, deterministic: bool) -> None:
+    """``kernel[grid](*args, **kwargs)``; in deterministic mode with its pinned config, never autotuned
+    (no timing-dependent choice, no tuning sync): every run, shard and rank sums in the same order."""
+    if not deterministic:
+        kernel[grid](*args, **kwargs)
+        return
+    config = pinned_config(kernel, args, kwargs)
+    kernel.best_config = config  # as the autotuner records its choice (tests read it)
+    kernel.fn[grid](*args, **kwargs, **config.all_kwargs())
+
+
+#: Kernel 1's configs per (head dim, fp32 operands): (BLOCK_M, BLOCK_N, warps, stages), the pinned one
+#: first; none spills on sm_80 or sm_90 (python benches/sass_counts.py --spills).
+FORWARD_CONFIGS = {
+    # fp16/bf16: 128 x 128 tiles of 4 warps have the fewest instructions per score at D 32 (sass_counts)
+    (32, False): [(128, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
+    # fp32 operands (tf32x3 splits each into two tf32 halves): 128 x 128 of 4 warps spills
+    (32, True): [(128, 64, 8, 3), (64, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3), (32, 32, 4, 2)],
+    (64, False): [(128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2)],
+    (64, True): [(64, 64, 8, 3), (64, 64, 8, 2), (64, 32, 8, 3), (32, 32, 4, 2)],
+    (128, False): [(128, 64, 8, 2), (64, 64, 8, 3), (64, 128, 8, 3), (128, 32, 8, 3), (64, 64, 8, 2), (64, 32, 4, 3)],
+    (128, True): [(32, 64, 8, 1), (16, 64, 4, 1), (16, 32, 4, 2), (16, 32, 4, 1), (16, 32, 2, 2), (16, 16, 4, 2)],
+}
+_FORWARD_CONFIGS, _forward_prune = head_dim_configs(FORWARD_CONFIGS, kernel="kernel 1")
+
+
 @triton.jit
 def load_rows(base, idx, ok, stride_l, stride_d, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr):
     """Rows ``idx`` of one (cell, head)'s [L, D] matrix as a [len(idx), BLOCK_D] tile; zeros where
@@ -70,6 +181,96 @@ def load_rows(base, idx, ok, stride_l, stride_d, HEAD_D: tl.constexpr, BLOCK_D: 
     d = tl.arange(0, BLOCK_D)
     ptrs = base + idx[:, None].to(tl.int64) * stride_l + d[None, :] * stride_d
     return tl.load(ptrs, mask=ok[:, None] & (d[None, :] < HEAD_D), other=0.0)
+
+
+@triton.jit
+def _tf32_rna(x):
+    """fp32 -> tf32 (10 mantissa bits), round to nearest, ties away (as ``cvt.rna.tf32.f32``)."""
+    return ((x.to(tl.int32, bitcast=True) + 0x1000) & -8192).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _tf32_trunc(x):
+    """fp32 -> tf32 by dropping the low 13 bits (what a tensor core does with an fp32 register)."""
+    return (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _bf16_rne(x):
+    """fp32 -> bf16 (7 mantissa bits), round to nearest even, kept in fp32 (as ``cvt.rn.bf16.f32``)."""
+    bits = x.to(tl.int32, bitcast=True)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def round_like_mma(x, PREC: tl.constexpr):
+    """``x`` (fp32) rounded as :func:`mma` rounds its operands under a single-product policy (``tf32``,
+    ``bf16``, ``fp16``); unchanged otherwise. For scores computed off the tensor cores (the diagonal)
+    that must agree with the ones the log-sum-exp came from."""
+    if PREC == "tf32":
+        return _tf32_trunc(x)
+    elif PREC == "bf16":
+        return _bf16_rne(x)
+    elif PREC == "fp16":
+        return x.to(tl.float16).to(tl.float32)
+    else:
+        return x
+
+
+@triton.jit
+def mma(a, b, PREC: tl.constexpr):
+    """``a @ b`` with fp32 accumulation under the precision policy ``PREC`` (see triton_options):
+    ``"native"`` for 16-bit inputs; for fp32 inputs ``"tf32x3"``, ``"tf32"``, ``"bf16"``, ``"fp16"``
+    (tensor cores) or ``"ieee"`` (FMA pipe). Under the interpreter the roundings are emulated."""
+    if PREC == "native":
+        return tl.dot(a, b)
+    elif PREC == "fp16":
+        return tl.dot(a.to(tl.float16), b.to(tl.float16))
+    elif PREC == "bf16":
+        if EMULATE:
+            return tl.dot(_bf16_rne(a), _bf16_rne(b), input_precision="ieee")
+        else:
+            return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    elif PREC == "tf32":
+        if EMULATE:  # the hardware's truncation: the larger of the two possible errors
+            return tl.dot(_tf32_trunc(a), _tf32_trunc(b), input_precision="ieee")
+        else:
+            return tl.dot(a, b, input_precision="tf32")
+    elif PREC == "fp16x3":  # hi = fp16(x), lo = fp16(x - hi): 22 bits of x in three full-rate fp16 products
+        a_hi = a.to(tl.float16)
+        b_hi = b.to(tl.float16)
+        a_lo = (a - a_hi.to(tl.float32)).to(tl.float16)
+        b_lo = (b - b_hi.to(tl.float32)).to(tl.float16)
+        small = tl.dot(a_lo, b_hi, tl.dot(a_hi, b_lo))
+        return tl.dot(a_hi, b_hi, small)
+    elif PREC == "tf32x3":
+        if EMULATE:  # Triton's split: hi = rna(x), lo = x - hi (truncated by the tensor core)
+            a_hi = _tf32_rna(a)
+            b_hi = _tf32_rna(b)
+            a_lo = _tf32_trunc(a - a_hi)
+            b_lo = _tf32_trunc(b - b_hi)
+            small = tl.dot(a_lo, b_hi, input_precision="ieee") + tl.dot(a_hi, b_lo, input_precision="ieee")
+            return small + tl.dot(a_hi, b_hi, input_precision="ieee")
+        else:
+            return tl.dot(a, b, input_precision="tf32x3")
+    else:
+        return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def mma_pv(p, v, PREC: tl.constexpr):
+    """``p @ v`` for unnormalized probabilities ``p`` (fp32): as :func:`mma`. Under ``fp16x3`` kernel 1's
+    ``p`` comes scaled by 2**P_SHIFT (from the exponent's shift: no instruction), so that the low half
+    of its fp16 split stays a normal fp16 down to p ~ 2**-24 and p stays below fp16's 65504."""
+    if PREC == "fp16x3":
+        return mma(p, v, PREC)
+    else:
+        return mma(p.to(v.dtype), v, PREC)
+
+
+#: Under fp16x3 kernel 1 keeps p~ = 2**P_SHIFT exp2(t - m) <= 2**14 (see mma_pv); l and the output's
+#: accumulator carry the same factor (it cancels in O = acc / l); lse, entropy and row max take it out.
+P_SHIFT = tl.constexpr(14.0)
 
 
 @triton.jit
@@ -82,7 +283,7 @@ def key_tile(q, k_base, v_base, bias_base, start, extent, skl, skd, svl, svd,
     ok = cols < extent
     k = load_rows(k_base, cols, ok, skl, skd, HEAD_D, BLOCK_D)
     v = load_rows(v_base, cols, ok, svl, svd, HEAD_D, BLOCK_D)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+    s = mma(q, tl.trans(k), DOT_PREC)
     real = tl.load(bias_base + cols, mask=ok, other=MASKED_C) == 0.0
     if tl.min(real.to(tl.int32), 0) == 0:
         s = tl.where(real[None, :], s, MASKED_RAW)
@@ -90,11 +291,12 @@ def key_tile(q, k_base, v_base, bias_base, start, extent, skl, skd, svl, svd,
 
 
 @triton.autotune(
-    # (128, 128, 4 warps): fewest instructions per score when compiled for sm_90 (benches/sass_counts.py)
-    configs=tile_configs([(128, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4), (64, 32, 4, 3)]),
+    # per head dim and operand width, pruned before tuning (FORWARD_CONFIGS)
+    configs=_FORWARD_CONFIGS,
+    prune_configs_by={"early_config_prune": _forward_prune},
     # L_BUCKET = next power of two of L: tune once per size class, not for every batch's length;
     # the tensor dtypes join the key automatically
-    key=["L_BUCKET", "BLOCK_D", "WITH_STATS"],
+    key=["L_BUCKET", "BLOCK_D", "WITH_STATS", "DOT_PREC"],
 )
 @triton.jit
 def _forward_kernel(
@@ -137,13 +339,21 @@ def _forward_kernel(
         # qk_scale; they weigh exp2(0) = 1 each) or the initial MASKED if that is larger (they weigh 0);
         # the first real key raises m by ~1e29, alpha = 0 and they vanish (every row has a real key)
         alpha = tl.exp2(m_i - m_new)
-        shifted = s * qk_scale - m_new[:, None]
-        p = tl.exp2(shifted)
-        if WITH_STATS:
-            # sum p~ (t - m_new) = alpha (a + l (m_old - m_new)) + this tile; a padded key adds 0 * x = 0
-            a_i = alpha * (a_i + l_i * (m_i - m_new)) + tl.sum(p * shifted, 1)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        if DOT_PREC == "fp16x3":  # p~ scaled by 2**P_SHIFT through the same FMA (see mma_pv)
+            shifted = s * qk_scale - (m_new - P_SHIFT)[:, None]
+            p = tl.exp2(shifted)
+            p_sum = tl.sum(p, 1)
+            if WITH_STATS:  # sum p~ (t - m_new) with t - m_new = shifted - P_SHIFT
+                a_i = alpha * (a_i + l_i * (m_i - m_new)) + (tl.sum(p * shifted, 1) - P_SHIFT * p_sum)
+            l_i = l_i * alpha + p_sum
+        else:
+            shifted = s * qk_scale - m_new[:, None]
+            p = tl.exp2(shifted)
+            if WITH_STATS:
+                # sum p~ (t - m_new) = alpha (a + l (m_old - m_new)) + this tile; a padded key adds 0 * x = 0
+                a_i = alpha * (a_i + l_i * (m_i - m_new)) + tl.sum(p * shifted, 1)
+            l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + mma_pv(p, v, DOT_PREC)
         m_i = m_new
         if COUNT_TILES:
             visited += 1
@@ -154,7 +364,10 @@ def _forward_kernel(
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=(rows[:, None] < L) & (d[None, :] < HEAD_D))
     row_ok = rows < L
     row_bias = tl.load(BIAS + b * L + rows, mask=row_ok, other=MASKED_C)
-    lse2 = m_i + tl.log2(l_i)
+    log2_l = tl.log2(l_i)
+    if DOT_PREC == "fp16x3":
+        log2_l = log2_l - P_SHIFT  # l carries 2**P_SHIFT
+    lse2 = m_i + log2_l
     term = row_bias - lse2  # log2 p_ij = t_ij (key bias included) + term_i; <= -1e30 for padded rows
     row_ptrs = bh.to(tl.int64) * L + rows
     tl.store(TERM + row_ptrs, term, mask=row_ok)
@@ -163,12 +376,14 @@ def _forward_kernel(
     if WITH_STATS:
         # weight of a row in its cell's mean: 1 / n for real rows, 0 for padding (incl. rows >= L)
         weight = tl.where(row_bias == 0.0, tl.load(INV_N + b), 0.0)
-        entropy = LN2_C * (tl.log2(l_i) - a_i / l_i)
+        entropy = LN2_C * (log2_l - a_i / l_i)  # a and l carry the same factor
         # + 0 * sum(out): a NaN or Inf in v (which only the output sees) reaches the statistics' checksum
-        row_max = 1.0 / l_i + 0.0 * tl.sum(out, 1)
+        row_max = tl.exp2(m_i - lse2) if DOT_PREC == "fp16x3" else 1.0 / l_i  # 1 / l without the 2**P_SHIFT
+        row_max += 0.0 * tl.sum(out, 1)
         # self mass from the diagonal score, summed in fp32 like the dot (a padded row's term masks it)
-        k_diag = load_rows(k_base, rows, row_ok, skl, skd, HEAD_D, BLOCK_D).to(tl.float32)
-        self_mass = tl.exp2(tl.sum(q.to(tl.float32) * k_diag, 1) * qk_scale + term)
+        # (its operands rounded as the tensor cores rounded them for the lse, under a rounding policy)
+        k_diag = round_like_mma(load_rows(k_base, rows, row_ok, skl, skd, HEAD_D, BLOCK_D).to(tl.float32), DOT_PREC)
+        self_mass = tl.exp2(tl.sum(round_like_mma(q.to(tl.float32), DOT_PREC) * k_diag, 1) * qk_scale + term)
         # context mass: the first C keys re-scored against the final lse (C + ... exps per row, not L)
         context = tl.zeros([BLOCK_M], tl.float32)
         for start_c in range(0, tl.minimum(n_context, extent), CTX):
@@ -176,7 +391,7 @@ def _forward_kernel(
             ok = (cols < n_context) & (cols < extent)
             k = load_rows(k_base, cols, ok, skl, skd, HEAD_D, BLOCK_D)
             bias = tl.load(BIAS + b * L + cols, mask=ok, other=MASKED_C)
-            t = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale + bias[None, :]
+            t = mma(q, tl.trans(k), DOT_PREC) * qk_scale + bias[None, :]
             context += tl.sum(tl.exp2(t + term[:, None]), 1)
         stats_base = ROWSTATS + bh.to(tl.int64) * 4 * L + rows  # [B, H, 4, L] in the order of SUMMARIES
         tl.store(stats_base, entropy * weight, mask=row_ok)
@@ -236,7 +451,7 @@ def extents(padding: torch.Tensor) -> torch.Tensor:
 
 def forward(
     q, k, v, bias, extent, scale: float, *, inv_n=None, n_context: int = 0, tiles=None, want_lse=False,
-    term=None, rowstats=None,
+    term=None, rowstats=None, precision=None, deterministic=None,
 ):  # fmt: skip
     """Kernel 1 on checked inputs: ``out`` (dtype of q) and the rows' ``term = bias - lse2`` [B, H, L]
     (float32, base 2); with ``inv_n`` ([B] float32, 1 / real tokens per cell) also the weighted row
@@ -247,7 +462,9 @@ def forward(
     program stores the key tiles it visited (a debug count, compiled out otherwise).
     ``want_lse``: also return every row's ``lse2`` [B, H, L] (padded rows included).
     ``term``, ``rowstats``: buffers of those shapes to write into (reused across layers), else new.
+    ``precision``, ``deterministic``: see :mod:`.triton_options` (None: the options in force).
     """
+    opts = resolve(precision, deterministic)
     B, H, L, D = q.shape
     if not 2.0**-60 <= scale * LOG2E <= 2.0**20:  # padded keys score MASKED_RAW * scale: far below any real one
         raise ValueError(f"the triton backend takes attention scales in [2**-60, 2**20], got {scale}; use backend='torch'")
@@ -261,14 +478,15 @@ def forward(
         rowstats = torch.empty(B, H, 4, L, dtype=torch.float32, device=q.device)
     lse2 = torch.empty_like(term) if want_lse else None
     grid = lambda meta: (B * H * triton.cdiv(L, meta["BLOCK_M"]),)  # noqa: E731
-    _forward_kernel[grid](
+    args = (
         q, k, v, bias, extent, inv_n if with_stats else bias, out, term, lse2 if want_lse else term,
         rowstats if with_stats else term, tiles if tiles is not None else extent,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         H, L, triton.next_power_of_2(L), n_context, scale * LOG2E,
-        HEAD_D=D, BLOCK_D=block_d(D), DOT_PREC=dot_precision(q.dtype),
-        WITH_STATS=with_stats, WRITE_LSE=want_lse, COUNT_TILES=tiles is not None, CTX=CTX_BLOCK,
     )  # fmt: skip
+    meta = dict(HEAD_D=D, BLOCK_D=block_d(D), DOT_PREC=dot_precision(q.dtype, opts.precision),
+                WITH_STATS=with_stats, WRITE_LSE=want_lse, COUNT_TILES=tiles is not None, CTX=CTX_BLOCK)  # fmt: skip
+    launch(_forward_kernel, grid, args, meta, opts.deterministic)
     return (out, term, rowstats, lse2) if want_lse else (out, term, rowstats)
 
 
@@ -276,12 +494,7 @@ def block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))  # tl.dot needs >= 16 along the reduced axis
 
 
-def dot_precision(dtype: torch.dtype) -> str | None:
-    # fp32 inputs get true fp32 dots, not tf32: the statistics are meant to match the reference to ~1e-6
-    return "ieee" if dtype == torch.float32 else None
-
-
-def triton_forward(q, k, v, padding=None, scale=None):
+def triton_forward(q, k, v, padding=None, scale=None, *, precision=None, deterministic=None):
     """Softmax attention over ``[B, H, L, D]`` with a key padding mask ``[B, L]`` (True = padding).
 
     Returns ``(out, lse)``: the output in the dtype of ``q`` (padded query rows
@@ -301,5 +514,6 @@ def triton_forward(q, k, v, padding=None, scale=None):
     if bool(padding.all(1).any()):
         raise ValueError("some cells have no real token (all keys are padding); drop zero-length cells first")
     scale = D**-0.5 if scale is None else float(scale)
-    out, _, _, lse2 = forward(q, k, v, key_bias(padding), extents(padding), scale, want_lse=True)
+    out, _, _, lse2 = forward(q, k, v, key_bias(padding), extents(padding), scale, want_lse=True, precision=precision,
+                             deterministic=deterministic)  # fmt: skip
     return out, lse2 * LN2

@@ -30,7 +30,6 @@ import triton.language as tl
 from .reduce import CellResults
 from .spec import refuse_non_finite
 from .triton_forward import (
-    INTERPRET,
     LOG2E,
     MASKED_C,
     block_d,
@@ -40,16 +39,19 @@ from .triton_forward import (
     extents,
     forward,
     key_bias,
+    head_dim_configs,
+    launch,
     load_rows,
-    tile_configs,
+    mma,
 )
+from .triton_options import resolve
 
 
 @triton.jit
 def _log2_probs(a, b, a_term, b_term, qk_scale, DOT_PREC: tl.constexpr):
     """``log2 P`` on the tile ``a @ b^T``; one of a, b holds queries (term: kernel 1's ``bias - lse2``),
     the other keys (term: their padding bias)."""
-    s = tl.dot(a, tl.trans(b), input_precision=DOT_PREC)
+    s = mma(a, tl.trans(b), DOT_PREC)
     return s * qk_scale + a_term[:, None] + b_term[None, :]
 
 
@@ -83,23 +85,44 @@ def _column_part(k, q_base, term_base, start, extent, sql, sqd, qk_scale,
     rows = start + tl.arange(0, ROWS)
     q = load_rows(q_base, rows, rows < extent, sql, sqd, HEAD_D, BLOCK_D)
     term = tl.load(term_base + rows, mask=rows < extent, other=MASKED_C)  # padded rows: p = 0
-    t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale + term[None, :]
+    t = mma(k, tl.trans(q), DOT_PREC) * qk_scale + term[None, :]
     if ON_FMA:
         return tl.sum(exp2_fma(t), 1)
     return tl.sum(tl.exp2(t), 1)
 
 
+#: The column pass's configs per (head dim, fp32 operands): (BLOCK_M, BLOCK_N, BLOCK_M_FMA, warps, stages),
+#: the pinned one first; BLOCK_M_FMA more query rows per step whose exponentials run on the FMA pipe, the
+#: rest on MUFU (what balances them is measured, not assumed). None spills on sm_80 or sm_90.
+COLUMNS_CONFIGS = {
+    # fp16/bf16: 32 of 160 rows on the FMA pipe balances it against MUFU at D 32 (sass_counts)
+    (32, False): [(128, 128, 32, 4, 3), (128, 128, 0, 4, 3), (128, 128, 0, 8, 3), (64, 128, 0, 8, 3), (64, 64, 0, 4, 3)],
+    (64, False): [(128, 128, 32, 4, 3), (128, 128, 0, 4, 3), (128, 128, 0, 8, 3), (64, 128, 0, 8, 3), (64, 64, 0, 4, 3)],
+    (128, False): [(128, 128, 32, 4, 3), (128, 128, 0, 4, 3), (128, 128, 0, 8, 3), (64, 128, 0, 8, 3), (64, 64, 0, 4, 3)],
+    (32, True): [(128, 128, 0, 4, 3), (128, 128, 0, 8, 3), (64, 128, 0, 8, 3), (64, 64, 0, 4, 3)],
+    (64, True): [(128, 128, 0, 4, 3), (128, 128, 0, 8, 3), (64, 128, 0, 8, 3), (64, 64, 0, 4, 3), (32, 64, 0, 4, 2),
+                 (64, 32, 0, 4, 2), (32, 32, 0, 4, 2)],
+    (128, True): [(128, 128, 0, 8, 3), (64, 128, 0, 8, 3), (64, 64, 0, 4, 3), (32, 64, 0, 4, 2), (64, 32, 0, 4, 2),
+                  (32, 32, 0, 4, 2), (16, 64, 0, 4, 2), (16, 32, 0, 4, 2), (16, 16, 0, 2, 2)],
+}  # fmt: skip
+_COLUMNS_CONFIGS, _columns_prune = head_dim_configs(COLUMNS_CONFIGS, ("BLOCK_M", "BLOCK_N", "BLOCK_M_FMA"), (32, 32, 16),
+                                                    kernel="column pass")
+#: The entries kernel's: (BLOCK_M, BLOCK_N, warps, stages).
+ENTRIES_CONFIGS = {
+    (32, False): [(64, 64, 4, 2), (32, 32, 4, 2)],
+    (64, False): [(64, 64, 4, 2), (32, 32, 4, 2)],
+    (128, False): [(64, 64, 4, 2), (64, 32, 4, 2)],
+    (32, True): [(64, 64, 4, 2), (64, 32, 4, 2)],
+    (64, True): [(64, 64, 4, 2), (64, 32, 4, 2)],
+    (128, True): [(64, 32, 4, 2), (64, 64, 4, 2), (32, 32, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2), (16, 16, 2, 2)],
+}
+_ENTRIES_CONFIGS, _entries_prune = head_dim_configs(ENTRIES_CONFIGS, kernel="entries")
+
+
 @triton.autotune(
-    # (BLOCK_M, BLOCK_N, warps, stages, BLOCK_M_FMA): BLOCK_M_FMA more query rows per step whose
-    # exponentials run on the FMA pipe, the rest on MUFU (what balances them is measured, not assumed)
-    configs=[
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_M_FMA": f}, num_warps=w, num_stages=s)
-        for m, n, w, s, f in ([(32, 32, 1, 1, 16)] if INTERPRET else [
-            (128, 128, 4, 3, 0), (128, 128, 4, 3, 32), (64, 128, 8, 3, 0), (64, 64, 4, 3, 0), (128, 128, 8, 3, 0),
-            (128, 64, 4, 3, 0), (64, 128, 8, 3, 32), (128, 128, 8, 3, 32), (128, 64, 4, 3, 32), (64, 64, 4, 3, 16),
-        ])
-    ],  # fmt: skip
-    key=["L_BUCKET", "BLOCK_D"],
+    configs=_COLUMNS_CONFIGS,
+    prune_configs_by={"early_config_prune": _columns_prune},
+    key=["L_BUCKET", "BLOCK_D", "DOT_PREC"],
 )
 @triton.jit
 def _columns_kernel(
@@ -147,7 +170,8 @@ def _columns_kernel(
         tl.store(TILES + pid, visited)
 
 
-@triton.autotune(configs=tile_configs([(64, 64, 4, 2), (32, 32, 4, 2), (64, 32, 4, 2)]), key=["W", "BLOCK_D"])
+@triton.autotune(configs=_ENTRIES_CONFIGS, prune_configs_by={"early_config_prune": _entries_prune},
+                 key=["W", "BLOCK_D", "DOT_PREC"])
 @triton.jit
 def _entries_kernel(
     Q, K, BIAS, TERM, EXTENT, CELLS, POS, OUT,
@@ -202,6 +226,7 @@ class KernelResults:
 def cell_results(
     q, k, v, scale: float, *, bias, extent, inv_n, cells, window: int, n_context: int = 0,
     panel_pos=None, received: bool = True, work: dict | None = None, tiles: dict | None = None,
+    precision: str | None = None, deterministic: bool | None = None,
 ):  # fmt: skip
     """Kernel 1, then kernel 2 on the counted cells: ``(out, KernelResults)``.
 
@@ -212,8 +237,10 @@ def cell_results(
     ``work``: buffers to reuse across the layers of a forward (filled on first use; results live in
     them until the next call). ``tiles``: {"forward": buf, "columns": buf} zeroed int32 buffers (one
     entry per program, at least ``B * H * L`` and ``C * H * L``) to count the tiles each program visits.
+    ``precision``, ``deterministic``: see :mod:`.triton_options` (None: the options in force).
     """
     check_tensors(q, k, v)
+    opts = resolve(precision, deterministic)
     B, H, L, D = q.shape
     C = cells.shape[0]
     check_grid(C * H * max(L, window * window), "counted cells x heads x max(L, W^2)")
@@ -221,23 +248,24 @@ def cell_results(
     work = {} if work is None else work
     out, term, rowstats = forward(
         q, k, v, bias, extent, scale, inv_n=inv_n, n_context=n_context, tiles=tiles.get("forward"),
-        term=work.get("term"), rowstats=work.get("rowstats"),
+        term=work.get("term"), rowstats=work.get("rowstats"), precision=opts.precision,
+        deterministic=opts.deterministic,
     )  # fmt: skip
     work.update(term=term, rowstats=rowstats)
     every = rowstats.sum(-1)  # [B, H, 4]: rows come weighted by real / n (NaN if any q, k, v was not finite)
     summary = every.index_select(0, cells)
     common = (*q.stride(), *k.stride())
-    meta = dict(HEAD_D=D, BLOCK_D=block_d(D), DOT_PREC=dot_precision(q.dtype))
+    meta = dict(HEAD_D=D, BLOCK_D=block_d(D), DOT_PREC=dot_precision(q.dtype, opts.precision))
     qk_scale = scale * LOG2E
     recv = None
     if received:
         recv = _buffer(work, "received", (C, L, H), q.device)  # [C, L, H]: rows gathered per token
         grid = lambda meta: (C * H * triton.cdiv(L, meta["BLOCK_N"]),)  # noqa: E731
         cols = tiles.get("columns")
-        _columns_kernel[grid](
-            q, k, bias, term, extent, inv_n, cells, recv, cols if cols is not None else extent,
-            *common, H, L, triton.next_power_of_2(L), qk_scale, **meta, COUNT_TILES=cols is not None,
-        )  # fmt: skip
+        args = (q, k, bias, term, extent, inv_n, cells, recv, cols if cols is not None else extent,
+                *common, H, L, triton.next_power_of_2(L), qk_scale)  # fmt: skip
+        launch(_columns_kernel, grid, args, dict(meta, COUNT_TILES=cols is not None), opts.deterministic)
+    meta["deterministic"] = opts.deterministic
     win = _entries(work, "window", q, k, bias, term, extent, cells, None, window, common, L, qk_scale, meta)
     pair = None
     if panel_pos is not None and panel_pos.shape[1]:
@@ -256,10 +284,10 @@ def _entries(work, name, q, k, bias, term, extent, cells, pos, W, common, L, qk_
     C, H = cells.shape[0], q.shape[1]
     block = _buffer(work, name, (C, H, W, W), q.device)
     grid = lambda m: (C * H * triton.cdiv(W, m["BLOCK_M"]) * triton.cdiv(W, m["BLOCK_N"]),)  # noqa: E731
-    _entries_kernel[grid](
-        q, k, bias, term, extent, cells, pos if pos is not None else cells, block,
-        *common, H, L, W, qk_scale, **meta, WINDOW=pos is None,
-    )  # fmt: skip
+    meta = dict(meta)
+    deterministic = meta.pop("deterministic")
+    args = (q, k, bias, term, extent, cells, pos if pos is not None else cells, block, *common, H, L, W, qk_scale)
+    launch(_entries_kernel, grid, args, dict(meta, WINDOW=pos is None), deterministic)
     return block
 
 
@@ -286,28 +314,53 @@ def plan_device(plan) -> PlanDevice:
     return plan.cache["triton"]
 
 
-def triton_cells(q, k, v, plan, scale: float):
+def triton_cells(q, k, v, plan, scale: float, *, precision: str | None = None, deterministic: bool | None = None):
     """The triton backend on a plan: ``(out, CellResults)`` for :func:`attnprof.kernels.reduce.reduce_into`.
 
     No host sync: everything data-dependent comes from the plan. Non-finite q, k or v (a NaN row
     log-sum-exp, or a NaN output) is not raised here, which would wait for the device: each call
     appends a device checksum to ``plan_device(plan).finite`` and :func:`first_non_finite` checks them
     all with one sync (the caller does, once per forward).
+    ``precision``, ``deterministic``: see :mod:`.triton_options` (None: the options in force).
     """
     spec, dev = plan.spec, plan_device(plan)
+    opts = resolve(precision, deterministic)
     out, res = cell_results(
         q, k, v, scale, bias=dev.bias, extent=dev.extent, inv_n=dev.inv_n, cells=plan.counted,
         window=plan.window, n_context=spec.n_context, panel_pos=plan.panel_pos if spec.panel else None,
-        received=spec.gene_stats, work=dev.work,
+        received=spec.gene_stats, work=dev.work, precision=opts.precision, deterministic=opts.deterministic,
     )  # fmt: skip
     dev.finite.append(res.checksum)  # kernel 1 folds every row's lse and output into it
     cells = CellResults(summary=res.summary, window=res.window)
     if spec.gene_stats:  # per (cell, gene) pair: its tokens' column means, summed
-        flat = _view(dev, "received", res.received, (-1, q.shape[1])).index_select(0, plan.gene_src)
-        cells.received = flat.new_zeros(plan.pair_cell.numel(), q.shape[1]).index_add_(0, plan.gene_pairs, flat)
+        recv = _view(dev, "received", res.received, (-1, q.shape[1]))
+        if opts.deterministic:  # a fixed-order gather-sum: index_add_ with repeated ids uses float atomics on CUDA
+            at, real = occurrences(plan)
+            cells.received = (recv[at] * real).sum(1)
+        else:  # the reduction adds each token into its (cell, gene) feature itself
+            cells.received_tokens = recv
     if spec.panel:
         cells.pair = _pair_means(plan, dev, res.pair, q.shape[1])
     return out, cells
+
+
+def occurrences(plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (cell, gene) pair of the plan, where its tokens are: ``at [U, R]`` int64 indices into a
+    counted-cell ``[C L]`` array (R = the most occurrences of an id in one cell; unused slots point at
+    the pair's first token) and ``real [U, R, 1]`` (1.0 / 0.0), so that ``(x[at] * real).sum(1)`` sums
+    each pair's tokens in token order, with no atomics. Once per plan; the one host sync (R) is taken
+    with the plan's other per-forward work, not per layer call."""
+    if "occurrences" not in plan.cache:
+        pairs, U = plan.gene_pairs, plan.pair_cell.numel()
+        order = torch.argsort(pairs, stable=True)  # tokens grouped by pair, each group in token order
+        counts = torch.zeros(U, dtype=torch.long, device=pairs.device).index_add_(0, pairs, torch.ones_like(pairs))
+        starts = counts.cumsum(0) - counts
+        R = int(counts.max()) if U else 1
+        slot = torch.arange(R, device=pairs.device)
+        real = slot < counts[:, None]
+        at = plan.gene_src[order][torch.where(real, starts[:, None] + slot, starts[:, None])]
+        plan.cache["occurrences"] = (at, real[:, :, None].float())
+    return plan.cache["occurrences"]
 
 
 def _pair_means(plan, dev: PlanDevice, block, H):

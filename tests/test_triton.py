@@ -389,7 +389,8 @@ def test_scales_the_masking_cannot_cover_are_refused():
     padding[0, :40] = True  # rows see whole tiles of padded keys first; their scaled max is or is not
     padding[1, [3, 50, 69]] = True  # below the initial MASKED (-1e30) depending on the scale
     for scale in (1e-3, 0.25, 1.0, 3.0):  # covered: as SDPA
-        out, _ = triton_forward(q, k, v, padding, scale=scale)
+        # ieee: scores reach ~100 here, where tf32x3's 22-bit split costs 1.8e-5 (docs/gpu.md); this is about masking
+        out, _ = triton_forward(q, k, v, padding, scale=scale, precision="ieee")
         expected = F.scaled_dot_product_attention(q, k, v, attn_mask=~padding[:, None, None, :], scale=scale)
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
