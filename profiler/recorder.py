@@ -190,8 +190,8 @@ class Recorder:
 
     def attend(self, layer: str, q, k, v, key_padding_mask=None, scale=None) -> torch.Tensor:
         """Profiled attention for one layer: returns the output, accumulates the sums."""
-        if torch.compiler.is_compiling():  # one opaque custom op for torch.compile (attnprof.kernels.custom_op)
-            from attnprof.kernels.custom_op import compiled_attend
+        if torch.compiler.is_compiling():  # one opaque custom op for torch.compile (attnprof.compiled)
+            from .compiled import compiled_attend
 
             return compiled_attend(self, layer, q, k, v, key_padding_mask, scale)
         if self._batch is None:

@@ -1,4 +1,4 @@
-"""The profiled layer call as a torch.library custom op (kernels/custom_op.py): a profiled model runs
+"""The profiled layer call as a torch.library custom op (profiler/compiled.py): a profiled model runs
 under torch.compile and gives the eager outputs and sums (CPU, the torch backend)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from attnprof import Profiler
-from attnprof.kernels import custom_op
+from attnprof import compiled as custom_op
 
 
 def model_and_batch():
@@ -28,11 +28,12 @@ def model_and_batch():
 
 def profiled(compile_backend):
     model, x, tokens, mask, V = model_and_batch()
-    with Profiler(model, groups=["a", "b"], genes=V, window=6, panel=[2, 5, 7], n_context=2, backend="torch") as prof:
+    with Profiler(model, groups=["a", "b"], genes=V, window=6, panel=[2, 5, 7], n_context=2, backend="torch",
+                  replicates={"r0": "a", "r1": "b", "r2": "a"}) as prof:  # fmt: skip
         run = model if compile_backend is None else torch.compile(model, backend=compile_backend)
         ys = []
         for step in range(3):  # the first forward allocates the sums; the later ones add into them
-            prof.set_batch(groups=[0, 1, 0], tokens=tokens, null_groups=[[1, 0, 0], [0, 0, 1]])
+            prof.set_batch(groups=[0, 1, 0], tokens=tokens, replicates=["r0", "r1", "r2"])
             with torch.no_grad():
                 ys.append(run(x * (1 + step), src_key_padding_mask=mask))
     return ys, prof.profile
@@ -60,10 +61,8 @@ def test_compiled_profiled_model_matches_eager(compile_backend):
     assert profile.layers == profile_eager.layers and len(profile.layers) == 2
     for name, value in profile.sums.items():
         np.testing.assert_allclose(value, profile_eager.sums[name], rtol=1e-10, atol=1e-12, err_msg=name)
-    for null, null_eager in zip(profile.null, profile_eager.null):
-        for name in null_eager:
-            np.testing.assert_allclose(null[name], null_eager[name], rtol=1e-10, atol=1e-12, err_msg=name)
-    assert profile.sums["cells"][0].tolist() == [6, 3]  # 3 forwards of 2 + 1 cells, none lost or doubled
+    assert profile.sums["cells"][0].tolist() == [3, 3, 3]  # 3 forwards of one cell per replicate, none lost or doubled
+    assert profile.cells == {"a": 6, "b": 3}
 
 
 def test_fake_implementation_gives_the_output_shape():

@@ -5,8 +5,8 @@
 
 - returns the attention output (a new tensor, the dtype and shape of ``q``); its fake implementation
   says just that, so the compiler traces the model around it without running the kernels;
-- mutates ``sums``: the distinct storage buffers of the layer's run sums (observed and permutation
-  sums; ``tiled_zeros`` keeps each group of them in one buffer), declared in ``mutates_args`` so the
+- mutates ``sums``: the distinct storage buffers of the layer's run sums (``tiled_zeros`` keeps them in
+  one buffer), declared in ``mutates_args`` so the
   compiler orders the call and writes them back after a functionalized call (``aot_eager``,
   ``inductor``) as it does for any in-place op. The implementation adds the layer's sums into
   *the tensors it is given* (views of them rebuilt at the layer's own offsets), never into others;
@@ -84,14 +84,12 @@ def _forget(handle: int) -> None:
 
 
 def layer_buffers(recorder, layer: str) -> list[torch.Tensor]:
-    """The distinct storage buffers (each view's ``_base``, or itself) of the layer's observed and
-    permutation sums, in a fixed order."""
+    """The distinct storage buffers (each view's ``_base``, or itself) of the layer's sums, in a fixed order."""
     out = []
-    for sums in (recorder.sums.get(layer, {}), recorder.null_sums.get(layer, {})):
-        for t in sums.values():
-            base = t if t._base is None else t._base
-            if not any(base is b for b in out):
-                out.append(base)
+    for t in recorder.sums.get(layer, {}).values():
+        base = t if t._base is None else t._base
+        if not any(base is b for b in out):
+            out.append(base)
     return out
 
 
@@ -105,7 +103,7 @@ def _given_buffers(recorder, layer: str, given: list[torch.Tensor]):
         return
     if len(own) != len(given) or any(a.shape != b.shape or a.stride() != b.stride() for a, b in zip(own, given)):
         raise RuntimeError(f"attnprof::profiled_attention: layer {layer!r} got sum buffers laid out otherwise")
-    saved = (recorder.sums.get(layer), recorder.null_sums.get(layer))
+    saved = recorder.sums.get(layer)
 
     def rebased(sums):
         views = {}
@@ -117,16 +115,12 @@ def _given_buffers(recorder, layer: str, given: list[torch.Tensor]):
         return views
 
     try:
-        if saved[0] is not None:
-            recorder.sums[layer] = rebased(saved[0])
-        if saved[1] is not None:
-            recorder.null_sums[layer] = rebased(saved[1])
+        if saved is not None:
+            recorder.sums[layer] = rebased(saved)
         yield
     finally:
-        if saved[0] is not None:
-            recorder.sums[layer] = saved[0]
-        if saved[1] is not None:
-            recorder.null_sums[layer] = saved[1]
+        if saved is not None:
+            recorder.sums[layer] = saved
 
 
 def _aliases(out: torch.Tensor, inputs) -> bool:
