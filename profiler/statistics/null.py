@@ -21,6 +21,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 #: Labelings and elements per chunk. The products are laid out [heads x elements, labelings] so that the
 #: reductions over elements add whole contiguous rows (vectorized); [256 x 16 heads x 256] float32 blocks
@@ -72,7 +73,9 @@ def head_null(X: np.ndarray, V: np.ndarray, in_a: np.ndarray, threshold: float, 
 
     sums, counts, maxes = np.zeros((H, N)), np.zeros((H, N)), np.full((H, N), -np.inf)
     workers = max(1, min(len(jobs), threads or os.cpu_count() or 1))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    # one BLAS thread per worker: the products are small, and BLAS threads on top of ours oversubscribe
+    # the cores (2 workers with 1 BLAS thread each took half the time of 1 worker with 2 here)
+    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(max_workers=workers) as pool:
         for s, c, m in pool.map(run, jobs):
             sums += s
             counts += c
