@@ -108,7 +108,7 @@ class Recorder:
             raise TypeError(
                 "set_batch(null_groups=...) is gone: permutations no longer run in the forward pass. The profile "
                 "keeps sums per replicate (or pseudo-replicate) block and compare(a, b, permutations=N) relabels "
-                "whole blocks; pass replicates= to set_batch (and blocks= to the Profiler) instead"
+                "whole blocks; give the Profiler replicates={name: group} and set_batch each cell's replicates="
             )
         self.set_block_batch(self.block_codes(self.group_codes(groups).numpy(), replicates), tokens)
 
@@ -128,6 +128,9 @@ class Recorder:
 
     def block_codes(self, codes: np.ndarray, replicates=None) -> np.ndarray:
         """The block of every cell (-1: not counted) from its group code and replicate."""
+        if np.any((codes < -1) | (codes >= len(self.groups))):
+            raise ValueError(f"group codes must lie in [-1, {len(self.groups)}) (-1: not counted), got "
+                             f"{sorted(set(codes[(codes < -1) | (codes >= len(self.groups))].tolist()))[:5]}")  # fmt: skip
         blocks = self.blocks
         if not blocks.pseudo:
             if replicates is None:
