@@ -23,7 +23,7 @@ from .blocks import PSEUDO_REPLICATES
 from .rebuild import cmd_report
 from .signals import Terminated, terminate_as_interrupt
 from .summary import design_record, layer_summary, saved_contrast
-from .tables import DEFAULT_MIN_CELLS, DEFAULT_PERMUTATIONS
+from .tables import DEFAULT_MIN_CELLS, DEFAULT_PERMUTATIONS, MAX_PERMUTATIONS
 
 #: Exit status for bad input (argparse uses it too).
 EXIT_USAGE = 2
@@ -530,8 +530,9 @@ def _profile_path(source) -> Path:
 
 def _check_design_options(args) -> None:
     """The permutation and replicate options, before any work."""
-    if args.permutations < 0:
-        raise ValueError(f"--permutations must be >= 0 (0: no permutation null), got {args.permutations}")
+    if not 0 <= args.permutations <= MAX_PERMUTATIONS:
+        raise ValueError(f"--permutations must be between 0 (no permutation null) and {MAX_PERMUTATIONS:,} (p down to "
+                         f"1e-5; more only costs time), got {args.permutations}")  # fmt: skip
     if args.pseudo_replicates < 1:
         raise ValueError(f"--pseudo-replicates must be at least 1 per group, got {args.pseudo_replicates}")
     if args.strata is not None and args.replicate is None:

@@ -211,7 +211,7 @@ def test_merge_and_compare_refuse_what_does_not_fit(saved, encoder):
         attnprof.compare(profile, "a", "c")
     with pytest.raises(ValueError, match="two different groups"):
         attnprof.compare(profile, "a", "a")
-    with pytest.raises(ValueError, match=r"permutations must be >= 0 \(0: no permutation null\), got -3"):
+    with pytest.raises(ValueError, match=r"permutations must be >= 0 \(0: no permutation null\) and at most 100,000 .*got -3"):
         attnprof.compare(profile, "a", "b", permutations=-3)
     with pytest.raises(ValueError, match="unit='replicate' needs a profile with replicates"):
         attnprof.compare(profile, "a", "b", unit="replicate")
@@ -325,12 +325,14 @@ def run_argv(inputs, out, *extra):
         (["--shard", "2/2"], "--shard takes I/N with 0 <= I < N"),
         (["--shard", "half"], "--shard takes I/N"),
         (["--checkpoint-every", "0"], "--checkpoint-every must be at least 1 cell"),
-        (["--permutations", "-2"], "permutations must be >= 0"),
+        (["--permutations", "-2"], "permutations must be between 0 (no permutation null) and 100,000"),
+        (["--permutations", "1000000"], "more only costs time), got 1000000"),
         (["--pseudo-replicates", "0"], "pseudo-replicates must be at least 1"),
         (["--replicate", "donor"], "obs has no column 'donor'"),
         (["--strata", "cell_type"], "--strata names strata of replicates: give --replicate too"),
     ],
-    ids=["window", "shard-range", "shard-format", "checkpoint-every", "permutations", "pseudo-replicates",
+    ids=["window", "shard-range", "shard-format", "checkpoint-every", "permutations", "permutations-huge",
+         "pseudo-replicates",
          "replicate-column", "strata-alone"],
 )
 def test_cli_run_refuses_broken_options(inputs, tmp_path, capsys, extra, message):

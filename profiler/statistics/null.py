@@ -18,6 +18,7 @@ patterns take the general path.
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -58,28 +59,29 @@ def head_null(X: np.ndarray, V: np.ndarray, in_a: np.ndarray, threshold: float, 
                 continue
             idx = np.flatnonzero(inverse == members)
             general = general & (inverse != members)
-            contrast, valid = _pattern_contrast(wa, V[:, idx[0]].astype(np.float32), threshold)
-            jobs += [(_linear, (contrast, _rows(X, chunk), valid)) for chunk in _chunks(idx)]
+            v = V[:, idx[0]].astype(np.float32)
+            jobs += [(_linear, (wa, v, threshold, _rows(X, chunk))) for chunk in _chunks(idx)]
     jobs += [(_general, (wa, _rows(X, chunk), np.ascontiguousarray(V[:, chunk].T, dtype=np.float32), threshold))
              for chunk in _chunks(np.flatnonzero(general))]  # fmt: skip
 
-    def run(job):
+    sums, counts, maxes = np.zeros((H, N)), np.zeros((H, N)), np.full((H, N), -np.inf)
+    lock = threading.Lock()
+
+    def run(job):  # each chunk of labelings added into the totals as it is done: memory stays per worker
         fn, data = job
-        s, c, m = np.zeros((H, N)), np.zeros((H, N)), np.full((H, N), -np.inf)
         for k in range(0, N, LABEL_CHUNK):
             cols = slice(k, k + LABEL_CHUNK)
-            s[:, cols], c[:, cols], m[:, cols] = fn(cols, H, *data)
-        return s, c, m
+            s, c, m = fn(cols, H, *data)
+            with lock:
+                sums[:, cols] += s
+                counts[:, cols] += c
+                np.maximum(maxes[:, cols], m, out=maxes[:, cols])
 
-    sums, counts, maxes = np.zeros((H, N)), np.zeros((H, N)), np.full((H, N), -np.inf)
     workers = max(1, min(len(jobs), threads or os.cpu_count() or 1))
     # one BLAS thread per worker: the products are small, and BLAS threads on top of ours oversubscribe
     # the cores (2 workers with 1 BLAS thread each took half the time of 1 worker with 2 here)
     with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(max_workers=workers) as pool:
-        for s, c, m in pool.map(run, jobs):
-            sums += s
-            counts += c
-            np.maximum(maxes, m, out=maxes)
+        list(pool.map(run, jobs))
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_abs = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
     max_abs = np.where(counts > 0, maxes, np.nan)
@@ -107,11 +109,11 @@ def _pattern_contrast(wa: np.ndarray, v: np.ndarray, threshold: float) -> tuple[
     return np.where(valid, contrast, 0).astype(np.float32), valid
 
 
-def _linear(cols: slice, H: int, contrast: np.ndarray, M: np.ndarray, valid: np.ndarray):
-    """Sum, count and max of |D| per head over elements held by the same units: D = M @ contrast."""
-    c = contrast[:, cols]
-    D = np.abs(M @ c).reshape(H, -1, c.shape[1])  # [heads, elements, labelings]; 0 where not valid
-    return D.sum(1), np.broadcast_to(valid[cols] * float(D.shape[1]), (H, c.shape[1])), D.max(1)
+def _linear(cols: slice, H: int, wa: np.ndarray, v: np.ndarray, threshold: float, M: np.ndarray):
+    """Sum, count and max of |D| per head over elements held by the units ``v``: D = M @ contrast."""
+    contrast, valid = _pattern_contrast(wa[:, cols], v, threshold)
+    D = np.abs(M @ contrast).reshape(H, -1, contrast.shape[1])  # [heads, elements, labelings]; 0 if not valid
+    return D.sum(1), np.broadcast_to(valid * float(D.shape[1]), (H, contrast.shape[1])), D.max(1)
 
 
 def _general(cols: slice, H: int, wa_all: np.ndarray, M: np.ndarray, Vt: np.ndarray, threshold: float):
