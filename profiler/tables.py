@@ -95,8 +95,12 @@ class Comparison:
         if ia == ib:
             raise ValueError(f"compare needs two different groups, got {a!r} twice")
         min_cells = DEFAULT_MIN_CELLS if min_cells is None else int(min_cells)
-        if min_cells < 1:
-            raise ValueError(f"min_cells must be at least 1, got {min_cells}")
+        if min_cells < 0:
+            raise ValueError(f"min_cells must be >= 0 (0 and 1 both mean: any cell), got {min_cells}")
+        permutations = DEFAULT_PERMUTATIONS if permutations is None else int(permutations)
+        if not 0 <= permutations <= MAX_PERMUTATIONS:  # before any work
+            raise ValueError(f"permutations must be >= 0 (0: no permutation null) and at most {MAX_PERMUTATIONS:,} "
+                             f"(p resolves to 1/(1 + N)), got {permutations}")  # fmt: skip
         self.a, self.b, self.min_cells, self.min_replicates = profile.groups[ia], profile.groups[ib], min_cells, int(min_replicates)
         cells = profile.cells
         empty = [g for g in (self.a, self.b) if cells[g] == 0]
@@ -126,10 +130,7 @@ class Comparison:
             self.cell_contrasts["gene"] = self.cell_contrasts["gene"].restricted(~special)
         self.heads = self._heads_table()
         self.layers = self._layers_table()
-        self.permutations = DEFAULT_PERMUTATIONS if permutations is None else int(permutations)
-        if not 0 <= self.permutations <= MAX_PERMUTATIONS:
-            raise ValueError(f"permutations must be >= 0 (0: no permutation null) and at most {MAX_PERMUTATIONS:,} "
-                             f"(p resolves to 1/(1 + N)), got {self.permutations}")  # fmt: skip
+        self.permutations = permutations
         self.relabelings = None
         if self.permutations:
             strata = None if blocks.strata is None else np.asarray(blocks.strata)[self._units]
