@@ -65,6 +65,8 @@ class Recorder:
         self._plan_layers: list[str] = []  # layers called on the plan, in call order (its NaN/Inf verdicts)
         self._derived: dict = {}  # per_forward's results for this forward
         # layer -> (its sums as the Target was made from them, the Target: views with a labeling axis, made once)
+        self.closed = False  # the session ended: profile() hands the sums over, freeing them as it goes
+        self._handed: Profile | None = None  # the profile handed over after the session
         self._views: dict = {}
 
     def _panel_ids(self, panel) -> list[int]:
@@ -266,19 +268,25 @@ class Recorder:
 
     # ----------------------------------------------------------------- result
     def profile(self, meta: dict | None = None) -> Profile:
+        """The sums so far as a :class:`Profile` (float64 numpy, layers first). During a session (a checkpoint)
+        the profile gets a copy; once the session has ended (``closed``) each layer's buffers are freed as they
+        are copied, so the hand-over peaks at the sums plus one layer, not twice the sums, and the profile is
+        kept: later calls return the same one."""
+        if self._handed is not None:
+            return self._handed
         if not self.sums:
             raise RuntimeError("nothing was profiled: no attention layer ran inside the profiling context")
         self.check_finite()
         layers = [layer for layer in self.layers if layer in self.sums]  # in the order they first ran
-
-        def stacked(sums):
-            return {
-                name: torch.stack([sums[layer][name] for layer in layers]).cpu().numpy()
-                for name in sums[layers[0]]
-            }
-
-        return Profile(
-            stacked(self.sums),
+        sums = {name: np.empty((len(layers), *t.shape)) for name, t in self.sums[layers[0]].items()}
+        for i, layer in enumerate(layers):
+            for name, t in self.sums[layer].items():
+                sums[name][i] = t.cpu().numpy()
+            if self.closed:
+                del self.sums[layer]
+                self._views.pop(layer, None)
+        profile = Profile(
+            sums,
             layers=layers,
             groups=list(self.groups),
             n_heads=int(self.n_heads),
@@ -289,6 +297,9 @@ class Recorder:
             meta=dict(meta or {}),
             blocks=self.blocks,
         )
+        if self.closed:
+            self._handed = profile
+        return profile
 
 
 def _version(t: torch.Tensor) -> int | None:

@@ -76,12 +76,17 @@ class Profiler:
         self._stack: ExitStack | None = None
 
     def __enter__(self) -> Profiler:
+        if self.recorder._handed is not None:
+            raise RuntimeError("this Profiler's sums were handed over to its profile after its last session: make "
+                               "a new Profiler to profile more cells (and merge the profiles)")  # fmt: skip
+        self.recorder.closed = False
         self._stack = ExitStack()
         self.layers = self._stack.enter_context(self._swap(self.model, self.recorder))
         return self
 
     def __exit__(self, *exc):
         stack, self._stack = self._stack, None
+        self.recorder.closed = True  # nothing records any more: profile() may hand the sums over
         suppress = stack.__exit__(*exc)  # adapters see the exception in flight, if any
         if exc[0] is None:
             self.recorder.check_finite()  # the last forward's NaN/Inf verdict (the triton backend defers it)
