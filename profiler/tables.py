@@ -118,25 +118,28 @@ class Comparison:
         self._units = (blocks.of_group(ia) | blocks.of_group(ib)) & held
         self._in_a = blocks.of_group(ia)[self._units]
         self.replicates = {self.a: int(self._in_a.sum()), self.b: int((~self._in_a).sum())}
-        self.contrasts, self.cell_contrasts, self.left_out = {}, {}, {}
+        self.permutations, self.relabelings = permutations, None
+        if permutations:
+            strata = None if blocks.strata is None else np.asarray(blocks.strata)[self._units]
+            self.relabelings = relabelings(self._in_a, strata, permutations, seed)
+            self.permutations = self.relabelings.n
+        genes = "recv_sum" in profile.sums and profile.genes is not None
+        self._special = special_token_mask(profile) if genes else None  # by the recorded ids (names: old profiles)
+        self.contrasts, self.cell_contrasts, self.left_out, nulls = {}, {}, {}, {}
         for family in self._families():
-            self.contrasts[family], self.cell_contrasts[family], self.left_out[family] = self._contrast(family)
+            self.contrasts[family], self.cell_contrasts[family], self.left_out[family], nulls[family] = \
+                self._contrast(family)  # fmt: skip
         self.token_contrast = None  # context and special tokens, apart from the genes
         if "gene" in self.contrasts and profile.genes is not None:
-            special = self._special = special_token_mask(profile)  # by the recorded ids (names: old profiles)
+            special = self._special
             self.token_contrast = self.contrasts["gene"].restricted(special)
             self.contrasts["gene"] = self.contrasts["gene"].restricted(~special)
             self._cell_tokens = self.cell_contrasts["gene"].restricted(special)
             self.cell_contrasts["gene"] = self.cell_contrasts["gene"].restricted(~special)
         self.heads = self._heads_table()
         self.layers = self._layers_table()
-        self.permutations = permutations
-        self.relabelings = None
-        if self.permutations:
-            strata = None if blocks.strata is None else np.asarray(blocks.strata)[self._units]
-            self.relabelings = relabelings(self._in_a, strata, self.permutations, seed)
-            self.permutations = self.relabelings.n
-            self._add_permutation_null()
+        if self.relabelings is not None:
+            self._add_permutation_null(nulls)
         self.genes = self._element_table("gene")
         self.context = self._element_table("context")
         self.pairs = self._element_table("pair")
@@ -193,50 +196,49 @@ class Comparison:
         return (s[f"{p}_sum"][layer][units].reshape(n, nh, -1), s[f"{p}_sq"][layer][units].reshape(n, nh, -1),
                 s[f"{p}_count"][layer][units].reshape(n, 1, -1))  # fmt: skip
 
-    def _contrast(self, family: str) -> tuple[Contrast, Contrast, np.ndarray]:
-        """The family's contrast at the comparison's unit, at the cell level, and the left-out replicates
-        [layers, 1, elements]; layer by layer (the block arrays of a whole vocabulary are large)."""
+    def _contrast(self, family: str):
+        """The family's contrast at the comparison's unit, at the cell level, the left-out replicates
+        [layers, 1, elements], and with permutations every head's mean |D| and max |D| under every relabeling
+        ([1 + N, layers, heads] each; else None): layer by layer, each layer's block arrays gathered once (a
+        whole vocabulary's are large)."""
         in_a, in_b = self._in_a, ~self._in_a
+        layers = range(len(self.profile.layers))
         unit, cell, left = [], [], []
-        for layer in range(len(self.profile.layers)):
+        null = None  # the head summaries are tested element by element only
+        if self.relabelings is not None and family != "summary":
+            null = np.full((2, len(self.relabelings.in_a), len(layers), self.profile.n_heads), np.nan)
+        keep = ~self._special if family == "gene" else None
+        for layer in layers:
             total, sq, counts = self._unit_arrays(family, layer)
             cell.append(cell_contrast(total, sq, counts, in_a, in_b, self.min_cells))
             if self.unit == "replicate":
                 unit.append(replicate_contrast(total, counts, in_a, in_b, self.min_cells, self.min_replicates))
                 left.append(((counts > 0) & (counts < self.min_cells)).sum(0))
+                X, V, threshold = *replicate_means(total, counts, self.min_cells), self.min_replicates
             else:
                 left.append(np.zeros(counts.shape[1:], dtype=np.int64))
+                X, V, threshold = total, counts, max(self.min_cells, 1)
+            if null is not None:
+                null[0, :, layer], null[1, :, layer] = head_null(X, V[:, 0], self.relabelings.in_a, threshold, keep)
         cell = _stacked(cell)
-        return (_stacked(unit) if unit else cell), cell, np.stack(left)
+        return (_stacked(unit) if unit else cell), cell, np.stack(left), null
 
-    def _add_permutation_null(self) -> None:
-        """Every head's and layer's mean |D| and max |D| under the relabelings: p_perm and Westfall–Young."""
-        in_a = self.relabelings.in_a
-        n = len(in_a) - 1
-        nulls = {"heads": {s: [] for s in STATS}, "layers": {s: [] for s in STATS}}
+    def _add_permutation_null(self, nulls: dict) -> None:
+        """The null columns of the heads and layers tables from every family's null statistics (``_contrast``):
+        null mean, 95th percentile, excess, p_perm and the Westfall–Young p_fwer within each family."""
+        parts = {"heads": {s: [] for s in STATS}, "layers": {s: [] for s in STATS}}
         for family in self.contrasts:
-            keep = ~self._special if family == "gene" else None
-            mean_abs = np.full((n + 1, len(self.profile.layers), self.profile.n_heads), np.nan)
-            max_abs = np.full_like(mean_abs, np.nan)
-            for layer in range(len(self.profile.layers)):
-                total, _, counts = self._unit_arrays(family, layer)
-                if self.unit == "replicate":
-                    X, V = replicate_means(total, counts, self.min_cells)
-                    threshold = self.min_replicates
-                else:
-                    X, V, threshold = total, counts, max(self.min_cells, 1)
-                mean_abs[:, layer], max_abs[:, layer] = head_null(X, V[:, 0], in_a, threshold, keep)
+            mean_abs, max_abs = nulls[family]  # [1 + N, layers, heads]
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # a layer without elements: NaN
                 layer_stats = {"mean_abs_diff": np.nanmean(mean_abs, -1), "max_abs_diff": np.nanmax(max_abs, -1)}
             for stat, values in (("mean_abs_diff", mean_abs), ("max_abs_diff", max_abs)):
-                nulls["heads"][stat].append(values.reshape(n + 1, -1))
-                nulls["layers"][stat].append(layer_stats[stat])
+                parts["heads"][stat].append(values.reshape(len(values), -1))
+                parts["layers"][stat].append(layer_stats[stat])
         for table in ("heads", "layers"):
             observed = getattr(self, table)
             for stat in STATS:
-                parts = nulls[table][stat]
-                null = np.concatenate(parts, axis=1)  # [1 + N, rows] in the table's row order
+                null = np.concatenate(parts[table][stat], axis=1)  # [1 + N, rows] in the table's row order
                 obs = observed[stat].to_numpy(dtype=float)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", RuntimeWarning)  # a head without elements: NaN
@@ -245,12 +247,7 @@ class Comparison:
                 observed[f"{stat}_null_q95"] = q95
                 observed[f"{stat}_excess"] = obs - mean
                 observed[f"p_perm_{stat}"] = permutation_p(null)
-                # family-wise: within each family (its own block of columns)
-                fwer, start = np.empty(null.shape[1]), 0
-                for part in parts:
-                    fwer[start : start + part.shape[1]] = westfall_young(part)
-                    start += part.shape[1]
-                observed[f"p_fwer_{stat}"] = fwer
+                observed[f"p_fwer_{stat}"] = np.concatenate([westfall_young(part) for part in parts[table][stat]])
 
     def ranked_heads(self, family: str = "gene") -> pd.DataFrame:
         """The heads of one family, most convincing difference first.
@@ -413,7 +410,7 @@ class Comparison:
         return df.iloc[order].reset_index(drop=True)
 
     def _summaries_table(self) -> pd.DataFrame:
-        unit, cell, _ = self._contrast("summary")
+        unit, cell, _, _ = self._contrast("summary")
         nl, nh, ns = unit.diff.shape
         layer, head, k = (x.ravel() for x in np.meshgrid(np.arange(nl), np.arange(nh), np.arange(ns), indexing="ij"))
         table = {

@@ -46,19 +46,20 @@ def head_null(X: np.ndarray, V: np.ndarray, in_a: np.ndarray, threshold: float, 
     Returns ``mean_abs`` and ``max_abs``, float64 [labelings, heads], NaN where a head has no element.
     """
     U, H, E = X.shape
+    threshold = max(threshold, 1)  # a group holding none of an element has no mean
     keep = np.ones(E, dtype=bool) if keep is None else np.asarray(keep, dtype=bool)
     wa = np.asarray(in_a, dtype=bool).T.astype(np.float32)  # [units, labelings]
     N = wa.shape[1]
-    held = keep & (V.sum(0) >= 2 * max(threshold, 1e-12))  # both groups need `threshold`: others never count
+    held = keep & (V.sum(0) >= 2 * threshold)  # both groups need `threshold`: other elements never count
     jobs, general = [], held
-    if np.isin(V, (0, 1)).all() and U < 63:  # replicate level: group elements by which units hold them
+    if np.isin(V, (0, 1)).all() and U < 63:  # replicate level: group elements by which units hold them (bits)
         pattern = (V.astype(np.int64) << np.arange(U)[:, None]).sum(0)
         kinds, inverse, sizes = np.unique(np.where(held, pattern, -1), return_inverse=True, return_counts=True)
-        for kind, size, members in zip(kinds, sizes, range(len(kinds))):
+        for code, (kind, size) in enumerate(zip(kinds, sizes)):
             if kind < 0 or size < MIN_PATTERN:
                 continue
-            idx = np.flatnonzero(inverse == members)
-            general = general & (inverse != members)
+            idx = np.flatnonzero(inverse == code)
+            general = general & (inverse != code)
             v = V[:, idx[0]].astype(np.float32)
             jobs += [(_linear, (wa, v, threshold, _rows(X, chunk))) for chunk in _chunks(idx)]
     jobs += [(_general, (wa, _rows(X, chunk), np.ascontiguousarray(V[:, chunk].T, dtype=np.float32), threshold))
