@@ -32,9 +32,11 @@ if not torch.cuda.is_available():
 import triton.testing  # noqa: E402
 
 import attnprof  # noqa: E402
-from attnprof.kernels import StatsSpec, Target, build_plan, planned_stats  # noqa: E402
+from attnprof.kernels import Target, planned_stats  # noqa: E402
 from attnprof.kernels.triton_forward import extents, forward, key_bias  # noqa: E402
 from attnprof.kernels.triton_stats import cell_results  # noqa: E402
+
+import gpu_check  # noqa: E402  (benches/ is on the path: its conftest.py)
 
 pytestmark = pytest.mark.gpu
 H, D = 16, 32
@@ -56,18 +58,9 @@ def data(request):
 
 
 def workload(name: str, device="cuda", dtype=torch.float16, shapes=SHAPES) -> dict:
-    B, L, lo, hi = shapes[name]
-    g = torch.Generator(device=device).manual_seed(0)
-    q, k, v = (torch.randn(B, H, L, D, device=device, dtype=dtype, generator=g) for _ in range(3))
-    lengths = torch.randint(lo, hi + 1, (B,), device=device, generator=g)
-    lengths[0] = hi
-    padding = torch.arange(L, device=device) >= lengths[:, None]
-    groups = torch.arange(B, device=device) % 2
-    tokens = torch.randint(80, 20340, (B, L), device=device, generator=g)
-    tokens[:, 3:53] = torch.arange(30, 80, device=device)  # every panel gene in every cell
-    spec = StatsSpec(n_groups=2, window=64, vocab_size=20345, panel=tuple(range(30, 80)), n_context=3)
-    plan = build_plan(spec, groups, padding, tokens)
-    return dict(name=name, q=q, k=k, v=v, padding=padding, groups=groups, tokens=tokens, spec=spec, plan=plan)
+    """The inputs and plan of one shape (gpu_check.py's, with H heads of dim D)."""
+    made = gpu_check.workload(shapes[name], D, dtype, device=device, width=H * D)
+    return dict(name=name, **{key: made[key] for key in ("q", "k", "v", "padding", "groups", "tokens", "spec", "plan")})
 
 
 def sdpa(d):
