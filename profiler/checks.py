@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .statistics.welch import MIN_REPLICATES
+
 #: Group names shown in a message before it says "... and N more".
 SHOWN = 6
 
@@ -72,18 +74,18 @@ def nothing_to_compare(profile, a, b, min_cells: int) -> str | None:
         counts = profile.sums.get(f"{prefix}_count")
         if counts is None:
             continue
-        if replicates:  # replicates holding the element in min_cells cells, two needed per group
+        if replicates:  # replicates holding the element in min_cells cells, MIN_REPLICATES needed per group
             held = counts >= min_cells
-            ok = (held[:, in_a].sum(1) >= 2) & (held[:, in_b].sum(1) >= 2)
+            ok = (held[:, in_a].sum(1) >= MIN_REPLICATES) & (held[:, in_b].sum(1) >= MIN_REPLICATES)
         else:
             ok = (counts[:, in_a].sum(1) >= min_cells) & (counts[:, in_b].sum(1) >= min_cells)
         if np.any(ok):
             return None
     if replicates:
         return (
-            f"nothing to compare: no position, gene or gene pair is seen in at least {min_cells} cells of two "
-            f"replicates of both {a} and {b} (--min-cells {min_cells} per replicate); lower --min-cells or profile "
-            f"more cells per replicate"
+            f"nothing to compare: no position, gene or gene pair is seen in at least {min_cells} cells of "
+            f"{MIN_REPLICATES} replicates of both {a} and {b} (--min-cells {min_cells} per replicate); lower "
+            f"--min-cells or profile more cells per replicate"
         )
     return (
         f"nothing to compare: no position, gene or gene pair is seen in at least {min_cells} cells of both "

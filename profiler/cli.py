@@ -29,6 +29,7 @@ from .tables import DEFAULT_MIN_CELLS, DEFAULT_PERMUTATIONS, MAX_PERMUTATIONS
 EXIT_USAGE = 2
 #: Exit status of a run that profiled its cells but has nothing to compare (no tables or figures).
 EXIT_NOTHING = 1
+MIN_CELLS_HELP = "cells an element needs per group, or per replicate with --replicate"
 OVERWRITE_HELP = ("replace the run in --out: its listed outputs are removed first (default: refuse a folder "
                   "holding another run)")
 
@@ -121,8 +122,7 @@ def add_run_parser(sub) -> None:
                    f"(default {PSEUDO_REPLICATES})")
     p.add_argument("--batch-size", type=int, default=32, help="cells per forward pass (default 32)")
     p.add_argument("--min-cells", type=_at_least(0), default=DEFAULT_MIN_CELLS,
-                   help=f"cells an element needs in each group, or with --replicate in each replicate that counts "
-                   f"(default {DEFAULT_MIN_CELLS})")
+                   help=f"{MIN_CELLS_HELP} (default {DEFAULT_MIN_CELLS})")
     p.add_argument("--out", help="output folder (default: attnprof_<data name>)")
     p.add_argument("--no-figures", action="store_true", help="skip the figures")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
@@ -168,7 +168,7 @@ def add_merge_parser(sub) -> None:
     p.add_argument("--compare", nargs=2, metavar=("A", "B"),
                    help="groups to compare for --out, A minus B (default: the profiles' contrast)")
     p.add_argument("--min-cells", type=_at_least(0), metavar="N",
-                   help="cells an element needs per group, or per replicate (default: the profiles')")
+                   help=f"{MIN_CELLS_HELP} (default: the profiles')")
     _add_permutation_options(p, saved=True)
     p.add_argument("--no-figures", action="store_true", help="skip the figures")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP + "; and an existing -o file")
@@ -225,7 +225,7 @@ def add_plot_parser(sub) -> None:
     p.add_argument("--gallery", metavar="L:H,...",
                    help="draw figures/head_gallery: the maps of these layer:head pairs for one group, e.g. 0:1,3:2")
     p.add_argument("--gallery-group", metavar="GROUP", help="the gallery's group (default: the first compared)")
-    p.add_argument("--min-cells", type=_at_least(0), help="cells an element needs per group, or per replicate (default: the run's)")
+    p.add_argument("--min-cells", type=_at_least(0), help=f"{MIN_CELLS_HELP} (default: the run's)")
     p.add_argument("--out", help="figure folder (default: <run>/figures)")
     p.set_defaults(func=cmd_plot)
 
@@ -254,7 +254,7 @@ def add_report_parser(sub) -> None:
     )
     p.add_argument("out", metavar="OUT", help="the run folder (holds profile.npz)")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="groups to compare (default: the run's contrast)")
-    p.add_argument("--min-cells", type=_at_least(0), help="cells an element needs per group, or per replicate (default: the run's)")
+    p.add_argument("--min-cells", type=_at_least(0), help=f"{MIN_CELLS_HELP} (default: the run's)")
     p.add_argument("--no-figures", action="store_true", help="skip the figures")
     p.add_argument("--overwrite", action="store_true",
                    help="also replace files in tables/, figures/ or report.html that no run.json lists")

@@ -32,7 +32,7 @@ from .statistics import (
     HALF_NORMAL_MEAN, Contrast, bh, cell_contrast, head_null, mean_square_diff, permutation_p, relabelings,
     replicate_contrast, welch, westfall_young,
 )  # fmt: skip
-from .statistics.welch import replicate_means
+from .statistics.welch import MIN_REPLICATES, replicate_means
 
 if TYPE_CHECKING:  # the profile holds sums, the comparison reads them: no import at run time
     from .profile import Profile
@@ -45,8 +45,6 @@ PREFIX = {"position": "pos", "gene": "recv", "pair": "pair"}
 #: below ~10 a mean over cells (and a variance) is unreliable, and a token seen in one or two cells tops
 #: the tables by chance.
 DEFAULT_MIN_CELLS = 10
-#: Replicates per group an element needs at the replicate level (a variance needs two).
-MIN_REPLICATES = 2
 #: Relabelings for the permutation null: p resolves to 1/(1 + 999) = 0.001. They cost nothing in the forward
 #: pass (the null is computed at compare time from the block sums): about 2 s per layer of 16 heads over
 #: 10,000 genes and 12 replicates here.

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
+#: Replicates per group an element needs at the replicate level (a variance needs two).
+MIN_REPLICATES = 2
 #: E|X| = sqrt(2/pi)·sigma for X ~ N(0, sigma²): the expected |difference| of an element without effect.
 HALF_NORMAL_MEAN = float(np.sqrt(2 / np.pi))
 
@@ -85,7 +87,7 @@ def replicate_means(sums, counts, min_cells: int) -> tuple[np.ndarray, np.ndarra
     return means, valid.astype(np.float64)
 
 
-def replicate_contrast(sums, counts, in_a, in_b, min_cells: int, min_replicates: int = 2) -> Contrast:
+def replicate_contrast(sums, counts, in_a, in_b, min_cells: int, min_replicates: int = MIN_REPLICATES) -> Contrast:
     """Welch t across replicates: per element, each replicate's mean over its cells (a replicate with fewer
     than ``min_cells`` cells of the element left out), then Welch's test on those means. An element needs
     ``min_replicates`` replicates in each group. Shapes as :func:`cell_contrast`; each block is a replicate."""
