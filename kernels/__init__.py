@@ -4,8 +4,8 @@ Pure compute on ``q, k, v``; no model knowledge. Two entry points with interchan
 
 - :func:`attention_stats`: one call, one labeling; builds its own :class:`BatchPlan`.
 - :func:`planned_stats`: one layer of a forward on a plan built once per forward
-  (:func:`build_plan`), adding into the sums of every labeling of the plan (observed groups
-  and permutations) from one attention pass.
+  (:func:`build_plan`), adding into the sums of every labeling of the plan (one assignment of
+  cells to groups each) from one attention pass.
 """
 
 from __future__ import annotations

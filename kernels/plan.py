@@ -3,9 +3,9 @@
 A model calls attention once per layer on the same cells, so the cells' padding, group codes and
 token ids are the same for every layer. :func:`build_plan` checks them and derives, once, what every
 backend needs; :func:`attnprof.kernels.planned_stats` then does only q, k, v work per layer. A plan
-holds every *labeling* of the cells at once (the observed groups and N permuted ones, for
-permutation nulls): per-cell results are computed once per layer and reduced into all labelings
-together, so a permutation costs reductions, not attention passes.
+holds every *labeling* of the cells at once (one assignment of cells to groups each; the profiler
+uses one, whose groups are its replicate blocks): per-cell results are computed once per layer and
+reduced into all labelings together, so another labeling costs reductions, not attention passes.
 
 Notation: B cells of L positions; H heads; G groups; N + 1 labelings (labeling 0 is the observed
 one); C counted cells (counted in at least one labeling); T real tokens of all cells; K panel ids;
@@ -181,7 +181,7 @@ def build_plan(
     """The plan of one batch: checks the inputs (clear ``ValueError`` naming the problem) and derives
     every q, k, v-free fact once.
 
-    labelings: ``[N + 1, B]`` group codes (row 0 observed, then permutations), or ``[B]`` for one.
+    labelings: ``[N + 1, B]`` group codes, one row per labeling, or ``[B]`` for one.
     key_padding_mask: ``[B, L]`` bool (True = padding) or None; tokens: ``[B, L]`` token ids
     (needed when ``spec.vocab_size`` is set). shape: ``(B, L)`` when neither mask nor tokens gives
     it (or to check them against). device: where the plan's tensors live (default: the mask's).

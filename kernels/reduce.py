@@ -62,7 +62,7 @@ class CellResults:
 class Target:
     """Where a layer's sums go: float64 tensors shaped ``[n, G, ...]`` (``sum_shapes`` with a leading
     labeling axis) for the plan's labelings ``labelings`` (a slice of n of them). A target without
-    the ``*_sq`` sums gets none (the permutation nulls need only sums and counts).
+    the ``*_sq`` sums gets none (a caller that needs only means keeps sums and counts).
 
     genes: ``[V_b]`` slot of each of ``plan.genes`` in the last axis of the ``recv_*`` sums; None when
     that axis is the whole vocabulary (slot = token id).
@@ -102,7 +102,7 @@ def pair_means(plan, block: torch.Tensor) -> torch.Tensor:
 
 #: Column order of the per-cell features of a layer and of a target's dense sums when they share one
 #: buffer (:func:`tiled_zeros`): the sums, the counts, then the squares, so that a target without sums
-#: of squares (the permutation nulls) takes a prefix of the columns.
+#: of squares takes a prefix of the columns.
 DENSE = ("summary_sum", "pos_sum", "pair_sum", "cells", "pos_count", "pair_count", "summary_sq", "pos_sq", "pair_sq")
 #: The same for the gene sums (rows H, 1, H of a gene block ``[n, G, 2H + 1, V]``).
 GENES = ("recv_sum", "recv_count", "recv_sq")
