@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .profile import Profile, _differing_keys, read_npz, write_npz
+from .npz import read_npz, write_npz
+from .profile import Profile, _differing_keys
 
 CHECKPOINT_VERSION = 1
 

@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_validate_parser(sub)
     add_plot_parser(sub)
     add_report_parser(sub)
+    add_compare_parser(sub)
     return parser
 
 
@@ -107,9 +108,17 @@ def add_run_parser(sub) -> None:
         "--checkpoint-every N lets the same command resume after a crash.",
     )
     _add_input_options(p)
-    p.add_argument("--groupby", required=True, help="obs column whose values are the groups (e.g. sex)")
+    p.add_argument("--groupby", required=True, help="obs column whose values are the groups (e.g. sex); every "
+                   "group is profiled and kept")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"),
-                   help="the two groups to compare, A minus B (needed when the column has more than two)")
+                   help="the two groups the run's tables compare, A minus B (needed when the column has more than two; "
+                   "`attnprof compare OUT A B` compares any pair later)")
+    p.add_argument("--subset-by", action="append", default=[], metavar="KEY",
+                   help="obs column (cell type, tissue) whose values are kept apart too, so that `attnprof compare OUT "
+                   "A B --within KEY=VALUE` compares within one of them later (repeatable)")
+    p.add_argument("--gene-set", action="append", default=[], metavar="NAME=FILE",
+                   help="a gene set (file with one gene per line, or genes separated by commas): the heads and layers "
+                   "tables gain the family set:NAME, the gene family restricted to the set (repeatable)")
     p.add_argument("--replicate", metavar="KEY",
                    help="obs column of the unit of replication (animal, donor, sample, section): sums are kept per "
                    "replicate and tests compare replicates, relabeling whole replicates (default: none; cells are "
@@ -261,6 +270,36 @@ def add_report_parser(sub) -> None:
     p.set_defaults(func=cmd_report)
 
 
+def add_compare_parser(sub) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="compare any two groups of a run folder's profile, within any subset, without re-running the model",
+        description="Write the tables, figures and report of A minus B from a run folder's profile.npz into "
+        "OUT/compare/<A>_vs_<B>[_within_<KEY>=<VALUE>] (or --to DIR). A and B are groups of the run's --groupby, "
+        "or values of one of its --subset-by keys; --within KEY=VALUE compares only the cells of one subset.",
+    )
+    p.add_argument("out", metavar="OUT", help="the run folder (holds profile.npz)")
+    p.add_argument("a", metavar="A", help="the first group (the difference is A minus B)")
+    p.add_argument("b", metavar="B", help="the second group")
+    p.add_argument("--within", action="append", default=[], metavar="KEY=VALUE",
+                   help="compare only the cells with this value of a --subset-by key (repeatable)")
+    p.add_argument("--by", metavar="KEY", help="the kept key whose values A and B are (default: found)")
+    p.add_argument("--gene-set", action="append", default=None, metavar="NAME=FILE",
+                   help="gene sets for the set:NAME families (default: the run's)")
+    p.add_argument("--min-cells", type=_at_least(0), help=f"{MIN_CELLS_HELP} (default: the run's)")
+    _add_permutation_options(p, saved=True)
+    p.add_argument("--no-figures", action="store_true", help="skip the figures")
+    p.add_argument("--to", metavar="DIR", help="output folder (default: OUT/compare/<A>_vs_<B>...)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier compare in that folder")
+    p.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(args) -> int:
+    from .recompare import compare_folder
+
+    return compare_folder(args, _gene_sets(args.gene_set) if args.gene_set is not None else None)
+
+
 # ---------------------------------------------------------------- commands
 def cmd_run(args) -> int:
     from .distributed import process_group
@@ -291,19 +330,23 @@ def _profile_and_write(args, folder: RunFolder, rank: int, world: int, device) -
         with warnings.catch_warnings():  # profiling warns about the same cells below
             warnings.simplefilter("ignore")
             groups = select_cells(adata.obs, args.groupby, groups=args.compare, subset=args.subset).groups
+            every = select_cells(adata.obs, args.groupby, subset=args.subset).groups  # all kept, --compare first
         if args.compare is None and len(groups) != 2:
             raise ValueError(
                 f"obs[{args.groupby!r}] has {describe_groups(groups, adata.obs[args.groupby])}: "
                 f"name the two to compare with --compare A B"
             )
+        every = groups + [g for g in every if g not in groups]
+        gene_sets = _gene_sets(args.gene_set)
         model, vocab, front = _model_and_front(args, adata, device)
         profile = profile_anndata(
-            model, adata, args.groupby, groups=groups, vocab=vocab, means=args.means, panel=_panel(args.panel),
+            model, adata, args.groupby, groups=every, vocab=vocab, means=args.means, panel=_panel(args.panel),
             layer=args.layer, use_raw=args.use_raw, gene_key=args.gene_key, subset=args.subset,
             species=args.species, assay=args.assay, modality=args.modality, tokenization=args.tokenization,
             window=args.window,
             batch_size=args.batch_size, backend=args.backend, progress=not args.quiet,
             replicate=args.replicate, strata=args.strata, pseudo_replicates=args.pseudo_replicates,
+            subset_by=args.subset_by, gene_sets=gene_sets,
             seed=args.permutation_seed, shard=shard, **_checkpointing(args, out),
             family=front,
         )  # fmt: skip
@@ -630,16 +673,29 @@ def _model_and_front(args, adata, device):
     return model.to(device), None, front
 
 
-def _panel(value: str | None) -> list[str] | None:
-    """Panel genes from a file (one per line) or a comma-separated list."""
+def _panel(value: str | None, option: str = "--panel") -> list[str] | None:
+    """Genes from a file (one per line) or a comma-separated list."""
     if value is None:
         return None
     path = Path(value)
     names = path.read_text().splitlines() if path.is_file() else value.split(",")
     names = [n.strip() for n in names if n.strip()]
     if not names:
-        raise ValueError(f"--panel {value!r} names no genes")
+        raise ValueError(f"{option} {value!r} names no genes")
     return names
+
+
+def _gene_sets(specs) -> dict[str, list[str]]:
+    """--gene-set NAME=FILE (or NAME=gene,gene,...) options as name -> genes."""
+    out = {}
+    for spec in specs or []:
+        name, sep, value = spec.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise ValueError(f"--gene-set {spec!r}: give NAME=FILE (one gene per line) or NAME=gene,gene,...")
+        if name.strip() in out:
+            raise ValueError(f"--gene-set {name.strip()!r} is given twice")
+        out[name.strip()] = _panel(value.strip(), f"--gene-set {name.strip()}")
+    return out
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -33,6 +33,7 @@ from .statistics import (
     replicate_contrast, welch, westfall_young,
 )  # fmt: skip
 from .statistics.welch import MIN_REPLICATES, replicate_means
+from .views import check_crossed
 
 if TYPE_CHECKING:  # the profile holds sums, the comparison reads them: no import at run time
     from .profile import Profile
@@ -40,6 +41,8 @@ if TYPE_CHECKING:  # the profile holds sums, the comparison reads them: no impor
 __all__ = ["Comparison", "Contrast", "bh", "compare", "welch", "HALF_NORMAL_MEAN"]
 
 FAMILIES = ("position", "gene", "pair")
+#: Gene-set families are named ``set:<name>``: the gene family restricted to the set's genes.
+SET = "set:"
 PREFIX = {"position": "pos", "gene": "recv", "pair": "pair"}
 #: Cells an element needs by default, per group at the cell level and per replicate at the replicate level:
 #: below ~10 a mean over cells (and a variance) is unreliable, and a token seen in one or two cells tops
@@ -66,7 +69,10 @@ class Comparison:
     unit:      ``"replicate"`` when the profile's blocks are replicates (animals, donors): D, t and p
                compare the replicates' means; ``"cell"`` without a replicate key: cells are treated as
                independent replicates (pass ``unit="cell"`` to get that view of a replicate profile too).
-    heads:     one row per layer, head and family (position, gene, pair).
+    heads:     one row per layer, head and family (position, gene, pair, and ``set:<name>`` per gene set:
+               the gene family restricted to the set's genes).
+    within:    the subset compared in (``{"cell_type": "HY GABA"}``; empty: all cells); ``profile`` is then the
+               profile's view (:meth:`attnprof.Profile.view`), whose blocks add up each replicate's cells.
     layers:    one row per layer and family: mean over heads and max over heads.
     genes:     one row per layer, head and gene valid in both groups, most significant first (Welch p, then
                |t|); context and special tokens are not genes.
@@ -87,7 +93,11 @@ class Comparison:
     """
 
     def __init__(self, profile: Profile, a, b, min_cells: int | None = None, permutations: int | None = None, *,
-                 seed: int = 0, unit: str | None = None, min_replicates: int = MIN_REPLICATES):  # fmt: skip
+                 seed: int = 0, unit: str | None = None, min_replicates: int = MIN_REPLICATES, within=None,
+                 by: str | None = None, gene_sets=None):  # fmt: skip
+        self.within = {str(k): str(v) for k, v in (within or {}).items()}
+        self.gene_sets = _gene_sets(profile, gene_sets)
+        profile = profile.view(by or contrast_key(profile, a, b), self.within)  # blocks of one replicate added up
         self.profile = profile
         ia, ib = profile.group_index(a), profile.group_index(b)
         if ia == ib:
@@ -111,6 +121,8 @@ class Comparison:
         if self.unit == "replicate" and blocks.pseudo:
             raise ValueError("unit='replicate' needs a profile with replicates (profile with a replicate key, "
                              "e.g. attnprof run --replicate animal)")  # fmt: skip
+        if self.unit == "replicate":
+            check_crossed(profile, ia, ib)
         held = profile.sums["cells"][0] > 0
         # the units: blocks of a or b that hold cells; a test relabels them
         self._units = (blocks.of_group(ia) | blocks.of_group(ib)) & held
@@ -170,6 +182,8 @@ class Comparison:
                     f"replicates ({self.profile.cells[self.a]} vs {self.profile.cells[self.b]} cells)")
             if self.profile.blocks.strata is not None:
                 line += ", relabeled within strata"
+        if self.within:
+            line += " within " + ", ".join(f"{k} = {v}" for k, v in self.within.items())
         if self.relabelings is None:
             return line + "; no permutations"
         how = (f"all {self.relabelings.distinct} distinct relabelings (exact)" if self.exact
@@ -180,7 +194,8 @@ class Comparison:
     # ------------------------------------------------------------ statistics
     def _families(self):
         present = {"position": "pos_sum", "gene": "recv_sum", "pair": "pair_sum"}
-        return [f for f in FAMILIES if present[f] in self.profile.sums]
+        sets = [f"{SET}{name}" for name in self.gene_sets] if "recv_sum" in self.profile.sums else []
+        return [f for f in FAMILIES if present[f] in self.profile.sums] + sets
 
     def _unit_arrays(self, family: str, layer: int):
         """One layer's sums, squares [units, heads, elements] and counts [units, 1, elements]."""
@@ -189,6 +204,9 @@ class Comparison:
             total, sq = s["summary_sum"][layer][units], s["summary_sq"][layer][units]
             counts = np.broadcast_to(s["cells"][layer][units][:, None, None], (len(total), 1, total.shape[-1]))
             return total, sq, counts
+        if family.startswith(SET):  # a gene set: the gene family restricted to the set's genes
+            genes = self.gene_sets[family[len(SET):]]
+            return tuple(x[..., genes] for x in self._unit_arrays("gene", layer))
         p = PREFIX[family]
         n = int(units.sum())
         return (s[f"{p}_sum"][layer][units].reshape(n, nh, -1), s[f"{p}_sq"][layer][units].reshape(n, nh, -1),
@@ -272,6 +290,8 @@ class Comparison:
         genes = np.asarray(p.genes, dtype=object)
         if family == "gene":
             return genes
+        if family.startswith(SET):
+            return genes[self.gene_sets[family[len(SET):]]]
         names = genes[np.asarray(p.panel, dtype=int)]
         return np.array([f"{u}->{v}" for u in names for v in names], dtype=object)
 
@@ -490,8 +510,47 @@ class Comparison:
 def compare(profile: Profile, a, b, min_cells: int | None = None, permutations: int | None = None,
             **options) -> Comparison:  # fmt: skip
     """Difference tables of ``a`` minus ``b`` (see :class:`Comparison`): min_cells default ``DEFAULT_MIN_CELLS``,
-    permutations default ``DEFAULT_PERMUTATIONS``; options: ``seed``, ``unit``, ``min_replicates``."""
+    permutations default ``DEFAULT_PERMUTATIONS``; options: ``seed``, ``unit``, ``min_replicates``, ``within``
+    (``{"cell_type": "HY GABA"}``: only those cells), ``by`` (the key whose values ``a`` and ``b`` are; default:
+    the groups' key, else the kept key holding both) and ``gene_sets`` (name -> genes; default: the run's)."""
     return Comparison(profile, a, b, min_cells=min_cells, permutations=permutations, **options)
+
+
+def contrast_key(profile: Profile, a, b) -> str | None:
+    """The kept key whose values include both groups (None: the profile's groups, also when neither is found,
+    so that the error names the groups)."""
+    keys = profile.keys()
+    if str(a) in profile.groups and str(b) in profile.groups:
+        return None
+    found = [k for k, values in keys.items() if str(a) in values and str(b) in values]
+    if len(found) > 1:
+        raise ValueError(f"{a!r} and {b!r} are values of several keys {found}: name the key (by=)")
+    return found[0] if found else None
+
+
+def _gene_sets(profile: Profile, gene_sets) -> dict[str, np.ndarray]:
+    """Each gene set's token indices in the profile (default: the sets the run recorded). A set with no gene of
+    the profile is refused; genes the profile lacks are left out with a warning naming them."""
+    gene_sets = profile.meta.get("gene_sets", {}) if gene_sets is None else gene_sets
+    if not gene_sets:
+        return {}
+    if profile.genes is None or "recv_sum" not in profile.sums:
+        raise ValueError("gene sets need gene statistics: this profile has none (profile with a vocabulary)")
+    index = {str(g): i for i, g in enumerate(profile.genes)}
+    special = special_token_mask(profile)
+    out = {}
+    for name, genes in gene_sets.items():
+        genes = list(dict.fromkeys(str(g) for g in genes))
+        missing = [g for g in genes if g not in index]
+        held = [index[g] for g in genes if g in index and not special[index[g]]]
+        if not held:
+            raise ValueError(f"gene set {name!r} has no gene of the profile's vocabulary ({len(genes)} genes, e.g. "
+                             f"{genes[:3]}): check the gene names (the vocabulary's, e.g. Ensembl ids)")  # fmt: skip
+        if missing:
+            warnings.warn(f"gene set {name!r}: {len(missing)} of its {len(genes)} genes are not in the profile's "
+                          f"vocabulary and are left out: {missing[:10]}", stacklevel=3)  # fmt: skip
+        out[str(name)] = np.asarray(sorted(held), dtype=np.int64)
+    return out
 
 
 def _stacked(contrasts: list[Contrast]) -> Contrast:

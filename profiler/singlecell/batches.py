@@ -80,7 +80,7 @@ def select_cells(
         keep &= ~unlabeled
     names = _label_names(labels)
     seen = set(names[keep].tolist())
-    present = [g for g in _ordered_groups(labels) if g in seen]
+    present = [g for g in ordered_values(labels) if g in seen]
     if groups is None:
         groups = present
     else:
@@ -128,7 +128,7 @@ def _label_names(labels: pd.Series) -> np.ndarray:
     return np.array([str(x) for x in labels.astype(object)], dtype=object)
 
 
-def _ordered_groups(labels: pd.Series) -> list[str]:
+def ordered_values(labels: pd.Series) -> list[str]:
     """Category order for categoricals, else the sorted distinct values."""
     if isinstance(labels.dtype, pd.CategoricalDtype):
         return [str(c) for c in labels.cat.categories]

@@ -35,7 +35,7 @@ from ..distributed import all_reduce_profile, rank_and_world, shard as shard_ind
 from ..checks import open_h5ad
 from ..profile import Profile, cell_ids
 from ..session import Profiler
-from .batches import Batch, CellSelection, make_batches, select_cells
+from .batches import Batch, CellSelection, ordered_values, make_batches, select_cells
 from .family import iter_family_chunks
 from .tokenize import Tokenizer, count_matrix, gene_names, iter_token_chunks
 from .vocab import N_CONTEXT, PAD, Vocabulary, as_vocabulary
@@ -66,6 +66,8 @@ def profile_anndata(
     trim_padding: bool = True,
     replicate: str | None = None,
     strata: str | None = None,
+    subset_by: Sequence[str] | None = None,
+    gene_sets: dict[str, Sequence[str]] | None = None,
     pseudo_replicates: int = PSEUDO_REPLICATES,
     seed: int = 0,
     permutations: int | None = None,
@@ -97,6 +99,11 @@ def profile_anndata(
               independent replicates (and says so).
     strata:   obs column within whose values labels are exchanged (batch, section); each replicate must
               lie in one stratum.
+    subset_by: obs columns (cell type, tissue) whose values are kept apart too: the sums are kept per
+              replicate, group and combination of these values, so ``profile.view(key, within=...)`` and
+              ``compare(a, b, within={"cell_type": "HY GABA"})`` give any key's groups within any subset later.
+    gene_sets: name -> genes (the vocabulary's names): the heads and layers tables gain a family
+              ``set:<name>``, the gene family restricted to the set; recorded in the profile.
     permutations: deprecated and ignored: permutations are drawn at compare time from the block sums
               (``profile.compare(a, b, permutations=N)``), at no cost to this pass.
     shard:    ``(i, n)``: profile only every n-th selected cell starting at the i-th; the shards'
@@ -131,13 +138,17 @@ def profile_anndata(
         else:
             tokenizer = family
         obs = adata.obs.iloc[selection.rows]
-        for key in (replicate, strata):
+        subset_by = _subset_keys(subset_by, groupby)
+        for key in (replicate, strata, *subset_by):
             if key is not None and key not in adata.obs.columns:
                 raise ValueError(f"obs has no column {key!r} (columns: {list(adata.obs.columns)})")
+        genes = vocab.token_names() if family is None else family.genes
+        gene_sets = _checked_gene_sets(gene_sets, genes)
         blocks, block_codes = design_blocks(
             selection.codes, selection.groups, None if replicate is None else obs[replicate].to_numpy(),
             None if strata is None else obs[strata].to_numpy(), replicate_key=replicate or "replicate",
             strata_key=strata or "strata", per_group=pseudo_replicates, seed=seed,
+            subsets={k: obs[k].to_numpy() for k in subset_by} or None,
         )  # fmt: skip
         plan = plan_cells(selection, shard, block_codes)
         names = adata.obs_names
@@ -148,19 +159,21 @@ def profile_anndata(
                 "groupby": groupby,
                 "tokenizer": tokenizer.settings(),  # a family's: its name and tokenizer settings
                 "counts": {"layer": layer, "use_raw": bool(use_raw), "gene_key": gene_key},
-                "blocks": {"replicate": replicate, "strata": strata,
+                "blocks": {"replicate": replicate, "strata": strata, "subset_by": subset_by,
                            "pseudo_replicates": None if replicate else int(pseudo_replicates),
                            "seed": None if replicate else int(seed)},
             },
             "data": {
                 "source": source, "n_obs": int(adata.n_obs), "subset": subset, "cells": plan.counts(),
                 "shard": None if shard == (0, 1) else list(shard), "cells_digest": plan.digest(names),
+                "subset_values": {k: [v for v in ordered_values(obs[k]) if v in set(obs[k].astype(str))]
+                                  for k in subset_by},  # the columns' order, for tables and figures
             },
         }  # fmt: skip
         run = _Run(
             reading=dict(layer=layer, use_raw=use_raw, gene_key=gene_key, chunk_size=chunk_size),
             batching=dict(batch_size=batch_size, bucket_size=bucket_size, trim=trim_padding, pad_to=context_length),
-            stats=dict(groups=selection.groups, genes=vocab.token_names() if family is None else family.genes,
+            stats=dict(groups=selection.groups, genes=genes,
                        panel=_unique(panel), window=window, n_context=N_CONTEXT if family is None else family.n_context,
                        backend=backend, family=family, blocks=blocks),
             progress=progress and rank_and_world()[0] == 0,
@@ -185,6 +198,8 @@ def profile_anndata(
         profile.meta["data"].update(cells=selection.counts(), shard=None, cells_digest=whole)
     profile.cell_ids = ids
     profile.meta["data"]["context_only_cells"] = int(context_only)
+    if gene_sets:
+        profile.meta["gene_sets"] = gene_sets
     if context_only and rank_and_world()[0] == 0:
         warnings.warn(
             f"{context_only} cells have no counts in vocabulary genes and were profiled with only "
@@ -194,6 +209,26 @@ def profile_anndata(
     if ckpt is not None:
         ckpt.remove()  # the result is complete: a rerun starts afresh
     return profile
+
+
+def _subset_keys(subset_by, groupby: str) -> list[str]:
+    keys = [str(k) for k in ([subset_by] if isinstance(subset_by, str) else subset_by or [])]
+    if groupby in keys or len(set(keys)) != len(keys):
+        raise ValueError(f"--subset-by keys must be distinct and differ from --groupby {groupby!r}, got {keys}")
+    return keys
+
+
+def _checked_gene_sets(gene_sets, genes) -> dict[str, list[str]]:
+    """The gene sets as name -> genes, refused before any model work when a set holds no gene of the model's."""
+    known = set(map(str, genes or []))
+    out = {}
+    for name, members in (gene_sets or {}).items():
+        members = list(dict.fromkeys(str(g) for g in members))
+        if not any(g in known for g in members):
+            raise ValueError(f"gene set {name!r} holds none of the model's genes ({len(members)} genes, e.g. "
+                             f"{members[:3]}): use the vocabulary's gene names (e.g. Ensembl ids)")  # fmt: skip
+        out[str(name)] = members
+    return out
 
 
 def profile_batches(
@@ -255,7 +290,8 @@ def profile_batches(
 
 def write_outputs(
     profile: Profile, a, b, out, *, min_cells: int | None = None, permutations: int | None = None,
-    seed: int = 0, figures: bool = True, command: Sequence[str] | None = None,
+    seed: int = 0, figures: bool = True, command: Sequence[str] | None = None, within=None, by: str | None = None,
+    save_profile: bool = True,
 ) -> dict:
     """Write a run's folder: ``profile.npz``, ``tables/`` (CSV, Parquet, genes.h5ad), ``figures/`` and
     ``report.html`` (one self-contained page: settings, top findings, figures, links to the tables).
@@ -263,21 +299,28 @@ def write_outputs(
     min_cells: cells per group an element needs (default ``attnprof.tables.DEFAULT_MIN_CELLS``).
     permutations: relabelings of whole blocks for the permutation null (default
                ``attnprof.tables.DEFAULT_PERMUTATIONS``; 0: none).
+    within, by: compare within a subset, and groups of another kept key (see :class:`attnprof.Comparison`).
+    save_profile: write ``profile.npz`` (``attnprof compare`` writes beside a run's, not over it).
     Returns the comparison of ``a`` minus ``b`` and the written paths.
     """
     from ..report import run_settings, write_report
 
     out = Path(out)
-    comparison = profile.compare(a, b, min_cells=min_cells, permutations=permutations, seed=seed)
-    profile.meta["contrast"] = {
+    comparison = profile.compare(a, b, min_cells=min_cells, permutations=permutations, seed=seed, within=within, by=by)
+    contrast = {
         "a": comparison.a, "b": comparison.b, "min_cells": comparison.min_cells,
         "permutations": comparison.permutations, "seed": int(seed), "unit": comparison.unit,
+        "within": comparison.within, "by": by,
     }  # fmt: skip
-    written = {"profile": profile.save(out / "profile.npz"), "tables": comparison.save(out / "tables")}
+    written = {}
+    if save_profile:
+        profile.meta["contrast"] = contrast
+        written["profile"] = profile.save(out / "profile.npz")
+    written["tables"] = comparison.save(out / "tables")
     if figures:
         from ..plots import save_figures
 
-        written["figures"] = save_figures(profile, comparison, out / "figures")
+        written["figures"] = save_figures(comparison.profile, comparison, out / "figures")
     pngs = {p.stem: p.read_bytes() for p in written.get("figures", []) if p.suffix == ".png"}
     tables = sorted(str(p.relative_to(out)) for p in (out / "tables").iterdir() if p.is_file())
     written["report"] = write_report(comparison, out / "report.html", figures=pngs, tables=tables,
