@@ -25,13 +25,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from attnprof.kernels import SUMMARIES
-
 from .special_tokens import looks_special, special_token_mask
 from .statistics import (
-    HALF_NORMAL_MEAN, Contrast, bh, cell_contrast, head_null, mean_square_diff, permutation_p, relabelings,
+    HALF_NORMAL_MEAN, Contrast, bh, cell_contrast, head_null, permutation_p, relabelings,
     replicate_contrast, welch, westfall_young,
 )  # fmt: skip
+from .frames import element_table, heads_table, layers_table, summaries_table, to_anndata
 from .statistics.welch import MIN_REPLICATES, replicate_means
 from .views import check_crossed
 
@@ -138,22 +137,22 @@ class Comparison:
         self.contrasts, self.cell_contrasts, self.left_out, nulls = {}, {}, {}, {}
         for family in self._families():
             self.contrasts[family], self.cell_contrasts[family], self.left_out[family], nulls[family] = \
-                self._contrast(family)  # fmt: skip
+                self.contrast_of(family)  # fmt: skip
         self.token_contrast = None  # context and special tokens, apart from the genes
         if "gene" in self.contrasts and profile.genes is not None:
             special = self._special
             self.token_contrast = self.contrasts["gene"].restricted(special)
             self.contrasts["gene"] = self.contrasts["gene"].restricted(~special)
-            self._cell_tokens = self.cell_contrasts["gene"].restricted(special)
+            self.cell_tokens = self.cell_contrasts["gene"].restricted(special)
             self.cell_contrasts["gene"] = self.cell_contrasts["gene"].restricted(~special)
-        self.heads = self._heads_table()
-        self.layers = self._layers_table()
+        self.heads = heads_table(self)
+        self.layers = layers_table(self)
         if self.relabelings is not None:
             self._add_permutation_null(nulls)
-        self.genes = self._element_table("gene")
-        self.context = self._element_table("context")
-        self.pairs = self._element_table("pair")
-        self.summaries = self._summaries_table()
+        self.genes = element_table(self, "gene")
+        self.context = element_table(self, "context")
+        self.pairs = element_table(self, "pair")
+        self.summaries = summaries_table(self)
 
     # ------------------------------------------------------------ design
     @property
@@ -212,7 +211,7 @@ class Comparison:
         return (s[f"{p}_sum"][layer][units].reshape(n, nh, -1), s[f"{p}_sq"][layer][units].reshape(n, nh, -1),
                 s[f"{p}_count"][layer][units].reshape(n, 1, -1))  # fmt: skip
 
-    def _contrast(self, family: str):
+    def contrast_of(self, family: str):
         """The family's contrast at the comparison's unit, at the cell level, the left-out replicates
         [layers, 1, elements], and with permutations every head's mean |D| and max |D| under every relabeling
         ([1 + N, layers, heads] each; else None): layer by layer, each layer's block arrays gathered once (a
@@ -296,187 +295,14 @@ class Comparison:
         return np.array([f"{u}->{v}" for u in names for v in names], dtype=object)
 
     # ---------------------------------------------------------------- tables
-    def _heads_table(self) -> pd.DataFrame:
-        p = self.profile
-        nl, nh = len(p.layers), p.n_heads
-        frames = []
-        for family, c in self.contrasts.items():
-            absd = np.abs(c.diff)
-            valid = np.broadcast_to(c.valid, absd.shape)
-            n_el = valid.sum(-1)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                mean_abs = np.where(n_el > 0, np.nansum(absd, -1) / np.maximum(n_el, 1), np.nan)
-                # the same average of each element's expected |D| without a difference (NaN SE: one replicate)
-                floor = HALF_NORMAL_MEAN * c.se
-                n_floor = np.isfinite(floor).sum(-1)
-                noise = np.where(n_floor > 0, np.nansum(floor, -1) / np.maximum(n_floor, 1), np.nan)
-            msd, rms = mean_square_diff(c.diff, c.se)
-            filled = np.where(valid, absd, -np.inf)
-            arg = filled.argmax(-1)
-            max_abs = np.where(n_el > 0, np.take_along_axis(filled, arg[..., None], -1)[..., 0], np.nan)
-            abs_t = np.where(np.isnan(c.t), -np.inf, np.abs(c.t))
-            arg_t = abs_t.argmax(-1)
-            max_t = abs_t.max(-1)
-            cell_t = self.cell_contrasts[family].t
-            max_t_cells = np.where(np.isnan(cell_t), -np.inf, np.abs(cell_t)).max(-1)
-            q = c.q
-            min_q = np.where(np.isnan(q), np.inf, q).min(-1)
-            labels = self.element_labels(family)
-            frames.append(
-                pd.DataFrame(
-                    {
-                        "layer": np.repeat(np.arange(nl), nh),
-                        "head": np.tile(np.arange(nh), nl),
-                        "family": family,
-                        "unit": self.unit,
-                        "n_a": self._n(self.a),
-                        "n_b": self._n(self.b),
-                        "cells_a": p.cells[self.a],
-                        "cells_b": p.cells[self.b],
-                        "n_elements": n_el.ravel(),
-                        "mean_abs_diff": mean_abs.ravel(),
-                        "noise_floor": noise.ravel(),
-                        "excess_over_noise": (mean_abs - noise).ravel(),
-                        "mean_sq_diff": msd.ravel(),
-                        "rms_diff": rms.ravel(),
-                        "max_abs_diff": max_abs.ravel(),
-                        "where": np.where(n_el > 0, labels[arg], "").ravel(),
-                        "max_abs_t": _finite(max_t).ravel(),
-                        "max_t_where": np.where(np.isfinite(max_t), labels[arg_t], "").ravel(),
-                        "max_abs_t_cells": _finite(max_t_cells).ravel(),
-                        "min_q": _finite(min_q).ravel(),
-                    }
-                )
-            )
-        return pd.concat(frames, ignore_index=True)
-
-    def _n(self, group: str) -> int:
+    def n_units(self, group: str) -> int:
         """Replicates of a group at the replicate level, cells at the cell level."""
         return self.replicates[group] if self.unit == "replicate" else self.profile.cells[group]
-
-    def _layers_table(self) -> pd.DataFrame:
-        rows = []
-        for (family, layer), df in self.heads.groupby(["family", "layer"], sort=False):
-            best = df["max_abs_diff"].idxmax() if df["max_abs_diff"].notna().any() else None
-            best_t = df["max_abs_t"].idxmax() if df["max_abs_t"].notna().any() else None
-            msd = df["mean_sq_diff"].mean()
-            rows.append(
-                {
-                    "layer": layer,
-                    "layer_name": self.profile.layers[layer],
-                    "family": family,
-                    "unit": self.unit,
-                    "mean_abs_diff": df["mean_abs_diff"].mean(),
-                    "noise_floor": df["noise_floor"].mean(),
-                    "excess_over_noise": df["excess_over_noise"].mean(),
-                    "mean_sq_diff": msd,
-                    "rms_diff": np.sqrt(max(msd, 0)) if np.isfinite(msd) else np.nan,
-                    "max_abs_diff": df["max_abs_diff"].max(),
-                    "max_head": -1 if best is None else int(df.at[best, "head"]),
-                    "where": "" if best is None else df.at[best, "where"],
-                    "max_abs_t": df["max_abs_t"].max(),
-                    "max_t_head": -1 if best_t is None else int(df.at[best_t, "head"]),
-                    "max_t_where": "" if best_t is None else df.at[best_t, "max_t_where"],
-                }
-            )
-        return pd.DataFrame(rows)
-
-    def _element_table(self, family: str) -> pd.DataFrame:
-        """One row per layer, head and valid element; most significant first (Welch p, then |t|)."""
-        name = {"gene": ["gene"], "context": ["token"], "pair": ["gene_a", "gene_b"]}[family]
-        replicate = self.unit == "replicate"
-        extra = ["cells_a", "cells_b", "t_cells", "p_cells", "left_out"] if replicate else []
-        cols = ["layer", "head", *name, "diff", "t", "p", "q", "n_a", "n_b", "mean_a", "mean_b", *extra]
-        source = "gene" if family == "context" else family
-        c = self.token_contrast if family == "context" else self.contrasts.get(family)
-        if c is None:
-            return pd.DataFrame(columns=cols)
-        cells = self._cell_tokens if family == "context" else self.cell_contrasts[source]
-        nl, nh, ne = c.diff.shape
-        el = np.flatnonzero(c.valid[0, 0])  # counts are the same in every layer
-        layer, head, e = (x.ravel() for x in np.meshgrid(np.arange(nl), np.arange(nh), el, indexing="ij"))
-        table = {"layer": layer, "head": head}
-        if family == "pair":
-            panel = np.asarray(self.profile.panel)
-            names = np.asarray(self.profile.genes, dtype=object)[panel]
-            u, v = np.divmod(e, len(panel))
-            table["gene_a"], table["gene_b"] = names[u], names[v]
-        else:
-            table[name[0]] = np.asarray(self.profile.genes, dtype=object)[e]
-        table.update(
-            diff=c.diff[layer, head, e],
-            t=c.t[layer, head, e],
-            p=c.p[layer, head, e],
-            q=c.q[layer, head, e],
-            n_a=c.n_a[layer, 0, e].astype(np.int64),
-            n_b=c.n_b[layer, 0, e].astype(np.int64),
-            mean_a=c.mean_a[layer, head, e],
-            mean_b=c.mean_b[layer, head, e],
-        )
-        if replicate:
-            table.update(
-                cells_a=cells.n_a[layer, 0, e].astype(np.int64),
-                cells_b=cells.n_b[layer, 0, e].astype(np.int64),
-                t_cells=cells.t[layer, head, e],
-                p_cells=cells.p[layer, head, e],
-                left_out=self.left_out[source][layer, 0, e].astype(np.int64),
-            )
-        if family != "pair":
-            table["token_id"] = e
-        df = pd.DataFrame(table)
-        order = np.lexsort((-np.nan_to_num(np.abs(df["t"].to_numpy()), nan=-1.0), np.nan_to_num(df["p"], nan=2.0)))
-        return df.iloc[order].reset_index(drop=True)
-
-    def _summaries_table(self) -> pd.DataFrame:
-        unit, cell, _, _ = self._contrast("summary")
-        nl, nh, ns = unit.diff.shape
-        layer, head, k = (x.ravel() for x in np.meshgrid(np.arange(nl), np.arange(nh), np.arange(ns), indexing="ij"))
-        table = {
-            "layer": layer,
-            "head": head,
-            "summary": np.asarray(SUMMARIES)[k],
-            "mean_a": unit.mean_a[layer, head, k],
-            "mean_b": unit.mean_b[layer, head, k],
-            "diff": unit.diff[layer, head, k],
-            "t": unit.t[layer, head, k],
-            "p": unit.p[layer, head, k],
-            "q": unit.q[layer, head, k],
-            "n_a": self._n(self.a),
-            "n_b": self._n(self.b),
-        }
-        if self.unit == "replicate":
-            table.update(t_cells=cell.t[layer, head, k], p_cells=cell.p[layer, head, k])
-        return pd.DataFrame(table)
 
     # ---------------------------------------------------------------- export
     def to_anndata(self):
         """The gene table as AnnData: obs = layer x head, var = genes, X = mean_a - mean_b."""
-        import anndata as ad
-
-        if "gene" not in self.contrasts:
-            raise ValueError("this profile has no gene statistics: profile with genes= (a vocabulary) to get them")
-        c = self.contrasts["gene"]
-        nl, nh, _ = c.diff.shape
-        el = np.flatnonzero(c.valid[0, 0])
-        obs = pd.DataFrame(
-            {"layer": np.repeat(np.arange(nl), nh), "head": np.tile(np.arange(nh), nl)},
-            index=[f"L{l}H{h}" for l in range(nl) for h in range(nh)],
-        )
-        var = pd.DataFrame(
-            {"token_id": el, "n_a": c.n_a[0, 0, el].astype(np.int64), "n_b": c.n_b[0, 0, el].astype(np.int64)},
-            index=pd.Index(np.asarray(self.profile.genes, dtype=object)[el].astype(str), name="gene"),
-        )
-
-        def mat(x):
-            return x[:, :, el].reshape(nl * nh, el.size)
-
-        return ad.AnnData(
-            X=mat(c.diff),
-            obs=obs,
-            var=var,
-            layers={"mean_a": mat(c.mean_a), "mean_b": mat(c.mean_b), "t": mat(c.t)},
-            uns={"attnprof": {"a": self.a, "b": self.b, "min_cells": self.min_cells, "unit": self.unit}},
-        )
+        return to_anndata(self)
 
     def tables(self) -> dict[str, pd.DataFrame]:
         return {
@@ -557,7 +383,3 @@ def _stacked(contrasts: list[Contrast]) -> Contrast:
     """Per-layer contrasts stacked on a new first (layer) axis."""
     fields = Contrast.__dataclass_fields__
     return Contrast(**{f: np.stack([getattr(c, f) for c in contrasts]) for f in fields})
-
-
-def _finite(x: np.ndarray) -> np.ndarray:
-    return np.where(np.isfinite(x), x, np.nan)
