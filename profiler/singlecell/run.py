@@ -6,8 +6,8 @@ chunks, bucket and trim batches, and run them through the model inside a
 pseudo-replicates of cells without a replicate key: what a permutation test
 relabels at compare time), shards the cells (``shard=``, or by rank inside a
 ``torch.distributed`` job, whose sums it all-reduces), and saves checkpoints
-a rerun resumes from. :func:`profile_batches` is the run loop itself;
-:func:`write_outputs` writes a run's folder (profile, tables, figures).
+a rerun resumes from. The run loop itself is :func:`profile_batches` (loop.py);
+:func:`write_outputs` (write.py) writes a run's folder (profile, tables, figures).
 """
 
 from __future__ import annotations
@@ -15,30 +15,26 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, is_dataclass
-from itertools import chain
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from tqdm.auto import tqdm
-
-from attnprof.kernels import resolve_backend
 
 from ..blocks import PSEUDO_REPLICATES, design_blocks
 from ..checkpoint import Checkpoint
-from ..distributed import all_reduce_profile, rank_and_world, shard as shard_indices, sum_over_ranks
+from ..distributed import all_reduce_profile, rank_and_world, sum_over_ranks
 from ..checks import open_h5ad
 from ..profile import Profile, cell_ids
-from ..session import Profiler
-from .batches import Batch, CellSelection, ordered_values, make_batches, select_cells
-from .family import iter_family_chunks
-from .tokenize import Tokenizer, count_matrix, gene_names, iter_token_chunks
-from .vocab import N_CONTEXT, PAD, Vocabulary, as_vocabulary
+from .batches import ordered_values, select_cells
+from .loop import _Run, cells_digest, plan_cells, profile_batches
+from .tokenize import Tokenizer, count_matrix, gene_names
+from .vocab import N_CONTEXT, Vocabulary, as_vocabulary
+from .write import write_outputs
+
+__all__ = ["profile_anndata", "profile_batches", "write_outputs", "model_description"]
 
 
 def profile_anndata(
@@ -181,7 +177,7 @@ def profile_anndata(
         )  # fmt: skip
         whole = None  # names every shard's cells: for a checkpoint's fingerprint and a summed profile
         if checkpoint is not None or distributed:
-            whole = _cells_digest(names, selection.rows, selection.codes, selection.groups)
+            whole = cells_digest(names, selection.rows, selection.codes, selection.groups)
         ckpt = None
         if checkpoint is not None:
             fingerprint = run.fingerprint(meta, whole, shard)
@@ -229,210 +225,6 @@ def _checked_gene_sets(gene_sets, genes) -> dict[str, list[str]]:
                              f"{members[:3]}): use the vocabulary's gene names (e.g. Ensembl ids)")  # fmt: skip
         out[str(name)] = members
     return out
-
-
-def profile_batches(
-    model: torch.nn.Module,
-    batches: Iterable[Batch],
-    *,
-    groups: Sequence[str],
-    genes: Sequence[str],
-    panel: Sequence[str] | None,
-    window: int,
-    n_context: int,
-    backend: str,
-    meta: dict,
-    n_cells: int | None = None,
-    progress: bool = True,
-    blocks=None,
-    blocks_of: Callable[[np.ndarray], np.ndarray] | None = None,
-    after_batch: Callable[[Profiler, Batch], None] | None = None,
-    family=None,
-) -> Profile:
-    """The run loop: every batch through the model inside one profiling session.
-
-    blocks:        the :class:`~attnprof.blocks.Blocks` the sums are kept for (default: pseudo-replicates
-                   dealt by the profiler).
-    blocks_of:     row positions -> the block code of those cells (-1: not counted).
-    after_batch:   called after each forward with the profiler and the batch (e.g. to checkpoint).
-    family:        a family front end whose ``gene_ids`` and ``forward`` read the batch's codes (default:
-                   the tokens are the model's input and the gene ids, as for Nicheformer).
-    """
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()  # dropout off: attention must be the model's deterministic attention
-    start = time.perf_counter()
-    bar = tqdm(total=n_cells, unit="cells", desc="profiling", disable=not progress, smoothing=0.1)
-    try:
-        with Profiler(model, groups, window=window, genes=genes, panel=panel, n_context=n_context,
-                      backend=backend, meta=meta, adapter="auto" if family is None else family.adapter,
-                      blocks=blocks) as prof, \
-                torch.inference_mode():  # fmt: skip
-            for batch in batches:
-                tokens = batch.tokens.to(device)
-                ids = tokens if family is None else family.gene_ids(tokens)
-                if blocks_of is None:
-                    prof.set_batch(groups=batch.codes, tokens=ids)
-                else:
-                    prof.recorder.set_block_batch(blocks_of(batch.rows), ids)
-                model(tokens) if family is None else family.forward(model, tokens)
-                bar.update(len(batch))
-                if after_batch is not None:
-                    after_batch(prof, batch)
-    finally:
-        bar.close()
-        model.train(was_training)
-    profile = prof.profile
-    profile.meta["backend_used"] = resolve_backend(backend, device)
-    profile.meta["elapsed_s"] = round(time.perf_counter() - start, 3)
-    return profile
-
-
-def write_outputs(
-    profile: Profile, a, b, out, *, min_cells: int | None = None, permutations: int | None = None,
-    seed: int = 0, figures: bool = True, command: Sequence[str] | None = None, within=None, by: str | None = None,
-    save_profile: bool = True,
-) -> dict:
-    """Write a run's folder: ``profile.npz``, ``tables/`` (CSV, Parquet, genes.h5ad), ``figures/`` and
-    ``report.html`` (one self-contained page: settings, top findings, figures, links to the tables).
-
-    min_cells: cells per group an element needs (default ``attnprof.tables.DEFAULT_MIN_CELLS``).
-    permutations: relabelings of whole blocks for the permutation null (default
-               ``attnprof.tables.DEFAULT_PERMUTATIONS``; 0: none).
-    within, by: compare within a subset, and groups of another kept key (see :class:`attnprof.Comparison`).
-    save_profile: write ``profile.npz`` (``attnprof compare`` writes beside a run's, not over it).
-    Returns the comparison of ``a`` minus ``b`` and the written paths.
-    """
-    from ..report import run_settings, write_report
-
-    out = Path(out)
-    comparison = profile.compare(a, b, min_cells=min_cells, permutations=permutations, seed=seed, within=within, by=by)
-    contrast = {
-        "a": comparison.a, "b": comparison.b, "min_cells": comparison.min_cells,
-        "permutations": comparison.permutations, "seed": int(seed), "unit": comparison.unit,
-        "within": comparison.within, "by": by,
-    }  # fmt: skip
-    written = {}
-    if save_profile:
-        profile.meta["contrast"] = contrast
-        written["profile"] = profile.save(out / "profile.npz")
-    written["tables"] = comparison.save(out / "tables")
-    if figures:
-        from ..plots import save_figures
-
-        written["figures"] = save_figures(comparison.profile, comparison, out / "figures")
-    pngs = {p.stem: p.read_bytes() for p in written.get("figures", []) if p.suffix == ".png"}
-    tables = sorted(str(p.relative_to(out)) for p in (out / "tables").iterdir() if p.is_file())
-    written["report"] = write_report(comparison, out / "report.html", figures=pngs, tables=tables,
-                                     settings=run_settings(profile, command))  # fmt: skip
-    return {"comparison": comparison, "paths": written}
-
-
-# ------------------------------------------------------------ cells and runs
-@dataclass
-class CellPlan:
-    """The cells this process profiles: sorted row positions, group codes and block codes.
-
-    A code of -1 runs the cell without counting it: an empty shard runs one such cell, so that it
-    still has (zero) sums of the run's layout to add to the others.
-    """
-
-    rows: np.ndarray
-    codes: np.ndarray
-    blocks: np.ndarray
-    groups: list[str]
-
-    def codes_for(self, rows: np.ndarray) -> np.ndarray:
-        return self.codes[np.searchsorted(self.rows, rows)]
-
-    def blocks_for(self, rows: np.ndarray) -> np.ndarray:
-        return self.blocks[np.searchsorted(self.rows, rows)]
-
-    def counts(self) -> dict[str, int]:
-        counted = self.codes[self.codes >= 0]
-        return {g: int(n) for g, n in zip(self.groups, np.bincount(counted, minlength=len(self.groups)))}
-
-    def digest(self, obs_names) -> str | None:
-        """Names the counted cells (None for none): merging two profiles of the same cells is refused."""
-        counted = self.codes >= 0
-        if not counted.any():
-            return None
-        return _cells_digest(obs_names, self.rows[counted], self.codes[counted], self.groups)
-
-
-def plan_cells(selection: CellSelection, shard: tuple[int, int], block_codes: np.ndarray) -> CellPlan:
-    """The shard's cells with their group and block codes (blocks designed over the whole selection, so
-    that the shards' block sums add up to those of one run)."""
-    index = shard_indices(len(selection), *shard)
-    if not len(index):
-        return CellPlan(selection.rows[:1], np.full(1, -1), np.full(1, -1), selection.groups)
-    return CellPlan(selection.rows[index], selection.codes[index], np.asarray(block_codes)[index], selection.groups)
-
-
-@dataclass
-class _Run:
-    """How one profile_anndata run reads, batches and profiles its cells."""
-
-    reading: dict
-    batching: dict
-    stats: dict
-    progress: bool
-    stream_rows: np.ndarray | None = None  # every selected cell: a family's random draws run over them all
-
-    def fingerprint(self, meta: dict, selection_digest: str, shard: tuple[int, int]) -> dict:
-        """What a checkpoint must share with this run to be resumed by it (the backend may differ)."""
-        data = {k: meta["data"][k] for k in ("source", "n_obs", "subset")}
-        options = {**meta["options"], **self.reading, **self.batching}
-        options.update({k: self.stats[k] for k in ("groups", "genes", "panel", "window", "n_context")})
-        options["genes"] = hashlib.blake2b("\n".join(options["genes"]).encode(), digest_size=8).hexdigest()
-        return {"data": {**data, "cells": selection_digest, "shard": list(shard)}, "model": meta["model"],
-                "options": options}  # fmt: skip
-
-    def profile(self, model, adata, tokenizer, plan: CellPlan, meta: dict, ckpt: Checkpoint | None):
-        """The profile of the plan's cells (a checkpoint's sums plus the cells it lacks) and the context-only count."""
-        rows = plan.rows if ckpt is None else ckpt.remaining(plan.rows)
-        # a family's left-out cells are never done, so a resumed run counts them all again: start at 0
-        resumed = 0 if ckpt is None or self.stats["family"] is not None else ckpt.counters.get("context_only_cells", 0)
-        context_only = _ContextOnly(resumed)
-        if self.stats["family"] is None:
-            chunks = iter_token_chunks(adata, tokenizer, rows=rows, **self.reading)
-        else:  # the family's tokenizer; the cells it leaves out are counted instead of context-only cells
-            chunks = iter_family_chunks(adata, tokenizer, rows=rows, left_out=context_only,
-                                        stream_rows=self.stream_rows, **self.reading)  # fmt: skip
-        batches = make_batches(chunks if ckpt is None else ckpt.watch(chunks), plan.codes_for, **self.batching)
-        batches = _nonempty(batches if ckpt is None else ckpt.skip_done(batches))
-        if batches is None and (ckpt is None or ckpt.prior is None):  # the front end left out every cell
-            raise ValueError(_all_left_out(self.stats["family"], context_only.n))
-        if batches is None:  # the checkpoint holds every cell: the run had finished
-            return ckpt.prior, context_only.n
-
-        def after_batch(prof: Profiler, batch: Batch) -> None:
-            if self.stats["family"] is None:
-                context_only.add(batch)
-            if ckpt is not None:
-                ckpt.ran(batch.rows, lambda: (prof.profile, {"context_only_cells": context_only.n}))
-
-        current = profile_batches(
-            model, batches, **self.stats, meta=meta, progress=self.progress,
-            n_cells=len(plan.rows) - (0 if ckpt is None else ckpt.n_done),
-            blocks_of=plan.blocks_for, after_batch=after_batch,
-        )  # fmt: skip
-        if ckpt is None or ckpt.prior is None:
-            return current, context_only.n
-        total = ckpt.total(current)
-        total.meta["resumed_cells"] = ckpt.n_done
-        return total, context_only.n
-
-
-class _ContextOnly:
-    """Counts counted cells that hold only their context tokens (no vocabulary gene had counts)."""
-
-    def __init__(self, n: int = 0):
-        self.n = int(n)
-
-    def add(self, batch: Batch) -> None:
-        lengths = (batch.tokens != PAD).sum(1).numpy()
-        self.n += int(np.sum((lengths == N_CONTEXT) & (np.asarray(batch.codes) >= 0)))
 
 
 # ----------------------------------------------------------------- helpers
@@ -520,27 +312,3 @@ def _model_vocabulary(vocab, adata, layer, use_raw, gene_key, n_tokens: int) -> 
             f"pass the gene list the model was trained with"
         )
     return vocab
-
-
-def _cells_digest(obs_names, rows: np.ndarray, codes: np.ndarray, groups: Sequence[str]) -> str:
-    """A short hash of which cells (by obs name) are profiled in which group."""
-    digest = hashlib.blake2b(digest_size=8)
-    digest.update("\n".join(str(g) for g in groups).encode())
-    digest.update("\n".join(map(str, obs_names[rows])).encode())
-    digest.update(np.ascontiguousarray(codes, dtype=np.int64).tobytes())
-    return digest.hexdigest()
-
-
-def _nonempty(items: Iterator) -> Iterator | None:
-    """The iterator unchanged, or None when it yields nothing."""
-    first = next(items, None)
-    return None if first is None else chain([first], items)
-
-
-def _all_left_out(family, n: int) -> str:
-    """Why a run has no cell to profile: its family front end left out every selected one."""
-    why = family.left_out_message(n) if family is not None else f"{n} cells were left out"
-    return (
-        f"nothing to profile: {why}, which is every selected cell; check where the counts are (--layer, "
-        f"--use-raw; Geneformer: --counts-key) and the gene names (--gene-key)"
-    )
