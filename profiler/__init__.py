@@ -10,9 +10,19 @@ from attnprof.kernels import BACKENDS, SUMMARIES, StatsSpec, attention_stats
 from .adapters import ADAPTERS, UnsupportedAttention
 from .profile import Profile, merge
 from .session import Profiler
-from .singlecell import Nicheformer, load_nicheformer, profile_anndata, tokenize_anndata
 from .tables import Comparison, compare
 from .validate import validate
+
+#: The single-cell front end's names, imported on first use: ``import attnprof`` loads the core only.
+_SINGLECELL = ("Nicheformer", "load_nicheformer", "profile_anndata", "tokenize_anndata")
+
+
+def __getattr__(name: str):
+    if name in _SINGLECELL:
+        from . import singlecell
+
+        return getattr(singlecell, name)
+    raise AttributeError(f"module 'attnprof' has no attribute {name!r}")
 
 __version__ = "0.1.0"
 

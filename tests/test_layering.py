@@ -82,3 +82,12 @@ if __name__ == "__main__":  # python tests/test_layering.py: the check on this c
         done = lint(stage(Path(tmp)))
         print(done.stdout, done.stderr, sep="")
         sys.exit(done.returncode)
+
+
+def test_the_top_level_package_loads_the_core_only():
+    """``import attnprof`` loads no front end and no command line; their names still resolve on first use."""
+    code = ("import sys, attnprof; assert not any(m.startswith(('attnprof.singlecell', 'attnprof.cli')) "
+            "for m in sys.modules), sorted(sys.modules); from attnprof import profile_anndata, Nicheformer; "
+            "assert profile_anndata.__module__ == 'attnprof.singlecell.run'")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
