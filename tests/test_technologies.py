@@ -107,6 +107,12 @@ def test_the_means_forms_agree_and_rows_pick_their_context(folder):
     by_mapping = tokens(adata, mapping, "dataset", **PER_CELL)
     np.testing.assert_array_equal(by_pairs, by_folder)
     np.testing.assert_array_equal(by_mapping, by_folder)
+    # ids instead of names, as the notebooks' obs.replace leaves them (a column with NaN once holds floats)
+    ids = adata.copy()
+    ids.obs["assay"] = ids.obs["assay"].map({"MERFISH": 7, "NanoString digital spatial profiling": 8, "Xenium": 9,
+                                             "10x transcription profiling": 15.0}).astype(float)  # fmt: skip
+    ids.obs["organism"] = ids.obs["organism"].map({"Homo sapiens": "5", "Mus musculus": "MOUSE"})
+    np.testing.assert_array_equal(tokens(ids, folder, "dataset", **PER_CELL), by_folder)
     rows = np.array([1, 2, 6, 11, 12, 20, 27])  # chunks of 5 rows read only some cells: each keeps its context
     np.testing.assert_array_equal(tokens(adata, folder, "dataset", rows=rows, **PER_CELL), by_folder[rows])
 

@@ -26,6 +26,17 @@ cell's own context and means gives the tokens of each technology alone.
 A cell's means: the entry for its assay; else, for a dissociated cell, the
 ``dissociated`` entry; else an entry without technology (a single file, which
 is then every other cell's); else the cell is refused before the run.
+
+Upstream quirks, named: the dissociated notebook tests the *rounded* mean for 0
+(``np.where(rounded_values == 0, 1, ...)``), the CosMx and Xenium notebooks the
+unrounded one; ``tokenize_data``'s ``+= m == 0`` makes both the same
+(:func:`.vocab.technology_means`). The dissociated notebook also subsets its
+means and data to the vocabulary genes present in the data (``[kept]``,
+``common_genes``: 483 genes), which would number the genes by their position
+among those; the tokens it recorded (cell outputs with ids such as 20301) are
+vocabulary index + 30, as for every other technology, so attnprof keeps
+vocabulary ids. For data holding every vocabulary gene (as the corpus files
+do after the concat with ``model.h5ad``) the two are the same.
 """
 
 from __future__ import annotations

@@ -9,6 +9,12 @@ by ``np.argsort(-value)`` compiled by numba. Each gene becomes its token id
 (vocabulary index + 30); the context tokens ``[species, assay, modality]``
 are prepended, the sequence is cut to the context length and padded with 1.
 
+Several technologies in one run (:mod:`.technologies`): each cell's context
+may come from obs columns (``species_key``, ``assay_key``, ``modality_key``) and
+each cell is divided by its own technology's means, as upstream tokenizes each
+technology alone; every step is per cell, so a mixed chunk needs no loop over
+cells (only over technologies, for the dataset path's NaN-mean genes).
+
 The division is a true division on both paths: the notebooks divide a
 sparse matrix by the means, which the scipy of their time computed as
 ``np.true_divide(X.todense(), means)`` (today's scipy multiplies by ``1 / means``,
@@ -271,7 +277,11 @@ def iter_token_chunks(
     gene_key: str | None = None,
     chunk_size: int = 1024,
 ) -> Iterator[TokenChunk]:
-    """Tokenize the cells ``rows`` (sorted positions; default all) reading ``chunk_size`` rows at a time."""
+    """Tokenize the cells ``rows`` (sorted positions; default all) reading ``chunk_size`` rows at a time.
+
+    With the tokenizer's obs keys, every cell's context and technology are resolved (and checked) once,
+    before the counts are read, and each chunk gets its cells' rows of them.
+    """
     matrix, var = count_matrix(adata, layer=layer, use_raw=use_raw)
     alignment = align_genes(gene_names(var, gene_key), tokenizer.vocab)
     n_obs = matrix.shape[0]
