@@ -180,6 +180,11 @@ def test_means_options_that_cannot_work_are_refused(folder, tmp_path):
         Tokenizer(VOCAB, [f"iss={folder / 'iss_mean_script.npy'}"])
     with pytest.raises(ValueError, match=r"--means names 'Xenium' twice"):
         Tokenizer(VOCAB, [str(folder), f"9={folder / 'xenium_mean_script.npy'}"])
+    with pytest.raises(ValueError, match=r"names 'CosMx' twice \(key 'cosmx' and key 8\)"):
+        Tokenizer(VOCAB, {"cosmx": np.ones(N_GENES), 8: np.ones(N_GENES)})
+    # a file without technology covers the cells without their own entry
+    fallback = Tokenizer(VOCAB, {None: np.full(N_GENES, 2.0), "Xenium": np.ones(N_GENES)}, assay="CosMx")
+    assert list(fallback.settings()["means"]) == ["default", "Xenium"]
     with pytest.raises(ValueError, match="holds none of Nicheformer's published means files"):
         Tokenizer(VOCAB, tmp_path)  # empty still
     with warnings.catch_warnings():

@@ -3,7 +3,7 @@
 Nicheformer tokenizes every technology with its own mean vector, one of the
 published ``data/model_means/*_mean_script.npy`` files of theislab/nicheformer.
 Its tokenization notebooks pair them as follows (the MERFISH notebook,
-``merfish_mouse_brain.ipynb``, is stored as a large file; the pairing follows
+``merfish_mouse_brain.ipynb``, is a large file that was not readable; the pairing follows
 the file name):
 
 ===============================  =========================================================  =========================
@@ -88,7 +88,8 @@ def means_entries(means) -> dict[str, object]:
     """Technology -> its means (array or path) from what ``means=`` (``--means``) was given.
 
     ``means``: None; one array or ``.npy`` (every cell); a folder of the published ``*_mean_script.npy``
-    files; a mapping ``{technology: array or path}``; or the ``--means`` values, each ``ASSAY=FILE``,
+    files; a mapping ``{technology: array or path}`` (key None: every cell without its own entry); or the
+    ``--means`` values, each ``ASSAY=FILE``,
     ``dissociated=FILE``, a folder, or one file without technology (every cell without its own entry).
     """
     if means is None or isinstance(means, np.ndarray):
@@ -96,7 +97,8 @@ def means_entries(means) -> dict[str, object]:
     if isinstance(means, (str, Path)):
         means = [means]
     if isinstance(means, Mapping):
-        return _merge([{technology_key(k): v for k, v in means.items()}], ["the mapping"])
+        return _merge([{DEFAULT if k is None else technology_key(k): v} for k, v in means.items()],
+                      [f"key {k!r}" for k in means])
     values = list(means)
     if values and not all(isinstance(v, (str, Path)) for v in values):
         return {DEFAULT: np.asarray(values, dtype=np.float64)}  # a list of numbers
@@ -233,7 +235,7 @@ class TechnologyMeans:
 
 # ------------------------------------------------------------ context from obs
 def obs_context(obs: pd.DataFrame, keys: dict[str, str | None], default: np.ndarray) -> np.ndarray:
-    """Each cell's ``[species, assay, modality]`` ids (``[n, 3]`` int64): obs columns ``keys`` where given, else ``default``.
+    """Each cell's ``[species, assay, modality]`` ids (``[n, 3]`` int64): obs columns ``keys``, else ``default``.
 
     Values are names (any case, upstream's spellings too) or ids, as ``--species/--assay/--modality`` take;
     a column with missing or unknown values is refused, naming them and the accepted names.
