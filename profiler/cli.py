@@ -69,7 +69,10 @@ def _add_input_options(p: argparse.ArgumentParser) -> None:
                    help="CPU threads for torch (default: torch's choice; 1 suits small models)")
     t = p.add_argument_group("tokenization")
     t.add_argument("--vocab", help="the model's gene list: text file (one gene per line) or .h5ad (var names)")
-    t.add_argument("--means", help="technology mean vector (.npy, one entry per vocabulary gene); default: ones")
+    t.add_argument("--means", action="append", metavar="FILE|ASSAY=FILE|FOLDER",
+                   help="technology mean vector (.npy, one entry per vocabulary gene; default: ones). Several "
+                   "technologies: repeat it, one ASSAY=FILE each (dissociated=FILE: every dissociated cell), or "
+                   "give theislab/nicheformer's data/model_means/ folder; each cell uses its technology's")
     t.add_argument("--gene-key", help="var column with the gene names (default: var names)")
     src = t.add_mutually_exclusive_group()
     src.add_argument("--layer", help="take counts from this layer (default: X)")
@@ -81,6 +84,9 @@ def _add_input_options(p: argparse.ArgumentParser) -> None:
     t.add_argument("--assay", default="MERFISH",
                    help="assay context token, name or id, e.g. Xenium or 9 (default: MERFISH)")
     t.add_argument("--modality", default="spatial", help="modality context token, name or id (default: spatial)")
+    for kind in ("species", "assay", "modality"):
+        t.add_argument(f"--{kind}-key", metavar="KEY",
+                       help=f"obs column with each cell's {kind} (names or ids); overrides --{kind}")
     f = p.add_argument_group("Geneformer and scGPT")
     f.add_argument("--token-dictionary", help="Geneformer token dictionary (.pkl; a pickle: trusted files only)")
     f.add_argument("--gene-medians", help="Geneformer gene median dictionary (.pkl; a pickle: trusted files only)")
@@ -343,6 +349,7 @@ def _profile_and_write(args, folder: RunFolder, rank: int, world: int, device) -
             model, adata, args.groupby, groups=every, vocab=vocab, means=args.means, panel=_panel(args.panel),
             layer=args.layer, use_raw=args.use_raw, gene_key=args.gene_key, subset=args.subset,
             species=args.species, assay=args.assay, modality=args.modality, tokenization=args.tokenization,
+            species_key=args.species_key, assay_key=args.assay_key, modality_key=args.modality_key,
             window=args.window,
             batch_size=args.batch_size, backend=args.backend, progress=not args.quiet,
             replicate=args.replicate, strata=args.strata, pseudo_replicates=args.pseudo_replicates,
@@ -365,6 +372,7 @@ def _profile_and_write(args, folder: RunFolder, rank: int, world: int, device) -
     record = {
         "command": command,
         "contrast": [groups[0], groups[1]],
+        "tokenizer": profile.meta.get("options", {}).get("tokenizer"),  # context keys, means file per technology
         "cells": profile.cells,
         "replicates": profile.replicates,
         **design_record(None if empty else result["comparison"], profile),
@@ -486,7 +494,8 @@ def cmd_validate(args) -> int:
         if front is None:
             tokenizer = Tokenizer(vocab, args.means, context_length=model.context_length,
                                   species=args.species, assay=args.assay, modality=args.modality,
-                                  tokenization=args.tokenization)  # fmt: skip
+                                  tokenization=args.tokenization, species_key=args.species_key,
+                                  assay_key=args.assay_key, modality_key=args.modality_key)  # fmt: skip
             chunks = iter_token_chunks(adata, tokenizer, **reading)
         else:
             chunks = iter_family_chunks(adata, front, **reading)

@@ -54,6 +54,9 @@ def profile_anndata(
     assay="MERFISH",
     modality="spatial",
     tokenization: str = "notebook",
+    species_key: str | None = None,
+    assay_key: str | None = None,
+    modality_key: str | None = None,
     window: int = 64,
     batch_size: int = 32,
     chunk_size: int = 1024,
@@ -80,11 +83,16 @@ def profile_anndata(
     adata:    an AnnData (in memory or backed) or the path of an ``.h5ad`` (opened backed).
     groupby:  the obs column whose categories are the groups; ``groups`` restricts and orders them.
     vocab:    the model's gene list (Vocabulary, path or names); default: the data's own genes.
-    means:    the technology mean vector (array or ``.npy``); default: all ones.
+    means:    the technology mean vector (array or ``.npy``); default: all ones. Several technologies: a
+              folder of the published ``*_mean_script.npy`` files or ``{assay or "dissociated": file}``;
+              each cell is divided by its technology's (see :mod:`attnprof.singlecell.technologies`).
     panel:    gene names whose pairwise attention is summed.
     layer, use_raw, gene_key: where the counts and gene names are (default ``X`` and var names).
     subset:   an obs query, e.g. ``"cell_type == 'neuron'"``.
     species, assay, modality: the context tokens, by name or id.
+    species_key, assay_key, modality_key: obs columns with each cell's context (names or ids); a key
+              overrides the run-wide value. Unknown values, and cells whose technology has no means, are
+              refused before any cell is profiled.
     tokenization: ``"notebook"`` or ``"dataset"``, the upstream path to reproduce (see tokenize.py).
     window:   position window of the per-head maps (at most the model's context length).
     trim_padding: cut each batch to its longest cell (same results, less work).
@@ -129,7 +137,7 @@ def profile_anndata(
             vocab = _model_vocabulary(vocab, adata, layer, use_raw, gene_key, n_tokens)
             tokenizer = Tokenizer(
                 vocab, means, context_length=context_length, species=species, assay=assay, modality=modality,
-                tokenization=tokenization,
+                tokenization=tokenization, species_key=species_key, assay_key=assay_key, modality_key=modality_key,
             )
         else:
             tokenizer = family

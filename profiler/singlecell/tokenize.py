@@ -9,6 +9,12 @@ by ``np.argsort(-value)`` compiled by numba. Each gene becomes its token id
 (vocabulary index + 30); the context tokens ``[species, assay, modality]``
 are prepended, the sequence is cut to the context length and padded with 1.
 
+Several technologies in one run (:mod:`.technologies`): each cell's context
+may come from obs columns (``species_key``, ``assay_key``, ``modality_key``) and
+each cell is divided by its own technology's means, as upstream tokenizes each
+technology alone; every step is per cell, so a mixed chunk needs no loop over
+cells (only over technologies, for the dataset path's NaN-mean genes).
+
 The division is a true division on both paths: the notebooks divide a
 sparse matrix by the means, which the scipy of their time computed as
 ``np.true_divide(X.todense(), means)`` (today's scipy multiplies by ``1 / means``,
@@ -37,108 +43,19 @@ pass over the cells first checks the counts (:mod:`.counts`).
 
 from __future__ import annotations
 
-import hashlib
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp
 
+from .alignment import GeneAlignment, align_genes, count_matrix, gene_names  # noqa: F401 (public here)
 from .argsort import SMALL_QUICKSORT, argsort_segments, compiled_available
 from .counts import expm1, inspect_counts, read_rows
-from .vocab import GENE_OFFSET, N_CONTEXT, PAD, TOKENIZATIONS, as_vocabulary, context_id, load_means, technology_means
+from .technologies import TechnologyMeans, means_entries, obs_context
+from .vocab import GENE_OFFSET, N_CONTEXT, PAD, TOKENIZATIONS, as_vocabulary, context_id
 
 TARGET_SUM = 10_000.0
-
-
-# ------------------------------------------------------------------ the counts
-def count_matrix(adata, layer: str | None = None, use_raw: bool = False):
-    """The count matrix to tokenize and its gene names: ``X``, ``raw.X`` or a layer."""
-    if use_raw and layer is not None:
-        raise ValueError("choose one source of counts: use_raw=True (--use-raw) or layer= (--layer), not both")
-    if use_raw:
-        if adata.raw is None:
-            raise ValueError("use_raw was asked but this AnnData has no .raw: drop --use-raw or pick --layer")
-        return adata.raw.X, adata.raw.var
-    if layer is not None:
-        if layer not in adata.layers:
-            raise ValueError(f"this AnnData has no layer {layer!r}; its layers are: {list(adata.layers) or 'none'}")
-        return adata.layers[layer], adata.var
-    if adata.X is None:
-        raise ValueError(f"this AnnData has no X; pick the counts with layer= (--layer), layers: {list(adata.layers)}")
-    return adata.X, adata.var
-
-
-def gene_names(var: pd.DataFrame, gene_key: str | None = None) -> list[str]:
-    """The data's gene names: var names, or a var column (e.g. Ensembl ids next to symbols)."""
-    if gene_key is None:
-        return [str(g) for g in var.index]
-    if gene_key not in var.columns:
-        raise ValueError(f"var has no column {gene_key!r} for gene names; its columns are: {list(var.columns)}")
-    return [str(g) for g in var[gene_key]]
-
-
-@dataclass
-class GeneAlignment:
-    """Which data columns are tokenized, and their vocabulary indices."""
-
-    columns: np.ndarray  # data column indices kept
-    vocab_index: np.ndarray  # their vocabulary indices
-    n_data_genes: int
-
-    @property
-    def by_vocab(self) -> np.ndarray:
-        """Positions of ``columns`` in vocabulary order."""
-        return np.argsort(self.vocab_index, kind="stable")
-
-
-def align_genes(data_genes: Sequence[str], vocab, keep_duplicates: bool = False) -> GeneAlignment:
-    """Map the data's genes onto the vocabulary; warn about the dropped ones, fail if none match.
-
-    keep_duplicates: a name given twice keeps both columns under the same vocabulary gene, as scGPT maps
-    them (with a warning); otherwise it is an error.
-    """
-    vocab = as_vocabulary(vocab)
-    seen, dupes = set(), []
-    for g in data_genes:
-        if g in seen:
-            dupes.append(g)
-        seen.add(g)
-    if dupes and keep_duplicates:
-        warnings.warn(
-            f"the data names {len(dupes)} genes more than once (e.g. {dupes[:5]}): as scGPT does, every such "
-            f"column is tokenized under the same gene id",
-            stacklevel=2,
-        )
-    elif dupes:
-        raise ValueError(
-            f"the data names {len(dupes)} genes more than once (e.g. {dupes[:5]}): make them unique "
-            f"(adata.var_names_make_unique()) or pick another var column with gene_key= (--gene-key)"
-        )
-    columns, vocab_index, missing = [], [], []
-    for j, g in enumerate(data_genes):
-        i = vocab.index.get(g)
-        if i is None:
-            missing.append(g)
-        else:
-            columns.append(j)
-            vocab_index.append(i)
-    n = len(data_genes)
-    if not columns:
-        raise ValueError(
-            f"none of the data's {n} genes (e.g. {list(data_genes[:5])}) is in the vocabulary of "
-            f"{len(vocab)} genes (e.g. {vocab.genes[:5]}) from {vocab.source}: check that both use the same "
-            f"gene identifiers (symbols vs Ensembl ids) or pick the var column that matches with gene_key= (--gene-key)"
-        )
-    if missing:
-        warnings.warn(
-            f"{len(missing)} of the data's {n} genes are not in the vocabulary and are dropped "
-            f"({len(columns)} are tokenized); e.g. {missing[:5]}",
-            stacklevel=2,
-        )
-    return GeneAlignment(np.asarray(columns, dtype=np.int64), np.asarray(vocab_index, dtype=np.int64), n)
 
 
 # ------------------------------------------------------------- the tokenizer
@@ -146,10 +63,14 @@ class Tokenizer:
     """Turns rows of a count matrix into Nicheformer token ids.
 
     vocab:          the model's gene list (Vocabulary, path or names).
-    means:          technology mean per vocabulary gene (array or ``.npy`` path), as
-                    published (NaN and negative entries allowed); None: all ones.
+    means:          technology mean per vocabulary gene (array or ``.npy`` path), as published
+                    (NaN and negative entries allowed); None: all ones. Several technologies: a
+                    mapping ``{assay or "dissociated": array or path}``, a folder of the published
+                    ``*_mean_script.npy`` files, or ``--means`` values (:mod:`.technologies`).
     context_length: tokens per cell including the three context tokens.
     species, assay, modality: context tokens, by name (``"mouse"``, ``"Xenium"``) or id (``9``, ``"9"``).
+    species_key, assay_key, modality_key: obs columns holding each cell's context (names or ids);
+                    a key overrides the run-wide value (:meth:`cell_context`).
     tokenization:   which upstream path to reproduce, ``"notebook"`` or ``"dataset"`` (module docstring).
     """
 
@@ -163,15 +84,19 @@ class Tokenizer:
         assay="MERFISH",
         modality="spatial",
         tokenization: str = "notebook",
+        species_key: str | None = None,
+        assay_key: str | None = None,
+        modality_key: str | None = None,
     ):
         self.vocab = as_vocabulary(vocab)
         if tokenization not in TOKENIZATIONS:
             raise ValueError(f"unknown tokenization {tokenization!r}; choose one of: {', '.join(TOKENIZATIONS)}")
         self.tokenization = tokenization
-        raw = np.ones(len(self.vocab)) if means is None else load_means(means, len(self.vocab))
-        self.raw_means = raw
-        self.means = technology_means(raw, tokenization)
-        self.nan_genes = np.flatnonzero(np.isnan(self.means))  # dataset path: ranked NaN in every cell
+        self.technologies = TechnologyMeans(means_entries(means), len(self.vocab), tokenization)
+        single = self.technologies.single  # one vector: its arrays, as before; else see self.technologies
+        self.raw_means = self.technologies.raw[0] if single else None
+        self.means = self.technologies.prepared[0] if single else None
+        self.nan_genes = self.technologies.nan_genes[0] if single else None  # dataset path: NaN in every cell
         if context_length <= N_CONTEXT:
             raise ValueError(f"context_length must exceed the {N_CONTEXT} context tokens, got {context_length}")
         self.context_length = int(context_length)
@@ -179,26 +104,50 @@ class Tokenizer:
             [context_id("species", species), context_id("assay", assay), context_id("modality", modality)],
             dtype=np.int64,
         )
+        self.context_keys = {"species": species_key, "assay": assay_key, "modality": modality_key}
+        if assay_key is None and modality_key is None:
+            self.technologies.check(self.context)  # the run-wide context needs means now
+
+    @property
+    def per_cell(self) -> bool:
+        """Whether obs columns give the cells' context (:meth:`cell_context`)."""
+        return any(key is not None for key in self.context_keys.values())
+
+    def cell_context(self, obs) -> np.ndarray:
+        """Each cell's ``[species, assay, modality]`` ids (``[n, 3]``) from ``obs`` (rows of ``adata.obs``).
+
+        Refuses unknown or missing values, and cells whose technology has no means, before any work.
+        """
+        context = obs_context(obs, self.context_keys, self.context)
+        self.technologies.check(context)
+        return context
 
     def settings(self) -> dict:
         """What must agree between shards for their profiles to merge (JSON-serializable)."""
-        return {
+        settings = {
             "vocabulary": self.vocab.digest(),
             "n_genes": len(self.vocab),
-            "means": hashlib.blake2b(self.raw_means.tobytes(), digest_size=8).hexdigest(),
+            "means": self.technologies.settings(),  # a digest; several technologies: file and digest each
             "tokenization": self.tokenization,
             "context": self.context.tolist(),
             "context_length": self.context_length,
         }
+        if self.per_cell:  # only then: profiles of runs without keys still merge with older ones
+            settings["context_keys"] = dict(self.context_keys)
+        return settings
 
-    def tokenize_rows(self, X, alignment: GeneAlignment) -> tuple[np.ndarray, np.ndarray]:
+    def tokenize_rows(self, X, alignment: GeneAlignment, context=None) -> tuple[np.ndarray, np.ndarray]:
         """Tokens ``[n, width]`` (int64, padded with 1) and real lengths ``[n]`` for rows of counts.
 
-        ``width`` is the longest cell of these rows (at most the context length).
+        ``width`` is the longest cell of these rows (at most the context length). ``context``: each row's
+        ``[species, assay, modality]`` ids (``[n, 3]``, :meth:`cell_context`); default: the run-wide ones.
+        Each cell is divided by the means of its technology.
         """
         X = _as_csr(X)
         _check_counts(X)
         n = X.shape[0]
+        context = self.context if context is None else np.asarray(context, dtype=np.int64).reshape(n, N_CONTEXT)
+        tech = self.technologies.check(np.broadcast_to(context, (n, N_CONTEXT)))
         # the vocabulary genes (upstream aligns before normalizing), each cell's in vocabulary order
         kept = X[:, alignment.columns[alignment.by_vocab]]
         kept.sort_indices()
@@ -208,12 +157,14 @@ class Tokenizer:
         # sf_normalize: counts += counts == 0; scaled = x * (10000. / counts)
         library = _library(counts, row, vocab_index, n, len(self.vocab), dense=self.tokenization == "dataset")
         library += library == 0
-        value = counts * (TARGET_SUM / library)[row] / self.means[vocab_index]
-        if self.nan_genes.size:  # x / NaN is NaN for every cell and gene, counted or not
-            has_mean = ~np.isnan(self.means[vocab_index])
-            row = np.concatenate([row[has_mean], np.repeat(np.arange(n), self.nan_genes.size)])
-            vocab_index = np.concatenate([vocab_index[has_mean], np.tile(self.nan_genes, n)])
-            value = np.concatenate([value[has_mean], np.full(n * self.nan_genes.size, np.nan)])
+        means = self.technologies.divisor(tech, row, vocab_index)  # each cell its technology's
+        value = counts * (TARGET_SUM / library)[row] / means
+        if self.technologies.any_nan:  # x / NaN is NaN for every cell and gene, counted or not
+            has_mean = ~np.isnan(means)
+            nan_row, nan_gene = self.technologies.nan_entries(tech)
+            row = np.concatenate([row[has_mean], nan_row])
+            vocab_index = np.concatenate([vocab_index[has_mean], nan_gene])
+            value = np.concatenate([value[has_mean], np.full(nan_row.size, np.nan)])
             order = np.lexsort((vocab_index, row))  # back to each cell's genes in vocabulary order
             row, vocab_index, value = row[order], vocab_index[order], value[order]
         ranked = value != 0  # np.nonzero(cell): NaN counts as non-zero, -0.0 does not
@@ -227,7 +178,7 @@ class Tokenizer:
         keep = rank < max_genes
         lengths = N_CONTEXT + np.minimum(n_genes, max_genes)
         tokens = np.full((n, int(lengths.max(initial=N_CONTEXT))), PAD, dtype=np.int64)
-        tokens[:, :N_CONTEXT] = self.context
+        tokens[:, :N_CONTEXT] = context
         tokens[row[keep], N_CONTEXT + rank[keep]] = vocab_index[keep] + GENE_OFFSET
         return tokens, lengths
 
@@ -326,19 +277,26 @@ def iter_token_chunks(
     gene_key: str | None = None,
     chunk_size: int = 1024,
 ) -> Iterator[TokenChunk]:
-    """Tokenize the cells ``rows`` (sorted positions; default all) reading ``chunk_size`` rows at a time."""
+    """Tokenize the cells ``rows`` (sorted positions; default all) reading ``chunk_size`` rows at a time.
+
+    With the tokenizer's obs keys, every cell's context and technology are resolved (and checked) once,
+    before the counts are read, and each chunk gets its cells' rows of them.
+    """
     matrix, var = count_matrix(adata, layer=layer, use_raw=use_raw)
     alignment = align_genes(gene_names(var, gene_key), tokenizer.vocab)
     n_obs = matrix.shape[0]
     rows = np.arange(n_obs) if rows is None else np.asarray(rows, dtype=np.int64)
     if rows.size and (np.any(np.diff(rows) <= 0) or rows[0] < 0 or rows[-1] >= n_obs):
         raise ValueError(f"rows must be sorted, unique positions in [0, {n_obs})")
+    # each cell's context and technology, checked for every cell before the work (None: the run-wide ones)
+    context = tokenizer.cell_context(adata.obs.iloc[rows]) if tokenizer.per_cell else None
     names = gene_names(var)
     reading = inspect_counts(adata, matrix, rows, chunk_size, names)  # refuses bad counts before the work
     for wanted, block in read_rows(matrix, rows, chunk_size):
         if reading == "expm1":
             block = expm1(block)
-        tokens, lengths = tokenizer.tokenize_rows(block, alignment)
+        chunk_context = None if context is None else context[np.searchsorted(rows, wanted)]
+        tokens, lengths = tokenizer.tokenize_rows(block, alignment, chunk_context)
         yield TokenChunk(wanted, tokens, lengths)
 
 
@@ -352,6 +310,9 @@ def tokenize_anndata(
     assay="MERFISH",
     modality="spatial",
     tokenization: str = "notebook",
+    species_key: str | None = None,
+    assay_key: str | None = None,
+    modality_key: str | None = None,
     layer: str | None = None,
     use_raw: bool = False,
     gene_key: str | None = None,
@@ -360,11 +321,12 @@ def tokenize_anndata(
 ) -> np.ndarray:
     """Token ids ``[cells, context_length]`` of an AnnData (in memory or backed), padded with 1.
 
-    For data larger than memory, iterate :func:`iter_token_chunks` instead.
+    For data larger than memory, iterate :func:`iter_token_chunks` instead. ``*_key``: obs columns of each
+    cell's context; ``means`` per technology: see :class:`Tokenizer`.
     """
     tokenizer = Tokenizer(
         vocab, means, context_length=context_length, species=species, assay=assay, modality=modality,
-        tokenization=tokenization,
+        tokenization=tokenization, species_key=species_key, assay_key=assay_key, modality_key=modality_key,
     )
     n = count_matrix(adata, layer, use_raw)[0].shape[0] if rows is None else len(rows)
     out = np.full((n, context_length), PAD, dtype=np.int64)
