@@ -344,12 +344,10 @@ def _profile_and_write(args, folder: RunFolder, rank: int, world: int, device) -
             )
         every = groups + [g for g in every if g not in groups]
         gene_sets = _gene_sets(args.gene_set)
-        model, vocab, front = _model_and_front(args, adata, device)
+        model, front = _model_and_front(args, adata, device)
         profile = profile_anndata(
-            model, adata, args.groupby, groups=every, vocab=vocab, means=args.means, panel=_panel(args.panel),
+            model, adata, args.groupby, groups=every, panel=_panel(args.panel),
             layer=args.layer, use_raw=args.use_raw, gene_key=args.gene_key, subset=args.subset,
-            species=args.species, assay=args.assay, modality=args.modality, tokenization=args.tokenization,
-            species_key=args.species_key, assay_key=args.assay_key, modality_key=args.modality_key,
             window=args.window,
             batch_size=args.batch_size, backend=args.backend, progress=not args.quiet,
             replicate=args.replicate, strata=args.strata, pseudo_replicates=args.pseudo_replicates,
@@ -480,36 +478,21 @@ def cmd_demo(args) -> int:
 
 def cmd_validate(args) -> int:
     from .singlecell.batches import make_batches, select_cells
-    from .singlecell.family import iter_family_chunks
-    from .singlecell.tokenize import Tokenizer, iter_token_chunks
-    from .singlecell.vocab import N_CONTEXT
     from .validate import validate
 
     if args.cells < 1:
         raise ValueError(f"--cells must be at least 1, got {args.cells}")
     with _open_data(args.data) as adata:
         selection = select_cells(adata.obs, args.groupby, subset=args.subset, min_groups=1).head(args.cells)
-        model, vocab, front = _model_and_front(args, adata, _device(args.device))
-        reading = dict(rows=selection.rows, layer=args.layer, use_raw=args.use_raw, gene_key=args.gene_key)
-        if front is None:
-            tokenizer = Tokenizer(vocab, args.means, context_length=model.context_length,
-                                  species=args.species, assay=args.assay, modality=args.modality,
-                                  tokenization=args.tokenization, species_key=args.species_key,
-                                  assay_key=args.assay_key, modality_key=args.modality_key)  # fmt: skip
-            chunks = iter_token_chunks(adata, tokenizer, **reading)
-        else:
-            chunks = iter_family_chunks(adata, front, **reading)
+        model, front = _model_and_front(args, adata, _device(args.device))
+        chunks = front.chunks(adata, rows=selection.rows, layer=args.layer, use_raw=args.use_raw, gene_key=args.gene_key)
         batch = next(make_batches(chunks, selection.codes_for, batch_size=len(selection), bucket_size=len(selection)))
     device = next(model.parameters()).device
     tokens = batch.tokens.to(device)
-    if front is None:
-        inputs, ids, genes, n_context, adapter = (tokens,), tokens, vocab.token_names(), N_CONTEXT, "auto"
-    else:
-        inputs, ids, genes, n_context, adapter = front.inputs(tokens), front.gene_ids(tokens), front.genes, \
-            front.n_context, front.adapter  # fmt: skip
+    inputs, ids, genes = front.inputs(tokens), front.gene_ids(tokens), front.genes
     table = validate(
         model, inputs, groups=batch.codes, tokens=ids, group_names=selection.groups, backend=args.backend,
-        genes=genes, panel=_panel(args.panel), window=args.window, n_context=n_context, adapter=adapter,
+        genes=genes, panel=_panel(args.panel), window=args.window, n_context=front.n_context, adapter=front.adapter,
     )  # fmt: skip
     ran = table["backend"].iloc[0]
     against = ", ".join(dict.fromkeys(table["against"]))
@@ -661,7 +644,7 @@ def _model_and_vocab(args, adata, device=None):
 
 
 def _model_and_front(args, adata, device):
-    """(model, vocab, None) of a Nicheformer, or (model, None, front end) of a Geneformer or scGPT."""
+    """The model on its device and its family's front end (tokenizer and model call)."""
     from .singlecell.family import check_family, check_family_options, detect_family, load_front_end
 
     family = args.family or (detect_family(args.model) if args.model else None) or "nicheformer"
@@ -669,7 +652,14 @@ def _model_and_front(args, adata, device):
     if family == "nicheformer":
         if args.model:
             check_family(family, args.model)
-        return (*_model_and_vocab(args, adata, device), None)
+        from .singlecell.nicheformer_front import nicheformer_front
+
+        model, vocab = _model_and_vocab(args, adata, device)
+        return model, nicheformer_front(
+            model, adata, vocab, args.means, layer=args.layer, use_raw=args.use_raw, gene_key=args.gene_key,
+            species=args.species, assay=args.assay, modality=args.modality, tokenization=args.tokenization,
+            species_key=args.species_key, assay_key=args.assay_key, modality_key=args.modality_key,
+        )  # fmt: skip
     if args.threads:
         import torch
 
@@ -679,7 +669,7 @@ def _model_and_front(args, adata, device):
         counts_key=args.counts_key, max_length=args.max_length, scgpt_mode=args.scgpt_mode, seed=args.scgpt_seed,
         trust_checkpoint=args.trust_checkpoint, quiet=getattr(args, "quiet", False),
     )  # fmt: skip
-    return model.to(device), None, front
+    return model.to(device), front
 
 
 def _panel(value: str | None, option: str = "--panel") -> list[str] | None:

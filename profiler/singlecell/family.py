@@ -79,8 +79,15 @@ class FrontEnd:
     def inputs(self, codes: torch.Tensor) -> dict:
         raise NotImplementedError
 
+    #: Cells without vocabulary counts are profiled with their context tokens (Nicheformer), not left out.
+    keeps_context_only = False
+
     def forward(self, model, codes: torch.Tensor):
         return model(**self.inputs(codes))
+
+    def chunks(self, adata, *, rows, left_out=None, stream_rows=None, **reading) -> Iterator[TokenChunk]:
+        """The cells ``rows`` tokenized chunk by chunk (:func:`iter_family_chunks`)."""
+        return iter_family_chunks(adata, self, rows=rows, left_out=left_out, stream_rows=stream_rows, **reading)
 
     def settings(self) -> dict:
         return {"family": self.name, **self.tokenizer.settings()}

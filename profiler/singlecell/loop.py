@@ -24,9 +24,7 @@ from ..distributed import shard as shard_indices
 from ..profile import Profile
 from ..session import Profiler
 from .batches import Batch, CellSelection, make_batches
-from .family import iter_family_chunks
-from .tokenize import iter_token_chunks
-from .vocab import N_CONTEXT, PAD
+from .nicheformer_front import TokenModel
 
 
 def profile_batches(
@@ -56,6 +54,7 @@ def profile_batches(
     family:        a family front end whose ``gene_ids`` and ``forward`` read the batch's codes (default:
                    the tokens are the model's input and the gene ids, as for Nicheformer).
     """
+    family = family or TokenModel()
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()  # dropout off: attention must be the model's deterministic attention
@@ -63,17 +62,17 @@ def profile_batches(
     bar = tqdm(total=n_cells, unit="cells", desc="profiling", disable=not progress, smoothing=0.1)
     try:
         with Profiler(model, groups, window=window, genes=genes, panel=panel, n_context=n_context,
-                      backend=backend, meta=meta, adapter="auto" if family is None else family.adapter,
+                      backend=backend, meta=meta, adapter=family.adapter,
                       blocks=blocks) as prof, \
                 torch.inference_mode():  # fmt: skip
             for batch in batches:
                 tokens = batch.tokens.to(device)
-                ids = tokens if family is None else family.gene_ids(tokens)
+                ids = family.gene_ids(tokens)
                 if blocks_of is None:
                     prof.set_batch(groups=batch.codes, tokens=ids)
                 else:
                     prof.recorder.set_block_batch(blocks_of(batch.rows), ids)
-                model(tokens) if family is None else family.forward(model, tokens)
+                family.forward(model, tokens)
                 bar.update(len(batch))
                 if after_batch is not None:
                     after_batch(prof, batch)
@@ -145,27 +144,25 @@ class _Run:
         return {"data": {**data, "cells": selection_digest, "shard": list(shard)}, "model": meta["model"],
                 "options": options}  # fmt: skip
 
-    def profile(self, model, adata, tokenizer, plan: CellPlan, meta: dict, ckpt: Checkpoint | None):
-        """The profile of the plan's cells (a checkpoint's sums plus the cells it lacks) and the context-only count."""
+    def profile(self, model, adata, plan: CellPlan, meta: dict, ckpt: Checkpoint | None):
+        """The profile of the plan's cells (a checkpoint's sums plus the cells it lacks) and the count of cells
+        profiled with their context only (Nicheformer) or left out (the other families)."""
+        front = self.stats["family"]
         rows = plan.rows if ckpt is None else ckpt.remaining(plan.rows)
-        # a family's left-out cells are never done, so a resumed run counts them all again: start at 0
-        resumed = 0 if ckpt is None or self.stats["family"] is not None else ckpt.counters.get("context_only_cells", 0)
-        context_only = _ContextOnly(resumed)
-        if self.stats["family"] is None:
-            chunks = iter_token_chunks(adata, tokenizer, rows=rows, **self.reading)
-        else:  # the family's tokenizer; the cells it leaves out are counted instead of context-only cells
-            chunks = iter_family_chunks(adata, tokenizer, rows=rows, left_out=context_only,
-                                        stream_rows=self.stream_rows, **self.reading)  # fmt: skip
+        # left-out cells are never done, so a resumed run counts them all again: start at 0
+        resumed = ckpt.counters.get("context_only_cells", 0) if ckpt is not None and front.keeps_context_only else 0
+        context_only = _Count(resumed)
+        chunks = front.chunks(adata, rows=rows, left_out=context_only, stream_rows=self.stream_rows, **self.reading)
         batches = make_batches(chunks if ckpt is None else ckpt.watch(chunks), plan.codes_for, **self.batching)
         batches = _nonempty(batches if ckpt is None else ckpt.skip_done(batches))
         if batches is None and (ckpt is None or ckpt.prior is None):  # the front end left out every cell
-            raise ValueError(_all_left_out(self.stats["family"], context_only.n))
+            raise ValueError(_all_left_out(front, context_only.n))
         if batches is None:  # the checkpoint holds every cell: the run had finished
             return ckpt.prior, context_only.n
 
         def after_batch(prof: Profiler, batch: Batch) -> None:
-            if self.stats["family"] is None:
-                context_only.add(batch)
+            if front.keeps_context_only:
+                context_only.n += front.context_only(batch)
             if ckpt is not None:
                 ckpt.ran(batch.rows, lambda: (prof.profile, {"context_only_cells": context_only.n}))
 
@@ -181,15 +178,11 @@ class _Run:
         return total, context_only.n
 
 
-class _ContextOnly:
-    """Counts counted cells that hold only their context tokens (no vocabulary gene had counts)."""
+class _Count:
+    """A count the tokenizer and the loop add to (cells left out, or profiled with their context only)."""
 
     def __init__(self, n: int = 0):
         self.n = int(n)
-
-    def add(self, batch: Batch) -> None:
-        lengths = (batch.tokens != PAD).sum(1).numpy()
-        self.n += int(np.sum((lengths == N_CONTEXT) & (np.asarray(batch.codes) >= 0)))
 
 
 def _nonempty(items: Iterator) -> Iterator | None:
@@ -200,7 +193,7 @@ def _nonempty(items: Iterator) -> Iterator | None:
 
 def _all_left_out(family, n: int) -> str:
     """Why a run has no cell to profile: its family front end left out every selected one."""
-    why = family.left_out_message(n) if family is not None else f"{n} cells were left out"
+    why = family.left_out_message(n)
     return (
         f"nothing to profile: {why}, which is every selected cell; check where the counts are (--layer, "
         f"--use-raw; Geneformer: --counts-key) and the gene names (--gene-key)"

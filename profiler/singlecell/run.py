@@ -30,8 +30,7 @@ from ..checks import open_h5ad
 from ..profile import Profile, cell_ids
 from .batches import ordered_values, select_cells
 from .loop import _Run, cells_digest, plan_cells, profile_batches
-from .tokenize import Tokenizer, count_matrix, gene_names
-from .vocab import N_CONTEXT, Vocabulary, as_vocabulary
+from .nicheformer_front import nicheformer_front
 from .write import write_outputs
 
 __all__ = ["profile_anndata", "profile_batches", "write_outputs", "model_description"]
@@ -125,28 +124,25 @@ def profile_anndata(
 
     Returns a :class:`attnprof.Profile` with the token names as genes and ``n_context=3``.
     """
-    n_tokens, context_length = _model_shape(model) if family is None else (None, family.context_length)
     if permutations is not None:
         warnings.warn("profile_anndata(permutations=...) is ignored: permutations are drawn at compare time from "
                       "the replicate blocks (profile.compare(a, b, permutations=N))", DeprecationWarning, stacklevel=2)  # fmt: skip
-    _check_options(window, context_length, chunk_size, bucket_size)
     shard, distributed = _this_shard(shard)
     with _opened(adata) as (adata, source):
         selection = select_cells(adata.obs, groupby, groups=groups, subset=subset)
-        if family is None:
-            vocab = _model_vocabulary(vocab, adata, layer, use_raw, gene_key, n_tokens)
-            tokenizer = Tokenizer(
-                vocab, means, context_length=context_length, species=species, assay=assay, modality=modality,
-                tokenization=tokenization, species_key=species_key, assay_key=assay_key, modality_key=modality_key,
-            )
-        else:
-            tokenizer = family
+        front = family or nicheformer_front(
+            model, adata, vocab, means, layer=layer, use_raw=use_raw, gene_key=gene_key, species=species,
+            assay=assay, modality=modality, tokenization=tokenization, species_key=species_key,
+            assay_key=assay_key, modality_key=modality_key,
+        )  # the default family: Nicheformer
+        context_length = front.context_length
+        _check_options(window, context_length, chunk_size, bucket_size)
         obs = adata.obs.iloc[selection.rows]
         subset_by = _subset_keys(subset_by, groupby)
         for key in (replicate, strata, *subset_by):
             if key is not None and key not in adata.obs.columns:
                 raise ValueError(f"obs has no column {key!r} (columns: {list(adata.obs.columns)})")
-        genes = vocab.token_names() if family is None else family.genes
+        genes = front.genes
         gene_sets = _checked_gene_sets(gene_sets, genes)
         blocks, block_codes = design_blocks(
             selection.codes, selection.groups, None if replicate is None else obs[replicate].to_numpy(),
@@ -157,11 +153,11 @@ def profile_anndata(
         plan = plan_cells(selection, shard, block_codes)
         names = adata.obs_names
         meta = {
-            "special_tokens": vocab.special_ids() if family is None else family.special_ids,  # known by id
+            "special_tokens": front.special_ids,  # known by id
             "model": model_description(model),
             "options": {
                 "groupby": groupby,
-                "tokenizer": tokenizer.settings(),  # a family's: its name and tokenizer settings
+                "tokenizer": front.settings(),  # a family's: its name and tokenizer settings
                 "counts": {"layer": layer, "use_raw": bool(use_raw), "gene_key": gene_key},
                 "blocks": {"replicate": replicate, "strata": strata, "subset_by": subset_by,
                            "pseudo_replicates": None if replicate else int(pseudo_replicates),
@@ -178,8 +174,8 @@ def profile_anndata(
             reading=dict(layer=layer, use_raw=use_raw, gene_key=gene_key, chunk_size=chunk_size),
             batching=dict(batch_size=batch_size, bucket_size=bucket_size, trim=trim_padding, pad_to=context_length),
             stats=dict(groups=selection.groups, genes=genes,
-                       panel=_unique(panel), window=window, n_context=N_CONTEXT if family is None else family.n_context,
-                       backend=backend, family=family, blocks=blocks),
+                       panel=_unique(panel), window=window, n_context=front.n_context,
+                       backend=backend, family=front, blocks=blocks),
             progress=progress and rank_and_world()[0] == 0,
             stream_rows=selection.rows,
         )  # fmt: skip
@@ -193,7 +189,7 @@ def profile_anndata(
             if ckpt.n_done and rank_and_world()[0] == 0:
                 print(f"resuming: {ckpt.n_done} of {sum(plan.counts().values())} cells already done "
                       f"(checkpoint {ckpt.path})", file=sys.stderr, flush=True)  # fmt: skip
-        profile, context_only = run.profile(model, adata, tokenizer, plan, meta, ckpt)
+        profile, context_only = run.profile(model, adata, plan, meta, ckpt)
         counted = selection.rows if distributed else plan.rows[plan.codes >= 0]
         ids = cell_ids(source, names[counted])  # what lets a merge refuse any shared cell
     if distributed:
@@ -205,11 +201,7 @@ def profile_anndata(
     if gene_sets:
         profile.meta["gene_sets"] = gene_sets
     if context_only and rank_and_world()[0] == 0:
-        warnings.warn(
-            f"{context_only} cells have no counts in vocabulary genes and were profiled with only "
-            f"their {N_CONTEXT} context tokens" if family is None else family.left_out_message(context_only),
-            stacklevel=2,
-        )
+        warnings.warn(front.left_out_message(context_only), stacklevel=2)
     if ckpt is not None:
         ckpt.remove()  # the result is complete: a rerun starts afresh
     return profile
@@ -246,16 +238,6 @@ def model_description(model: torch.nn.Module) -> dict:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return {"class": type(model).__name__, **described, "weights": digest.hexdigest()}
-
-
-def _model_shape(model) -> tuple[int, int]:
-    try:
-        return int(model.n_tokens), int(model.context_length)
-    except AttributeError:
-        raise TypeError(
-            f"profile_anndata profiles Nicheformer-style models that take token ids and expose n_tokens and "
-            f"context_length (attnprof.singlecell.Nicheformer); got {type(model).__name__}"
-        ) from None
 
 
 @contextmanager
@@ -306,17 +288,3 @@ def _this_shard(shard) -> tuple[tuple[int, int], bool]:
     if not 0 <= index < count:
         raise ValueError(f"shard=({index}, {count}) needs 0 <= index < count, e.g. (0, 4) for the first of four")
     return (index, count), False
-
-
-def _model_vocabulary(vocab, adata, layer, use_raw, gene_key, n_tokens: int) -> Vocabulary:
-    """The vocabulary (default: the data's genes), checked against the model's embedding size."""
-    if vocab is None:
-        vocab = Vocabulary(gene_names(count_matrix(adata, layer, use_raw)[1], gene_key), source="the data's genes")
-    vocab = as_vocabulary(vocab)
-    if vocab.n_tokens != n_tokens:
-        raise ValueError(
-            f"the vocabulary ({vocab.source}) has {len(vocab)} genes, so the model would need "
-            f"n_tokens={vocab.n_tokens}, but it has n_tokens={n_tokens} ({n_tokens - 30} genes): "
-            f"pass the gene list the model was trained with"
-        )
-    return vocab
