@@ -1,7 +1,8 @@
 """scGPT: its encoder in plain PyTorch with the published state-dict names, and its preprocessing.
 
 Modules: ``model`` (the encoder), ``checkpoint`` (model folders, state-dict names), ``tokenizer``
-(both preprocessing paths, binning and sampling), ``front`` (the front end for ``profile_anndata``).
+(both preprocessing paths, binning and sampling), ``draws`` (the random state of ``embed_data``),
+``front`` (the front end for ``profile_anndata``).
 
 Two preprocessing paths, which give different inputs (``mode``):
 
@@ -23,12 +24,19 @@ Two preprocessing paths, which give different inputs (``mode``):
   leaves such a cell out and says how many.
 
 Random draws: a value on several equal quantile edges gets a random bin
-(``np.random.rand`` per cell, drawn for every non-zero value as scGPT does).
-Both paths draw from ``np.random.RandomState(seed)`` and the embed path's
-sampling from ``torch.Generator().manual_seed(seed)``, cell by cell in row
-order over all selected cells: the draws of scGPT after ``np.random.seed(seed)``
-and ``torch.manual_seed(seed)`` on the AnnData of the selected cells, with the
-collator in the main process (``num_workers=0``; worker processes reseed).
+(``np.random.rand`` per cell, drawn for every non-zero value as scGPT does);
+the embed path's long cells keep a random sample (``torch.randperm``). The
+tutorial path draws from ``np.random.RandomState(seed)``. The embed path draws,
+cell by cell in row order over all selected cells (the Dataset of
+``embed_data`` on the AnnData of the selected cells), from one of two states:
+
+- ``ScGPTFrontEnd.with_loader(workers, batch_size)`` (the CLI's default):
+  ``embed_data``'s after ``torch.manual_seed(seed)``, its model built and its
+  DataLoader's workers seeded (``draws.py``);
+- otherwise, the state right after ``np.random.seed(seed)`` and
+  ``torch.manual_seed(seed)`` with scGPT's ``DataCollator`` called in one
+  process.
+
 Shards and resumed runs tokenize the other cells too, to give each cell the
 draws it gets in one whole run.
 """
@@ -45,12 +53,14 @@ from .checkpoint import (
     read_vocab,
     save_scgpt,
 )
+from .draws import EmbedDataRun, UpstreamModel, replay_model_draws, upstream_workers
 from .front import ScGPTFrontEnd, scgpt_front_end
 from .model import ContinuousValueEncoder, GeneEncoder, ScGPT, ScGPTConfig
 from .tokenizer import EMBED_BINS, MODES, ScGPTTokenizer, bin_row, digitize, normalize_log1p
 
 __all__ = [
     "EMBED_BINS", "MODES", "RENAMES", "SPECIAL_TOKENS", "TRAINING_HEADS", "UNSUPPORTED", "ContinuousValueEncoder",
-    "GeneEncoder", "ScGPT", "ScGPTConfig", "ScGPTFrontEnd", "ScGPTTokenizer", "bin_row", "digitize", "load_scgpt",
-    "load_state", "model_file", "normalize_log1p", "read_args", "read_vocab", "save_scgpt", "scgpt_front_end",
+    "EmbedDataRun", "GeneEncoder", "ScGPT", "ScGPTConfig", "ScGPTFrontEnd", "ScGPTTokenizer", "UpstreamModel",
+    "bin_row", "digitize", "load_scgpt", "load_state", "model_file", "normalize_log1p", "read_args", "read_vocab",
+    "replay_model_draws", "save_scgpt", "scgpt_front_end", "upstream_workers",
 ]  # fmt: skip

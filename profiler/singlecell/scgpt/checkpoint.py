@@ -149,8 +149,8 @@ def save_scgpt(model: ScGPT, folder, vocab: dict, *, fused: bool = True, extra: 
     state.update(extra or {})
     torch.save(state, folder / "best_model.pt")
     c = model.config
-    args = {"embsize": c.d_model, "nheads": c.n_heads, "d_hid": c.d_hid,
-            "nlayers": c.n_layers, "dropout": c.dropout, "pad_token": "<pad>", "pad_value": c.pad_value,
+    args = {"embsize": c.d_model, "nheads": c.n_heads, "d_hid": c.d_hid, "nlayers": c.n_layers,
+            "n_layers_cls": 3, "dropout": c.dropout, "pad_token": "<pad>", "pad_value": c.pad_value,
             "n_bins": c.n_bins, "input_emb_style": "continuous"}  # fmt: skip
     (folder / "args.json").write_text(json.dumps(args, indent=2))
     (folder / "vocab.json").write_text(json.dumps({k: v for k, v in vocab.items()}))

@@ -10,6 +10,7 @@ import torch
 from ..family import Packing, dense, nonzero_rows, pad_rows
 from ..vocab import Vocabulary
 from .checkpoint import SPECIAL_TOKENS
+from .draws import EmbedDataRun, seeded_streams
 from .model import ScGPTConfig
 
 EMBED_BINS = 51  # DataCollator bins with n_bins=51, whatever args.json says
@@ -56,12 +57,18 @@ class ScGPTTokenizer:
     draws = True  # random bins and samples: one stream over all selected cells (see iter_family_chunks)
     keeps_duplicates = True  # scGPT maps every column by its name: a name given twice is the same gene twice
 
-    def __init__(self, vocab: dict, config: ScGPTConfig, *, mode: str = "embed", max_length: int = 1200, seed: int = 0):
+    def __init__(self, vocab: dict, config: ScGPTConfig, *, mode: str = "embed", max_length: int = 1200, seed: int = 0,
+                 embed_data: EmbedDataRun | None = None):
+        """embed_data: the embed_data call whose random state the embed path reproduces (draws.py); None: the
+        state right after the seeds, the collator in one process (scGPT's DataCollator called directly)."""
         if mode not in MODES:
             raise ValueError(f"unknown scGPT preprocessing {mode!r}; choose {' or '.join(MODES)}")
         if max_length < 2:
             raise ValueError(f"max_length must be at least 2 (<cls> and a gene), got {max_length}")
+        if embed_data is not None and mode != "embed":
+            raise ValueError("only the embed path reproduces embed_data's DataLoader (its workers and batch size)")
         self.mode, self.max_length, self.seed = mode, int(max_length), int(seed)
+        self.config, self.embed_data = config, embed_data
         self.cls_id, self.pad_id = vocab["<cls>"], config.pad_id
         self.pad_value = config.pad_value
         self.n_bins = EMBED_BINS if mode == "embed" else config.n_bins
@@ -73,15 +80,21 @@ class ScGPTTokenizer:
         self.packing = Packing(min_value=low, n_values=self.n_bins - low)
 
     def settings(self) -> dict:
-        return {"mode": self.mode, "max_length": self.max_length, "n_bins": self.n_bins, "seed": self.seed,
-                "cls_value": self.cls_value, "pad_value": self.pad_value}  # fmt: skip
+        settings = {"mode": self.mode, "max_length": self.max_length, "n_bins": self.n_bins, "seed": self.seed,
+                    "cls_value": self.cls_value, "pad_value": self.pad_value}  # fmt: skip
+        if self.embed_data is not None:
+            run = self.embed_data  # the DataLoader whose workers' seeds the draws follow
+            settings.update(embed_data_workers=run.workers, embed_data_batch_size=run.batch_size)
+        return settings
 
     def start(self, adata, alignment) -> None:
         self.columns = alignment.columns
         self.ids = self.id_of[alignment.vocab_index]
-        self.rng = np.random.RandomState(self.seed)
-        self.generator = torch.Generator().manual_seed(self.seed)
-        self.sampled = False  # said once per run: the draws of long cells follow the seed in one process
+        self.rng = np.random.RandomState(self.seed)  # the tutorial path's binning
+        if self.mode == "embed":  # cell position in the Dataset -> its collation's (numpy, torch) generators
+            self.streams = seeded_streams(self.seed) if self.embed_data is None else self.embed_data.streams(self.seed)
+        self.position = 0  # of the next cell among all selected cells (the Dataset's index)
+        self.sampled = False  # said once per run: which state the draws of long cells follow
 
     def tokenize(self, block, rows: np.ndarray, alignment) -> tuple[np.ndarray, np.ndarray]:
         # genes outside the vocabulary are dropped first, in both paths
@@ -111,6 +124,8 @@ class ScGPTTokenizer:
     def _embed(self, X):
         cells = []
         for i in range(X.shape[0]):
+            rng, generator = self.streams(self.position)
+            self.position += 1
             span = slice(X.indptr[i], X.indptr[i + 1])
             keep = X.indices[span]  # the non-zero genes, in column order: the Dataset's np.nonzero(row)
             if not len(keep):  # embed_data crashes here; attnprof leaves the cell out
@@ -118,23 +133,30 @@ class ScGPTTokenizer:
                 continue
             # the Dataset casts values to float32 tensors; the collator bins them in numpy
             values = X.data[span].astype(np.float32)
-            binned = _collator_binning(values, self.n_bins, self.rng)
+            binned = _collator_binning(values, self.n_bins, rng)
             ids = np.insert(self.ids[keep], 0, self.cls_id)
             values = np.insert(binned, 0, self.cls_value)
             if len(ids) > self.max_length:  # DataCollator._sample: <cls> kept, the rest a random sample
                 if not self.sampled:
                     self.sampled = True
-                    warnings.warn(
-                        f"cells with more than --max-length {self.max_length} tokens keep a random sample of their "
-                        f"genes, drawn as scGPT's collator draws them right after torch.manual_seed({self.seed}) in "
-                        f"one process; scGPT's embed_data draws after building its model and in DataLoader workers, "
-                        f"so its samples differ (docs/reliability.md: how to match them)", stacklevel=2,
-                    )  # fmt: skip
-                picked = torch.randperm(len(ids) - 1, generator=self.generator)[: self.max_length - 1].numpy() + 1
+                    warnings.warn(self._sampling_message(), stacklevel=2)
+                picked = torch.randperm(len(ids) - 1, generator=generator)[: self.max_length - 1].numpy() + 1
                 picked = np.insert(picked, 0, 0)
                 ids, values = ids[picked], values[picked]
             cells.append((ids, values))
         return cells
+
+    def _sampling_message(self) -> str:
+        said = f"cells with more than --max-length {self.max_length} tokens keep a random sample of their genes"
+        run = self.embed_data
+        if run is None:
+            return (f"{said}, drawn as scGPT's collator draws them right after torch.manual_seed({self.seed}) in one "
+                    f"process; scGPT's embed_data draws after building its model and in DataLoader workers, so its "
+                    f"samples differ (docs/reliability.md: how to match them)")  # fmt: skip
+        return (f"{said}, drawn as scGPT's embed_data draws them after torch.manual_seed({self.seed}) with batch_size "
+                f"{run.batch_size} and {run.workers} DataLoader workers (--scgpt-workers; embed_data uses "
+                f"min(CPUs, batch_size) of the machine it runs on): another worker count samples other genes "
+                f"(docs/reliability.md)")  # fmt: skip
 
 
 def _collator_binning(values: np.ndarray, n_bins: int, rng) -> np.ndarray:
