@@ -96,6 +96,10 @@ def _add_input_options(p: argparse.ArgumentParser) -> None:
     f.add_argument("--scgpt-mode", choices=("embed", "tutorial"), default="embed",
                    help="scGPT preprocessing: embed (scgpt.tasks.embed_data) or tutorial (fine-tuning tutorials)")
     f.add_argument("--scgpt-seed", type=int, default=0, help="seed of scGPT's random binning and sampling (default 0)")
+    f.add_argument("--scgpt-workers", type=int, help="embed_data's DataLoader workers, whose seeds the draws follow "
+                   "(default: min(CPUs here, --scgpt-batch-size), as embed_data computes it on its machine)")
+    f.add_argument("--scgpt-batch-size", type=int,
+                   help="embed_data's batch_size (default 64), which deals the cells to the workers")
     c = p.add_argument_group("cells and statistics")
     c.add_argument("--subset", help="obs query of the cells to profile, e.g. \"cell_type == 'neuron'\"")
     c.add_argument("--panel", help="gene-pair panel: a file (one gene per line) or names separated by commas")
@@ -669,6 +673,8 @@ def _model_and_front(args, adata, device):
         counts_key=args.counts_key, max_length=args.max_length, scgpt_mode=args.scgpt_mode, seed=args.scgpt_seed,
         trust_checkpoint=args.trust_checkpoint, quiet=getattr(args, "quiet", False),
     )  # fmt: skip
+    if family == "scgpt":  # embed mode draws as embed_data's DataLoader workers do (docs/reliability.md)
+        front = front.with_loader(args.scgpt_workers, args.scgpt_batch_size)
     return model.to(device), front
 
 

@@ -29,7 +29,9 @@ ARGS = {"embsize": 16, "nheads": 2, "d_hid": 32, "nlayers": 2, "dropout": 0.0, "
 # Expected inputs: from running scGPT's own code once during development (functions of the fetched
 # bowang-lab/scGPT snapshot). embed: Dataset.__getitem__ of get_batch_cell_embeddings + DataCollator(do_mlm=False,
 # do_binning=True, max_length=5, sampling=True, keep_first_n_tokens=1) in the main process after
-# np.random.seed(7), torch.manual_seed(7), on cells 0, 1, 3, 4 (cell 2 makes embed_data crash).
+# np.random.seed(7), torch.manual_seed(7), on cells 0, 1, 3, 4 (cell 2 makes embed_data crash): the state of
+# scgpt_front_end without with_loader. embed_data's own state (its model and DataLoader workers first):
+# tests/test_scgpt_embed_draws.py.
 UPSTREAM_EMBED = {
     0: ([9, 5, 0, 3, 1], [-2, 37, 24, 7, 6]),
     1: ([9, 4, 6, 5, 3], [-2, 26, 10, 17, 37]),
