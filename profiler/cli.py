@@ -53,11 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_input_options(p: argparse.ArgumentParser) -> None:
     """Model, vocabulary, counts and tokenization options shared by run and validate."""
+    from .singlecell.registry import FAMILIES
     p.add_argument("data", help="the .h5ad file (read backed, chunk by chunk)")
     m = p.add_argument_group("model")
     m.add_argument("--model", help="Nicheformer Lightning checkpoint (.ckpt), Geneformer or scGPT model folder; "
                    "default: an untrained small Nicheformer")
-    m.add_argument("--family", choices=("nicheformer", "geneformer", "scgpt"),
+    m.add_argument("--family", choices=FAMILIES,
                    help="model family (default: detected from --model, else nicheformer)")
     m.add_argument("--heads", type=_at_least(1), help="attention heads, for checkpoints without hyper_parameters")
     m.add_argument("--trust-checkpoint", action="store_true",
@@ -616,65 +617,15 @@ def _silenced(silent: bool):
         yield
 
 
-def _model_and_vocab(args, adata, device=None):
-    """The model on its device and its vocabulary (the data's own genes for an untrained model)."""
-    import torch
-
-    from .singlecell.nicheformer import load_nicheformer, small_nicheformer
-    from .singlecell.tokenize import count_matrix, gene_names
-    from .singlecell.vocab import Vocabulary
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    vocab = Vocabulary.from_file(args.vocab) if args.vocab else None
-    if args.model:
-        if vocab is None:
-            raise ValueError(
-                "--model needs --vocab: the gene list the checkpoint was trained with "
-                "(a text file or an .h5ad whose var names are the genes, e.g. Nicheformer's model.h5ad)"
-            )
-        model = load_nicheformer(args.model, n_heads=args.heads, trust_checkpoint=args.trust_checkpoint)
-    else:
-        if vocab is None:
-            var = count_matrix(adata, args.layer, args.use_raw)[1]
-            vocab = Vocabulary(gene_names(var, args.gene_key), source="the data's genes")
-        warnings.warn(
-            f"no --model: profiling an untrained small Nicheformer (seed {args.seed}) over {vocab.source}; "
-            f"the numbers exercise the pipeline, they say nothing about biology",
-            stacklevel=2,
-        )
-        model = small_nicheformer(vocab.n_tokens, seed=args.seed)
-    return model.to(device if device is not None else _device(args.device)), vocab
-
-
 def _model_and_front(args, adata, device):
-    """The model on its device and its family's front end (tokenizer and model call)."""
-    from .singlecell.family import check_family, check_family_options, detect_family, load_front_end
+    """The model on its device and its family's front end (tokenizer and model call): see the registry."""
+    from .singlecell.registry import load_family
 
-    family = args.family or (detect_family(args.model) if args.model else None) or "nicheformer"
-    check_family_options(family, vars(args))
-    if family == "nicheformer":
-        if args.model:
-            check_family(family, args.model)
-        from .singlecell.nicheformer_front import nicheformer_front
-
-        model, vocab = _model_and_vocab(args, adata, device)
-        return model, nicheformer_front(
-            model, adata, vocab, args.means, layer=args.layer, use_raw=args.use_raw, gene_key=args.gene_key,
-            species=args.species, assay=args.assay, modality=args.modality, tokenization=args.tokenization,
-            species_key=args.species_key, assay_key=args.assay_key, modality_key=args.modality_key,
-        )  # fmt: skip
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    model, front = load_front_end(
-        family, args.model, token_dictionary=args.token_dictionary, gene_medians=args.gene_medians,
-        counts_key=args.counts_key, max_length=args.max_length, scgpt_mode=args.scgpt_mode, seed=args.scgpt_seed,
-        trust_checkpoint=args.trust_checkpoint, quiet=getattr(args, "quiet", False),
-    )  # fmt: skip
-    if family == "scgpt":  # embed mode draws as embed_data's DataLoader workers do (docs/reliability.md)
-        front = front.with_loader(args.scgpt_workers, args.scgpt_batch_size)
+    model, front = load_family(vars(args), adata)
     return model.to(device), front
 
 

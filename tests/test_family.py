@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from attnprof import Profile
 from attnprof.cli import main
-from attnprof.singlecell.family import Packing, check_family, detect_family
+from attnprof.singlecell.family import Packing
+from attnprof.singlecell.registry import check_family, detect_family
 from attnprof.singlecell.scgpt import ScGPT, ScGPTConfig, save_scgpt
 
 transformers = pytest.importorskip("transformers")
@@ -177,7 +178,7 @@ def test_geneformer_runs_shard_and_resume_like_nicheformer(tmp_path, geneformer_
     """The family-agnostic parts: shards sum to the whole, a crashed run resumes to the uninterrupted
     result, left-out cells are counted once (also after a resume)."""
     from attnprof import merge
-    from attnprof.singlecell.family import load_front_end
+    from attnprof.singlecell.registry import load_front_end
     from attnprof.singlecell.run import profile_anndata
     from helpers import assert_same_sums
 
@@ -223,7 +224,7 @@ def test_geneformer_runs_shard_and_resume_like_nicheformer(tmp_path, geneformer_
 def test_scgpt_random_draws_do_not_depend_on_shards_or_resume(tmp_path, scgpt_folder):
     """Each cell gets the draws of one whole run: the shards sum to it, a resumed run ends at it."""
     from attnprof import merge
-    from attnprof.singlecell.family import load_front_end
+    from attnprof.singlecell.registry import load_front_end
     from attnprof.singlecell.run import profile_anndata
     from helpers import assert_same_sums
 

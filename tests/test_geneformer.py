@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 transformers = pytest.importorskip("transformers")
 
 from attnprof.kernels.reference import stats_from_probs  # noqa: E402
-from attnprof.singlecell.family import iter_family_chunks, load_front_end  # noqa: E402
+from attnprof.singlecell.family import iter_family_chunks
+from attnprof.singlecell.registry import load_front_end  # noqa: E402
 from attnprof.singlecell.geneformer import geneformer_front_end, load_geneformer_model  # noqa: E402
 from attnprof.singlecell.run import profile_anndata  # noqa: E402
 

@@ -12,7 +12,8 @@ import torch
 from attnprof.adapters.mha import fastpath_disabled
 from attnprof.kernels import StatsSpec
 from attnprof.kernels.reference import stats_from_probs
-from attnprof.singlecell.family import iter_family_chunks, load_front_end
+from attnprof.singlecell.family import iter_family_chunks
+from attnprof.singlecell.registry import load_front_end
 from attnprof.singlecell.run import profile_anndata
 from attnprof.singlecell.scgpt import ScGPT, ScGPTConfig, load_scgpt, save_scgpt, scgpt_front_end
 

@@ -8,9 +8,10 @@
 """
 
 from .batches import Batch, CellSelection, make_batches, select_cells
-from .family import FrontEnd, detect_family, load_front_end
+from .family import FrontEnd
 from .geneformer import geneformer_front_end, load_geneformer_model
 from .nicheformer import Nicheformer, NicheformerConfig, load_nicheformer, save_checkpoint, small_nicheformer
+from .registry import detect_family, load_front_end
 from .run import profile_anndata, profile_batches, write_outputs
 from .scgpt import ScGPT, load_scgpt, scgpt_front_end
 from .tokenize import Tokenizer, align_genes, iter_token_chunks, tokenize_anndata

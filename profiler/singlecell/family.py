@@ -1,8 +1,7 @@
 """The model-family seam: how a family tokenizes cells and calls its model.
 
-``profile_anndata`` runs Nicheformer by default. A :class:`FrontEnd`
-(Geneformer, scGPT) replaces the three family-specific steps and leaves the
-rest of the run (cells, shards, checkpoints, permutations, outputs) as is:
+Every family (Nicheformer, Geneformer, scGPT; see registry.py) is a :class:`FrontEnd`: it replaces the
+family-specific steps and leaves the rest of the run (cells, shards, checkpoints, blocks, outputs) as is:
 
 - ``tokenizer.tokenize(block, rows, alignment)``: rows of counts -> per-position codes;
 - ``gene_ids(codes)``: the token ids the gene statistics count (``genes[id]`` names them);
@@ -17,11 +16,9 @@ never used; 1 marks padding). Geneformer has no values (``n_values = 1``,
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
@@ -29,9 +26,6 @@ import torch
 
 from .tokenize import TokenChunk, align_genes, count_matrix, gene_names
 from .vocab import PAD
-
-FAMILIES = ("nicheformer", "geneformer", "scgpt")
-
 
 @dataclass(frozen=True)
 class Packing:
@@ -175,97 +169,3 @@ def pad_rows(cells: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     for i, c in enumerate(cells):
         out[i, : len(c)] = c
     return out, lengths
-
-
-# ------------------------------------------------------------------ detection
-def detect_family(model_path) -> str | None:
-    """The family of the files at ``model_path`` when the files say so unambiguously, else None.
-
-    A folder with ``config.json`` of ``model_type`` ``bert``: Geneformer; a folder with
-    ``args.json`` and ``vocab.json``: scGPT; a single file: Nicheformer (its Lightning checkpoint).
-    """
-    path = Path(model_path)
-    if path.is_file():
-        return "nicheformer"
-    if not path.is_dir():
-        return None
-    if (path / "args.json").is_file() and (path / "vocab.json").is_file():
-        return "scgpt"
-    config = path / "config.json"
-    if config.is_file():
-        try:
-            model_type = json.loads(config.read_text()).get("model_type")
-        except (json.JSONDecodeError, AttributeError):
-            return None
-        return "geneformer" if model_type == "bert" else None
-    return None
-
-
-def check_family(family: str, model_path) -> str:
-    """The family to run: as asked, checked against the model files (a mismatch is an error)."""
-    if family not in FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; choose one of {', '.join(FAMILIES)}")
-    found = None if model_path is None else detect_family(model_path)
-    if found is not None and found != family:
-        raise ValueError(
-            f"{model_path} holds a {found} model, but --family {family} was given: "
-            f"pass --family {found}, or the {family} model's files"
-        )
-    return family
-
-
-#: Options (CLI names with underscores) that only one family reads, with their defaults.
-FAMILY_OPTIONS = {
-    "nicheformer": {"vocab": None, "means": None, "heads": None, "species": "mouse", "assay": "MERFISH",
-                    "modality": "spatial", "tokenization": "notebook", "seed": 0},
-    "geneformer": {"token_dictionary": None, "gene_medians": None, "counts_key": "n_counts"},
-    "scgpt": {"scgpt_mode": "embed", "scgpt_seed": 0},
-}
-
-
-def check_family_options(family: str, given: dict) -> None:
-    """Refuse options of another family (``given``: option -> value): ignoring them would profile other inputs."""
-    foreign = [f"--{name.replace('_', '-')}" for other, options in FAMILY_OPTIONS.items() if other != family
-               for name, default in options.items() if given.get(name, default) != default]  # fmt: skip
-    if foreign:
-        one = len(foreign) == 1
-        raise ValueError(
-            f"{', '.join(foreign)} {'is' if one else 'are'} not read for a {family} model (--family {family}): "
-            f"drop {'it' if one else 'them'}, or pick the family {'it belongs' if one else 'they belong'} to"
-        )
-    if family == "nicheformer" and given.get("max_length") is not None:
-        raise ValueError("--max-length is read for Geneformer and scGPT; a Nicheformer reads its context length "
-                         "from the checkpoint")  # fmt: skip
-
-
-def load_front_end(family: str, model_path, *, token_dictionary=None, gene_medians=None, counts_key="n_counts",
-                   max_length=None, scgpt_mode="embed", seed=0, trust_checkpoint=False, quiet=False):
-    """(model, front end) of a Geneformer or scGPT from its published files; errors name the missing file.
-
-    trust_checkpoint: allow files that hold pickled code (Geneformer's dictionaries and ``pytorch_model.bin``,
-    scGPT's ``best_model.pt``); without it they are read as data only. quiet: transformers' output off.
-    """
-    check_family(family, model_path)
-    if model_path is None:
-        raise ValueError(f"--family {family} needs --model: the {family} model folder")
-    if family == "geneformer":
-        from .geneformer import geneformer_front_end, load_geneformer_model, require_transformers
-
-        require_transformers()  # before any file is read
-
-        missing = [n for n, v in (("--token-dictionary", token_dictionary), ("--gene-medians", gene_medians)) if v is None]
-        if missing:
-            raise ValueError(
-                f"--family geneformer needs {' and '.join(missing)}: Geneformer's token dictionary and gene "
-                f"median dictionary (.pkl) of the model's release"
-            )
-        model = load_geneformer_model(model_path, trust_checkpoint=trust_checkpoint, quiet=quiet)
-        front = geneformer_front_end(model, token_dictionary, gene_medians, input_size=max_length,
-                                     counts_key=counts_key, trust_checkpoint=trust_checkpoint)  # fmt: skip
-        return model, front
-    if family == "scgpt":
-        from .scgpt import load_scgpt, scgpt_front_end
-
-        model, vocab, args = load_scgpt(model_path, trust_checkpoint=trust_checkpoint)
-        return model, scgpt_front_end(vocab, args, mode=scgpt_mode, max_length=max_length, seed=seed)
-    raise ValueError(f"load_front_end loads geneformer or scgpt models, not {family!r}")

@@ -6,8 +6,6 @@ vocabulary gene is still profiled, with only its context tokens (upstream tokeni
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import torch
 
@@ -88,11 +86,3 @@ def model_shape(model) -> tuple[int, int]:
             f"profile_anndata profiles Nicheformer-style models that take token ids and expose n_tokens and "
             f"context_length (attnprof.singlecell.Nicheformer); got {type(model).__name__}"
         ) from None
-
-
-def untrained_warning(seed: int, vocab: Vocabulary) -> None:
-    warnings.warn(
-        f"no --model: profiling an untrained small Nicheformer (seed {seed}) over {vocab.source}; "
-        f"the numbers exercise the pipeline, they say nothing about biology",
-        stacklevel=3,
-    )
