@@ -12,15 +12,16 @@ import re
 import sys
 from pathlib import Path
 
-from .outputs import PROFILE, RunFolder, written_summary
-from .summary import design_record, layer_summary
+from ..outputs import PROFILE, RunFolder, written_summary
+from ..summary import design_record, layer_summary
+from .common import gene_sets
 
 
-def compare_folder(args, gene_sets) -> int:
-    from .checks import nothing_to_compare
-    from .profile import Profile
-    from .singlecell.run import write_outputs
-    from .tables import DEFAULT_MIN_CELLS, DEFAULT_PERMUTATIONS, contrast_key
+def cmd_compare(args) -> int:
+    from ..checks import nothing_to_compare
+    from ..profile import Profile
+    from ..singlecell.run import write_outputs
+    from ..tables import DEFAULT_MIN_CELLS, DEFAULT_PERMUTATIONS, contrast_key
 
     run = Path(args.out)
     if not (run / PROFILE).is_file():
@@ -28,8 +29,8 @@ def compare_folder(args, gene_sets) -> int:
                                 f"its cells")  # fmt: skip
     within = _within(args.within)
     profile = Profile.load(run / PROFILE)
-    if gene_sets is not None:
-        profile.meta["gene_sets"] = gene_sets
+    if args.gene_set is not None:  # else the run's
+        profile.meta["gene_sets"] = gene_sets(args.gene_set)
     dest = Path(args.to) if args.to else run / "compare" / _folder_name(args.a, args.b, within)
     folder = RunFolder(dest, overwrite=args.overwrite, option="--to").check()
     saved = profile.meta.get("contrast", {})

@@ -11,15 +11,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from . import warnings_log
-from .outputs import PROFILE, RunFolder, written_summary
-from .summary import design_record, layer_summary, saved_contrast
+from .. import warnings_log
+from ..outputs import PROFILE, RunFolder, written_summary
+from ..summary import design_record, layer_summary, saved_contrast
 
 
 def cmd_report(args) -> int:
-    from .checks import nothing_to_compare
-    from .profile import Profile
-    from .singlecell.run import write_outputs
+    from ..checks import nothing_to_compare
+    from ..profile import Profile
+    from ..singlecell.run import write_outputs
 
     out = Path(args.out)
     if not (out / PROFILE).is_file():
