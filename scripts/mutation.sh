@@ -15,13 +15,13 @@ python=${PYTHON:-$repo/.venv/bin/python}
 group=${1:?usage: scripts/mutation.sh kernels|tables|tokenize|adapters}
 case $group in
   kernels)  mutate='"src/attnprof/kernels/plan.py", "src/attnprof/kernels/reduce.py", "src/attnprof/kernels/spec.py", "src/attnprof/kernels/reference.py"'
-            tests='"tests/test_kernels.py", "tests/test_plan.py", "tests/test_mutants_kernels.py"' ;;
-  tables)   mutate='"src/attnprof/tables.py"'
-            tests='"tests/test_tables.py", "tests/test_significance.py", "tests/test_mutants_tables.py"' ;;
-  tokenize) mutate='"src/attnprof/singlecell/tokenize.py"'
-            tests='"tests/test_tokenize.py", "tests/test_upstream_tokens.py", "tests/test_counts.py", "tests/test_mutants_tokenize.py"' ;;
+            tests='"tests/kernels/test_kernels.py", "tests/kernels/test_plan.py", "tests/kernels/test_kernel_inputs_and_layout.py"' ;;
+  tables)   mutate='"src/attnprof/tables.py", "src/attnprof/frames.py"'
+            tests='"tests/statistics/test_tables.py", "tests/statistics/test_significance.py", "tests/statistics/test_table_layout_and_p_values.py"' ;;
+  tokenize) mutate='"src/attnprof/singlecell/tokenize.py", "src/attnprof/singlecell/alignment.py"'
+            tests='"tests/singlecell/test_tokenize.py", "tests/singlecell/test_upstream_tokens.py", "tests/singlecell/test_counts.py", "tests/singlecell/test_tokenize_edges.py"' ;;
   adapters) mutate='"src/attnprof/adapters/*"'
-            tests='"tests/test_adapter_sdpa.py", "tests/test_adapter_hf.py", "tests/test_mha.py", "tests/test_mutants_adapters.py"' ;;
+            tests='"tests/profiler/test_adapter_sdpa.py", "tests/profiler/test_adapter_hf.py", "tests/profiler/test_mha.py", "tests/profiler/test_adapter_refusals_and_edges.py"' ;;
   *) echo "unknown group $group: kernels, tables, tokenize or adapters" >&2; exit 2 ;;
 esac
 work=${WORK:-${TMPDIR:-/tmp}/attnprof-mutation/$group}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NO_TRITON = "import sys; sys.modules['triton'] = None  # import triton raises ImportError, as if not installed\n"
 
 

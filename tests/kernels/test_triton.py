@@ -423,7 +423,8 @@ def test_compiles_for_h100_and_cpu_tensors_need_the_interpreter():
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # silence triton 3.9's notice; fusion is its default
     run = subprocess.run(
         [sys.executable, "-c", "import test_triton as t; t.check_without_interpreter()"],
-        cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=300,
+        cwd=Path(__file__).parent, env={**env, "PYTHONPATH": str(Path(__file__).parents[1])},  # tests/: helpers
+        capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout + run.stderr
 
@@ -462,7 +463,7 @@ def _sass_counts():
     """benches/sass_counts.py as a module (it holds the sm_90 compile both checks use)."""
     import importlib.util
 
-    path = Path(__file__).parents[1] / "benches" / "sass_counts.py"
+    path = Path(__file__).parents[2] / "benches" / "sass_counts.py"
     spec = importlib.util.spec_from_file_location("sass_counts", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -474,7 +475,8 @@ def test_every_autotune_config_compiles_for_h100():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run(
         [sys.executable, "-c", "import test_triton as t; t.check_without_interpreter(all_configs=True)"],
-        cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=1200,
+        cwd=Path(__file__).parent, env={**env, "PYTHONPATH": str(Path(__file__).parents[1])},  # tests/: helpers
+        capture_output=True, text=True, timeout=1200,
     )  # fmt: skip
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout + run.stderr
 
@@ -486,7 +488,7 @@ def test_counted_instructions_of_the_main_loops(tmp_path):
     kernel 1's masking of padded keys sits in a block that tiles of real keys skip."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "counts.json"
-    script = Path(__file__).parents[1] / "benches" / "sass_counts.py"
+    script = Path(__file__).parents[2] / "benches" / "sass_counts.py"
     run = subprocess.run([sys.executable, str(script), str(out)], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     counts = json.loads(out.read_text())

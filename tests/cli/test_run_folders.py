@@ -22,7 +22,7 @@ from attnprof import Profile
 from attnprof.cli import main
 from attnprof.singlecell.demo import write_demo_inputs
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def cli(*argv, env=None):

@@ -182,7 +182,7 @@ def test_pinned_kernel1_compiles_without_spills_for_sm90():
     code = ("import sys, json; sys.path.insert(0, 'benches'); import sass_counts as s; "
             "print(json.dumps(s.pinned_spills(archs=('sm_90a',), kernels=('kernel 1',), policies=('native', 'tf32x3'), "
             "progress=lambda *a: None)))")  # fmt: skip
-    root = Path(__file__).parents[1]
+    root = Path(__file__).parents[2]
     run = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     rows = json.loads(run.stdout.strip().splitlines()[-1])

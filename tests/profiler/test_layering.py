@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip("importlinter", reason="the layering check needs import-linter (the test extra)")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = ROOT / "pyproject.toml"
 CONTRACTS = (
     "kernels import nothing of the profiler",

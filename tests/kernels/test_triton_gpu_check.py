@@ -12,7 +12,7 @@ import torch
 
 from test_triton import pytestmark  # noqa: F401
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 
 
 def gpu_check():
