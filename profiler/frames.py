@@ -144,7 +144,8 @@ def element_table(cmp: Comparison, family: str) -> pd.DataFrame:
             left_out=cmp.left_out[source][layer, 0, e].astype(np.int64),
         )
     if family != "pair":
-        table["token_id"] = e
+        ids = cmp.profile.meta.get("token_ids")  # a run keeping only the data's genes: their model token ids
+        table["token_id"] = e if ids is None else np.asarray(ids, dtype=np.int64)[e]
     df = pd.DataFrame(table)
     order = np.lexsort((-np.nan_to_num(np.abs(df["t"].to_numpy()), nan=-1.0), np.nan_to_num(df["p"], nan=2.0)))
     return df.iloc[order].reset_index(drop=True)
@@ -186,7 +187,8 @@ def to_anndata(cmp: Comparison):
         index=[f"L{l}H{h}" for l in range(nl) for h in range(nh)],
     )
     var = pd.DataFrame(
-        {"token_id": el, "n_a": c.n_a[0, 0, el].astype(np.int64), "n_b": c.n_b[0, 0, el].astype(np.int64)},
+        {"token_id": el if cmp.profile.meta.get("token_ids") is None else np.asarray(cmp.profile.meta["token_ids"])[el],
+         "n_a": c.n_a[0, 0, el].astype(np.int64), "n_b": c.n_b[0, 0, el].astype(np.int64)},
         index=pd.Index(np.asarray(cmp.profile.genes, dtype=object)[el].astype(str), name="gene"),
     )
 

@@ -370,11 +370,12 @@ def _gene_sets(profile: Profile, gene_sets) -> dict[str, np.ndarray]:
         missing = [g for g in genes if g not in index]
         held = [index[g] for g in genes if g in index and not special[index[g]]]
         if not held:
-            raise ValueError(f"gene set {name!r} has no gene of the profile's vocabulary ({len(genes)} genes, e.g. "
+            raise ValueError(f"gene set {name!r} has no gene among the profile's genes ({len(genes)} genes, e.g. "
                              f"{genes[:3]}): check the gene names (the vocabulary's, e.g. Ensembl ids)")  # fmt: skip
         if missing:
-            warnings.warn(f"gene set {name!r}: {len(missing)} of its {len(genes)} genes are not in the profile's "
-                          f"vocabulary and are left out: {missing[:10]}", stacklevel=3)  # fmt: skip
+            warnings.warn(f"gene set {name!r}: {len(missing)} of its {len(genes)} genes are not among the profile's "
+                          f"genes (the data's genes in the vocabulary) and are left out: {missing[:10]}",
+                          stacklevel=3)  # fmt: skip
         out[str(name)] = np.asarray(sorted(held), dtype=np.int64)
     return out
 

@@ -101,6 +101,9 @@ def add_run_parser(sub) -> None:
     p.add_argument("--subset-by", action="append", default=[], metavar="KEY",
                    help="obs column (cell type, tissue) whose values are kept apart too, so that `attnprof compare OUT "
                    "A B --within KEY=VALUE` compares within one of them later (repeatable)")
+    p.add_argument("--all-genes", action="store_true",
+                   help="keep the gene sums of every vocabulary id (default: the ids the data holds; the same tables "
+                   "in less memory); needed to merge profiles of data with other gene panels")
     p.add_argument("--gene-set", action="append", default=[], metavar="NAME=FILE",
                    help="a gene set (file with one gene per line, or genes separated by commas): the heads and layers "
                    "tables gain the family set:NAME, the gene family restricted to the set (repeatable)")

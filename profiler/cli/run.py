@@ -59,7 +59,7 @@ def _profile_and_write(args, folder: RunFolder, rank: int, world: int, device) -
             window=args.window,
             batch_size=args.batch_size, backend=args.backend, progress=not args.quiet,
             replicate=args.replicate, strata=args.strata, pseudo_replicates=args.pseudo_replicates,
-            subset_by=args.subset_by, gene_sets=sets,
+            subset_by=args.subset_by, gene_sets=sets, all_genes=args.all_genes,
             seed=args.permutation_seed, shard=shard, **checkpointing(args, out),
             family=front,
         )  # fmt: skip

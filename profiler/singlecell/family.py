@@ -79,6 +79,10 @@ class FrontEnd:
     def forward(self, model, codes: torch.Tensor):
         return model(**self.inputs(codes))
 
+    def present_ids(self, adata, layer=None, use_raw=False, gene_key=None) -> np.ndarray | None:
+        """The token ids this family's tokens of ``adata`` can hold (sorted), or None: the whole vocabulary."""
+        return None
+
     def chunks(self, adata, *, rows, left_out=None, stream_rows=None, **reading) -> Iterator[TokenChunk]:
         """The cells ``rows`` tokenized chunk by chunk (:func:`iter_family_chunks`)."""
         return iter_family_chunks(adata, self, rows=rows, left_out=left_out, stream_rows=stream_rows, **reading)

@@ -44,6 +44,7 @@ def profile_batches(
     blocks_of: Callable[[np.ndarray], np.ndarray] | None = None,
     after_batch: Callable[[Profiler, Batch], None] | None = None,
     family=None,
+    gene_index: np.ndarray | None = None,
 ) -> Profile:
     """The run loop: every batch through the model inside one profiling session.
 
@@ -53,6 +54,8 @@ def profile_batches(
     after_batch:   called after each forward with the profiler and the batch (e.g. to checkpoint).
     family:        a family front end whose ``gene_ids`` and ``forward`` read the batch's codes (default:
                    the tokens are the model's input and the gene ids, as for Nicheformer).
+    gene_index:    token id -> its position in ``genes`` (-1: none), when ``genes`` names only the ids the
+                   data can hold (default: ``genes`` names every token id).
     """
     family = family or TokenModel()
     device = next(model.parameters()).device
@@ -67,7 +70,7 @@ def profile_batches(
                 torch.inference_mode():  # fmt: skip
             for batch in batches:
                 tokens = batch.tokens.to(device)
-                ids = family.gene_ids(tokens)
+                ids = family.gene_ids(tokens) if gene_index is None else _indexed(gene_index, family, batch).to(device)
                 if blocks_of is None:
                     prof.set_batch(groups=batch.codes, tokens=ids)
                 else:
@@ -176,6 +179,15 @@ class _Run:
         total = ckpt.total(current)
         total.meta["resumed_cells"] = ckpt.n_done
         return total, context_only.n
+
+
+def _indexed(gene_index: np.ndarray, family, batch: Batch) -> torch.Tensor:
+    """The batch's gene ids as positions in the run's genes (on the CPU, before the batch moves)."""
+    ids = gene_index[family.gene_ids(batch.tokens).numpy()]
+    if (ids < 0).any():  # the front end's present_ids missed an id its tokens hold: a bug, never a silent drop
+        missing = sorted(set(family.gene_ids(batch.tokens).numpy()[ids < 0].tolist()))
+        raise RuntimeError(f"token ids {missing[:10]} are not among the run's genes (present_ids of {family.name})")
+    return torch.from_numpy(ids)
 
 
 class _Count:

@@ -6,12 +6,14 @@ vocabulary gene is still profiled, with only its context tokens (upstream tokeni
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
 from .family import FrontEnd
-from .tokenize import Tokenizer, count_matrix, gene_names, iter_token_chunks
-from .vocab import N_CONTEXT, PAD, Vocabulary, as_vocabulary
+from .tokenize import Tokenizer, align_genes, count_matrix, gene_names, iter_token_chunks
+from .vocab import GENE_OFFSET, N_CONTEXT, PAD, Vocabulary, as_vocabulary
 
 
 class TokenModel(FrontEnd):
@@ -46,6 +48,15 @@ class NicheformerFront(TokenModel):
 
     def settings(self) -> dict:
         return self.tokenizer.settings()  # as before the registry: profiles and checkpoints keep matching
+
+    def present_ids(self, adata, layer=None, use_raw=False, gene_key=None) -> np.ndarray:
+        """The reserved ids (context tokens, padding) and the ids of the data's genes that are in the vocabulary:
+        a MERFISH panel holds a few hundred of the 20,310 genes, and sums over the rest would stay zero."""
+        var = count_matrix(adata, layer, use_raw)[1]
+        with warnings.catch_warnings():  # the tokenizer's own alignment says which genes it drops
+            warnings.simplefilter("ignore")
+            genes = align_genes(gene_names(var, gene_key), self.tokenizer.vocab).vocab_index
+        return np.union1d(np.arange(GENE_OFFSET), GENE_OFFSET + np.asarray(genes, dtype=np.int64))
 
     def chunks(self, adata, *, rows, left_out=None, stream_rows=None, **reading):
         return iter_token_chunks(adata, self.tokenizer, rows=rows, **reading)

@@ -17,6 +17,8 @@ import json
 import sys
 import warnings
 from collections.abc import Sequence
+
+import numpy as np
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -66,6 +68,7 @@ def profile_anndata(
     strata: str | None = None,
     subset_by: Sequence[str] | None = None,
     gene_sets: dict[str, Sequence[str]] | None = None,
+    all_genes: bool = False,
     pseudo_replicates: int = PSEUDO_REPLICATES,
     seed: int = 0,
     permutations: int | None = None,
@@ -107,6 +110,9 @@ def profile_anndata(
               ``compare(a, b, within={"cell_type": "HY GABA"})`` give any key's groups within any subset later.
     gene_sets: name -> genes (the vocabulary's names): the heads and layers tables gain a family
               ``set:<name>``, the gene family restricted to the set; recorded in the profile.
+    all_genes: keep the gene sums of every vocabulary id; by default only of the ids the data can hold (its
+              genes in the vocabulary, the context tokens and the panel): the same tables in a fraction of the
+              memory. Profiles of data with other gene panels merge only when both keep all genes.
     permutations: deprecated and ignored: permutations are drawn at compare time from the block sums
               (``profile.compare(a, b, permutations=N)``), at no cost to this pass.
     shard:    ``(i, n)``: profile only every n-th selected cell starting at the i-th; the shards'
@@ -142,7 +148,8 @@ def profile_anndata(
         for key in (replicate, strata, *subset_by):
             if key is not None and key not in adata.obs.columns:
                 raise ValueError(f"obs has no column {key!r} (columns: {list(adata.obs.columns)})")
-        genes = front.genes
+        kept = None if all_genes else front.present_ids(adata, layer, use_raw, gene_key)
+        genes, gene_index, special = _gene_axis(front, kept, _unique(panel))
         gene_sets = _checked_gene_sets(gene_sets, genes)
         blocks, block_codes = design_blocks(
             selection.codes, selection.groups, None if replicate is None else obs[replicate].to_numpy(),
@@ -153,7 +160,7 @@ def profile_anndata(
         plan = plan_cells(selection, shard, block_codes)
         names = adata.obs_names
         meta = {
-            "special_tokens": front.special_ids,  # known by id
+            "special_tokens": special,  # known by id (positions in genes)
             "model": model_description(model),
             "options": {
                 "groupby": groupby,
@@ -175,7 +182,7 @@ def profile_anndata(
             batching=dict(batch_size=batch_size, bucket_size=bucket_size, trim=trim_padding, pad_to=context_length),
             stats=dict(groups=selection.groups, genes=genes,
                        panel=_unique(panel), window=window, n_context=front.n_context,
-                       backend=backend, family=front, blocks=blocks),
+                       backend=backend, family=front, blocks=blocks, gene_index=gene_index),
             progress=progress and rank_and_world()[0] == 0,
             stream_rows=selection.rows,
         )  # fmt: skip
@@ -200,11 +207,26 @@ def profile_anndata(
     profile.meta["data"]["context_only_cells"] = int(context_only)
     if gene_sets:
         profile.meta["gene_sets"] = gene_sets
+    if kept is not None:
+        profile.meta["token_ids"] = [int(i) for i in np.flatnonzero(gene_index >= 0)]  # the genes' token ids
     if context_only and rank_and_world()[0] == 0:
         warnings.warn(front.left_out_message(context_only), stacklevel=2)
     if ckpt is not None:
         ckpt.remove()  # the result is complete: a rerun starts afresh
     return profile
+
+
+def _gene_axis(front, kept: np.ndarray | None, panel) -> tuple[list[str], np.ndarray | None, list[int]]:
+    """The run's genes, token id -> position among them (None: every id, as is) and the special tokens'
+    positions: ``kept`` ids (None: all) plus the panel's genes, in token id order."""
+    if kept is None:
+        return list(front.genes), None, list(front.special_ids)
+    index = {g: i for i, g in enumerate(front.genes)}
+    ids = np.union1d(kept, [index[g] for g in panel or [] if g in index]).astype(np.int64)
+    gene_index = np.full(len(front.genes), -1, dtype=np.int64)
+    gene_index[ids] = np.arange(len(ids))
+    special = sorted(int(gene_index[i]) for i in front.special_ids if gene_index[i] >= 0)
+    return [front.genes[i] for i in ids], gene_index, special
 
 
 def _subset_keys(subset_by, groupby: str) -> list[str]:
@@ -215,14 +237,15 @@ def _subset_keys(subset_by, groupby: str) -> list[str]:
 
 
 def _checked_gene_sets(gene_sets, genes) -> dict[str, list[str]]:
-    """The gene sets as name -> genes, refused before any model work when a set holds no gene of the model's."""
+    """The gene sets as name -> genes, refused before any model work when a set holds none of the run's genes."""
     known = set(map(str, genes or []))
     out = {}
     for name, members in (gene_sets or {}).items():
         members = list(dict.fromkeys(str(g) for g in members))
         if not any(g in known for g in members):
-            raise ValueError(f"gene set {name!r} holds none of the model's genes ({len(members)} genes, e.g. "
-                             f"{members[:3]}): use the vocabulary's gene names (e.g. Ensembl ids)")  # fmt: skip
+            raise ValueError(f"gene set {name!r} holds none of the run's genes (the data's genes in the vocabulary; "
+                             f"{len(members)} genes, e.g. {members[:3]}): use the vocabulary's gene names (e.g. Ensembl "
+                             f"ids)")  # fmt: skip
         out[str(name)] = members
     return out
 

@@ -114,8 +114,11 @@ def test_merge_refuses_another_vocabulary(model, adata, vocab, means):
     base = run(model, adata, vocab, means, shard=(0, 2))
     genes = list(vocab.genes)
     genes[0], genes[1] = genes[1], genes[0]  # same size, another order: token ids mean other genes
-    with pytest.raises(ValueError, match="different layout.*genes.*vocabulary mismatch"):
+    with pytest.raises(ValueError, match="vocabulary"):  # the tokenizer's vocabulary digest differs
         base + run(model, adata, Vocabulary(genes), means, shard=(1, 2))
+    with pytest.raises(ValueError, match="different layout.*genes.*vocabulary mismatch"):  # every id kept
+        run(model, adata, vocab, means, shard=(0, 2), all_genes=True) + run(
+            model, adata, Vocabulary(genes), means, shard=(1, 2), all_genes=True)
 
 
 # ------------------------------------------------------------ permutations

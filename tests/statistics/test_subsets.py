@@ -136,11 +136,11 @@ def test_gene_set_family_is_the_gene_family_restricted_to_the_set(full):
 
 
 def test_gene_sets_are_checked(full, model, adata, vocab, means):
-    with pytest.warns(UserWarning, match="1 of its 3 genes are not in the profile's vocabulary"):
+    with pytest.warns(UserWarning, match="1 of its 3 genes are not among the profile's genes"):
         full.compare("female", "male", min_cells=2, permutations=0, gene_sets={"s": ["Esr1", "Pgr", "Nope1"]})
-    with pytest.raises(ValueError, match="gene set 's' has no gene of the profile's vocabulary"):
+    with pytest.raises(ValueError, match="gene set 's' has no gene among the profile's genes"):
         full.compare("female", "male", permutations=0, gene_sets={"s": ["Nope1"]})
-    with pytest.raises(ValueError, match="gene set 's' holds none of the model's genes"):
+    with pytest.raises(ValueError, match="gene set 's' holds none of the run's genes"):
         run(model, adata, vocab, means, gene_sets={"s": ["Nope1"]})
 
 
