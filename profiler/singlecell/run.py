@@ -31,6 +31,7 @@ from ..distributed import all_reduce_profile, rank_and_world, sum_over_ranks
 from ..checks import open_h5ad
 from ..profile import Profile, cell_ids
 from .batches import ordered_values, select_cells
+from .budget import check_memory
 from .loop import _Run, cells_digest, plan_cells, profile_batches
 from .nicheformer_front import nicheformer_front
 from .write import write_outputs
@@ -157,6 +158,7 @@ def profile_anndata(
             strata_key=strata or "strata", per_group=pseudo_replicates, seed=seed,
             subsets={k: obs[k].to_numpy() for k in subset_by} or None,
         )  # fmt: skip
+        check_memory(model, len(blocks), window, len(genes), len(_unique(panel) or []))  # before the model runs
         plan = plan_cells(selection, shard, block_codes)
         names = adata.obs_names
         meta = {

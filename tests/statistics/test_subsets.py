@@ -195,3 +195,18 @@ def test_compare_names_bad_keys_and_values(run_folder, capsys):
     assert "give KEY=VALUE" in capsys.readouterr().err
     assert main(["compare", str(run_folder), "astrocyte", "nope"]) == 2
     assert "unknown group 'nope'" in capsys.readouterr().err
+
+
+def test_the_memory_estimate_is_the_profiles_size_and_too_much_is_refused_first(full, model, adata, vocab, means,
+                                                                                monkeypatch):  # fmt: skip
+    from attnprof.singlecell import budget
+
+    panel, (modules, _) = len(full.panel), budget.attention_shape(model)
+    estimate = budget.sums_bytes(model, len(full.blocks), full.window, len(full.genes), panel)
+    # per attention module exactly the profile's bytes per layer (a module the forward never calls, such as
+    # Nicheformer's encoder_layer prototype, is counted too: the estimate errs on the safe side)
+    assert estimate / modules == sum(v.nbytes for v in full.sums.values()) / len(full.layers)
+    monkeypatch.setattr(budget, "MEMORY_SHARE", 1e-9)
+    monkeypatch.setattr(type(model), "forward", lambda *a, **k: pytest.fail("the model ran"))
+    with pytest.raises(ValueError, match=r"the run's sums would take .* blocks x .*fewer --subset-by keys"):
+        run(model, adata, vocab, means, replicate="animal", subset_by=["cell_type"])
