@@ -126,7 +126,8 @@ def _fused_batch(q, k, v, plan: BatchPlan, scale: float):
         plan.cache["q_rows"] = plan.query_cell * L + plan.query_pos
     outp, lse, row_stats, colsum, window, pair_block, check, map_rows = fused_rows.batch_rows(
         qp, kp, vp, plan.cache["cu_q"], plan.cu_seqlens, plan.counted_slot, plan.n_context_all,
-        plan.n_window_all, plan.panel_slot, plan.panel_at, C, W, map_edges=None if plan.maps is None else plan.maps.edges,
+        plan.n_window_all, plan.panel_slot, plan.panel_at, C, W,
+        map_edges=None if plan.maps is None else plan.maps.edges,
     )  # fmt: skip
     if not bool(torch.isfinite(lse.sum() + check.sum())):  # see _cell_stats: no extra pass
         refuse_non_finite(q, k, v)

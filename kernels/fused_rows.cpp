@@ -192,8 +192,16 @@ std::vector<at::Tensor> cell_rows(at::Tensor q, at::Tensor k, at::Tensor v, int6
 // Queries of cell b: rows cu_q[b] .. cu_q[b+1] of q, its n real rows first (in key order), then
 // output-only rows (padded positions); keys: rows cu_k[b] .. cu_k[b+1] of k and v (n real tokens).
 // Whole-context maps (NB > 0): map bin c holds the cell's keys medges[b][c] .. medges[b][c+1] (a run: bins
-// are runs of positions and keys are in position order), and its real rows likewise; each real row's mass
-// per key bin is added, in float64, into its query bin's row of maps[c, h] (the task owns it).
+// are runs of positions and keys are in position order), and its real rows likewise. The rows of one query
+// bin are added up while in L1 (one vectorized pass per row, as the column sums), and when the query bin
+// ends that sum is reduced over the key bins' runs into the bin's row of maps[c, h], in float64 (the task
+// owns it): NB short sums per query bin, not per row.
+
+// The summed rows of query bin a (qsum, n keys) into maps row a: one run sum per key bin; qsum is zeroed.
+static inline void flush_query_bin(float* qsum, int64_t n, const int64_t* edge, int64_t NB, double* row) {
+  for (int64_t u = 0; u < NB; ++u) row[u] += (double)run_sum(qsum + edge[u], edge[u + 1] - edge[u]);
+  std::fill(qsum, qsum + n, 0.f);
+}
 template <bool FAST>
 static void batch_impl(const float* q, const float* k, const float* v, const int64_t* cu_q,
                        const int64_t* cu_k, const int64_t* slot, const int64_t* nctx,
@@ -202,7 +210,7 @@ static void batch_impl(const float* q, const float* k, const float* v, const int
                        const int64_t* medges, double* maps, int64_t B, int64_t H, int64_t Tq, int64_t Tk,
                        int64_t D, int64_t W, int64_t M, int64_t NB) {
   at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> sbuf, zinv;
+    std::vector<float> sbuf, zinv, qsum;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / H, h = t % H;
       const int64_t q0 = cu_q[b], mq = cu_q[b + 1] - q0, k0 = cu_k[b], n = cu_k[b + 1] - k0;
@@ -218,8 +226,11 @@ static void batch_impl(const float* q, const float* k, const float* v, const int
       sbuf.resize(rows * n);
       zinv.resize(rows);
       if (mq == 0) { check[t] = 0.f; continue; }
-      const int64_t* edge = NB > 0 ? medges + b * (NB + 1) : nullptr;
-      int64_t qbin = 0;  // the query bin of the current real row (rows ascend)
+      const bool binned = NB > 0 && c >= 0;
+      const int64_t* edge = binned ? medges + b * (NB + 1) : nullptr;
+      double* map_rows = binned ? maps + (c * H + h) * NB * NB : nullptr;
+      int64_t qbin = 0;  // the query bin of the rows summed in qsum (rows ascend)
+      if (binned) qsum.assign(n, 0.f);
       const at::Tensor KT = view2d(kh, D, n, 1, HD);  // K^T [D x n] of head h
       const at::Tensor Vh = view2d(vh, n, D, HD, 1);  // V [n x D] of head h
       at::Tensor Sfull = view2d(sbuf.data(), rows, n, n, 1);
@@ -261,10 +272,14 @@ static void batch_impl(const float* q, const float* k, const float* v, const int
             float* pr = pair + ((c * H + h) * M + ps) * M;
             for (int64_t u = 0; u < M && at_c[u] >= 0; ++u) pr[u] = s[at_c[u]] * iz;
           }
-          if (NB > 0) {
-            while (row >= edge[qbin + 1]) ++qbin;  // skips bins without real tokens
-            double* mr = maps + ((c * H + h) * NB + qbin) * NB;
-            for (int64_t u = 0; u < NB; ++u) mr[u] += (double)(run_sum(s + edge[u], edge[u + 1] - edge[u]) * iz);
+          if (binned) {
+            if (row >= edge[qbin + 1]) {  // a new query bin (bins without real tokens skipped)
+              if (row > edge[qbin]) flush_query_bin(qsum.data(), n, edge, NB, map_rows + qbin * NB);
+              while (row >= edge[qbin + 1]) ++qbin;
+            }
+            float* qs = qsum.data();
+            for (j = 0; j + L <= n; j += L) at::vec::fmadd(Vec::loadu(s + j), viz, Vec::loadu(qs + j)).store(qs + j);
+            for (; j < n; ++j) qs[j] += s[j] * iz;
           }
         }
         float* O = oh + r0 * HD;
@@ -285,6 +300,7 @@ static void batch_impl(const float* q, const float* k, const float* v, const int
           osum += at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc) + tail;
         }
       }
+      if (binned) flush_query_bin(qsum.data(), n, edge, NB, map_rows + qbin * NB);  // the last query bin
       check[t] = (float)osum;  // NaN or Inf when any output of the task is not finite
     }
   });

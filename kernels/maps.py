@@ -65,5 +65,6 @@ def cell_maps(plan, row_sums: torch.Tensor) -> torch.Tensor:
 
 def key_onehot(plan, b: int, dtype=torch.float32) -> torch.Tensor:
     """``[n, NB]`` one-hot of the key bins of cell b's packed real tokens (for the eager row blocks)."""
-    cu = plan.cache_cu()
-    return F.one_hot(plan.maps.token_bin[cu[b] : cu[b + 1]], plan.maps.bins).to(dtype)
+    cu, maps = plan.cache_cu(), plan.maps
+    bins = torch.arange(maps.bins, device=maps.token_bin.device)
+    return (maps.token_bin[cu[b] : cu[b + 1], None] == bins).to(dtype)

@@ -18,7 +18,7 @@ A backend on a plan
 :class:`~.reduce.Target`) calls the backend, which returns the output and a
 :class:`~.reduce.CellResults` (per counted cell, in ``counted`` order: head summaries ``[C, H, 4]``,
 window ``[C, H, W, W]`` in position coordinates, received ``[U, H]`` per (cell, gene) pair, panel pair
-means ``[C, H, K, K]``); :func:`~.reduce.reduce_into` then adds them and their counts
+means ``[C, H, K, K]``, whole-context maps ``[C, H, NB, NB]``); :func:`~.reduce.reduce_into` then adds them and their counts
 (``cell_counts``) into every target's labelings (matmuls of ``onehot``: one per target for sums laid
 out by :func:`~.reduce.tiled_zeros`, one per statistic otherwise). Helpers that turn a backend's
 natural layout into CellResults: :func:`~.reduce.received_pairs` (from ``[C, H, L]`` column means)

@@ -22,11 +22,26 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_forward import EMULATE, INTERPRET, LOG2E, MASKED_C, _tf32_rna, _tf32_trunc, block_d, load_rows, mma
+from .triton_forward import (
+    EMULATE,
+    INTERPRET,
+    LOG2E,
+    MASKED_C,
+    MAX_PROGRAMS,
+    _tf32_rna,
+    _tf32_trunc,
+    block_d,
+    load_rows,
+    mma,
+)
 from .triton_options import dot_precision, resolve
 
 #: Bins per program and axis (the register blocks are [BLOCK_M, BINS] and [BINS, BINS]); tl.dot needs >= 16.
-MAX_BINS_BLOCK = 64
+MAX_BINS_BLOCK = 32
+#: (BLOCK_M, BLOCK_N, warps) per (BLOCK_D > 64, fp32 operands), at 32 bins a block: none spills on sm_90 but
+#: fp32 at head dim 128 (about 200 bytes: its tf32x3 q tile is wide), from ptxas -v without a GPU (as
+#: benches/sass_counts.py compiles); not timed on a GPU yet.
+TILES = {(False, False): (64, 32, 8), (True, False): (64, 32, 8), (False, True): (16, 32, 4), (True, True): (16, 32, 4)}
 #: Aim for at least this many programs per launch (splitting a chunk's query tiles), at most MAX_SPLITS splits.
 TARGET_PROGRAMS = 1024
 MAX_SPLITS = 16
@@ -36,17 +51,29 @@ MAX_SPLITS = 16
 def _split_dot(a, b, acc, ONEHOT_LEFT: tl.constexpr):
     """``acc + a @ b`` where one operand is a 0/1 one-hot (exact in tf32) and the other fp32 values: those
     split into a tf32 ``hi`` and the rest ``lo`` (about 22 bits in two tensor-core products)."""
-    x = b if ONEHOT_LEFT else a
-    hi = _tf32_rna(x)
-    lo = x - hi  # exact
-    if EMULATE:  # the interpreter's dot is an fp32 matmul: round lo as the tensor core truncates it
+    if ONEHOT_LEFT:
+        acc = _tf32_pair(a, _tf32_rna(b), b - _tf32_rna(b), acc, True)
+    else:
+        acc = _tf32_pair(b, _tf32_rna(a), a - _tf32_rna(a), acc, False)
+    return acc
+
+
+@triton.jit
+def _tf32_pair(onehot, hi, lo, acc, ONEHOT_LEFT: tl.constexpr):
+    """``acc + onehot @ (hi + lo)`` (or ``(hi + lo) @ onehot``) as two tf32 products; ``lo`` is exact in fp32
+    and truncated to tf32 by the tensor core (emulated under the interpreter, whose dot is an fp32 matmul)."""
+    if EMULATE:
         lo = _tf32_trunc(lo)
         if ONEHOT_LEFT:
-            return acc + tl.dot(a, hi, input_precision="ieee") + tl.dot(a, lo, input_precision="ieee")
-        return acc + tl.dot(hi, b, input_precision="ieee") + tl.dot(lo, b, input_precision="ieee")
-    if ONEHOT_LEFT:
-        return tl.dot(a, lo, tl.dot(a, hi, acc, input_precision="tf32"), input_precision="tf32")
-    return tl.dot(lo, b, tl.dot(hi, b, acc, input_precision="tf32"), input_precision="tf32")
+            acc = acc + tl.dot(onehot, hi, input_precision="ieee") + tl.dot(onehot, lo, input_precision="ieee")
+        else:
+            acc = acc + tl.dot(hi, onehot, input_precision="ieee") + tl.dot(lo, onehot, input_precision="ieee")
+    else:
+        if ONEHOT_LEFT:
+            acc = tl.dot(onehot, lo, tl.dot(onehot, hi, acc, input_precision="tf32"), input_precision="tf32")
+        else:
+            acc = tl.dot(lo, onehot, tl.dot(hi, onehot, acc, input_precision="tf32"), input_precision="tf32")
+    return acc
 
 
 @triton.jit
@@ -123,11 +150,13 @@ def binned_rows(q, k, term, pos_bin, extent, cells, scale: float, *, map_bins: i
     B, H, L, D = q.shape
     C, NB = cells.shape[0], map_bins
     bins = min(MAX_BINS_BLOCK, max(16, triton.next_power_of_2(NB)))
-    block_m = block_n = 16 if INTERPRET else 64
+    block_m, block_n, warps = _tiles(block_d(D), q.dtype)
     n_chunks = triton.cdiv(NB, bins)
     base = C * H * n_chunks * n_chunks
     tiles = max(1, triton.cdiv(min(L, map_length), block_m * n_chunks))  # query tiles per chunk, about
     splits = max(1, min(MAX_SPLITS, tiles, triton.cdiv(TARGET_PROGRAMS, max(base, 1))))
+    if base * splits > MAX_PROGRAMS:
+        raise ValueError(f"counted cells x heads x map bin blocks = {base} exceeds one launch grid; split the batch")
     work = {} if work is None else work
     shape = (C, H, splits, NB, NB)
     if "map_rows" not in work or tuple(work["map_rows"].shape) != shape:
@@ -138,7 +167,13 @@ def binned_rows(q, k, term, pos_bin, extent, cells, scale: float, *, map_bins: i
             q, k, term, pos_bin, extent, cells, out, *q.stride(), *k.stride(),
             H, L, NB, map_length, n_chunks, splits, scale * LOG2E,
             HEAD_D=D, BLOCK_D=block_d(D), DOT_PREC=dot_precision(q.dtype, opts.precision),
-            BLOCK_M=block_m, BLOCK_N=block_n, BINS=bins, num_warps=4,
+            BLOCK_M=block_m, BLOCK_N=block_n, BINS=bins, num_warps=warps, num_stages=2,
         )  # fmt: skip
     return out.sum(2, dtype=torch.float64)
 
+
+def _tiles(block_dim: int, dtype) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, warps): one small tile under the interpreter (tests), :data:`TILES` on a GPU."""
+    if INTERPRET:
+        return 16, 16, 1
+    return TILES[(block_dim > 64, dtype == torch.float32)]
