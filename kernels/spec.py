@@ -232,9 +232,10 @@ def check_batch(spec: StatsSpec, labelings, key_padding_mask, tokens, shape, dev
     if spec.map_bins and L > spec.map_length:  # positions past map_length must all be padding
         beyond = (~padding[:, spec.map_length :]).any(1).nonzero().flatten().tolist()
         if beyond:
+            last = int((~padding).nonzero()[:, 1].max()) + 1
             raise ValueError(
                 f"cells {beyond[:10]} have real tokens at positions >= map_length={spec.map_length}, which no map "
-                f"bin covers: set map_length to the model's context length (at least {L} here)"
+                f"bin covers: set map_length to the model's context length (at least {last} here)"
             )
     if spec.gene_stats:
         if tokens is None:

@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from attnprof import Profile, Profiler, merge
-from attnprof.kernels import StatsSpec, attention_stats, blocked, build_plan, fused_rows, sum_shapes
+from attnprof.kernels import StatsSpec, Target, attention_stats, blocked, build_plan, empty_sums, fused_rows
+from attnprof.kernels import planned_stats, sum_shapes
 from attnprof.kernels.spec import check_inputs
 
 from helpers import assert_sums_close, random_batch, skip_unless_built
@@ -28,7 +29,10 @@ TRITON = importlib.util.find_spec("triton") is not None and (
     torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"  # set by conftest.py without CUDA
 )
 needs_triton = pytest.mark.skipif(not TRITON, reason="needs triton, and CUDA or TRITON_INTERPRET=1")
+INTERPRET = TRITON and os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if INTERPRET:
+    from test_sync import oplog  # noqa: F401 (a fixture: every op and launch of a layer call, and what syncs)
 
 
 def with_map_means(sums: dict) -> dict:
@@ -170,7 +174,7 @@ def test_real_tokens_past_map_length_are_refused_padding_is_not():
     q, k, v, padding, groups, _ = uniform_batch(6, [4, 5])
     run("torch", (q, k, v, padding, groups, None), spec)  # positions 4 and 5 are padding: fine
     padding[0, 5] = False
-    with pytest.raises(ValueError, match="positions >= map_length=4"):
+    with pytest.raises(ValueError, match="positions >= map_length=4.*at least 6"):
         run("torch", (q, k, v, padding, groups, None), spec)
     with pytest.raises(ValueError, match="positions >= map_length=4"):
         build_plan(spec, groups, padding)
@@ -254,3 +258,18 @@ def test_triton_equals_reference(B, H, L, D, G, bins, extra, trailing, seed, dty
     _, ref = run("reference", batch, spec)
     _, fast = run("triton", batch, spec)
     assert_maps_close({k: v.cpu() for k, v in fast.items()}, {k: v.cpu() for k, v in ref.items()})
+
+
+@pytest.mark.skipif(not INTERPRET, reason="counts ops under the Triton interpreter (CPU)")
+def test_triton_map_pass_never_syncs(oplog):
+    """A layer call with maps on the triton backend: one more launch, no host sync (as tests/test_sync.py)."""
+    q, k, v, padding, _, tokens = random_batch(7, 4, 2, 40, 16, 3)
+    groups = torch.tensor([0, 2, -1, 0])
+    spec = map_spec(3, 40, 5, 8)
+    plan = build_plan(spec, groups, padding, tokens)
+    targets = [Target({name: x[None] for name, x in empty_sums(spec, 2).items()}, slice(0, 1))]
+    planned_stats(q, k, v, plan, targets, backend="triton")  # the first call derives the plan's kernel inputs
+    with oplog:
+        planned_stats(q, k, v, plan, targets, backend="triton")
+    assert oplog.syncs == [], oplog.syncs
+    assert [name for name, _ in oplog.ops].count("launch _maps_kernel") == 1
