@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import fused_rows
+from .maps import cell_maps, key_onehot
 from .plan import BatchPlan, build_plan
 from .reduce import CellResults, Target, pair_means, received_pairs, reduce_into
 from .spec import Inputs, StatsSpec, empty_sums, refuse_non_finite
@@ -55,6 +56,8 @@ def blocked_cells(q, k, v, plan: BatchPlan, scale: float, block_elems: int = BLO
     window = torch.zeros(C, H, W, W, **f32)
     M = plan.panel_pos.shape[1]
     pair_block = torch.zeros(C, H, M, M, **f32) if spec.panel else None
+    NB = spec.map_bins
+    map_rows = torch.zeros(C, H, NB, NB, dtype=torch.float64, device=q.device) if NB else None
     counted = dict(zip(plan.counted_host, range(C)))  # batch row -> counted cell
     host = plan.host
     finite = torch.ones((), dtype=torch.bool, device=q.device)
@@ -74,7 +77,8 @@ def blocked_cells(q, k, v, plan: BatchPlan, scale: float, block_elems: int = BLO
             finite &= torch.isfinite(o.sum())  # no log-sum-exp here: the output shows any NaN or Inf
         else:
             at = plan.panel_at[c, : host["panel_count"][c]] if spec.panel else None
-            o, cell = _cell_stats(qb, kb, vb, host["n_window"][c], host["n_context"][c], at, scale, block_elems)
+            bins = key_onehot(plan, b) if NB else None
+            o, cell = _cell_stats(qb, kb, vb, host["n_window"][c], host["n_context"][c], at, scale, block_elems, bins)
             finite &= cell["finite"]
             if received is not None:
                 received[c][:, idx] = cell["colsum"] / n
@@ -88,6 +92,8 @@ def blocked_cells(q, k, v, plan: BatchPlan, scale: float, block_elems: int = BLO
             if pair_block is not None:
                 m = at.numel()
                 pair_block[c, :, :m, :m] = cell["pair"]
+            if map_rows is not None:  # the rows of each query bin added up (queries bin like the keys)
+                map_rows[c] = torch.einsum("ia,hic->hac", bins.double(), cell["per_bin"].double())
         if n < L:
             out[b, :, idx] = o.to(out.dtype)
         else:
@@ -99,6 +105,8 @@ def blocked_cells(q, k, v, plan: BatchPlan, scale: float, block_elems: int = BLO
         cells.received = received_pairs(plan, received)
     if pair_block is not None:
         cells.pair = pair_means(plan, pair_block)
+    if map_rows is not None:
+        cells.map = cell_maps(plan, map_rows)
     return out, cells
 
 
@@ -116,9 +124,10 @@ def _fused_batch(q, k, v, plan: BatchPlan, scale: float):
     if "cu_q" not in plan.cache:
         plan.cache["cu_q"] = torch.arange(0, (B + 1) * L, L, device=q.device)
         plan.cache["q_rows"] = plan.query_cell * L + plan.query_pos
-    outp, lse, row_stats, colsum, window, pair_block, check = fused_rows.batch_rows(
+    outp, lse, row_stats, colsum, window, pair_block, check, map_rows = fused_rows.batch_rows(
         qp, kp, vp, plan.cache["cu_q"], plan.cu_seqlens, plan.counted_slot, plan.n_context_all,
         plan.n_window_all, plan.panel_slot, plan.panel_at, C, W,
+        map_edges=None if plan.maps is None else plan.maps.edges,
     )  # fmt: skip
     if not bool(torch.isfinite(lse.sum() + check.sum())):  # see _cell_stats: no extra pass
         refuse_non_finite(q, k, v)
@@ -142,10 +151,12 @@ def _fused_batch(q, k, v, plan: BatchPlan, scale: float):
         cells.received = r.index_add_(0, plan.gene_pairs, colmean[:, plan.packed_counted].T)
     if plan.spec.panel:
         cells.pair = pair_means(plan, pair_block)
+    if plan.maps is not None:
+        cells.map = cell_maps(plan, map_rows)
     return out, cells
 
 
-def _cell_stats(q, k, v, nw: int, nc: int, at, scale, block_elems):
+def _cell_stats(q, k, v, nw: int, nc: int, at, scale, block_elems, key_bins=None):
     """Output rows and row reductions of one cell; q, k, v are [H, n, D] over its real tokens.
 
     One pass over eager row blocks does the heavy part (output, log-sum-exp, entropy, row max,
@@ -153,11 +164,12 @@ def _cell_stats(q, k, v, nw: int, nc: int, at, scale, block_elems):
     recomputed exactly as ``exp(q.k * scale - lse)`` on just those entries.
 
     Returns the output and: ``colsum [H, n]`` (sum over rows of P), ``summary [H, 4]`` (means over
-    rows), ``window [H, nw, nw]`` (P among real positions < W) and ``pair [H, m, m]`` (P among the
-    compacted positions ``at`` of panel ids).
+    rows), ``window [H, nw, nw]`` (P among real positions < W), ``pair [H, m, m]`` (P among the
+    compacted positions ``at`` of panel ids) and, given ``key_bins [n, NB]`` (the one-hot of the keys'
+    map bins), ``per_bin [H, n, NB]`` (each row's mass per key bin).
     """
     q = q * scale
-    out, lse, entropy, row_max, colsum = _rows_eager(q, k, v, block_elems)
+    out, lse, entropy, row_max, colsum, per_bin = _rows_eager(q, k, v, block_elems, key_bins)
 
     def probs(rows, cols):  # exact P on a few entries, from the row log-sum-exp
         return torch.bmm(q[:, rows], k[:, cols].transpose(1, 2)).sub_(lse[:, rows, None]).exp_()
@@ -171,17 +183,22 @@ def _cell_stats(q, k, v, nw: int, nc: int, at, scale, block_elems):
     cell = {"summary": per_row.mean(1), "colsum": colsum, "window": probs(slice(nw), slice(nw)), "finite": finite}
     if at is not None:
         cell["pair"] = probs(at, at)
+    if per_bin is not None:
+        cell["per_bin"] = per_bin
     return out, cell
 
 
-def _rows_eager(q, k, v, block_elems):
-    """The row pass in eager row blocks: (out, lse, entropy, row_max, colsum); q already scaled."""
+def _rows_eager(q, k, v, block_elems, key_bins=None):
+    """The row pass in eager row blocks: (out, lse, entropy, row_max, colsum, per_bin); q already scaled.
+    per_bin ``[H, n, NB]``: each row's mass per key bin (``E @ key_bins`` while the block is in cache;
+    fp32 products and sums), None without ``key_bins``."""
     H, n, _ = q.shape
     rows = max(1, block_elems // (H * n))
     kt = k.transpose(1, 2)
     out = torch.empty_like(q)
     lse, entropy, row_max = q.new_empty(3, H, n)
     colsum = q.new_zeros(H, 1, n)
+    per_bin = None if key_bins is None else q.new_empty(H, n, key_bins.shape[1])
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         s = torch.bmm(q[:, r0:r1], kt)  # [H, r, n] scaled scores, computed once
@@ -196,4 +213,6 @@ def _rows_eager(q, k, v, block_elems):
         entropy[:, r0:r1] = log_z - s.mul_(e).sum(-1) * inv_z[..., 0]  # log z - sum_j p_j (s_j - max)
         row_max[:, r0:r1] = inv_z[..., 0]  # max_j p_j = exp(0) / z
         colsum.baddbmm_(inv_z.transpose(1, 2), e)
-    return out, lse, entropy, row_max, colsum[:, 0]
+        if per_bin is not None:
+            per_bin[:, r0:r1] = torch.matmul(e, key_bins).mul_(inv_z)
+    return out, lse, entropy, row_max, colsum[:, 0], per_bin

@@ -42,6 +42,20 @@ static inline Vec vexp(const Vec& x) {
   if constexpr (FAST) return x.exp_u20(); else return x.exp();
 }
 
+// sum of x[0 .. n) (a map bin's run of keys), vectorized.
+static inline float run_sum(const float* x, int64_t n) {
+  const int64_t L = Vec::size();
+  int64_t j = 0;
+  float tail = 0.f;
+  if (n >= L) {
+    Vec acc = Vec::loadu(x);
+    for (j = L; j + L <= n; j += L) acc = acc + Vec::loadu(x + j);
+    tail = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc);
+  }
+  for (; j < n; ++j) tail += x[j];
+  return tail;
+}
+
 // One row of exp(s - max) in place: returns (max, z, sum e (s - max)).
 template <bool FAST>
 static inline void softmax_row(float* s, int64_t n, float& m, float& z, float& w) {
@@ -177,14 +191,26 @@ std::vector<at::Tensor> cell_rows(at::Tensor q, at::Tensor k, at::Tensor v, int6
 // q, k, v, out are [rows, H, D] (a row of every head together, as projections give them).
 // Queries of cell b: rows cu_q[b] .. cu_q[b+1] of q, its n real rows first (in key order), then
 // output-only rows (padded positions); keys: rows cu_k[b] .. cu_k[b+1] of k and v (n real tokens).
+// Whole-context maps (NB > 0): map bin c holds the cell's keys medges[b][c] .. medges[b][c+1] (a run: bins
+// are runs of positions and keys are in position order), and its real rows likewise. The rows of one query
+// bin are added up while in L1 (one vectorized pass per row, as the column sums), and when the query bin
+// ends that sum is reduced over the key bins' runs into the bin's row of maps[c, h], in float64 (the task
+// owns it): NB short sums per query bin, not per row.
+
+// The summed rows of query bin a (qsum, n keys) into maps row a: one run sum per key bin; qsum is zeroed.
+static inline void flush_query_bin(float* qsum, int64_t n, const int64_t* edge, int64_t NB, double* row) {
+  for (int64_t u = 0; u < NB; ++u) row[u] += (double)run_sum(qsum + edge[u], edge[u + 1] - edge[u]);
+  std::fill(qsum, qsum + n, 0.f);
+}
 template <bool FAST>
 static void batch_impl(const float* q, const float* k, const float* v, const int64_t* cu_q,
                        const int64_t* cu_k, const int64_t* slot, const int64_t* nctx,
                        const int64_t* nwin, const int64_t* pslot, const int64_t* pat, float* out,
                        float* lse, float* rstat, float* colsum, float* win, float* pair, float* check,
-                       int64_t B, int64_t H, int64_t Tq, int64_t Tk, int64_t D, int64_t W, int64_t M) {
+                       const int64_t* medges, double* maps, int64_t B, int64_t H, int64_t Tq, int64_t Tk,
+                       int64_t D, int64_t W, int64_t M, int64_t NB) {
   at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> sbuf, zinv;
+    std::vector<float> sbuf, zinv, qsum;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / H, h = t % H;
       const int64_t q0 = cu_q[b], mq = cu_q[b + 1] - q0, k0 = cu_k[b], n = cu_k[b + 1] - k0;
@@ -200,6 +226,11 @@ static void batch_impl(const float* q, const float* k, const float* v, const int
       sbuf.resize(rows * n);
       zinv.resize(rows);
       if (mq == 0) { check[t] = 0.f; continue; }
+      const bool binned = NB > 0 && c >= 0;
+      const int64_t* edge = binned ? medges + b * (NB + 1) : nullptr;
+      double* map_rows = binned ? maps + (c * H + h) * NB * NB : nullptr;
+      int64_t qbin = 0;  // the query bin of the rows summed in qsum (rows ascend)
+      if (binned) qsum.assign(n, 0.f);
       const at::Tensor KT = view2d(kh, D, n, 1, HD);  // K^T [D x n] of head h
       const at::Tensor Vh = view2d(vh, n, D, HD, 1);  // V [n x D] of head h
       at::Tensor Sfull = view2d(sbuf.data(), rows, n, n, 1);
@@ -241,6 +272,15 @@ static void batch_impl(const float* q, const float* k, const float* v, const int
             float* pr = pair + ((c * H + h) * M + ps) * M;
             for (int64_t u = 0; u < M && at_c[u] >= 0; ++u) pr[u] = s[at_c[u]] * iz;
           }
+          if (binned) {
+            if (row >= edge[qbin + 1]) {  // a new query bin (bins without real tokens skipped)
+              if (row > edge[qbin]) flush_query_bin(qsum.data(), n, edge, NB, map_rows + qbin * NB);
+              while (row >= edge[qbin + 1]) ++qbin;
+            }
+            float* qs = qsum.data();
+            for (j = 0; j + L <= n; j += L) at::vec::fmadd(Vec::loadu(s + j), viz, Vec::loadu(qs + j)).store(qs + j);
+            for (; j < n; ++j) qs[j] += s[j] * iz;
+          }
         }
         float* O = oh + r0 * HD;
         at::Tensor Ov = view2d(O, r, D, HD, 1);
@@ -260,6 +300,7 @@ static void batch_impl(const float* q, const float* k, const float* v, const int
           osum += at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc) + tail;
         }
       }
+      if (binned) flush_query_bin(qsum.data(), n, edge, NB, map_rows + qbin * NB);  // the last query bin
       check[t] = (float)osum;  // NaN or Inf when any output of the task is not finite
     }
   });
@@ -268,7 +309,7 @@ static void batch_impl(const float* q, const float* k, const float* v, const int
 std::vector<at::Tensor> batch_rows(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor cu_q,
                                    at::Tensor cu_k, at::Tensor slot, at::Tensor nctx, at::Tensor nwin,
                                    at::Tensor pslot, at::Tensor pat, int64_t C, int64_t W,
-                                   bool fast_exp) {
+                                   bool fast_exp, at::Tensor medges) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes() && q.size(1) == k.size(1) &&
               q.size(2) == k.size(2), "q [Tq, H, D], k and v [Tk, H, D]");
   TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
@@ -283,24 +324,29 @@ std::vector<at::Tensor> batch_rows(at::Tensor q, at::Tensor k, at::Tensor v, at:
   auto win = at::zeros({C, H, W, W}, q.options());
   auto pair = at::zeros({C, H, M, M}, q.options());
   auto check = at::zeros({B * H}, q.options());
+  const int64_t NB = medges.dim() == 2 ? medges.size(1) - 1 : 0;
+  TORCH_CHECK(NB == 0 || medges.size(0) == B, "map edges must be [B, NB + 1]");
+  auto maps = at::zeros({C, H, NB, NB}, q.options().dtype(at::kDouble));
   auto i64 = [](at::Tensor x) { return x.to(at::kLong).contiguous(); };
   cu_q = i64(cu_q); cu_k = i64(cu_k); slot = i64(slot); nctx = i64(nctx); nwin = i64(nwin);
-  pslot = i64(pslot); pat = i64(pat);
+  pslot = i64(pslot); pat = i64(pat); medges = i64(medges);
   if (fast_exp)
     batch_impl<true>(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), cu_q.data_ptr<int64_t>(),
                      cu_k.data_ptr<int64_t>(), slot.data_ptr<int64_t>(), nctx.data_ptr<int64_t>(),
                      nwin.data_ptr<int64_t>(), pslot.data_ptr<int64_t>(), pat.data_ptr<int64_t>(),
                      out.data_ptr<float>(), lse.data_ptr<float>(), rstat.data_ptr<float>(),
                      colsum.data_ptr<float>(), win.data_ptr<float>(), pair.data_ptr<float>(),
-                     check.data_ptr<float>(), B, H, Tq, Tk, D, W, M);
+                     check.data_ptr<float>(), NB ? medges.data_ptr<int64_t>() : nullptr,
+                     maps.data_ptr<double>(), B, H, Tq, Tk, D, W, M, NB);
   else
     batch_impl<false>(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), cu_q.data_ptr<int64_t>(),
                       cu_k.data_ptr<int64_t>(), slot.data_ptr<int64_t>(), nctx.data_ptr<int64_t>(),
                       nwin.data_ptr<int64_t>(), pslot.data_ptr<int64_t>(), pat.data_ptr<int64_t>(),
                       out.data_ptr<float>(), lse.data_ptr<float>(), rstat.data_ptr<float>(),
                       colsum.data_ptr<float>(), win.data_ptr<float>(), pair.data_ptr<float>(),
-                      check.data_ptr<float>(), B, H, Tq, Tk, D, W, M);
-  return {out, lse, rstat, colsum, win, pair, check};
+                      check.data_ptr<float>(), NB ? medges.data_ptr<int64_t>() : nullptr,
+                     maps.data_ptr<double>(), B, H, Tq, Tk, D, W, M, NB);
+  return {out, lse, rstat, colsum, win, pair, check, maps};
 }
 
 void set_force_mm(bool f) { g_force_mm = f; }

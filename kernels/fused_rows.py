@@ -128,7 +128,7 @@ def cell_rows(q, k, v, rows: int | None = None, fast_exp: bool = True):
 
 
 def batch_rows(q, k, v, cu_q, cu_k, slot, n_context, n_window, panel_slot, panel_at, n_counted: int, W: int,
-               fast_exp: bool = True):
+               fast_exp: bool = True, map_edges=None):
     """Every cell of a batch in one call (the per-cell loop runs in the compiled kernel).
 
     q: ``[Tq, H, D]`` fp32, already scaled, cells packed by ``cu_q [B + 1]``: each cell's n real rows
@@ -140,11 +140,15 @@ def batch_rows(q, k, v, cu_q, cu_k, slot, n_context, n_window, panel_slot, panel
 
     Returns ``out [Tq, H, D]``, ``lse [H, Tq]``, ``row_stats [H, Tk, 4]`` (entropy, context mass, self
     mass, row max per real row), ``colsum [H, Tk]``, ``window [C, H, W, W]`` (P among each counted
-    cell's first ``n_window`` real tokens), ``pair [C, H, M, M]`` (P among its panel tokens) and
-    ``check [B * H]`` (the sum of each task's outputs: NaN or Inf where an output is not finite).
+    cell's first ``n_window`` real tokens), ``pair [C, H, M, M]`` (P among its panel tokens),
+    ``check [B * H]`` (the sum of each task's outputs: NaN or Inf where an output is not finite) and
+    ``maps [C, H, NB, NB]`` float64: given ``map_edges [B, NB + 1]`` (where each whole-context map bin starts
+    among the cell's real tokens, :class:`attnprof.kernels.maps.MapPlan`), per query bin the sum over its
+    real rows of each row's mass per key bin (``[C, H, 0, 0]`` without).
     """
     mod = _load()
     if mod is None:
         raise RuntimeError(f"the fused CPU row kernel is not available: {_failed}")
+    edges = cu_k.new_zeros(0, dtype=torch.long) if map_edges is None else map_edges
     return mod.batch_rows(q, k, v, cu_q, cu_k, slot, n_context, n_window, panel_slot, panel_at,
-                          int(n_counted), int(W), fast_exp)  # fmt: skip
+                          int(n_counted), int(W), fast_exp, edges)  # fmt: skip

@@ -18,7 +18,7 @@ A backend on a plan
 :class:`~.reduce.Target`) calls the backend, which returns the output and a
 :class:`~.reduce.CellResults` (per counted cell, in ``counted`` order: head summaries ``[C, H, 4]``,
 window ``[C, H, W, W]`` in position coordinates, received ``[U, H]`` per (cell, gene) pair, panel pair
-means ``[C, H, K, K]``); :func:`~.reduce.reduce_into` then adds them and their counts
+means ``[C, H, K, K]``, whole-context maps ``[C, H, NB, NB]``); :func:`~.reduce.reduce_into` then adds them and their counts
 (``cell_counts``) into every target's labelings (matmuls of ``onehot``: one per target for sums laid
 out by :func:`~.reduce.tiled_zeros`, one per statistic otherwise). Helpers that turn a backend's
 natural layout into CellResults: :func:`~.reduce.received_pairs` (from ``[C, H, L]`` column means)
@@ -75,6 +75,8 @@ packed_counted ``[T_c]`` int64 indices into the packed tokens of the counted cel
 counts        (computed when asked) the q, k, v-free sums of all labelings, float64, labeling axis first: ``cells
               [N+1, G]``, ``pos_count [N+1, G, W', W']`` (W' = spec.window), ``recv_count
               [N+1, G, V_b]``, ``pair_count [N+1, G, K, K]``.
+maps          the whole-context maps' binning (:class:`~.maps.MapPlan`), None without maps
+              (``spec.map_bins`` 0); ``counts`` and ``cell_counts`` then hold ``map_count`` too.
 cell_counts   what each counted cell adds to ``counts``, float64 ``[C, ...]`` flattened: ``cells [C, 1]``
               (ones), ``pos_count [C, W'^2]``, ``recv_count [C, V_b]`` (genes present), ``pair_count
               [C, K^2]`` (``counts`` = ``onehot.T @ cell_counts``): the reduction adds the counts in the
@@ -92,6 +94,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .maps import MapPlan, build_maps
 from .reduce import panel_positions
 from .spec import StatsSpec, check_batch
 
@@ -136,6 +139,7 @@ class BatchPlan:
     packed_counted: torch.Tensor = None
     tokens: torch.Tensor | None = None
     cell_counts: dict = None
+    maps: MapPlan | None = None
     cache: dict = field(default_factory=dict)  # derived per head count / chunk size, on first use
 
     @property
@@ -159,7 +163,9 @@ class BatchPlan:
         """The q, k, v-free sums of all labelings (``onehot.T @ cell_counts``), computed when asked: the
         reduction adds ``cell_counts`` in the same matmul as each layer's results."""
         n, G, W, K = self.n_labelings, self.n_groups, self.spec.window, len(self.spec.panel)
-        tail = {"cells": (), "pos_count": (W, W), "recv_count": (self.genes.numel(),), "pair_count": (K, K)}
+        NB = self.spec.map_bins
+        tail = {"cells": (), "pos_count": (W, W), "recv_count": (self.genes.numel(),), "pair_count": (K, K),
+                "map_count": (NB, NB)}
         return {k: (self.onehot.T @ v).reshape(n, G, *tail[k]) for k, v in self.cell_counts.items()}
 
     def cache_cu(self) -> list[int]:
@@ -239,6 +245,10 @@ def build_plan(
         pairs = (present[:, :, None] * present[:, None, :]).reshape(C, K * K)
         cell_counts["pair_count"] = pairs
 
+    maps = None
+    if spec.map_bins:
+        maps, cell_counts["map_count"] = build_maps(spec, real, counted)
+
     # all-cell views for kernels that take the whole batch at once
     token_cell = token_index // L
     query_pos = torch.argsort(padding.to(torch.uint8), dim=1, stable=True)  # real positions first
@@ -272,5 +282,5 @@ def build_plan(
         panel_pos=panel_pos, panel_at=panel_at, panel_member=panel_member, host=host,
         tokens=tokens, query_cell=query_cell, query_pos=query_pos.reshape(-1), token_cell=token_cell,
         counted_slot=counted_slot, n_window_all=n_window_all, n_context_all=n_context_all,
-        panel_slot=panel_slot, packed_counted=packed_counted, cell_counts=cell_counts,
+        panel_slot=panel_slot, packed_counted=packed_counted, cell_counts=cell_counts, maps=maps,
     )  # fmt: skip

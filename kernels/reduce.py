@@ -48,6 +48,7 @@ class CellResults:
     received_tokens: instead of ``received``, ``[C L, H]`` float32 per counted cell and position (the
              column means as the triton column pass writes them): the reduction adds each token straight
              into its (cell, gene) feature (no ``[U, H]`` detour).
+    map:     ``[C, H, NB, NB]`` the cell's whole-context map m (see :mod:`.maps`); None without maps.
     """
 
     summary: torch.Tensor
@@ -55,6 +56,7 @@ class CellResults:
     received: torch.Tensor | None = None
     pair: torch.Tensor | None = None
     received_tokens: torch.Tensor | None = None
+    map: torch.Tensor | None = None
     shared: dict = field(default_factory=dict, repr=False)  # written once per layer for every target (the features)
 
 
@@ -103,7 +105,8 @@ def pair_means(plan, block: torch.Tensor) -> torch.Tensor:
 #: Column order of the per-cell features of a layer and of a target's dense sums when they share one
 #: buffer (:func:`tiled_zeros`): the sums, the counts, then the squares, so that a target without sums
 #: of squares takes a prefix of the columns.
-DENSE = ("summary_sum", "pos_sum", "pair_sum", "cells", "pos_count", "pair_count", "summary_sq", "pos_sq", "pair_sq")
+DENSE = ("summary_sum", "pos_sum", "pair_sum", "map_sum", "cells", "pos_count", "pair_count", "map_count",
+         "summary_sq", "pos_sq", "pair_sq", "map_sq")
 #: The same for the gene sums (rows H, 1, H of a gene block ``[n, G, 2H + 1, V]``).
 GENES = ("recv_sum", "recv_count", "recv_sq")
 
@@ -237,6 +240,7 @@ class _Features:
     summary: torch.Tensor  # [C, H, 4]
     window: torch.Tensor  # [C, H, W, W]: the plan's window in the spec's [W', W'] (zero elsewhere)
     pair: torch.Tensor | None  # [C, H, K, K]
+    map: torch.Tensor | None  # [C, H, NB, NB]
     sums: torch.Tensor  # the columns of the *_sum features ...
     squares: torch.Tensor  # ... and of their squares (the same order)
     genes: list
@@ -256,15 +260,17 @@ def _features(plan, H: int) -> _Features:
     if key in plan.cache:
         return plan.cache[key]
     spec, C = plan.spec, plan.n_counted
-    W, K, S = spec.window, len(spec.panel), len(SUMMARIES)
+    W, K, S, NB = spec.window, len(spec.panel), len(SUMMARIES), spec.map_bins
     widths = {"summary_sum": H * S, "pos_sum": H * W * W, "cells": 1, "pos_count": W * W}
     if K:
         widths.update(pair_sum=H * K * K, pair_count=K * K)
+    if NB:
+        widths.update(map_sum=H * NB * NB, map_count=NB * NB)
     widths.update({k[:-4] + "_sq": w for k, w in widths.items() if k.endswith("_sum")})
     names = [k for k in DENSE if k in widths]
     x = torch.zeros(C, sum(widths.values()), dtype=torch.float64, device=plan.device)
     cols = {k: x[:, a : a + widths[k]] for k, a in zip(names, itertools.accumulate([0, *map(widths.get, names)]))}
-    for k in ("cells", "pos_count", "pair_count"):
+    for k in ("cells", "pos_count", "pair_count", "map_count"):
         if k in cols:
             cols[k].copy_(plan.cell_counts[k])
     n_sums = sum(w for k, w in widths.items() if k.endswith("_sum"))  # the first columns; squares the last
@@ -272,7 +278,7 @@ def _features(plan, H: int) -> _Features:
     plan.cache[key] = f = _Features(
         x=x, cols=cols, summary=cols["summary_sum"].view(C, H, S),
         window=cols["pos_sum"].view(C, H, W, W)[:, :, :w, :w],
-        pair=cols["pair_sum"].view(C, H, K, K) if K else None,
+        pair=cols["pair_sum"].view(C, H, K, K) if K else None, map=cols["map_sum"].view(C, H, NB, NB) if NB else None,
         sums=x[:, :n_sums], squares=x[:, x.shape[1] - n_sums :], genes=_gene_features(plan, H),
     )  # fmt: skip
     return f
@@ -309,6 +315,8 @@ def _layer_features(plan, cells: CellResults) -> _Features:
         f.window.copy_(cells.window)
         if f.pair is not None:
             f.pair.copy_(cells.pair)
+        if f.map is not None:
+            f.map.copy_(cells.map)
         torch.mul(f.sums, f.sums, out=f.squares)
         for g in f.genes:
             if cells.received_tokens is not None:  # each token's value added at its (cell, gene): repeats sum up

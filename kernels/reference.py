@@ -81,6 +81,17 @@ def stats_from_probs(P, padding, groups, tokens, spec: StatsSpec, sums=None) -> 
         sums["summary_sum"][g] += cell
         sums["summary_sq"][g] += cell**2
 
+        if spec.map_bins:  # whole-context map: per query bin, the mean over its real rows of the mass per key bin
+            bins = idx * spec.map_bins // spec.map_length  # of the real tokens (check_batch: all < map_length)
+            onehot = (bins[:, None] == torch.arange(spec.map_bins, device=P.device)).double()  # [n, NB]
+            in_bin = onehot.sum(0)  # real tokens per bin: the query rows |R_a|, and the keys
+            per_row = Pb @ onehot  # [H, n, NB]: each real row's mass per key bin
+            m = torch.einsum("ia,hic->hac", onehot, per_row) / in_bin.clamp(min=1)[:, None]
+            counts = ((in_bin > 0)[:, None] & (in_bin > 0)[None, :]).double()
+            sums["map_sum"][g] += m * counts
+            sums["map_sq"][g] += (m * counts) ** 2
+            sums["map_count"][g] += counts
+
         if not spec.gene_stats:
             continue
         toks = tokens[b, idx]

@@ -29,6 +29,16 @@ class StatsSpec:
     vocab_size: V, the number of token ids; gene-received sums need it and tokens.
     panel:      K token ids whose pairwise attention is summed (unique ids).
     n_context:  C, the number of leading context tokens for ``context_mass``.
+    map_bins:   NB, the whole-context maps' bins per axis (0 = no maps). Position i lies in bin
+                ``i * NB // map_length``; per cell, head, query bin a and key bin c the map is
+                ``m[a, c] = (1 / |R_a|) sum_{i in R_a} sum_{j real, bin(j) = c} P[i, j]`` (R_a: the cell's
+                real query rows in bin a), the mean mass a query in bin a puts on keys in bin c (a row
+                sums to 1 over the bins). A cell counts for (a, c) when R_a is not empty and bin c holds
+                a real key: ``map_sum``, ``map_sq`` (of the per-cell m) and ``map_count``.
+    map_length: the fixed length the bins cover: the model's context length, not a batch's (padded
+                or trimmed) length, so batches of any length bin alike. A real token at a position
+                ``>= map_length`` is refused, not clamped: clamping would pile it into the last bin and
+                make that bin mean something else (say the model's context length instead).
     """
 
     n_groups: int
@@ -36,6 +46,8 @@ class StatsSpec:
     vocab_size: int | None = None
     panel: tuple[int, ...] = field(default_factory=tuple)
     n_context: int = 0
+    map_bins: int = 0
+    map_length: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "panel", tuple(int(t) for t in self.panel))
@@ -57,10 +69,29 @@ class StatsSpec:
         bad = [t for t in self.panel if not 0 <= t < (self.vocab_size or 0)]
         if bad:
             raise ValueError(f"panel token ids {bad} are outside the vocabulary [0, {self.vocab_size})")
+        _check_map(self.map_bins, self.map_length)
 
     @property
     def gene_stats(self) -> bool:
         return self.vocab_size is not None
+
+
+#: Most map bins per axis: the map sums take groups x heads x bins^2 x 8 bytes x 2 (as the window's).
+MAX_MAP_BINS = 1024
+
+
+def _check_map(bins: int, length: int) -> None:
+    if not 0 <= bins <= MAX_MAP_BINS:
+        raise ValueError(f"map_bins must be in [0, {MAX_MAP_BINS}] (0 = no whole-context maps), got {bins}")
+    if bins == 0:
+        if length:
+            raise ValueError(f"map_length={length} was given without map_bins: set map_bins > 0 to bin maps")
+        return
+    if length < bins:
+        raise ValueError(
+            f"map_bins={bins} needs map_length >= map_bins (every bin at least one position), got map_length="
+            f"{length}; map_length is the model's context length (the longest input it takes)"
+        )
 
 
 def sum_shapes(spec: StatsSpec, n_heads: int) -> dict[str, tuple[int, ...]]:
@@ -80,6 +111,9 @@ def sum_shapes(spec: StatsSpec, n_heads: int) -> dict[str, tuple[int, ...]]:
     if spec.panel:
         K = len(spec.panel)
         shapes.update(pair_sum=(G, H, K, K), pair_sq=(G, H, K, K), pair_count=(G, K, K))
+    if spec.map_bins:
+        NB = spec.map_bins
+        shapes.update(map_sum=(G, H, NB, NB), map_sq=(G, H, NB, NB), map_count=(G, NB, NB))
     return shapes
 
 
@@ -195,6 +229,14 @@ def check_batch(spec: StatsSpec, labelings, key_padding_mask, tokens, shape, dev
     empty = (padding.all(dim=1)).nonzero().flatten().tolist()
     if empty:
         raise ValueError(f"cells {empty[:10]} have no real token (all keys are padding); drop zero-length cells first")
+    if spec.map_bins and L > spec.map_length:  # positions past map_length must all be padding
+        beyond = (~padding[:, spec.map_length :]).any(1).nonzero().flatten().tolist()
+        if beyond:
+            last = int((~padding).nonzero()[:, 1].max()) + 1
+            raise ValueError(
+                f"cells {beyond[:10]} have real tokens at positions >= map_length={spec.map_length}, which no map "
+                f"bin covers: set map_length to the model's context length (at least {last} here)"
+            )
     if spec.gene_stats:
         if tokens is None:
             raise ValueError("this spec has vocab_size set, so gene statistics need token ids: pass tokens [B, L]")

@@ -53,6 +53,7 @@ class Profile:
     meta: dict = field(default_factory=dict)
     blocks: Blocks | None = None
     cell_ids: np.ndarray | None = None
+    map_length: int = 0  # the positions the whole-context maps' bins cover (0: no maps; bins: map_sum's shape)
 
     def __post_init__(self):
         if self.blocks is None:
@@ -71,6 +72,7 @@ class Profile:
             "n_context": int(self.n_context),
             "genes": None if self.genes is None else list(self.genes),
             "panel": [int(t) for t in self.panel],
+            "map_length": int(self.map_length),
             "blocks": self.blocks.kind(),  # the blocks themselves unite (Blocks.union)
             "sums": {k: [v.shape[0], *v.shape[2:]] for k, v in sorted(self.sums.items())},
         }
@@ -141,6 +143,7 @@ class Profile:
             panel=list(self.panel),
             meta=dict(self.meta),
             blocks=self.blocks,
+            map_length=self.map_length,
         )
 
     # ----------------------------------------------------------------- access
@@ -163,6 +166,15 @@ class Profile:
     def group_sums(self) -> dict[str, np.ndarray]:
         """Every sum with the blocks of each group added up: a group axis instead of the block axis."""
         return {k: np.stack([self.group_sum(k, g) for g in range(len(self.groups))], axis=1) for k in self.sums}
+
+    def binned_map(self, group, layer, head: int) -> np.ndarray:
+        """``[NB, NB]`` whole-context map of one head (layer: name or index): per query bin a and key bin c the
+        mean over the group's cells of the mean mass a query in bin a puts on keys in bin c; NaN where no cell counts."""
+        if "map_sum" not in self.sums:
+            raise ValueError("this profile has no whole-context maps: profile with map_bins= and map_length=")
+        i = self.layers.index(layer) if isinstance(layer, str) else int(layer)
+        total, count = self.group_sum("map_sum", group)[i, head], self.group_sum("map_count", group)[i]
+        return np.divide(total, count, out=np.full_like(total, np.nan), where=count > 0)
 
     def group_index(self, group) -> int:
         if isinstance(group, (int, np.integer)) and not isinstance(group, bool):

@@ -32,6 +32,8 @@ class Recorder:
         backend: str = "auto",
         blocks: Blocks | None = None,
         seed: int = 0,
+        map_bins: int = 0,
+        map_length: int = 0,
     ):
         self.groups = [str(g) for g in groups]
         if len(set(self.groups)) != len(self.groups):
@@ -53,6 +55,8 @@ class Recorder:
             vocab_size=None if self.genes is None else len(self.genes),
             panel=tuple(self.panel),
             n_context=n_context,
+            map_bins=map_bins,
+            map_length=map_length,
         )
         self.backend = backend
         self.layers: list[str] = []
@@ -296,6 +300,7 @@ class Recorder:
             panel=list(self.panel),
             meta=dict(meta or {}),
             blocks=self.blocks,
+            map_length=self.spec.map_length,
         )
         if self.closed:
             self._handed = profile

@@ -35,6 +35,10 @@ class Profiler:
     genes:     vocabulary (token id -> name) or its size; turns on gene statistics.
     panel:     genes (names or token ids) whose pairwise attention is summed.
     n_context: leading context tokens C for the ``context_mass`` summary.
+    map_bins:  bins per axis of the whole-context maps (0 = none): each head's attention over the whole
+               context, binned (``profile.binned_map(group, layer, head)``); needs ``map_length``.
+    map_length: the positions those bins cover: the model's context length (the same for every batch,
+               whatever its padded length; a real token beyond it is refused).
     backend:   ``auto`` (triton on CUDA, torch on CPU), ``torch``, ``triton`` or ``reference``.
     adapter:   ``auto`` or an adapter name from ``attnprof.adapters.ADAPTERS``.
     """
@@ -56,6 +60,8 @@ class Profiler:
         blocks: Blocks | None = None,
         pseudo_replicates: int = PSEUDO_REPLICATES,
         seed: int = 0,
+        map_bins: int = 0,
+        map_length: int = 0,
     ):
         self.model = model
         groups = [str(g) for g in groups]
@@ -69,7 +75,8 @@ class Profiler:
         else:
             blocks = Blocks.pseudo_replicates(len(groups), pseudo_replicates)
         self.recorder = Recorder(groups, window=window, genes=genes, panel=panel, n_context=n_context,
-                                 backend=backend, blocks=blocks, seed=seed)  # fmt: skip
+                                 backend=backend, blocks=blocks, seed=seed, map_bins=map_bins,
+                                 map_length=map_length)  # fmt: skip
         self._swap = pick_adapter(model, adapter)
         adapter = next(name for name, swap in ADAPTERS.items() if swap is self._swap)
         self.meta = {"backend": backend, "adapter": adapter, "model_class": type(model).__name__, **(meta or {})}
