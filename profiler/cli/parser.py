@@ -79,6 +79,9 @@ def _add_input_options(p: argparse.ArgumentParser) -> None:
     c.add_argument("--subset", help="obs query of the cells to profile, e.g. \"cell_type == 'neuron'\"")
     c.add_argument("--panel", help="gene-pair panel: a file (one gene per line) or names separated by commas")
     c.add_argument("--window", type=int, default=64, help="position window of the attention maps (default 64)")
+    c.add_argument("--map-bins", type=_at_least(0), default=0, metavar="N",
+                   help="whole-context maps: each head's attention over the whole context in N x N bins of positions "
+                   "(e.g. 32; default 0: none; `attnprof figure` draws them)")
     c.add_argument("--backend", default="auto", help="auto, torch, triton or reference (default auto)")
 
 

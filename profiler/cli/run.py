@@ -56,7 +56,7 @@ def _profile_and_write(args, folder: RunFolder, rank: int, world: int, device) -
         profile = profile_anndata(
             model, adata, args.groupby, groups=every, panel=gene_list(args.panel),
             layer=args.layer, use_raw=args.use_raw, gene_key=args.gene_key, subset=args.subset,
-            window=args.window,
+            window=args.window, map_bins=args.map_bins,
             batch_size=args.batch_size, backend=args.backend, progress=not args.quiet,
             replicate=args.replicate, strata=args.strata, pseudo_replicates=args.pseudo_replicates,
             subset_by=args.subset_by, gene_sets=sets, all_genes=args.all_genes,

@@ -23,6 +23,7 @@ def cmd_validate(args) -> int:
     table = validate(
         model, inputs, groups=batch.codes, tokens=ids, group_names=selection.groups, backend=args.backend,
         genes=genes, panel=gene_list(args.panel), window=args.window, n_context=front.n_context, adapter=front.adapter,
+        map_bins=args.map_bins, map_length=front.context_length if args.map_bins else 0,
     )  # fmt: skip
     ran = table["backend"].iloc[0]
     against = ", ".join(dict.fromkeys(table["against"]))

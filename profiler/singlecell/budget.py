@@ -26,24 +26,25 @@ def attention_shape(model: torch.nn.Module) -> tuple[int, int] | None:
     return (len(heads), max(heads)) if heads else None
 
 
-def sums_bytes(model, n_blocks: int, window: int, n_genes: int, panel: int) -> int | None:
+def sums_bytes(model, n_blocks: int, window: int, n_genes: int, panel: int, map_bins: int = 0) -> int | None:
     """Bytes of float64 sums a run keeps, at most (every attention module counted, also one the forward never
     calls); None when the model's attention shape cannot be read."""
     shape = attention_shape(model)
     if shape is None:
         return None
     layers, heads = shape
-    spec = StatsSpec(n_groups=n_blocks, window=window, vocab_size=n_genes, panel=tuple(range(panel)))
+    spec = StatsSpec(n_groups=n_blocks, window=window, vocab_size=n_genes, panel=tuple(range(panel)),
+                     map_bins=map_bins, map_length=max(map_bins, 1) if map_bins else 0)  # fmt: skip
     per_layer = sum(int(torch.Size(s).numel()) for s in sum_shapes(spec, heads).values())
     return 8 * layers * per_layer
 
 
-def check_memory(model, n_blocks: int, window: int, n_genes: int, panel: int) -> None:
-    need = sums_bytes(model, n_blocks, window, n_genes, panel)
+def check_memory(model, n_blocks: int, window: int, n_genes: int, panel: int, map_bins: int = 0) -> None:
+    need = sums_bytes(model, n_blocks, window, n_genes, panel, map_bins)
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if need is not None and need > MEMORY_SHARE * total:
         raise ValueError(
             f"the run's sums would take {need / 1e9:.1f} GB ({n_blocks} blocks x {need / n_blocks / 1e6:.1f} MB), "
             f"more than half of this machine's {total / 1e9:.0f} GB: fewer blocks (fewer --subset-by keys or values, "
-            f"--pseudo-replicates), a smaller --window or panel, or shards on machines with more memory"
+            f"--pseudo-replicates), a smaller --window, --map-bins or panel, or shards on machines with more memory"
         )

@@ -45,6 +45,7 @@ def profile_batches(
     after_batch: Callable[[Profiler, Batch], None] | None = None,
     family=None,
     gene_index: np.ndarray | None = None,
+    map_bins: int = 0,
 ) -> Profile:
     """The run loop: every batch through the model inside one profiling session.
 
@@ -54,6 +55,7 @@ def profile_batches(
     after_batch:   called after each forward with the profiler and the batch (e.g. to checkpoint).
     family:        a family front end whose ``gene_ids`` and ``forward`` read the batch's codes (default:
                    the tokens are the model's input and the gene ids, as for Nicheformer).
+    map_bins:      bins per axis of the whole-context maps over the family's context length (0: none).
     gene_index:    token id -> its position in ``genes`` (-1: none), when ``genes`` names only the ids the
                    data can hold (default: ``genes`` names every token id).
     """
@@ -65,8 +67,8 @@ def profile_batches(
     bar = tqdm(total=n_cells, unit="cells", desc="profiling", disable=not progress, smoothing=0.1)
     try:
         with Profiler(model, groups, window=window, genes=genes, panel=panel, n_context=n_context,
-                      backend=backend, meta=meta, adapter=family.adapter,
-                      blocks=blocks) as prof, \
+                      backend=backend, meta=meta, adapter=family.adapter, blocks=blocks, map_bins=map_bins,
+                      map_length=family.context_length if map_bins else 0) as prof, \
                 torch.inference_mode():  # fmt: skip
             for batch in batches:
                 tokens = batch.tokens.to(device)

@@ -60,6 +60,7 @@ def profile_anndata(
     assay_key: str | None = None,
     modality_key: str | None = None,
     window: int = 64,
+    map_bins: int = 0,
     batch_size: int = 32,
     chunk_size: int = 1024,
     bucket_size: int = 2048,
@@ -98,6 +99,8 @@ def profile_anndata(
               refused before any cell is profiled.
     tokenization: ``"notebook"`` or ``"dataset"``, the upstream path to reproduce (see tokenize.py).
     window:   position window of the per-head maps (at most the model's context length).
+    map_bins: bins per axis of each head's whole-context map (e.g. 32: the context length in 32 x 32 bins; 0:
+              none), per block like every sum (``profile.binned_map(group, layer, head)``).
     trim_padding: cut each batch to its longest cell (same results, less work).
     replicate: the obs column of the unit of replication (animal, donor, sample, section): sums are kept
               per replicate, and ``compare`` tests across replicates and relabels whole replicates. A
@@ -143,7 +146,7 @@ def profile_anndata(
             assay_key=assay_key, modality_key=modality_key,
         )  # the default family: Nicheformer
         context_length = front.context_length
-        _check_options(window, context_length, chunk_size, bucket_size)
+        _check_options(window, context_length, chunk_size, bucket_size, map_bins)
         obs = adata.obs.iloc[selection.rows]
         subset_by = _subset_keys(subset_by, groupby)
         for key in (replicate, strata, *subset_by):
@@ -158,7 +161,7 @@ def profile_anndata(
             strata_key=strata or "strata", per_group=pseudo_replicates, seed=seed,
             subsets={k: obs[k].to_numpy() for k in subset_by} or None,
         )  # fmt: skip
-        check_memory(model, len(blocks), window, len(genes), len(_unique(panel) or []))  # before the model runs
+        check_memory(model, len(blocks), window, len(genes), len(_unique(panel) or []), map_bins)  # before the model
         plan = plan_cells(selection, shard, block_codes)
         names = adata.obs_names
         meta = {
@@ -184,7 +187,7 @@ def profile_anndata(
             batching=dict(batch_size=batch_size, bucket_size=bucket_size, trim=trim_padding, pad_to=context_length),
             stats=dict(groups=selection.groups, genes=genes,
                        panel=_unique(panel), window=window, n_context=front.n_context,
-                       backend=backend, family=front, blocks=blocks, gene_index=gene_index),
+                       backend=backend, family=front, blocks=blocks, gene_index=gene_index, map_bins=map_bins),
             progress=progress and rank_and_world()[0] == 0,
             stream_rows=selection.rows,
         )  # fmt: skip
@@ -286,7 +289,10 @@ def _unique(panel):
     return list(dict.fromkeys(str(g) for g in panel))
 
 
-def _check_options(window: int, context_length: int, chunk_size: int, bucket_size: int) -> None:
+def _check_options(window: int, context_length: int, chunk_size: int, bucket_size: int, map_bins: int = 0) -> None:
+    if not 0 <= map_bins <= context_length:
+        raise ValueError(f"map_bins={map_bins} is outside [0, {context_length}]: the maps bin the model's context of "
+                         f"{context_length} positions, at most one position per bin; e.g. map_bins=32")  # fmt: skip
     if not 1 <= window <= context_length:
         raise ValueError(
             f"window={window} is outside [1, {context_length}]: the model reads at most {context_length} tokens "
