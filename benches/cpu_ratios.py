@@ -9,7 +9,7 @@ minute (other jobs) are noise; CPU time of one thread counts this process's work
 """
 import sys, time, torch
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-torch.set_num_threads(1)
+torch.set_num_threads(int(__import__("os").environ.get("THREADS", "1")))
 import bench_e2e as be
 s = be.setup._fixture_function(True)
 kind = sys.argv[1] if len(sys.argv) > 1 else "panel"

@@ -44,6 +44,9 @@ groups        ``[N + 1, C]`` int64 ``labelings[:, counted]``.
 onehot        ``[C, (N + 1) * G]`` float64: ``onehot[c, l * G + g] = 1`` iff counted cell c is in
               group g of labeling l. The (labeling, group) pair is one wide group axis: every group
               sum of every labeling is one matmul ``onehot.T @ x`` over the counted cells.
+present       ``[P]`` int64 the columns of ``onehot`` that hold a cell, ascending (``host["present"]``: a list):
+              the only rows of the sums a batch changes (P <= C), so adding into them costs the same for 2
+              groups or 2,000 blocks.
 n_window      ``[C]`` int64 real positions < W of each counted cell (positions < W that are real).
 n_context     ``[C]`` int64 real positions < spec.n_context of each counted cell.
 window_prefix ``[C]`` bool: the cell's real positions < W are exactly ``0 .. n_window - 1`` (no
@@ -117,6 +120,7 @@ class BatchPlan:
     counted_host: list
     groups: torch.Tensor
     onehot: torch.Tensor
+    present: torch.Tensor
     n_window: torch.Tensor
     n_context: torch.Tensor
     window_prefix: torch.Tensor
@@ -265,6 +269,7 @@ def build_plan(
     panel_slot = slot_map.reshape(-1)[token_index]
     packed_counted = (counted_slot[token_cell] >= 0).nonzero().flatten()
 
+    present = onehot.any(0).nonzero().flatten()
     host = {
         "lengths": lengths.tolist(),
         "counted_lengths": lengths[counted].tolist(),
@@ -272,12 +277,13 @@ def build_plan(
         "n_context": n_context.tolist(),
         "panel_count": (panel_pos >= 0).sum(1).tolist(),
         "window_prefix": window_prefix.tolist(),
+        "present": present.tolist(),
     }
     return BatchPlan(
         spec=spec, B=B, L=L, n_labelings=n_lab, padding=padding, real=real, labelings=labelings,
         lengths=lengths, cu_seqlens=cu_seqlens, max_len=max(host["lengths"]), token_index=token_index,
         positions=positions, counted=counted, counted_host=counted.tolist(), groups=groups, onehot=onehot,
-        n_window=n_window, n_context=n_context, window_prefix=window_prefix, genes=genes,
+        present=present, n_window=n_window, n_context=n_context, window_prefix=window_prefix, genes=genes,
         gene_pairs=gene_pairs, gene_src=gene_src, pair_cell=pair_cell, pair_gene=pair_gene,
         panel_pos=panel_pos, panel_at=panel_at, panel_member=panel_member, host=host,
         tokens=tokens, query_cell=query_cell, query_pos=query_pos.reshape(-1), token_cell=token_cell,

@@ -13,6 +13,7 @@ index_add per gene chunk, whatever the number of statistics.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -111,18 +112,22 @@ DENSE = ("summary_sum", "pos_sum", "pair_sum", "map_sum", "cells", "pos_count", 
 GENES = ("recv_sum", "recv_count", "recv_sq")
 
 
-def tiled_zeros(shapes: dict, device=None) -> dict:
+def tiled_zeros(shapes: dict, device=None, alloc=None) -> dict:
     """Zero float64 sums, name -> ``shapes[name]`` (``[n, G, ...]``), laid out for the fast path of
     :func:`reduce_into`: the dense sums are views side by side in one ``[n, G, F]`` buffer (DENSE order),
     the gene sums in another, so one matmul per target adds every dense statistic and its counts, and
-    one index_add every gene statistic. Any other layout works too, with more ops per layer."""
+    one index_add every gene statistic. Any other layout works too, with more ops per layer.
+
+    alloc: ``(family, shape) -> zero float64 tensor`` for each buffer (family ``"dense"`` or ``"genes"``);
+    default ``torch.zeros`` on ``device``."""
     out = {}
-    for order in (DENSE, GENES):
+    for family, order in (("dense", DENSE), ("genes", GENES)):
         names = [k for k in order if k in shapes]
         if names:
             n, G = shapes[names[0]][:2]
             widths = [math.prod(shapes[k][2:]) for k in names]
-            buf = torch.zeros(n, G, sum(widths), dtype=torch.float64, device=device)
+            shape = (n, G, sum(widths))
+            buf = torch.zeros(shape, dtype=torch.float64, device=device) if alloc is None else alloc(family, shape)
             for k, a, w in zip(names, itertools.accumulate([0, *widths]), widths):
                 out[k] = buf[:, :, a : a + w].view(shapes[k])
     return {k: out[k] for k in shapes}  # every sum is in DENSE or GENES
@@ -168,19 +173,24 @@ def reduce_into(plan, cells: CellResults, target: Target) -> None:
     if n == 0:
         return
     assert lab.step == 1, "target labelings must be a contiguous slice"
-    onehot_t = _onehot_t(plan, lab.start, lab.stop)
+    present, onehot_t = _present_rows(plan, lab.start, lab.stop)
     f = _layer_features(plan, cells)
-    _add_dense(target, onehot_t, f, n * G)
+    _add_dense(target, present, onehot_t, f, n * G)
     if f.genes:
-        _add_genes(target, plan, onehot_t, f, n, G)
+        _add_genes(target, plan, present, onehot_t, f, n, G)
 
 
-def _onehot_t(plan, start: int, stop: int) -> torch.Tensor:
-    """``[n G, C]`` one-hot of labelings ``start:stop``, sliced once per plan."""
-    key = ("onehot_t", start, stop)
+def _present_rows(plan, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of labelings ``start:stop``'s wide group axis that hold a counted cell of the batch, and their
+    ``[P, C]`` one-hot, once per plan: only those rows of a target's sums change, so the reduction writes
+    ``P <= C`` rows whatever the number of groups (blocks: replicates x subsets can be hundreds)."""
+    key = ("present_rows", start, stop)
     if key not in plan.cache:
-        G = plan.n_groups
-        plan.cache[key] = plan.onehot[:, start * G : stop * G].T  # labelings are contiguous in the wide axis
+        G, host = plan.n_groups, plan.host["present"]
+        lo, hi = bisect.bisect_left(host, start * G), bisect.bisect_left(host, stop * G)  # host ints: no sync
+        rows = plan.present[lo:hi]  # labelings are contiguous in the wide axis
+        plan.cache[key] = (rows - start * G, plan.onehot.T.index_select(0, rows))
+        plan.cache[key + ("host",)] = [r - start * G for r in host[lo:hi]]
     return plan.cache[key]
 
 
@@ -329,26 +339,28 @@ def _layer_features(plan, cells: CellResults) -> _Features:
     return f
 
 
-def _add_dense(target: Target, onehot_t, f: _Features, rows: int) -> None:
-    """``sums += onehot_t @ features`` for the target's dense sums: one matmul when they tile one buffer
-    in the features' column order, else one per sum."""
+def _add_dense(target: Target, present, onehot_t, f: _Features, rows: int) -> None:
+    """``sums[present] += onehot_t @ features`` for the target's dense sums: one matmul when they tile one
+    buffer in the features' column order, else one per sum."""
     names = tuple(k for k in f.cols if k in target.sums)
     flat = target.tiled(names, rows, -1) if names and names == tuple(f.cols)[: len(names)] else None
     if flat is not None:
-        flat.addmm_(onehot_t, f.prefix(len(names)))
+        flat.index_add_(0, present, onehot_t @ f.prefix(len(names)))
         return
     for name in names:
         t, value = target.sums[name], f.cols[name]
         t_rows = target.tiled((name,), rows, -1)
         if t_rows is not None:
-            t_rows.addmm_(onehot_t, value)
-        else:
-            t += (onehot_t @ value).view(t.shape)
+            t_rows.index_add_(0, present, onehot_t @ value)
+        else:  # any other layout: rows (labeling, group) of the wide axis
+            G = t.shape[1]
+            t.index_put_((present // G, present % G), (onehot_t @ value).view(len(present), *t.shape[2:]),
+                         accumulate=True)  # fmt: skip
 
 
-def _add_genes(target: Target, plan, onehot_t, f: _Features, n: int, G: int) -> None:
-    """Gene sums of the target's labelings: per gene chunk, one matmul with the one-hot, added at the
-    target's gene slots (one index_add when its gene sums tile one block, else one per sum)."""
+def _add_genes(target: Target, plan, present, onehot_t, f: _Features, n: int, G: int) -> None:
+    """Gene sums of the target's labelings: per gene chunk, one matmul with the present rows' one-hot and one
+    scatter-add at (those rows, the target's gene slots) when its gene sums tile one block, else one per sum."""
     names = tuple(k for k in GENES if k in target.sums)
     if not names:
         return
@@ -360,13 +372,33 @@ def _add_genes(target: Target, plan, onehot_t, f: _Features, n: int, G: int) -> 
     for g in f.genes:
         slots = _part(plan.genes if target.genes is None else target.genes, g.v0, g.v1)
         if block is not None:
-            block.index_add_(3, slots, (onehot_t @ g.prefix(rows)).view(n, G, rows, g.v1 - g.v0))
+            value = (onehot_t @ g.prefix(rows)).view(len(present), rows, g.v1 - g.v0)
+            _scatter_add(block.view(n * G, rows, V), present, slots, value)
             continue
-        value = (onehot_t @ g.flat).view(n, G, 2 * H + 1, g.v1 - g.v0)
+        value = (onehot_t @ g.flat).view(len(present), 2 * H + 1, g.v1 - g.v0)
         for name, part in (("recv_sum", slice(0, H)), ("recv_count", H), ("recv_sq", slice(H + 1, None))):
-            if name in target.sums:
-                t = target.sums[name]
-                t.index_add_(t.dim() - 1, slots, value[:, :, part])
+            if name not in target.sums:
+                continue
+            t = target.sums[name]  # [n, G, (H,) V]
+            try:
+                _scatter_add(t.view(n * G, *t.shape[2:]), present, slots, value[:, part])
+            except RuntimeError:  # strides that merge no (labeling, group) axis: row by row
+                for i, r in enumerate(plan.cache[("present_rows", *_labeling_range(target, plan), "host")]):
+                    t[r // G, r % G].index_add_(-1, slots, value[i, part])
+
+
+def _labeling_range(target: Target, plan) -> tuple[int, int]:
+    lab = range(plan.n_labelings)[target.labelings]
+    return lab.start, lab.stop
+
+
+def _scatter_add(t: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, value: torch.Tensor) -> None:
+    """``t[rows, ..., slots] += value`` (``value``: [P, (middle,) slots]) in one op: each (row, slot) once, so
+    no entry is added to twice (no float atomics racing on a GPU)."""
+    middle = t.dim() - 2
+    index = [rows.view(-1, *[1] * (middle + 1))]
+    index += [torch.arange(t.shape[1 + i], device=t.device).view(-1, *[1] * (middle - i)) for i in range(middle)]
+    t.index_put_((*index, slots), value, accumulate=True)
 
 
 def _part(t, a: int, b: int):

@@ -61,6 +61,9 @@ class Recorder:
         self.backend = backend
         self.layers: list[str] = []
         self.sums: dict[str, dict[str, torch.Tensor]] = {}
+        self._store: dict[str, np.ndarray] = {}  # CPU: family -> [layers, ...] zeros holding every layer's sums
+        self._store_storage: dict[str, torch.UntypedStorage] = {}  # the same memory, as torch storage
+        self.capacity = 0  # attention modules the adapter swapped: the layers the CPU store has slots for
         self.n_heads: int | None = None
         self._batch = None
         self._calls: dict[str, int] = {}
@@ -261,7 +264,7 @@ class Recorder:
     def _targets(self, layer: str, plan: BatchPlan, device) -> list[Target]:
         if layer not in self.sums:  # tiled: one matmul adds all dense sums of a layer (see tiled_zeros)
             shapes = {k: (1, *s) for k, s in sum_shapes(self.spec, self.n_heads).items()}
-            tiled = tiled_zeros(shapes, device=device)
+            tiled = tiled_zeros(shapes, device=device, alloc=self._slot if device.type == "cpu" else None)
             self.sums[layer] = {k: v[0] for k, v in tiled.items()}
             self._views[layer] = (dict(self.sums[layer]), Target(tiled, slice(0, 1)))
         sums, (made_from, target) = self.sums[layer], self._views[layer]
@@ -269,6 +272,44 @@ class Recorder:
             target = Target({k: v[None] for k, v in sums.items()}, slice(0, 1))
             self._views[layer] = (dict(sums), target)
         return [target]
+
+    def _slot(self, family: str, shape: tuple) -> torch.Tensor:
+        """The next layer's zero buffer of one family on the CPU: a slot of one numpy array for every layer,
+        allocated at the first call (its pages are the kernel's: untouched ones cost nothing), so the
+        hand-over of a closed session takes the sums as they are, without a copy."""
+        slot = len(self.sums)  # layers take slots in the order they first run
+        if family not in self._store:
+            store = np.zeros((max(self.capacity, 1), *shape))
+            self._store[family] = store
+            self._store_storage[family] = torch.from_numpy(store).untyped_storage()
+        store = self._store[family]
+        if slot >= len(store):  # more layers than the adapter named: this one apart (and copied at the hand-over)
+            return torch.zeros(shape, dtype=torch.float64)
+        # a tensor of its own on the slot's memory (no view of the store: each layer's sums have their own base,
+        # as torch.compile's custom op needs)
+        return torch.empty(0, dtype=torch.float64).set_(self._store_storage[family], slot * store[0].size, shape)
+
+    def _stored_sums(self, layers: list[str]) -> dict[str, np.ndarray] | None:
+        """Every sum of ``layers`` as a view of the CPU store (None unless each layer's sums are its slot in
+        that order): ``[layers, G, ...]`` arrays that share the kernels' memory."""
+        if not self._store or len(layers) > len(self.layers):
+            return None
+        out = {}
+        for name, t in self.sums[layers[0]].items():
+            store = next((a for a in self._store.values()
+                          if a[0].ctypes.data <= t.data_ptr() < a[0].ctypes.data + a[0].nbytes), None)  # fmt: skip
+            if store is None:
+                return None
+            start = (t.data_ptr() - store.ctypes.data) // 8
+            step = store[0].size
+            for i, layer in enumerate(layers):  # slot i, same offset within it, same strides
+                u = self.sums[layer][name]
+                if u.data_ptr() != store.ctypes.data + 8 * (i * step + start) or u.stride() != t.stride():
+                    return None
+            elem = [8 * s for s in t.stride()]
+            out[name] = np.lib.stride_tricks.as_strided(store.reshape(-1)[start:], (len(layers), *t.shape),
+                                                        (8 * step, *elem), writeable=False)  # fmt: skip
+        return out
 
     # ----------------------------------------------------------------- result
     def profile(self, meta: dict | None = None) -> Profile:
@@ -282,8 +323,13 @@ class Recorder:
             raise RuntimeError("nothing was profiled: no attention layer ran inside the profiling context")
         self.check_finite()
         layers = [layer for layer in self.layers if layer in self.sums]  # in the order they first ran
-        sums = {name: np.empty((len(layers), *t.shape)) for name, t in self.sums[layers[0]].items()}
-        for i, layer in enumerate(layers):
+        sums = self._stored_sums(layers) if self.closed else None  # the closed session's memory, handed over
+        if sums is not None:
+            self.sums.clear()
+            self._views.clear()
+        else:
+            sums = {name: np.empty((len(layers), *t.shape)) for name, t in self.sums[layers[0]].items()}
+        for i, layer in enumerate(layer for layer in layers if layer in self.sums):
             for name, t in self.sums[layer].items():
                 sums[name][i] = t.cpu().numpy()
             if self.closed:

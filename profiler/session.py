@@ -89,6 +89,7 @@ class Profiler:
         self.recorder.closed = False
         self._stack = ExitStack()
         self.layers = self._stack.enter_context(self._swap(self.model, self.recorder))
+        self.recorder.capacity = len(self.layers) if isinstance(self.layers, (list, tuple)) else 0
         return self
 
     def __exit__(self, *exc):

@@ -330,19 +330,30 @@ def _aten_ops(fn) -> list[str]:
 
 def test_tiled_sums_take_one_matmul_per_target_and_separate_sums_one_per_sum():
     """Which path each layout takes (the results are equal either way: tests/test_plan.py): sums from
-    tiled_zeros take one addmm_ per target for every dense sum and count, one index_add_ per target for
-    the gene sums; separate sums one addmm_ per dense sum and one index_add_ per gene sum."""
+    tiled_zeros take one matmul and one index_add_ (the rows holding a cell) per target for every dense sum and
+    count, and per gene chunk one matmul and one scatter-add (index_put_) for the gene sums; separate sums one
+    index_add_ per dense sum and one scatter-add per gene sum. No op count depends on the batch."""
     from attnprof.kernels import tiled_zeros
     from attnprof.kernels.reduce import DENSE, GENES, _features
 
     plan, cells, shapes, compact = _tiled_setup()
-    _features(plan, 2)  # the plan's buffers exist before the count (made once per plan)
+    chunks = len(_features(plan, 2).genes)  # the plan's buffers exist before the count (made once per plan)
     tiled = _aten_ops(lambda: _reduced(plan, cells, tiled_zeros(shapes), tiled_zeros(compact)))
-    assert tiled.count("addmm_") == 2 and tiled.count("index_add_") == 2
+    assert tiled.count("addmm_") == 0 and tiled.count("mm") == 2 * (1 + chunks)
+    assert _after(tiled, "mm", "index_add_") == 2 and _after(tiled, "mm", "index_put_") == 2 * chunks
     separate = _aten_ops(lambda: _reduced(plan, cells, _separate(shapes), _separate(compact)))
     dense = [n for n in DENSE if n in shapes] + [n for n in DENSE if n in compact]
-    assert separate.count("addmm_") == len(dense)
-    assert separate.count("index_add_") == len([n for n in GENES if n in shapes] + [n for n in GENES if n in compact])
+    genes = [n for n in GENES if n in shapes] + [n for n in GENES if n in compact]
+    assert separate.count("index_add_") == len(dense)
+    assert separate.count("index_put_") - tiled.count("index_put_") == chunks * (len(genes) - 2)  # sums, not blocks
+
+
+def _after(ops: list[str], first: str, then: str) -> int:
+    """How often op ``then`` follows op ``first`` with only views and index building between them (a product
+    added into the sums)."""
+    between = {"view", "slice", "as_strided", "select", "unsqueeze", "expand", "alias", "permute", "arange"}
+    ops = [o for o in ops if o not in between]
+    return sum(a == first and b == then for a, b in zip(ops, ops[1:]))
 
 
 def test_sums_that_are_not_contiguous_or_not_a_prefix_are_added_exactly():
