@@ -77,17 +77,17 @@ def figure_panels(profile: Profile, a: str, b: str, *, maps_by: str | None = Non
     for name, head in (("--head-a", head_a), ("--head-b", head_b), *(("--gallery", h) for h in gallery or [])):
         if head is not None:
             check_head(profile, head, name)
-    view = profile.view(maps_by)
-    values = [g for g, n in view.cells.items() if n > 0]
-    panels = dict(zip("AB", map_panels(view, maps_by, values, head_a, head_b)))
-    panels["C"] = gallery_panel(view, maps_by, values, gallery, gallery_group, min_cells)
-    options = dict(min_cells=min_cells, permutations=permutations, seed=seed)
     sets = dict((profile.meta or {}).get("gene_sets") or {})
     if gene_set is not None and gene_set not in sets:
         raise ValueError(f"--gene-set {gene_set!r} is not a gene set of this run; its gene sets: {sorted(sets) or 'none'} "
                          f"(attnprof run --gene-set {gene_set}=FILE adds one)")  # fmt: skip
     gene_set = gene_set or next(iter(sets), None)
-    everything = Comparison(profile, a, b, gene_sets={gene_set: sets[gene_set]} if gene_set else None, **options)
+    view = profile.view(maps_by)
+    values = [g for g, n in view.cells.items() if n > 0]
+    panels = dict(zip("AB", map_panels(view, maps_by, values, head_a, head_b)))
+    panels["C"] = gallery_panel(view, maps_by, values, gallery, gallery_group, min_cells)
+    options = dict(min_cells=min_cells, permutations=permutations, seed=seed)
+    everything = Comparison(profile, a, b, gene_sets={gene_set: sets[gene_set]} if gene_set else {}, **options)
     family = family if family in everything.contrasts else "position"
     panels["D"] = average_panel("D", everything, family, f"all genes, all cells" if family == "gene" else
                                 "position maps (no gene statistics), all cells")  # fmt: skip
