@@ -11,7 +11,8 @@ import textwrap
 import numpy as np
 from matplotlib.figure import Figure
 
-from .figure import FWER_LEVEL, READINGS, Panel
+from .figure_layers import FWER_LEVEL, READINGS
+from .figure_maps import Panel
 
 UNIT = "attention probability"
 NULL_COLOR = "0.55"

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .figure import Panel, figure_panels
+from .figure import figure_panels
+from .figure_maps import Panel
 from .outputs import MANIFEST as RUN_MANIFEST, list_outputs
 
 MANIFEST = "figure.json"
