@@ -18,7 +18,7 @@ reason and the option that would provide it (it is drawn as a labelled empty pan
 
 from __future__ import annotations
 
-from .figure_layers import FWER_LEVEL, READINGS, average_panel, maximum_panel, within_panel
+from .figure_layers import FWER_LEVEL, GENES, READINGS, average_panel, maximum_panel, within_panel
 from .figure_maps import GALLERY, Panel, gallery_panel, map_panels, paper
 from .profile import Profile
 from .tables import Comparison
@@ -53,16 +53,15 @@ def figure_panels(profile: Profile, a: str, b: str, *, maps_by: str | None = Non
     options = dict(min_cells=min_cells, permutations=permutations, seed=seed)
     everything = Comparison(profile, a, b, gene_sets={gene_set: sets[gene_set]} if gene_set else {}, **options)
     family = family if family in everything.contrasts else "position"
-    panels["D"] = average_panel("D", everything, family, "all genes, all cells" if family == "gene" else
-                                "position maps (no gene statistics), all cells")  # fmt: skip
+    panels["D"] = average_panel("D", everything, family, GENES[family])
     if gene_set is None:
         panels["E"] = Panel("E", "average over heads, gene set", "layers", missing=(
             "this run has no gene set: profile with `attnprof run ... --gene-set NAME=FILE` (one gene per line), "
             "then `attnprof figure OUT --gene-set NAME`"))  # fmt: skip
     else:
-        panels["E"] = average_panel("E", everything, f"set:{gene_set}", f"genes of the set {gene_set!r}, all cells")
+        panels["E"] = average_panel("E", everything, f"set:{gene_set}", f"genes of the set {gene_set!r}")
     panels["F"] = within_panel(profile, a, b, keys, maps_by, within, family, options)
-    panels["G"] = maximum_panel("G", everything, family, "all cells")
+    panels["G"] = maximum_panel("G", everything, family, GENES[family], "all cells")
     return panels
 
 

@@ -12,6 +12,8 @@ from .tables import Comparison
 
 #: Heads marked in panels D–G: family-wise adjusted permutation p at most this (as the head heatmap).
 FWER_LEVEL = 0.05
+#: What a family's elements are, in titles and the ``genes`` column.
+GENES = {"gene": "all genes", "position": "position maps (no gene statistics)"}
 READINGS = {"max_of_max": "max over heads of max |D|", "max_of_mean": "max over heads of mean |D|"}
 
 
@@ -39,13 +41,14 @@ def _null_note(comparison: Comparison) -> str:
             f"of whole {unit}); {comparison.design()}")
 
 
-def average_panel(name: str, comparison: Comparison, family: str, where: str) -> Panel:
+def average_panel(name: str, comparison: Comparison, family: str, genes: str, where: str = "all cells") -> Panel:
     """D / E: per layer the mean over heads of each head's mean |D|, its null band and each head's value."""
     layers = comparison.layers[comparison.layers["family"] == family]
     heads = _heads_rows(comparison, family, where)
     table = pd.DataFrame({
         "panel": name, "layer": layers["layer"].to_numpy(), "paper_layer": layers["layer"].to_numpy() + 1,
-        "family": family, "cells": where, "contrast": f"{comparison.a} − {comparison.b}", "unit": comparison.unit,
+        "family": family, "genes": genes, "cells": where, "contrast": f"{comparison.a} − {comparison.b}",
+        "unit": comparison.unit,
         "statistic": "mean over heads of mean |D|", "value": layers["mean_abs_diff"].to_numpy(),
         "noise_floor": layers["noise_floor"].to_numpy(),
     })  # fmt: skip
@@ -57,13 +60,13 @@ def average_panel(name: str, comparison: Comparison, family: str, where: str) ->
         ";".join(str(h) for h in heads.loc[(heads["layer"] == l) & marked, "head"]) if marked is not None else ""
         for l in table["layer"]]  # fmt: skip
     caption = (f"{name}: per layer, the mean over heads of each head's mean |{comparison.a} − {comparison.b}| "
-               f"(the paper's average attention difference), {where}; dots: each head's mean |D|, ringed where its "
+               f"(the paper's average attention difference), {genes}, {where}; dots: each head's mean |D|, ringed where its "
                f"family-wise p ≤ {FWER_LEVEL}; {_null_note(comparison)}.")  # fmt: skip
-    return Panel(name, f"average over heads: {where}", "layers", table, extra={"heads": heads}, caption=caption,
+    return Panel(name, f"average over heads: {genes}, {where}", "layers", table, extra={"heads": heads}, caption=caption,
                  draw={"readings": ["average"], "contrast": (comparison.a, comparison.b)})
 
 
-def maximum_panel(name: str, comparison: Comparison, family: str, where: str) -> Panel:
+def maximum_panel(name: str, comparison: Comparison, family: str, genes: str, where: str) -> Panel:
     """F / G: per layer both readings of the maximum over heads, with the head that holds it."""
     layers = comparison.layers[comparison.layers["family"] == family].set_index("layer")
     heads = _heads_rows(comparison, family, where)
@@ -72,7 +75,8 @@ def maximum_panel(name: str, comparison: Comparison, family: str, where: str) ->
         for reading, stat in (("max_of_max", "max_abs_diff"), ("max_of_mean", "mean_abs_diff")):
             best = df[stat].idxmax() if df[stat].notna().any() else None
             head = -1 if best is None else int(df.at[best, "head"])
-            row = {"panel": name, "layer": layer, "paper_layer": layer + 1, "family": family, "cells": where,
+            row = {"panel": name, "layer": layer, "paper_layer": layer + 1, "family": family, "genes": genes,
+                   "cells": where,
                    "contrast": f"{comparison.a} − {comparison.b}", "unit": comparison.unit, "reading": reading,
                    "statistic": READINGS[reading], "value": df[stat].max(), "head": head, "paper_head": head + 1,
                    "head_p_fwer": df.at[best, f"p_fwer_{stat}"] if best is not None and f"p_fwer_{stat}" in df
@@ -85,12 +89,12 @@ def maximum_panel(name: str, comparison: Comparison, family: str, where: str) ->
             rows.append(row)
     table = pd.DataFrame(rows)
     caption = (f"{name}: per layer, the maximum over heads of the |{comparison.a} − {comparison.b}| difference, "
-               f"{where}, in both readings: left, max over heads of each head's max |D| (the layers table's "
+               f"{genes}, {where}, in both readings: left, max over heads of each head's max |D| (the layers table's "
                f"max_abs_diff, with its null band and layer p); right, max over heads of each head's mean |D| (no "
                f"null band: the relabelings' per-head values are not kept; the head holding it carries its "
                f"family-wise p). h = the head holding the maximum (paper's 1-based number in brackets); dots: every "
                f"head, ringed where its family-wise p ≤ {FWER_LEVEL}; {_null_note(comparison)}.")  # fmt: skip
-    return Panel(name, f"maximum over heads: {where}", "layers", table, extra={"heads": heads}, caption=caption,
+    return Panel(name, f"maximum over heads: {genes}, {where}", "layers", table, extra={"heads": heads}, caption=caption,
                  draw={"readings": list(READINGS), "contrast": (comparison.a, comparison.b)})
 
 
@@ -114,12 +118,12 @@ def within_panel(profile: Profile, a, b, keys: dict, maps_by: str, within, famil
             raise ValueError(f"--within {key}={value}: the profile's keys and values are "
                              f"{ {k: v[:8] for k, v in keys.items()} } (profile with --subset-by {key} to keep one)")
         how = "chosen with --within"
-    where = f"cells with {key} = {value}"
+    where = f"{key} = {value}"
     try:
         comparison = Comparison(profile, a, b, within={key: value}, **options)
     except ValueError as e:
         return Panel("F", f"maximum over heads: {where}", "layers", missing=(
             f"{where}: {e}; pick another subset with --within KEY=VALUE"))
-    panel = maximum_panel("F", comparison, family, where)
+    panel = maximum_panel("F", comparison, family, GENES.get(family, family), where)
     panel.caption += f" Subset: {how}."
     return panel

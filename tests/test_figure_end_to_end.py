@@ -158,7 +158,7 @@ def test_one_run_and_one_figure_show_the_planted_heads_where_planted(tmp_path, c
     # F: within the cell type with the most cells (HY GABA, the only one with sex-biased genes), the maximum over
     # heads of mean |D| in the planted layer is the rank head, family-wise significant
     f = csv["panel_F"]
-    assert set(f["cells"]) == {f"cells with cell_type = {SEXED}"}
+    assert set(f["cells"]) == {f"cell_type = {SEXED}"}
     top = f[(f["layer"] == PLANTED_LAYER) & (f["reading"] == "max_of_mean")]
     assert top["head"].item() == PLANTED_HEAD and top["head_p_fwer"].item() <= 0.05
     marked = csv["panel_F_heads"]
