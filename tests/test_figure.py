@@ -174,6 +174,8 @@ def test_command_never_writes_over_a_users_file(run_folder, capsys):
     (["--maps-by", "tissue"], "--maps-by 'tissue' is not a key"),
     (["--gene-set", "SDN"], "--gene-set 'SDN' is not a gene set"),
     (["--compare", "female", "nobody"], "nobody"),
+    (["--within", "cell_type=Astro"], "--within cell_type=Astro: the profile's keys"),
+    (["--gallery-group", "nobody"], "--gallery-group 'nobody' is not a value of"),
 ])  # fmt: skip
 def test_bad_options_are_refused_naming_the_fix(run_folder, capsys, argv, message):
     assert main(["figure", str(run_folder), *argv]) == 2
