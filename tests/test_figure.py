@@ -32,7 +32,8 @@ def _blocks_of(per_cell: np.ndarray, block: np.ndarray, n_blocks: int):
     return total, sq
 
 
-def planted_profile(seed: int = 0) -> attnprof.Profile:
+def planted_profile(seed: int = 0, binned: bool = False) -> attnprof.Profile:
+    """``binned``: the planted maps also as whole-context binned maps (one bin per position)."""
     rng = np.random.default_rng(seed)
     n_blocks = 2 * REPLICATES
     block = np.repeat(np.arange(n_blocks), CELLS)
@@ -63,11 +64,14 @@ def planted_profile(seed: int = 0) -> attnprof.Profile:
     sums["pos_count"] = np.broadcast_to(cells[None, :, None, None], (LAYERS, n_blocks, W, W)).copy()
     sums["recv_count"] = np.broadcast_to(cells[None, :, None], (LAYERS, n_blocks, GENES)).copy()
     names = [f"F{i}" for i in range(REPLICATES)] + [f"M{i}" for i in range(REPLICATES)]
+    binned = {"map_length": W} if binned else {}
+    if binned:  # the window stays too, as in a run with --map-bins; the figure prefers the whole context
+        sums.update({f"map_{name}": sums[f"pos_{name}"].copy() for name in ("sum", "sq", "count")})
     return attnprof.Profile(
         sums, layers=[f"encoder.layers.{i}.self_attn" for i in range(LAYERS)], groups=["female", "male"],
         n_heads=HEADS, window=W, n_context=0, genes=[f"g{i}" for i in range(GENES)],
         meta={"special_tokens": [], "contrast": {"a": "female", "b": "male", "min_cells": 10, "permutations": 999}},
-        blocks=Blocks(tuple([0] * REPLICATES + [1] * REPLICATES), tuple(names), None, False),
+        blocks=Blocks(tuple([0] * REPLICATES + [1] * REPLICATES), tuple(names), None, False), **binned,
     )  # fmt: skip
 
 
@@ -90,6 +94,19 @@ def test_maps_panels_pick_the_head_that_differs_least_and_most(panels):
     b = panels["B"].table
     key0 = b[b["key_position"] == 0].groupby("group")["mean_attention"].mean()
     assert key0["male"] > key0["female"]  # the planted move, read back from the CSV's numbers
+
+
+@pytest.mark.skipif("map_length" not in attnprof.Profile.__dataclass_fields__,
+                    reason="binned whole-context maps (Profile.map_length, map_sum) not on main yet")
+def test_binned_whole_context_maps_are_used_when_the_profile_has_them():
+    panels = figure_panels(planted_profile(binned=True), "female", "male", permutations=0)
+    for name, head in (("A", SAME), ("B", CHANGES)):
+        table = panels[name].table
+        assert set(zip(table["layer"], table["head"])) == {head}
+        assert {"query_bin", "key_bin"} <= set(table) and "key_position" not in table
+        assert "whole context in 5 x 5 bins" in panels[name].caption and "5 bins" in panels[name].title
+    c = panels["C"].table
+    assert c["mean_attention"].notna().all() and "query_bin" in c
 
 
 def test_gallery_picks_one_head_per_kind_from_the_summaries(panels):
