@@ -19,7 +19,7 @@ reason and the option that would provide it (it is drawn as a labelled empty pan
 from __future__ import annotations
 
 from .figure_layers import FWER_LEVEL, GENES, READINGS, average_panel, maximum_panel, within_panel
-from .figure_maps import GALLERY, Panel, gallery_panel, map_panels, paper
+from .figure_maps import GALLERY, Panel, gallery_panel, map_panels, mean_maps, paper
 from .profile import Profile
 from .tables import Comparison
 
@@ -48,8 +48,9 @@ def figure_panels(profile: Profile, a: str, b: str, *, maps_by: str | None = Non
     gene_set = gene_set or next(iter(sets), None)
     view = profile.view(maps_by)
     values = [g for g, n in view.cells.items() if n > 0]
-    panels = dict(zip("AB", map_panels(view, maps_by, values, head_a, head_b)))
-    panels["C"] = gallery_panel(view, maps_by, values, gallery, gallery_group, min_cells)
+    maps = {v: mean_maps(view, v) for v in values}  # every value's mean maps, once
+    panels = dict(zip("AB", map_panels(view, maps_by, maps, head_a, head_b)))
+    panels["C"] = gallery_panel(view, maps_by, maps, gallery, gallery_group, min_cells)
     options = dict(min_cells=min_cells, permutations=permutations, seed=seed)
     everything = Comparison(profile, a, b, gene_sets={gene_set: sets[gene_set]} if gene_set else {}, **options)
     family = family if family in everything.contrasts else "position"

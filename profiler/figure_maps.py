@@ -75,10 +75,10 @@ def mean_maps(profile: Profile, group) -> np.ndarray:
         return np.where(count > 0, total / count, np.nan)
 
 
-def map_differences(view: Profile, values) -> pd.DataFrame:
+def map_differences(view: Profile, maps: dict) -> pd.DataFrame:
     """Per layer and head: the mean over all pairs of ``values`` of the mean |difference| of the pair's mean maps
     (over entries both hold), and the pair that differs most."""
-    maps = {v: mean_maps(view, v) for v in values}
+    values = list(maps)
     nl, nh = len(view.layers), view.n_heads
     pairs = list(combinations(values, 2))
     per_pair = np.full((len(pairs), nl, nh), np.nan)
@@ -93,15 +93,18 @@ def map_differences(view: Profile, values) -> pd.DataFrame:
         "layer": layer, "head": head, "paper_layer": layer + 1, "paper_head": head + 1,
         "mean_abs_map_difference": score.ravel(),
         "most_different_pair": [" vs ".join(pairs[k]) if pairs else "" for k in worst.ravel()],
-        "most_different_pair_difference": per_pair.max(0).ravel() if pairs else np.nan,
+        "most_different_pair_difference": np.where(np.isnan(per_pair), -np.inf, per_pair).max(0).ravel()
+        if pairs else np.nan,
     })  # fmt: skip
 
 
-def map_panels(view: Profile, key: str, values, head_a, head_b) -> tuple[Panel, Panel]:
+def map_panels(view: Profile, key: str, maps: dict, head_a, head_b) -> tuple[Panel, Panel]:
+    """Panels A and B; ``maps``: value -> its mean maps (:func:`mean_maps`), every value of ``key`` with cells."""
+    values = list(maps)
     how = ("mean over all pairs of values of the mean |difference| of the two values' mean maps, over the entries "
            "both hold")  # fmt: skip
     prefix, covers = map_kind(view)
-    scores = map_differences(view, values)
+    scores = map_differences(view, maps)
     ranked = scores[scores["mean_abs_map_difference"].notna()].sort_values("mean_abs_map_difference", kind="stable")
     out = []
     for name, given, pick, word in (("A", head_a, 0, "least"), ("B", head_b, -1, "most")):
@@ -117,13 +120,13 @@ def map_panels(view: Profile, key: str, values, head_a, head_b) -> tuple[Panel, 
         else:
             layer, head = given
             chosen = f"chosen with --head-{name.lower()}"
-        table = _maps_table(view, [(layer, head)], values, key, name)
+        table = _maps_table(view, maps, [(layer, head)], values, key, name)
         caption = (f"{name}: {paper(layer, head)}: mean attention maps of each value of {key!r}, {covers}. Head: "
                    f"{chosen}; its mean |difference| {_fmt(scores, layer, head)} (every head's in "
                    f"panel_AB_heads.csv).")  # fmt: skip
         out.append(Panel(name, f"{paper(layer, head)} by {key} ({map_short(view)})", "maps", table, caption=caption,
                          draw={"heads": [(layer, head)], "groups": values, "cells": view.cells, "key": key,
-                               "context": view.n_context, "maps": {(g, layer, head): mean_maps(view, g)[layer, head]
+                               "context": view.n_context, "maps": {(g, layer, head): maps[g][layer, head]
                                                                    for g in values}}))  # fmt: skip
     chosen = {(p.draw["heads"][0]): p.name for p in out if p.draw}
     scores["chosen_for"] = [chosen.get((l, h), "") for l, h in zip(scores["layer"], scores["head"])]
@@ -137,13 +140,13 @@ def _fmt(scores: pd.DataFrame, layer: int, head: int) -> str:
     return f"{value:.3g}"
 
 
-def _maps_table(view: Profile, heads, groups, key: str, panel: str, category=None) -> pd.DataFrame:
+def _maps_table(view: Profile, maps: dict, heads, groups, key: str, panel: str, category=None) -> pd.DataFrame:
     prefix = map_kind(view)[0]
     unit = "bin" if prefix == "map" else "position"
     frames = []
     for k, (layer, head) in enumerate(heads):
         for g in groups:
-            m = mean_maps(view, g)[layer, head]
+            m = maps[g][layer, head]
             q, c = np.divmod(np.arange(m.size), m.shape[-1])
             frame = {"panel": panel, "layer": layer, "head": head, "paper_layer": layer + 1, "paper_head": head + 1}
             if category is not None:
@@ -181,15 +184,17 @@ def head_summaries(view: Profile, group, min_cells: int | None = None) -> pd.Dat
     return table
 
 
-def gallery_panel(view: Profile, key: str, values, gallery, group, min_cells) -> Panel:
+def gallery_panel(view: Profile, key: str, maps: dict, gallery, group, min_cells) -> Panel:
+    """Panel C; ``maps`` as for :func:`map_panels`."""
+    values = list(maps)
     prefix, covers = map_kind(view)
     if not values:
         return Panel("C", "gallery of heads", "maps", missing=f"no value of {key!r} holds cells: nothing to draw")
     if group is None:
         group = max(values, key=lambda g: view.cells[g])
         which = f"the value of {key!r} with the most cells"
-    elif group not in view.groups:
-        raise ValueError(f"--gallery-group {group!r} is not a value of {key!r}: its values are {view.groups}")
+    elif group not in maps:
+        raise ValueError(f"--gallery-group {group!r} is not a value of {key!r} with cells: its values are {values}")
     else:
         which = "chosen with --gallery-group"
     summaries = head_summaries(view, group, min_cells)
@@ -211,10 +216,10 @@ def gallery_panel(view: Profile, key: str, values, gallery, group, min_cells) ->
     chosen = dict(zip(heads, kinds))
     summaries.insert(4, "group", group)
     summaries["chosen_as"] = [chosen.get((l, h), "") for l, h in zip(summaries["layer"], summaries["head"])]
-    table = _maps_table(view, heads, [group], key, "C", category=kinds)
+    table = _maps_table(view, maps, heads, [group], key, "C", category=kinds)
     caption = (f"C: mean attention maps of the {view.cells[group]} cells of {key} = {group!r} ({which}), {covers}. "
                f"Heads: {how}. Every head's summaries and scores: panel_C_heads.csv.")  # fmt: skip
-    maps = {(group, l, h): mean_maps(view, group)[l, h] for l, h in heads}
+    shown = {(group, l, h): maps[group][l, h] for l, h in heads}
     return Panel("C", f"gallery of heads, {key} = {group} ({map_short(view)})", "maps", table, extra={"heads": summaries},
                  caption=caption, draw={"heads": heads, "groups": [group], "cells": view.cells, "key": key,
-                                        "kinds": kinds, "context": view.n_context, "maps": maps})  # fmt: skip
+                                        "kinds": kinds, "context": view.n_context, "maps": shown})  # fmt: skip
