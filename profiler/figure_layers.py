@@ -41,8 +41,16 @@ def _null_note(comparison: Comparison) -> str:
             f"of whole {unit}); {comparison.design()}")
 
 
+def _no_family(name: str, title: str, comparison: Comparison, family: str, genes: str) -> Panel:
+    return Panel(name, f"{title}: {genes}", "layers", missing=(
+        f"this comparison has no {family!r} statistics (it has {sorted(comparison.contrasts)}): gene families need "
+        f"a vocabulary (attnprof run --vocab) and gene sets attnprof run --gene-set NAME=FILE"))  # fmt: skip
+
+
 def average_panel(name: str, comparison: Comparison, family: str, genes: str, where: str = "all cells") -> Panel:
     """D / E: per layer the mean over heads of each head's mean |D|, its null band and each head's value."""
+    if family not in comparison.contrasts:
+        return _no_family(name, "average over heads", comparison, family, genes)
     layers = comparison.layers[comparison.layers["family"] == family]
     heads = _heads_rows(comparison, family, where)
     table = pd.DataFrame({
@@ -68,6 +76,8 @@ def average_panel(name: str, comparison: Comparison, family: str, genes: str, wh
 
 def maximum_panel(name: str, comparison: Comparison, family: str, genes: str, where: str) -> Panel:
     """F / G: per layer both readings of the maximum over heads, with the head that holds it."""
+    if family not in comparison.contrasts:
+        return _no_family(name, "maximum over heads", comparison, family, genes)
     layers = comparison.layers[comparison.layers["family"] == family].set_index("layer")
     heads = _heads_rows(comparison, family, where)
     rows = []

@@ -136,6 +136,18 @@ def test_layer_panels_mark_the_planted_head_and_read_the_maximum_both_ways(panel
     assert "no null band" in panels["G"].caption
 
 
+def test_a_gene_set_gives_panel_e_with_the_planted_head():
+    profile = planted_profile()
+    profile.meta["gene_sets"] = {"planted": ["g0", "g1", "g2", "g3"], "other": ["g5", "g6"]}
+    panels = figure_panels(profile, "female", "male", permutations=999)
+    e = panels["E"]
+    assert e.missing is None and set(e.table["family"]) == {"set:planted"}  # the run's first gene set
+    marked = e.extra["heads"][e.extra["heads"]["mean_abs_diff_fwer_le_0.05"]]
+    assert set(zip(marked["layer"], marked["head"])) == {GENE_HEAD}
+    other = figure_panels(profile, "female", "male", permutations=999, gene_set="other")["E"].extra["heads"]
+    assert not other["mean_abs_diff_fwer_le_0.05"].any()  # nothing planted there
+
+
 def test_missing_inputs_give_labelled_empty_panels(panels):
     assert "--gene-set NAME=FILE" in panels["E"].missing
     assert "--subset-by" in panels["F"].missing
