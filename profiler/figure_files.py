@@ -1,6 +1,6 @@
 """``attnprof figure OUT``: panels A–G of the Nicheformer paper's Extended Data Fig. 4 from a run's profile.npz.
 
-Writes, into ``OUT/figure/`` (or ``--out``): ``figure.png`` and ``figure.pdf`` (every panel), ``panel_<X>.png``
+Writes, into ``OUT/figure/`` (or ``--out``): ``figure.png`` (every panel; also ``figure.pdf`` with ``--pdf``), ``panel_<X>.png``
 (each panel alone, with its caption), ``panel_<X>.csv`` (its numbers, tidy), ``panel_<X>_heads.csv`` (every
 head's numbers behind its choice or its marks), ``captions.md`` (how each panel was made and chosen) and the
 manifest ``figure.json``. Files are written beside the folder and moved in when complete. A file in the way
@@ -35,7 +35,8 @@ def make_figure(path: Path, args) -> int:
     out = Path(args.out) if args.out else path.parent / "figure"
     options = dict(head_a=_head(args.head_a, "--head-a"), head_b=_head(args.head_b, "--head-b"),
                    gallery=_heads(args.gallery), within=_within(args.within))  # fmt: skip
-    names = outputs()
+    formats = ("png", "pdf") if args.pdf else ("png",)
+    names = outputs(formats)
     check_targets(out, names, args.overwrite, path.parent)  # before any work
     profile = Profile.load(path)
     a, b, min_cells = saved_contrast(profile, args.compare, args.min_cells)
@@ -46,20 +47,23 @@ def make_figure(path: Path, args) -> int:
     panels = figure_panels(profile, a, b, maps_by=args.maps_by, gallery_group=args.gallery_group,
                            gene_set=args.gene_set, min_cells=min_cells, permutations=saved.get("permutations"),
                            seed=saved.get("seed", 0), **options)  # fmt: skip
+    if "map_sum" not in profile.sums:
+        print(f"attnprof: figure: panels A-C show the first {profile.window} positions (the run kept no whole-context "
+              f"maps: attnprof run --map-bins N keeps them)", file=sys.stderr)  # fmt: skip
     for panel in panels.values():
         if panel.missing:
             print(f"attnprof: figure: panel {panel.name} is drawn empty: {panel.missing}", file=sys.stderr)
     command = ["attnprof", *(sys.argv[1:] if args.argv is None else args.argv)]
     title = f"attnprof: {a} − {b}, from {path} (layer/head: attnprof's 0-based numbers; the paper's 1-based in brackets)"
-    written = write_figure(panels, out, command=command, title=title)
+    written = write_figure(panels, out, command=command, title=title, formats=formats)
     list_outputs(path.parent, written)  # inside the run folder: that run's outputs (replaced by --overwrite)
     empty = [p.name for p in panels.values() if p.missing]
-    print(f"wrote {out}/: figure.png, figure.pdf, panel_A..G (png, csv), captions.md"
+    print(f"wrote {out}/: {', '.join(f'figure.{f}' for f in formats)}, panel_A..G (png, csv), captions.md"
           + (f"; panels {', '.join(empty)} empty (see above)" if empty else ""))  # fmt: skip
     return 0
 
 
-def outputs(formats=("png", "pdf")) -> list[str]:
+def outputs(formats=("png",)) -> list[str]:
     """The files a figure folder holds (the manifest last)."""
     names = [f"figure.{f}" for f in formats] + ["captions.md"]
     for p in "ABCDEFG":
@@ -89,7 +93,7 @@ def _listed(manifest: Path, root: Path) -> set[Path]:
         return set()  # not an attnprof manifest: nothing in it counts as ours
 
 
-def write_figure(panels: dict[str, Panel], out: Path, *, command=(), title: str = "", formats=("png", "pdf"),
+def write_figure(panels: dict[str, Panel], out: Path, *, command=(), title: str = "", formats=("png",),
                  dpi: int = 150) -> list[Path]:  # fmt: skip
     """Write every file of :func:`outputs` into ``out`` (beside it first, then moved in); returns their paths."""
     from .figure_draw import draw_figure, panel_figure
@@ -100,7 +104,7 @@ def write_figure(panels: dict[str, Panel], out: Path, *, command=(), title: str 
     try:
         fig = draw_figure(panels, title)
         for fmt in formats:
-            fig.savefig(tmp / f"figure.{fmt}", dpi=dpi, bbox_inches="tight")
+            fig.savefig(tmp / f"figure.{fmt}", dpi=dpi)  # constrained layout: nothing sticks out
         for name, panel in panels.items():
             panel_figure(panel).savefig(tmp / f"panel_{name}.png", dpi=dpi, bbox_inches="tight")
             missing = pd.DataFrame({"panel": [name], "missing": [panel.missing]})  # said, never left out

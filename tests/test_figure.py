@@ -169,6 +169,7 @@ def test_command_writes_every_panel_and_says_which_are_empty(run_folder, capsys)
     assert main(["figure", str(run_folder)]) == 0
     err = capsys.readouterr().err
     assert "panel E is drawn empty" in err and "panel F is drawn empty" in err
+    assert f"panels A-C show the first {W} positions" in err and "--map-bins N" in err
     out = run_folder / "figure"
     assert sorted(p.name for p in out.iterdir()) == sorted(outputs())
     record = json.loads((out / "figure.json").read_text())
@@ -178,7 +179,7 @@ def test_command_writes_every_panel_and_says_which_are_empty(run_folder, capsys)
     d = pd.read_csv(out / "panel_D_heads.csv")
     assert set(d.loc[d["mean_abs_diff_fwer_le_0.05"], "head"]) == {GENE_HEAD[1]}
     assert "--gene-set" in pd.read_csv(out / "panel_E.csv")["missing"].item()  # said, not left out
-    assert (out / "figure.png").read_bytes()[:4] == b"\x89PNG" and (out / "figure.pdf").read_bytes()[:4] == b"%PDF"
+    assert (out / "figure.png").read_bytes()[:4] == b"\x89PNG" and not (out / "figure.pdf").exists()
     assert main(["figure", str(run_folder), "--head-a", "1:1", "--gallery", "0:0,1:2"]) == 0  # its own files
     a = pd.read_csv(out / "panel_A.csv")
     assert set(zip(a["layer"], a["head"])) == {(1, 1)}
@@ -191,8 +192,10 @@ def test_command_never_writes_over_a_users_file(run_folder, capsys):
     (out / "panel_D.csv").write_text("my numbers\n")
     assert main(["figure", str(run_folder), "--out", str(out)]) == 2
     assert "panel_D.csv" in capsys.readouterr().err and (out / "panel_D.csv").read_text() == "my numbers\n"
-    assert main(["figure", str(run_folder), "--out", str(out), "--overwrite"]) == 0
+    assert main(["figure", str(run_folder), "--out", str(out), "--overwrite", "--pdf"]) == 0
     assert (out / "panel_D.csv").read_text() != "my numbers\n"
+    assert (out / "figure.pdf").read_bytes()[:4] == b"%PDF" and "figure.pdf" in json.loads(
+        (out / "figure.json").read_text())["outputs"]
 
 
 @pytest.mark.parametrize("argv, message", [
