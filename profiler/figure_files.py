@@ -1,66 +1,26 @@
-"""``attnprof figure OUT``: panels A–G of the Nicheformer paper's Extended Data Fig. 4 from a run's profile.npz.
+"""The files of ``attnprof figure OUT`` (the command: :mod:`attnprof.cli.figure`; the panels: :mod:`attnprof.figure`).
 
-Writes, into ``OUT/figure/`` (or ``--out``): ``figure.png`` (every panel; also ``figure.pdf`` with ``--pdf``), ``panel_<X>.png``
-(each panel alone, with its caption), ``panel_<X>.csv`` (its numbers, tidy), ``panel_<X>_heads.csv`` (every
-head's numbers behind its choice or its marks), ``captions.md`` (how each panel was made and chosen) and the
-manifest ``figure.json``. Files are written beside the folder and moved in when complete. A file in the way
-that no attnprof manifest lists (``figure.json`` here, the run's ``run.json``) is a user's: refused unless
-``--overwrite``. A panel whose input the profile lacks is drawn as a labelled empty panel and said on stderr.
+Writes, into ``OUT/figure/`` (or ``--out``): ``figure.png`` (every panel; also ``figure.pdf`` with ``--pdf``),
+``panel_<X>.png`` (each panel alone, with its caption), ``panel_<X>.csv`` (its numbers, tidy),
+``panel_<X>_heads.csv`` (every head's numbers behind its choice or its marks), ``captions.md`` (how each panel
+was made and chosen) and the manifest ``figure.json``. Files are written beside the folder and moved in when
+complete. A file in the way that no attnprof manifest lists (``figure.json`` here, the run's ``run.json``) is a
+user's: refused unless ``--overwrite``. An empty panel's CSVs hold one row saying what is missing.
 """
-
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import pandas as pd
 
-from .figure import figure_panels
 from .figure_maps import Panel
-from .outputs import MANIFEST as RUN_MANIFEST, list_outputs
+from .outputs import MANIFEST as RUN_MANIFEST
 
 MANIFEST = "figure.json"
-
-
-def make_figure(path: Path, args) -> int:
-    """The command: ``path`` is the profile .npz; ``args`` the parsed options of ``attnprof figure``."""
-    from .checks import nothing_to_compare
-    from .profile import Profile
-    from .summary import saved_contrast
-
-    out = Path(args.out) if args.out else path.parent / "figure"
-    options = dict(head_a=_head(args.head_a, "--head-a"), head_b=_head(args.head_b, "--head-b"),
-                   gallery=_heads(args.gallery), within=_within(args.within))  # fmt: skip
-    formats = ("png", "pdf") if args.pdf else ("png",)
-    names = outputs(formats)
-    check_targets(out, names, args.overwrite, path.parent)  # before any work
-    profile = Profile.load(path)
-    a, b, min_cells = saved_contrast(profile, args.compare, args.min_cells)
-    empty = nothing_to_compare(profile, a, b, min_cells)
-    if empty:
-        raise ValueError(f"{empty}: no figure to draw")
-    saved = profile.meta.get("contrast", {})  # the run's permutations and seed: its p-values
-    panels = figure_panels(profile, a, b, maps_by=args.maps_by, gallery_group=args.gallery_group,
-                           gene_set=args.gene_set, min_cells=min_cells, permutations=saved.get("permutations"),
-                           seed=saved.get("seed", 0), **options)  # fmt: skip
-    if "map_sum" not in profile.sums:
-        print(f"attnprof: figure: panels A-C show the first {profile.window} positions (the run kept no whole-context "
-              f"maps: attnprof run --map-bins N keeps them)", file=sys.stderr)  # fmt: skip
-    for panel in panels.values():
-        if panel.missing:
-            print(f"attnprof: figure: panel {panel.name} is drawn empty: {panel.missing}", file=sys.stderr)
-    command = ["attnprof", *(sys.argv[1:] if args.argv is None else args.argv)]
-    title = f"attnprof: {a} − {b}, from {path} (layer/head: attnprof's 0-based numbers; the paper's 1-based in brackets)"
-    written = write_figure(panels, out, command=command, title=title, formats=formats)
-    list_outputs(path.parent, written)  # inside the run folder: that run's outputs (replaced by --overwrite)
-    empty = [p.name for p in panels.values() if p.missing]
-    print(f"wrote {out}/: {', '.join(f'figure.{f}' for f in formats)}, panel_A..G (png, csv), captions.md"
-          + (f"; panels {', '.join(empty)} empty (see above)" if empty else ""))  # fmt: skip
-    return 0
 
 
 def outputs(formats=("png",)) -> list[str]:
@@ -135,36 +95,3 @@ def captions(panels: dict[str, Panel], title: str) -> str:
         lines += [f"## Panel {name}: {panel.title}", ""]
         lines += [f"**Empty**: {panel.missing}" if panel.missing else panel.caption, ""]
     return "\n".join(lines)
-
-
-def _head(value: str | None, option: str) -> tuple[int, int] | None:
-    if value is None:
-        return None
-    pairs = _heads(value, option)
-    if len(pairs) != 1:
-        raise ValueError(f"{option} takes one layer:head (0-based), e.g. 0:1; got {value!r}")
-    return pairs[0]
-
-
-def _heads(value: str | None, option: str = "--gallery") -> list[tuple[int, int]] | None:
-    """``L:H,L:H`` as [(L, H), ...] (attnprof's 0-based numbers)."""
-    if value is None:
-        return None
-    try:
-        pairs = [tuple(int(x) for x in item.split(":")) for item in value.split(",") if item.strip()]
-    except ValueError:
-        pairs = []
-    if not pairs or any(len(p) != 2 for p in pairs):
-        example = "0:1" if option != "--gallery" else "0:1,3:2"
-        raise ValueError(f"{option} takes layer:head (0-based, as attnprof's tables){' pairs separated by commas' if option == '--gallery' else ''}, "
-                         f"e.g. {example}; got {value!r}")  # fmt: skip
-    return pairs
-
-
-def _within(value: str | None) -> tuple[str, str] | None:
-    if value is None:
-        return None
-    key, sep, level = value.partition("=")
-    if not sep or not key.strip() or not level.strip():
-        raise ValueError(f"--within takes KEY=VALUE, e.g. cell_type='HY GABA' (quote spaces); got {value!r}")
-    return key.strip(), level.strip()

@@ -1,4 +1,4 @@
-"""The ``attnprof`` command: run, merge, demo, validate, plot, report, compare.
+"""The ``attnprof`` command: run, merge, demo, validate, plot, report, compare, figure.
 
 A package: the parser (parser.py: one builder per subcommand, shared options in ``_add_input_options``), one
 module per command (``cmd_<name>``) and the helpers they share (common.py). Bad input exits with status 2 and a
@@ -15,6 +15,7 @@ from ..signals import Terminated, terminate_as_interrupt
 from .common import EXIT_USAGE
 from .compare import cmd_compare
 from .demo import cmd_demo
+from .figure import cmd_figure
 from .merge import cmd_merge
 from .parser import build_parser
 from .plot import cmd_plot
@@ -26,7 +27,7 @@ __all__ = ["build_parser", "main"]
 
 #: Each subcommand's function (the parser knows their options only).
 COMMANDS = {"run": cmd_run, "merge": cmd_merge, "demo": cmd_demo, "validate": cmd_validate, "plot": cmd_plot,
-            "report": cmd_report, "compare": cmd_compare}
+            "report": cmd_report, "compare": cmd_compare, "figure": cmd_figure}
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_plot_parser(sub)
     add_report_parser(sub)
     add_compare_parser(sub)
+    add_figure_parser(sub)
     return parser
 
 
@@ -276,3 +277,34 @@ def add_compare_parser(sub) -> None:
     p.add_argument("--no-figures", action="store_true", help="skip the figures")
     p.add_argument("--to", metavar="DIR", help="output folder (default: OUT/compare/<A>_vs_<B>...)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier compare in that folder")
+
+
+def add_figure_parser(sub) -> None:
+    p = sub.add_parser(
+        "figure",
+        help="draw the Nicheformer paper's Extended Data Fig. 4 (panels A-G) from a run folder, with a CSV per panel",
+        description="Draw panels A-G of the Nicheformer paper's Extended Data Fig. 4 from a run's profile.npz: one "
+        "head's maps per value of a key (A: the head that differs least between the values, B: most), a gallery of "
+        "heads (C), the average over heads of |D| per layer for all genes (D) and a gene set (E), and the maximum "
+        "over heads, both readings, within a subset (F) and over all cells (G). Writes OUT/figure/: figure.png (and .pdf), "
+        "panel_X.png and panel_X.csv per panel, captions.md. Layers and heads: attnprof's 0-based numbers (the "
+        "paper's 1-based ones beside them). See docs/figure.md.",
+    )
+    p.add_argument("run", metavar="OUT", help="a run folder (with profile.npz) or a profile .npz file")
+    p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="groups to compare (default: the run's contrast)")
+    p.add_argument("--maps-by", metavar="KEY", help="key whose values panels A-C draw side by side (default: the "
+                   "run's --groupby; any --subset-by key of the run)")
+    p.add_argument("--head-a", metavar="L:H", help="panel A's head, 0-based as in the tables (default: the head whose maps differ least)")
+    p.add_argument("--head-b", metavar="L:H", help="panel B's head (default: the head whose maps differ most)")
+    p.add_argument("--gallery", metavar="L:H,...", help="panel C's heads (default: one per kind of pattern, "
+                   "picked from the head summaries)")
+    p.add_argument("--gallery-group", metavar="VALUE", help="panel C's cells: a value of --maps-by (default: the "
+                   "one with the most cells)")
+    p.add_argument("--within", metavar="KEY=VALUE", help="panel F's cells, e.g. cell_type=Astro (default: the "
+                   "value with the most cells of the run's cell-type --subset-by key)")
+    p.add_argument("--gene-set", metavar="NAME", help="panel E's gene set (default: the run's first --gene-set)")
+    p.add_argument("--min-cells", type=_at_least(0), metavar="N", help=f"{MIN_CELLS_HELP} (default: the run's)")
+    p.add_argument("--out", metavar="DIR", help="figure folder (default: OUT/figure)")
+    p.add_argument("--pdf", action="store_true", help="also write figure.pdf (vector; adds a few seconds)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="also replace files in the figure folder that no attnprof manifest lists")
