@@ -12,6 +12,7 @@ import pandas as pd
 
 from .profile import Profile
 from .special_tokens import special_token_mask
+from .tables import DEFAULT_MIN_CELLS
 
 #: The paper's gallery (Ext. Data Fig. 4C): kind of pattern -> how its head is scored from the per-head means
 #: over the gallery's cells (entropy, context_mass, self_mass, row_max: kernels.SUMMARIES; gene mass =
@@ -103,7 +104,7 @@ def map_panels(view: Profile, key: str, maps: dict, head_a, head_b) -> tuple[Pan
     values = list(maps)
     how = ("mean over all pairs of values of the mean |difference| of the two values' mean maps, over the entries "
            "both hold")  # fmt: skip
-    prefix, covers = map_kind(view)
+    covers = map_kind(view)[1]
     scores = map_differences(view, maps)
     ranked = scores[scores["mean_abs_map_difference"].notna()].sort_values("mean_abs_map_difference", kind="stable")
     out = []
@@ -128,8 +129,11 @@ def map_panels(view: Profile, key: str, maps: dict, head_a, head_b) -> tuple[Pan
                          draw={"heads": [(layer, head)], "groups": values, "cells": view.cells, "key": key,
                                "context": view.n_context, "maps": {(g, layer, head): maps[g][layer, head]
                                                                    for g in values}}))  # fmt: skip
-    chosen = {(p.draw["heads"][0]): p.name for p in out if p.draw}
-    scores["chosen_for"] = [chosen.get((l, h), "") for l, h in zip(scores["layer"], scores["head"])]
+    chosen = {}
+    for p in out:
+        if p.draw:
+            chosen.setdefault(p.draw["heads"][0], []).append(p.name)
+    scores["chosen_for"] = [";".join(chosen.get((l, h), [])) for l, h in zip(scores["layer"], scores["head"])]
     scores["maps_by"], scores["difference_measure"] = key, how
     out[0].extra["heads"] = scores
     return out[0], out[1]
@@ -172,7 +176,8 @@ def head_summaries(view: Profile, group, min_cells: int | None = None) -> pd.Dat
     key_genes = table["row_max"] * gene_mass
     if "recv_sum" in view.sums and view.genes is not None:
         count = view.group_sum("recv_count", group)[:, None]  # [layers, 1, genes]
-        enough = (count >= max(min_cells or 10, 1)) & ~special_token_mask(view)
+        threshold = max(DEFAULT_MIN_CELLS if min_cells is None else min_cells, 1)  # as the tables' genes
+        enough = (count >= threshold) & ~special_token_mask(view)
         with np.errstate(invalid="ignore", divide="ignore"):
             received = np.where(enough, view.group_sum("recv_sum", group) / count, -np.inf)
         key_genes = pd.Series(received.max(-1).ravel()).replace(-np.inf, np.nan)
@@ -187,7 +192,7 @@ def head_summaries(view: Profile, group, min_cells: int | None = None) -> pd.Dat
 def gallery_panel(view: Profile, key: str, maps: dict, gallery, group, min_cells) -> Panel:
     """Panel C; ``maps`` as for :func:`map_panels`."""
     values = list(maps)
-    prefix, covers = map_kind(view)
+    covers = map_kind(view)[1]
     if not values:
         return Panel("C", "gallery of heads", "maps", missing=f"no value of {key!r} holds cells: nothing to draw")
     if group is None:
