@@ -21,6 +21,7 @@ READINGS = {"max_of_max": "max over heads of max |D|", "max_of_mean": "max over 
 def _heads_rows(comparison: Comparison, family: str, where: str) -> pd.DataFrame:
     heads = comparison.heads[comparison.heads["family"] == family].copy()
     cols = ["layer", "head", "family", "unit", "n_a", "n_b", "cells_a", "cells_b", "mean_abs_diff", "max_abs_diff",
+            *[c for c in heads if c.endswith(("_null_mean", "_null_q95"))],
             *[c for c in heads if c.startswith(("p_perm_", "p_fwer_"))]]  # fmt: skip
     heads = heads[cols]
     heads.insert(2, "paper_layer", heads["layer"] + 1)
