@@ -99,7 +99,8 @@ def test_maps_panels_pick_the_head_that_differs_least_and_most(panels):
 @pytest.mark.skipif("map_length" not in attnprof.Profile.__dataclass_fields__,
                     reason="binned whole-context maps (Profile.map_length, map_sum) not on main yet")
 def test_binned_whole_context_maps_are_used_when_the_profile_has_them():
-    panels = figure_panels(planted_profile(binned=True), "female", "male", permutations=0)
+    profile = planted_profile(binned=True)
+    panels = figure_panels(profile, "female", "male", permutations=0)
     for name, head in (("A", SAME), ("B", CHANGES)):
         table = panels[name].table
         assert set(zip(table["layer"], table["head"])) == {head}
@@ -107,6 +108,10 @@ def test_binned_whole_context_maps_are_used_when_the_profile_has_them():
         assert "whole context in 5 x 5 bins" in panels[name].caption and "5 bins" in panels[name].title
     c = panels["C"].table
     assert c["mean_attention"].notna().all() and "query_bin" in c
+    b = panels["B"].table
+    for group in ("female", "male"):  # the CSV's numbers are Profile.binned_map's
+        shown = b[b["group"] == group].pivot(index="query_bin", columns="key_bin", values="mean_attention")
+        np.testing.assert_allclose(shown.to_numpy(), profile.binned_map(group, *CHANGES))
 
 
 def test_gallery_picks_one_head_per_kind_from_the_summaries(panels):
