@@ -96,8 +96,6 @@ def test_maps_panels_pick_the_head_that_differs_least_and_most(panels):
     assert key0["male"] > key0["female"]  # the planted move, read back from the CSV's numbers
 
 
-@pytest.mark.skipif("map_length" not in attnprof.Profile.__dataclass_fields__,
-                    reason="binned whole-context maps (Profile.map_length, map_sum) not on main yet")
 def test_binned_whole_context_maps_are_used_when_the_profile_has_them():
     profile = planted_profile(binned=True)
     panels = figure_panels(profile, "female", "male", permutations=0)
