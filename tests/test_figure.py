@@ -14,6 +14,7 @@ from attnprof.cli import main
 from attnprof.figure import figure_panels
 from attnprof.figure_draw import draw_figure, panel_figure
 from attnprof.figure_files import outputs
+from attnprof.plots import attention_map
 
 LAYERS, HEADS, W, GENES = 2, 3, 5, 8
 REPLICATES, CELLS = 6, 12  # per group; cells per replicate
@@ -94,6 +95,8 @@ def test_maps_panels_pick_the_head_that_differs_least_and_most(panels):
     b = panels["B"].table
     key0 = b[b["key_position"] == 0].groupby("group")["mean_attention"].mean()
     assert key0["male"] > key0["female"]  # the planted move, read back from the CSV's numbers
+    shown = b[b["group"] == "male"].pivot(index="query_position", columns="key_position", values="mean_attention")
+    np.testing.assert_allclose(shown.to_numpy(), attention_map(planted_profile(), "male", *CHANGES))  # the window
 
 
 def test_binned_whole_context_maps_are_used_when_the_profile_has_them():
