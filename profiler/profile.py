@@ -156,8 +156,9 @@ class Profile:
     @property
     def replicates(self) -> dict[str, int]:
         """Replicates (blocks with at least one cell) per group; pseudo-replicates when no replicate key was given."""
-        held = self.sums["cells"][0] > 0
-        return {g: int((held & self.blocks.of_group(i)).sum()) for i, g in enumerate(self.groups)}
+        held = self.sums["cells"][0] > 0  # a replicate split by --subset-by counts once
+        names = np.asarray(self.blocks.names, dtype=object)
+        return {g: len(set(names[held & self.blocks.of_group(i)])) for i, g in enumerate(self.groups)}
 
     def group_sum(self, name: str, group) -> np.ndarray:
         """One sum of one group (its blocks added up), layers first: ``sums[name][:, blocks of group].sum(1)``."""

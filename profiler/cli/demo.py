@@ -8,6 +8,7 @@ from pathlib import Path
 from ..outputs import RunFolder
 from ..profile import Profile
 from .parser import build_parser
+from .figure import cmd_figure
 from .run import cmd_run
 
 
@@ -27,7 +28,8 @@ def cmd_demo(args) -> int:
         "run", str(inputs["data.h5ad"]), "--groupby", "sex", "--compare", "female", "male",
         "--model", str(inputs["model.ckpt"]), "--vocab", str(inputs["vocab.txt"]),
         "--means", str(inputs["means.npy"]), "--panel", str(inputs["panel.txt"]),
-        "--replicate", "animal",
+        "--replicate", "animal", "--subset-by", "cell_type", "--gene-set", f"sex_biased={inputs['panel.txt']}",
+        "--map-bins", "16",
         "--backend", args.backend, "--threads", str(args.threads), "--permutations", str(args.permutations),
         "--out", str(out),
     ] + (["--quiet"] if args.quiet else []) + (["--overwrite"] if args.overwrite else [])  # fmt: skip
@@ -35,9 +37,14 @@ def cmd_demo(args) -> int:
     run_args = build_parser().parse_args(argv)
     run_args.argv = argv
     status = cmd_run(run_args)
-    if status == 0:
-        from ..singlecell.demo import findings
+    if status != 0:
+        return status
+    from ..singlecell.demo import findings
 
-        comparison = Profile.load(out / "profile.npz").compare("female", "male", permutations=args.permutations)
-        print("\n" + findings(comparison))
-    return status
+    comparison = Profile.load(out / "profile.npz").compare("female", "male", permutations=args.permutations)
+    print("\n" + findings(comparison))
+    figure = ["figure", str(out), "--maps-by", "cell_type"] + (["--overwrite"] if args.overwrite else [])
+    print(f"\nthe Nicheformer figure's panels from the same profile:\n  attnprof {shlex.join(figure)}")
+    figure_args = build_parser().parse_args(figure)
+    figure_args.argv = figure
+    return cmd_figure(figure_args)

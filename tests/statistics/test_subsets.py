@@ -64,6 +64,7 @@ def test_view_within_a_subset_equals_a_run_on_that_subset(full, model, adata, vo
 
 def test_view_of_all_cells_equals_a_run_without_subsets(full, model, adata, vocab, means):
     plain = run(model, adata, vocab, means, replicate="animal")
+    assert full.replicates == plain.replicates  # an animal split by cell type counts once
     assert full.view().blocks == plain.blocks
     assert_same(full.view().sums, plain.sums)
 
