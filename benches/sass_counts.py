@@ -38,13 +38,14 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from attnprof.kernels import triton_common as kc  # noqa: E402
 from attnprof.kernels import triton_forward as kf  # noqa: E402
 from attnprof.kernels import triton_stats as ks  # noqa: E402
 
 SMS, CLOCK = 132, 1.83e9
 ISSUE, MUFU, MACS = 4.0, 0.5, 2048.0  # per SM and clock: warp instructions, MUFU warp instructions, fp16 MACs
 SCORES = 8 * 16 * 1500**2
-MASKED_RAW = "-1.26765060022822940150e+30"  # how nvdisasm prints kf.MASKED_RAW (-2**100)
+MASKED_RAW = "-1.26765060022822940150e+30"  # how nvdisasm prints kc.MASKED_RAW (-2**100)
 NVDISASM = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
 
 # name: (kernel, constexprs, warps, stages, scores per loop iteration)
@@ -75,7 +76,7 @@ def compile_for_h100(kernel, consts: dict, dtype: str = "fp16", warps: int = 4, 
     pointers.update(dict.fromkeys(["BIAS", "TERM", "LSE2", "ROWSTATS", "INV_N", "RECEIVED"], "fp32"))
     pointers.update(dict.fromkeys(["CELLS", "POS"], "i64"))
     pointers.update(dict.fromkeys(["EXTENT", "TILES"], "i32"))
-    consts = {"HEAD_D": 24, "BLOCK_D": 32, "CTX": kf.CTX_BLOCK, **consts}
+    consts = {"HEAD_D": 24, "BLOCK_D": 32, "CTX": kc.CTX_BLOCK, **consts}
     consts.setdefault("DOT_PREC", kf.dot_precision({"fp32": torch.float32}.get(dtype)))
     attrs = {}
     if real_launch:
@@ -265,7 +266,7 @@ def pinned_spills(archs=tuple(ARCHS), head_dims=(32, 64, 128), kernels=tuple(TAB
             for arch in archs:
                 inputs = [("fp32", p) for p in FP32_POLICIES] if wide else [("fp16", "native"), ("bf16", "native")]
                 for dtype, policy in [x for x in inputs if policies is None or x[1] in policies]:
-                    free = kf.spill_free(name, configs, head_dim, policy, arch)
+                    free = kc.spill_free(name, configs, head_dim, policy, arch)
                     rows.append(dict(_usage(name, free[0], head_dim, dtype, policy, arch, progress), pinned=True))
     return rows
 

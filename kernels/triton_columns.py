@@ -23,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_forward import MASKED_C, head_dim_configs, load_rows, mma
+from .triton_common import MASKED_C, head_dim_configs, load_rows, mma
 
 
 @triton.jit

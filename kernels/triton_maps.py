@@ -22,18 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_forward import (
-    EMULATE,
-    INTERPRET,
-    LOG2E,
-    MASKED_C,
-    MAX_PROGRAMS,
-    _tf32_rna,
-    _tf32_trunc,
-    block_d,
-    load_rows,
-    mma,
-)
+from .triton_common import EMULATE, INTERPRET, LOG2E, MASKED_C, MAX_PROGRAMS, _tf32_rna, _tf32_trunc, load_rows, mma
+from .triton_forward import block_d
 from .triton_options import dot_precision, resolve
 
 #: Bins per program and axis (the register blocks are [BLOCK_M, BINS] and [BINS, BINS]); tl.dot needs >= 16.

@@ -1,6 +1,6 @@
 """Written by ``python benches/sass_counts.py --spills``: spill bytes (stores + loads) that ptxas reported
 for each (arch, kernel, head dim, DOT_PREC, config) it compiled. Configs that spill are never launched
-(:func:`.triton_forward.spill_free`)."""
+(:func:`.triton_common.spill_free`)."""
 
 CHECKED: dict = {
     ('sm_80', 'column pass', 32, 'bf16', (128, 128, 0, 4, 3)): 0,

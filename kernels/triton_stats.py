@@ -26,7 +26,8 @@ from .triton_columns import (  # noqa: F401 (the kernels and tables, also read t
     _entries_kernel,
     exp2_fma,
 )
-from .triton_forward import LOG2E, block_d, check_grid, check_tensors, dot_precision, extents, forward, key_bias, launch
+from .triton_common import LOG2E, launch
+from .triton_forward import block_d, check_grid, check_tensors, dot_precision, extents, forward, key_bias
 from .triton_maps import binned_rows
 from .triton_options import resolve
 

@@ -14,7 +14,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 python=${PYTHON:-$repo/.venv/bin/python}
 group=${1:?usage: scripts/mutation.sh kernels|tables|tokenize|adapters}
 case $group in
-  kernels)  mutate='"src/attnprof/kernels/plan.py", "src/attnprof/kernels/reduce.py", "src/attnprof/kernels/spec.py", "src/attnprof/kernels/reference.py"'
+  kernels)  mutate='"src/attnprof/kernels/plan.py", "src/attnprof/kernels/reduce.py", "src/attnprof/kernels/features.py", "src/attnprof/kernels/spec.py", "src/attnprof/kernels/reference.py"'
             tests='"tests/kernels/test_kernels.py", "tests/kernels/test_plan.py", "tests/kernels/test_kernel_inputs_and_layout.py"' ;;
   tables)   mutate='"src/attnprof/tables.py", "src/attnprof/frames.py"'
             tests='"tests/statistics/test_tables.py", "tests/statistics/test_significance.py", "tests/statistics/test_table_layout_and_p_values.py"' ;;

@@ -267,14 +267,14 @@ def test_plan_fields_without_a_panel_or_genes():
 def test_gene_sums_in_chunks_of_genes_equal_the_reference(monkeypatch, chunk):
     """The gene reduction densifies per chunk of genes (``GENE_CHUNK`` entries of cells x genes x heads):
     many chunks, an uneven last one, each adding at its own genes, give the reference's sums."""
-    from attnprof.kernels import reduce
+    from attnprof.kernels import features
 
     q, k, v, padding, groups, tokens = random_batch(11, 4, 2, 9, 8, 2, vocab=12)
     spec = spec_for(2, 9, vocab=12)
     args = dict(spec=spec, groups=groups, key_padding_mask=padding, tokens=tokens)
     _, ref = attention_stats(q, k, v, backend="reference", **args)
     counted = int((groups >= 0).sum())
-    monkeypatch.setattr(reduce, "GENE_CHUNK", chunk * counted * 2)  # chunks of `chunk` genes (H = 2)
+    monkeypatch.setattr(features, "GENE_CHUNK", chunk * counted * 2)  # chunks of `chunk` genes (H = 2)
     plan = build_plan(spec, groups[None], padding, tokens)
     assert plan.genes.numel() > chunk and plan.genes.numel() % chunk  # several chunks, a ragged last one
     _, fast = attention_stats(q, k, v, backend="torch", **args)
@@ -334,7 +334,7 @@ def test_tiled_sums_take_one_matmul_per_target_and_separate_sums_one_per_sum():
     count, and per gene chunk one matmul and one scatter-add (index_put_) for the gene sums; separate sums one
     index_add_ per dense sum and one scatter-add per gene sum. No op count depends on the batch."""
     from attnprof.kernels import tiled_zeros
-    from attnprof.kernels.reduce import DENSE, GENES, _features
+    from attnprof.kernels.features import DENSE, GENES, _features
 
     plan, cells, shapes, compact = _tiled_setup()
     chunks = len(_features(plan, 2).genes)  # the plan's buffers exist before the count (made once per plan)

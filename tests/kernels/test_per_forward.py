@@ -14,7 +14,7 @@ from torch import nn
 
 import attnprof
 try:
-    from attnprof.kernels.triton_forward import INTERPRET
+    from attnprof.kernels.triton_common import INTERPRET
 except ImportError:  # no Triton (the gpu extra): the triton tests below skip
     INTERPRET = False
 

@@ -179,7 +179,7 @@ def test_all_labelings_at_once_equal_separate_calls(B, H, L, G, N, backend, pane
 def test_tiled_sums_equal_separate_sums(B, H, L, N, panel, wide, chunk, seed):
     """Sums laid out by tiled_zeros (one matmul per target) == sums in separate tensors (one per sum),
     for a full and a compact permutation target, a window wider than the batch and chunked genes."""
-    from attnprof.kernels import reduce, tiled_zeros
+    from attnprof.kernels import features, reduce, tiled_zeros
 
     q, k, v, padding, groups, tokens = random_batch(seed, B, H, L, 16, 2)
     g = torch.Generator().manual_seed(seed)
@@ -195,12 +195,12 @@ def test_tiled_sums_equal_separate_sums(B, H, L, N, panel, wide, chunk, seed):
         alloc = tiled_zeros if layout == "tiled" else (lambda sh: {n: torch.zeros(s, dtype=torch.float64) for n, s in sh.items()})
         full, null = alloc(shapes), alloc(compact)
         targets = [Target(full), Target(null, slice(1, None), slots)]
-        saved, reduce.GENE_CHUNK = reduce.GENE_CHUNK, chunk
+        saved, features.GENE_CHUNK = features.GENE_CHUNK, chunk
         try:
             for _ in range(2):  # two layers on one plan: the plan's feature buffers are reused
                 planned_stats(q, k, v, plan, targets, backend="torch")
         finally:
-            reduce.GENE_CHUNK = saved
+            features.GENE_CHUNK = saved
         tiled = [t.tiled(tuple(n for n in reduce.DENSE if n in t.sums), -1) is not None for t in targets]
         assert tiled == [layout == "tiled"] * 2 or N == 0
         sums[layout] = full, null

@@ -31,7 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from attnprof import Profiler
 from attnprof.adapters.mha import fastpath_disabled
 from attnprof.kernels import Target, build_plan, empty_sums, planned_stats
-from attnprof.kernels.triton_forward import INTERPRET
+from attnprof.kernels.triton_common import INTERPRET
 
 from helpers import random_batch, spec_for
 

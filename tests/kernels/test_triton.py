@@ -33,7 +33,8 @@ from torch import nn
 
 from attnprof import Profiler
 from attnprof.kernels import StatsSpec, attention_stats, sum_shapes
-from attnprof.kernels.triton_forward import INTERPRET, triton_forward
+from attnprof.kernels.triton_common import INTERPRET
+from attnprof.kernels.triton_forward import triton_forward
 from attnprof.kernels.triton_stats import exp2_fma
 
 from helpers import assert_sums_close, random_batch, spec_for
@@ -431,12 +432,13 @@ def test_compiles_for_h100_and_cpu_tensors_need_the_interpreter():
 
 def check_without_interpreter(all_configs: bool = False):
     """Run by the test above in a fresh process; ``all_configs`` compiles every autotune config (slow)."""
+    from attnprof.kernels import triton_common as kc
     from attnprof.kernels import triton_forward as kf
     from attnprof.kernels import triton_stats as ks
 
     sass_counts = _sass_counts()
 
-    assert not kf.INTERPRET
+    assert not kc.INTERPRET
     if not torch.cuda.is_available():
         x = torch.randn(1, 1, 3, 16)
         with pytest.raises(ValueError, match="set TRITON_INTERPRET=1 .* or use backend='torch'"):

@@ -19,6 +19,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from attnprof.kernels import Target, build_plan, empty_sums, planned_stats
+from attnprof.kernels import triton_common as kc
 from attnprof.kernels import triton_forward as kf
 from attnprof.kernels import triton_stats as ks
 from attnprof.kernels.triton_options import triton_options
@@ -118,24 +119,24 @@ def test_configs_are_pruned_per_head_dim_before_tuning(name):
     """Each kernel's prune keeps exactly its table's row for the launch (in order; the first is pinned):
     head dims 8..32 read the 32 row, 33..64 the 64 row, 65..128 the 128 row; fp32 operands their own."""
     kernel, table, names = KERNELS[name]
-    every = kf.table_configs(table, names)
+    every = kc.table_configs(table, names)
     prune = kernel.early_config_prune
     assert {key[0] for key in table} == {32, 64, 128} and {key[1] for key in table} == {False, True}
     for D in (8, 24, 32, 40, 64, 100, 128):
         for dot_prec in ("native", "tf32x3", "ieee"):
-            row = table[kf.table_key(kf.block_d(D), dot_prec)]
+            row = table[kc.table_key(kf.block_d(D), dot_prec)]
             kept = prune(every, {}, BLOCK_D=kf.block_d(D), DOT_PREC=dot_prec)
-            assert [kf._config_id(c, names) for c in kept] == [tuple(r) for r in row]
-    assert kf.table_key(16, "native") == (32, False) and kf.table_key(128, "fp16") == (128, True)
+            assert [kc._config_id(c, names) for c in kept] == [tuple(r) for r in row]
+    assert kc.table_key(16, "native") == (32, False) and kc.table_key(128, "fp16") == (128, True)
     odd = [every[0].__class__({n: 8 for n in names}, num_warps=1)]  # a list without any row (forced tiles)
     assert prune(odd, {}, BLOCK_D=32, DOT_PREC="native") == odd
 
 
 def test_pinned_config_is_the_first_kept(monkeypatch):
     kernel, table, names = KERNELS["forward"]
-    monkeypatch.setattr(kernel, "configs", kf.table_configs(table, names))
-    pinned = kf.pinned_config(kernel, (), dict(BLOCK_D=64, DOT_PREC="tf32x3"))
-    assert kf._config_id(pinned, names) == tuple(table[64, True][0])
+    monkeypatch.setattr(kernel, "configs", kc.table_configs(table, names))
+    pinned = kc.pinned_config(kernel, (), dict(BLOCK_D=64, DOT_PREC="tf32x3"))
+    assert kc._config_id(pinned, names) == tuple(table[64, True][0])
 
 
 def test_spill_data_drops_spilling_configs(monkeypatch):
@@ -151,11 +152,11 @@ def test_spill_data_drops_spilling_configs(monkeypatch):
         ("sm_80", "kernel 1", 32, "ieee", rows[1]): 0, ("sm_80", "kernel 1", 64, "native", rows[0]): 40,
         ("sm_80", "kernel 1", 64, "native", rows[1]): 20,
     })  # fmt: skip
-    assert kf.spill_free("kernel 1", rows, 32, "native", "sm_80") == rows[1:]
-    assert kf.spill_free("kernel 1", rows, 32, "ieee", "sm_80") == [rows[1]]
-    assert kf.spill_free("kernel 1", rows, 64, "native", "sm_80") == [rows[1]]
-    assert kf.spill_free("kernel 1", rows, 32, "native", "sm_90a") == rows
-    assert kf.spill_free("kernel 1", rows, 32, "native", None) == rows
+    assert kc.spill_free("kernel 1", rows, 32, "native", "sm_80") == rows[1:]
+    assert kc.spill_free("kernel 1", rows, 32, "ieee", "sm_80") == [rows[1]]
+    assert kc.spill_free("kernel 1", rows, 64, "native", "sm_80") == [rows[1]]
+    assert kc.spill_free("kernel 1", rows, 32, "native", "sm_90a") == rows
+    assert kc.spill_free("kernel 1", rows, 32, "native", None) == rows
 
 
 def test_the_checked_tables_have_a_spill_free_first_config():
@@ -169,7 +170,7 @@ def test_the_checked_tables_have_a_spill_free_first_config():
         for (head_dim, wide), rows in table.items():
             for arch in ("sm_80", "sm_90a"):
                 for prec in ("tf32x3", "tf32", "ieee", "bf16", "fp16") if wide else ("native",):
-                    first = kf.spill_free(name, rows, head_dim, prec, arch)[0]
+                    first = kc.spill_free(name, rows, head_dim, prec, arch)[0]
                     assert CHECKED[arch, name, head_dim, prec, tuple(first)] == 0, (name, head_dim, prec, arch, first)
 
 
@@ -231,14 +232,14 @@ def test_gene_tokens_go_straight_into_the_features(deterministic):
 def test_gene_tokens_in_several_chunks_of_genes(monkeypatch, deterministic):
     """The reduction's gene features in chunks of 3 genes (a ragged last one): each chunk takes its own
     tokens on the token path; the sums equal the reference."""
-    from attnprof.kernels import attention_stats, reduce
+    from attnprof.kernels import attention_stats, features
 
     B, H, L, D = 4, 2, 24, 16
     q, k, v, padding, groups, tokens = batch(13, B, H, L, D)
     tokens[0, :6] = torch.tensor([3, 3, 9, 5, 9, 3])
     spec = spec_for(4, L, window=8, n_context=2)
     counted = int((groups >= 0).sum())
-    monkeypatch.setattr(reduce, "GENE_CHUNK", 3 * counted * H)
+    monkeypatch.setattr(features, "GENE_CHUNK", 3 * counted * H)
     plan = build_plan(spec, groups, padding, tokens)
     assert plan.genes.numel() > 3 and plan.genes.numel() % 3
     with triton_options(deterministic=deterministic):
