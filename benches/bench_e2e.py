@@ -92,11 +92,13 @@ def plain(model, tokens, labels, size, trim, fast):
                     model(t)
 
 
-def profiled(model, tokens, labels, size, trim, backend, vocab, replicates=None):
-    """The profile of the cells; ``replicates``: each cell's animal (sums kept per animal)."""
-    owner = None if replicates is None else {r: f"ab"[int(g)] for r, g in zip(replicates, labels)}
+def profiled(model, tokens, labels, size, trim, backend, vocab, replicates=None, map_bins=0):
+    """The profile of the cells; ``replicates``: each cell's animal (sums kept per animal); ``map_bins``: whole
+    maps over the model's context."""
+    owner = None if replicates is None else {r: "ab"[int(g)] for r, g in zip(replicates, labels)}
     with attnprof.Profiler(model, groups=["a", "b"], genes=vocab, window=64, n_context=3, backend=backend,
-                           replicates=owner) as prof, torch.inference_mode():  # fmt: skip
+                           replicates=owner, map_bins=map_bins,
+                           map_length=model.context_length if map_bins else 0) as prof, torch.inference_mode():  # fmt: skip
         for s, (t, lab) in zip(range(0, len(tokens), size), batches(tokens, labels, size, trim)):
             prof.set_batch(groups=lab, tokens=t, replicates=None if replicates is None else replicates[s : s + size])
             model(t)

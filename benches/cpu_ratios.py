@@ -2,6 +2,7 @@
 
     python benches/cpu_ratios.py panel   # plain (regular path) vs attnprof vs attnprof + compare with 999 relabelings
     python benches/cpu_ratios.py full    # the same on 1,500-token cells (no permutations)
+    THREADS=2 MAP_BINS=32 python benches/cpu_ratios.py full   # on 2 threads, and a run with whole-context maps
 
 The workloads are bench_e2e's full-mode ones (Nicheformer scale; 64 panel cells of 150-250 tokens in
 batches of 32, or 4 full cells). Wall-clock ratios on a machine whose load swings by 3x within a
@@ -23,6 +24,9 @@ runs = {
 }
 if kind != "panel":
     del runs["attnprof 999 perms"]
+bins = int(__import__("os").environ.get("MAP_BINS", "0"))  # MAP_BINS=32: also a run with whole-context maps
+if bins:
+    runs[f"attnprof + {bins} bins"] = lambda: be.profiled(s["model"], t, lab, size, True, "auto", s["vocab"], map_bins=bins)
 for f in runs.values(): f()
 res = {k: [] for k in runs}
 for r in range(3):
@@ -35,3 +39,6 @@ wall = {k: min(x[1] for x in v) for k, v in res.items()}
 print("cpu min", cpu, "wall min", wall)
 print("attnprof / plain: cpu %.3f wall %.3f" % (cpu["attnprof"] / cpu["plain regular"], wall["attnprof"] / wall["plain regular"]))
 if kind == "panel": print("999 perms / none: cpu %.3f wall %.3f" % (cpu["attnprof 999 perms"] / cpu["attnprof"], wall["attnprof 999 perms"] / wall["attnprof"]))
+if bins:
+    key = f"attnprof + {bins} bins"
+    print("maps / none: cpu %.3f wall %.3f" % (cpu[key] / cpu["attnprof"], wall[key] / wall["attnprof"]))
