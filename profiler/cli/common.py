@@ -122,8 +122,8 @@ def gene_sets(specs) -> dict[str, list[str]]:
     return out
 
 
-def layer_heads(value: str | None) -> list[tuple[int, int]] | None:
-    """--gallery L:H,L:H as [(L, H), ...]."""
+def layer_heads(value: str | None, option: str = "--gallery") -> list[tuple[int, int]] | None:
+    """``L:H,L:H`` as [(L, H), ...] (attnprof's 0-based numbers)."""
     if value is None:
         return None
     try:
@@ -131,5 +131,8 @@ def layer_heads(value: str | None) -> list[tuple[int, int]] | None:
     except ValueError:
         pairs = []
     if not pairs or any(len(p) != 2 for p in pairs):
-        raise ValueError(f"--gallery takes layer:head pairs separated by commas, e.g. 0:1,3:2; got {value!r}")
+        several = option == "--gallery"
+        raise ValueError(f"{option} takes layer:head (0-based, as attnprof's tables)"
+                         f"{' pairs separated by commas' if several else ''}, e.g. {'0:1,3:2' if several else '0:1'}; "
+                         f"got {value!r}")  # fmt: skip
     return pairs

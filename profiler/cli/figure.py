@@ -12,14 +12,14 @@ from ..figure_files import check_targets, outputs, write_figure
 from ..outputs import list_outputs
 from ..profile import Profile
 from ..summary import saved_contrast
-from .common import profile_path
+from .common import layer_heads, profile_path
 
 
 def cmd_figure(args) -> int:
     path = profile_path(args.run)
     out = Path(args.out) if args.out else path.parent / "figure"
     options = dict(head_a=_head(args.head_a, "--head-a"), head_b=_head(args.head_b, "--head-b"),
-                   gallery=_heads(args.gallery), within=_within(args.within))  # fmt: skip
+                   gallery=layer_heads(args.gallery), within=_within(args.within))  # fmt: skip
     formats = ("png", "pdf") if args.pdf else ("png",)
     names = outputs(formats)
     check_targets(out, names, args.overwrite, path.parent)  # before any work
@@ -51,25 +51,10 @@ def cmd_figure(args) -> int:
 def _head(value: str | None, option: str) -> tuple[int, int] | None:
     if value is None:
         return None
-    pairs = _heads(value, option)
+    pairs = layer_heads(value, option)
     if len(pairs) != 1:
         raise ValueError(f"{option} takes one layer:head (0-based), e.g. 0:1; got {value!r}")
     return pairs[0]
-
-
-def _heads(value: str | None, option: str = "--gallery") -> list[tuple[int, int]] | None:
-    """``L:H,L:H`` as [(L, H), ...] (attnprof's 0-based numbers)."""
-    if value is None:
-        return None
-    try:
-        pairs = [tuple(int(x) for x in item.split(":")) for item in value.split(",") if item.strip()]
-    except ValueError:
-        pairs = []
-    if not pairs or any(len(p) != 2 for p in pairs):
-        example = "0:1" if option != "--gallery" else "0:1,3:2"
-        raise ValueError(f"{option} takes layer:head (0-based, as attnprof's tables){' pairs separated by commas' if option == '--gallery' else ''}, "
-                         f"e.g. {example}; got {value!r}")  # fmt: skip
-    return pairs
 
 
 def _within(value: str | None) -> tuple[str, str] | None:
