@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from .npz import read_npz, write_npz
-from .profile import Profile, _differing_keys
+from .merging import _differing_keys
+from .profile import Profile
 
 CHECKPOINT_VERSION = 1
 

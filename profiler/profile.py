@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .blocks import Blocks
+from .merging import check_compatible, merged_meta, shared_cells, summed
 from .npz import read_npz, write_npz
 
 #: 2: sums per block (replicate or pseudo-replicate) and the blocks' design; no permutation sums.
@@ -78,27 +79,9 @@ class Profile:
         }
 
     def check_compatible(self, other: Profile) -> None:
-        """Raise ``ValueError`` naming what differs when ``other`` cannot be summed with this profile.
-
-        Compared: the layout, and the ``model`` and ``options`` metadata (what must agree between
-        shards of one run); the ``data`` metadata (source, subset, cells) is per shard and may differ.
-        """
-        mine, theirs = self.layout(), other.layout()
-        diff = [k for k in mine if mine[k] != theirs[k]]
-        if diff:
-            details = "; ".join(f"{k}: {_short(mine[k])} vs {_short(theirs[k])}" for k in diff)
-            hint = " (a vocabulary mismatch: profile with the model's own gene list)" if "genes" in diff else ""
-            raise ValueError(
-                f"cannot merge profiles of different layout ({details}){hint}; "
-                f"profile every shard with the same model, groups, window, vocabulary and panel"
-            )
-        for key in ("model", "options"):
-            if key in self.meta and key in other.meta and self.meta[key] != other.meta[key]:
-                where = ", ".join(_differing_keys(self.meta[key], other.meta[key], key))
-                raise ValueError(
-                    f"cannot merge profiles made with a different {key} ({where}): "
-                    f"{_short(self.meta[key])} vs {_short(other.meta[key])}; profile every shard the same way"
-                )
+        """Raise ``ValueError`` naming what differs when ``other`` cannot be summed with this profile (see
+        :func:`attnprof.merging.check_compatible`)."""
+        check_compatible(self, other)
 
     def __add__(self, other: Profile) -> Profile:
         """The sum of two shards' profiles, with both shards' data recorded in ``meta["data"]["shards"]``."""
@@ -109,7 +92,7 @@ class Profile:
                 f"the two profiles share {shared} cells: merging would count them twice; "
                 f"merge profiles of disjoint cells (the shards of one run, not a run and one of its shards)"
             )
-        return self._summed(other, _merged_meta(self.meta, other.meta))
+        return self._summed(other, merged_meta(self.meta, other.meta))
 
     def accumulate(self, other: Profile, meta: dict | None = None) -> Profile:
         """The sums of both with ``meta`` (default: this profile's): two parts of one run (a checkpoint, the rest)."""
@@ -117,20 +100,7 @@ class Profile:
         return self._summed(other, self.meta if meta is None else meta)
 
     def _summed(self, other: Profile, meta: dict) -> Profile:
-        blocks, mine, theirs = self.blocks.union(other.blocks)
-        if mine is None:
-            sums = {k: self.sums[k] + other.sums[k] for k in self.sums}
-        else:  # parts holding other replicates: each part's blocks go to their place in the union
-            sums = {}
-            for k, a in self.sums.items():
-                total = np.zeros((a.shape[0], len(blocks), *a.shape[2:]))
-                total[:, mine] += a
-                total[:, theirs] += other.sums[k]
-                sums[k] = total
-        ids = None
-        if self.cell_ids is not None and other.cell_ids is not None:
-            ids = np.sort(np.concatenate([self.cell_ids, other.cell_ids]))
-        return Profile(sums, **{**self._fields(), "meta": dict(meta), "blocks": blocks}, cell_ids=ids)
+        return summed(self, other, meta)
 
     def _fields(self) -> dict:
         return dict(
@@ -294,86 +264,7 @@ def merge(profiles) -> Profile:
     return total
 
 
-# ----------------------------------------------------------- cell identity
-def cell_ids(source: str, obs_names) -> np.ndarray:
-    """Sorted 64-bit identities of cells: a hash of the data file's name and each cell's obs name.
-
-    The file's name, not its folder: shards read on different machines see one file at different paths.
-    pandas' hash_array (SipHash with a fixed key) is stable across runs and machines. 8 bytes per cell:
-    8 MB per million cells in the profile, hashed in well under a second. Two different cells collide
-    with probability about n**2 / 2**65 (1e-5 for 10 million cells), which would only refuse a merge.
-    """
-    import pandas as pd
-
-    names = pd.Index(obs_names).astype(str)
-    keys = (Path(str(source)).name + "\x00" + names).to_numpy(dtype=object)
-    return np.sort(pd.util.hash_array(keys, categorize=False))
-
-
-def shared_cells(a: Profile, b: Profile) -> int:
-    """How many cells two profiles both count (0 when either lacks cell identities)."""
-    if a.cell_ids is None or b.cell_ids is None or not len(a.cell_ids) or not len(b.cell_ids):
-        return 0
-    at = np.minimum(np.searchsorted(b.cell_ids, a.cell_ids), len(b.cell_ids) - 1)  # both sorted
-    return int(np.count_nonzero(b.cell_ids[at] == a.cell_ids))
-
-
-def check_disjoint(profiles, names) -> None:
-    """Refuse profiles that share cells, naming the first two that do and how many cells they share."""
-    profiles, names = list(profiles), [str(n) for n in names]
-    for i in range(len(profiles)):
-        for j in range(i + 1, len(profiles)):
-            shared = shared_cells(profiles[i], profiles[j])
-            if shared:
-                raise ValueError(
-                    f"{names[i]} and {names[j]} share {shared} cells (by data file name and obs name): merging "
-                    f"would count them twice; merge profiles of disjoint cells, e.g. the shards of one run "
-                    f"(not a run with one of its shards, nor overlapping subsets)"
-                )
-
-
 def _float64(x: np.ndarray) -> np.ndarray:
     if x.dtype.kind not in "fiu":
         raise ValueError(f"a profile sum has dtype {x.dtype}, expected numbers (corrupted file?)")
     return x.astype(np.float64, copy=False)
-
-
-# ------------------------------------------------------------------ meta
-def _merged_meta(a: dict, b: dict) -> dict:
-    """Meta of a merge: ``a``'s, with the shards' ``data`` listed and compute time summed."""
-    meta = dict(a)
-    meta["merged"] = int(a.get("merged", 1)) + int(b.get("merged", 1))
-    if "elapsed_s" in a or "elapsed_s" in b:
-        meta["elapsed_s"] = round(float(a.get("elapsed_s") or 0) + float(b.get("elapsed_s") or 0), 3)
-    if "data" in a or "data" in b:
-        shards = _shards(a) + _shards(b)
-        digests = [s["cells_digest"] for s in shards if s.get("cells_digest")]
-        twice = sorted({d for d in digests if digests.count(d) > 1})
-        if twice:
-            raise ValueError(
-                f"two of the profiles cover the same cells (cells digest {twice[0]}): merging would count "
-                f"them twice; merge each shard once"
-            )
-        meta["data"] = {"shards": shards}
-    return meta
-
-
-def _shards(meta: dict) -> list[dict]:
-    data = meta.get("data") or {}
-    return list(data["shards"]) if "shards" in data else [dict(data)]
-
-
-def _differing_keys(a, b, prefix: str) -> list[str]:
-    """Dotted names of the entries that differ between two nested dicts."""
-    if not (isinstance(a, dict) and isinstance(b, dict)):
-        return [prefix]
-    out = []
-    for k in sorted(set(a) | set(b), key=str):
-        if a.get(k) != b.get(k):
-            out += _differing_keys(a.get(k), b.get(k), f"{prefix}.{k}")
-    return out
-
-
-def _short(x, n: int = 80) -> str:
-    s = repr(x)
-    return s if len(s) <= n else s[: n - 3] + "..."

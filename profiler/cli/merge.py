@@ -7,7 +7,8 @@ from pathlib import Path
 
 from ..checks import nothing_to_compare
 from ..outputs import RunFolder, check_writable_file, written_summary
-from ..profile import Profile, check_disjoint
+from ..merging import check_disjoint
+from ..profile import Profile
 from ..summary import design_record, layer_summary, saved_contrast
 from ..tables import DEFAULT_PERMUTATIONS
 from .common import profile_path

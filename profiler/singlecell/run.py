@@ -29,7 +29,8 @@ from ..blocks import PSEUDO_REPLICATES, design_blocks
 from ..checkpoint import Checkpoint
 from ..distributed import all_reduce_profile, rank_and_world, sum_over_ranks
 from ..checks import open_h5ad
-from ..profile import Profile, cell_ids
+from ..merging import cell_ids
+from ..profile import Profile
 from .batches import ordered_values, select_cells
 from .budget import check_memory
 from .loop import _Run, cells_digest, plan_cells, profile_batches
