@@ -20,7 +20,7 @@ from .common import gene_sets
 def cmd_compare(args) -> int:
     from ..checks import nothing_to_compare
     from ..profile import Profile
-    from ..singlecell.run import write_outputs
+    from ..singlecell.write import write_outputs
     from ..tables import DEFAULT_MIN_CELLS, DEFAULT_PERMUTATIONS, contrast_key
 
     run = Path(args.out)

@@ -15,7 +15,7 @@ from .common import profile_path
 
 
 def cmd_merge(args) -> int:
-    from ..singlecell.run import write_outputs
+    from ..singlecell.write import write_outputs
 
     if not args.output and not args.out:
         raise ValueError("say where to write: -o FILE for the merged profile, --out DIR for its tables, or both")

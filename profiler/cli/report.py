@@ -19,7 +19,7 @@ from ..summary import design_record, layer_summary, saved_contrast
 def cmd_report(args) -> int:
     from ..checks import nothing_to_compare
     from ..profile import Profile
-    from ..singlecell.run import write_outputs
+    from ..singlecell.write import write_outputs
 
     out = Path(args.out)
     if not (out / PROFILE).is_file():

@@ -32,7 +32,8 @@ def _run(args, device, rank: int, world: int) -> int:
 
 def _profile_and_write(args, folder: RunFolder, rank: int, world: int, device) -> int:
     from ..singlecell.batches import select_cells
-    from ..singlecell.run import profile_anndata, write_outputs
+    from ..singlecell.run import profile_anndata
+    from ..singlecell.write import write_outputs
 
     shard = parse_shard(args.shard)
     check_design_options(args)
