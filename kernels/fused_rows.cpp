@@ -330,22 +330,13 @@ std::vector<at::Tensor> batch_rows(at::Tensor q, at::Tensor k, at::Tensor v, at:
   auto i64 = [](at::Tensor x) { return x.to(at::kLong).contiguous(); };
   cu_q = i64(cu_q); cu_k = i64(cu_k); slot = i64(slot); nctx = i64(nctx); nwin = i64(nwin);
   pslot = i64(pslot); pat = i64(pat); medges = i64(medges);
-  if (fast_exp)
-    batch_impl<true>(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), cu_q.data_ptr<int64_t>(),
-                     cu_k.data_ptr<int64_t>(), slot.data_ptr<int64_t>(), nctx.data_ptr<int64_t>(),
-                     nwin.data_ptr<int64_t>(), pslot.data_ptr<int64_t>(), pat.data_ptr<int64_t>(),
-                     out.data_ptr<float>(), lse.data_ptr<float>(), rstat.data_ptr<float>(),
-                     colsum.data_ptr<float>(), win.data_ptr<float>(), pair.data_ptr<float>(),
-                     check.data_ptr<float>(), NB ? medges.data_ptr<int64_t>() : nullptr,
-                     maps.data_ptr<double>(), B, H, Tq, Tk, D, W, M, NB);
-  else
-    batch_impl<false>(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), cu_q.data_ptr<int64_t>(),
-                      cu_k.data_ptr<int64_t>(), slot.data_ptr<int64_t>(), nctx.data_ptr<int64_t>(),
-                      nwin.data_ptr<int64_t>(), pslot.data_ptr<int64_t>(), pat.data_ptr<int64_t>(),
-                      out.data_ptr<float>(), lse.data_ptr<float>(), rstat.data_ptr<float>(),
-                      colsum.data_ptr<float>(), win.data_ptr<float>(), pair.data_ptr<float>(),
-                      check.data_ptr<float>(), NB ? medges.data_ptr<int64_t>() : nullptr,
-                     maps.data_ptr<double>(), B, H, Tq, Tk, D, W, M, NB);
+  auto impl = fast_exp ? batch_impl<true> : batch_impl<false>;  // one signature, two exponentials
+  impl(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), cu_q.data_ptr<int64_t>(),
+       cu_k.data_ptr<int64_t>(), slot.data_ptr<int64_t>(), nctx.data_ptr<int64_t>(), nwin.data_ptr<int64_t>(),
+       pslot.data_ptr<int64_t>(), pat.data_ptr<int64_t>(), out.data_ptr<float>(), lse.data_ptr<float>(),
+       rstat.data_ptr<float>(), colsum.data_ptr<float>(), win.data_ptr<float>(), pair.data_ptr<float>(),
+       check.data_ptr<float>(), NB ? medges.data_ptr<int64_t>() : nullptr, maps.data_ptr<double>(), B, H, Tq, Tk,
+       D, W, M, NB);
   return {out, lse, rstat, colsum, win, pair, check, maps};
 }
 
