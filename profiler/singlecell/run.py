@@ -1,4 +1,4 @@
-"""Profile a single-cell model over the cells of an AnnData, grouped by an obs column.
+"""Profile a single-cell model over the cells of an AnnData, grouped by an obs column (and kept apart by others).
 
 :func:`profile_anndata` is the one call: select cells, tokenize them in
 chunks, bucket and trim batches, and run them through the model inside a
@@ -84,9 +84,10 @@ def profile_anndata(
     """Group-wise attention sums of a model over the cells of ``adata``, kept per replicate.
 
     model:    a :class:`~attnprof.singlecell.Nicheformer` (anything with ``n_tokens``,
-              ``context_length`` and ``forward(tokens)``), run on its own device.
+              ``context_length`` and ``forward(tokens)``), or the model of ``family``; run on its own device.
     adata:    an AnnData (in memory or backed) or the path of an ``.h5ad`` (opened backed).
-    groupby:  the obs column whose categories are the groups; ``groups`` restricts and orders them.
+    groupby:  the obs column whose categories are the groups (every one is kept); ``groups`` restricts and
+              orders them.
     vocab:    the model's gene list (Vocabulary, path or names); default: the data's own genes.
     means:    the technology mean vector (array or ``.npy``); default: all ones. Several technologies: a
               folder of the published ``*_mean_script.npy`` files or ``{assay or "dissociated": file}``;
@@ -130,10 +131,12 @@ def profile_anndata(
               run (data, cells, model or options) is refused. Deleted when the run succeeds.
               With shards each keeps its own file, ``<name>.shard<i>of<n>.npz``.
 
-    family:   a :class:`~attnprof.singlecell.family.FrontEnd` (Geneformer, scGPT) that tokenizes and calls
-              ``model`` in its family's way; ``vocab``, ``means`` and the context tokens are then unused.
+    family:   the model family's :class:`~attnprof.singlecell.family.FrontEnd` (Geneformer, scGPT; see
+              ``attnprof.singlecell.registry``) that tokenizes and calls ``model`` in its family's way; ``vocab``,
+              ``means`` and the context tokens are then unused. Default: Nicheformer's, built from them.
 
-    Returns a :class:`attnprof.Profile` with the token names as genes and ``n_context=3``.
+    Returns a :class:`attnprof.Profile` whose genes are the names of the token ids the data can hold (every id
+    with ``all_genes``; ``meta["token_ids"]`` their ids) and ``n_context`` the family's context tokens.
     """
     if permutations is not None:
         warnings.warn("profile_anndata(permutations=...) is ignored: permutations are drawn at compare time from "
