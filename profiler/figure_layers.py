@@ -93,17 +93,17 @@ def maximum_panel(name: str, comparison: Comparison, family: str, genes: str, wh
                    "head_p_fwer": df.at[best, f"p_fwer_{stat}"] if best is not None and f"p_fwer_{stat}" in df
                    else np.nan}  # fmt: skip
             layer_row = layers.loc[layer]
-            known = reading == "max_of_max" and "max_abs_diff_null_q95" in layer_row  # the layers table's maximum
-            for col, source in (("null_mean", "max_abs_diff_null_mean"), ("null_q95", "max_abs_diff_null_q95"),
-                                ("p_perm", "p_perm_max_abs_diff"), ("p_fwer", "p_fwer_max_abs_diff")):  # fmt: skip
-                row[col] = layer_row[source] if known else np.nan
+            column = "max_abs_diff" if reading == "max_of_max" else "max_head_mean_abs_diff"  # the layers table's
+            for col, source in (("null_mean", f"{column}_null_mean"), ("null_q95", f"{column}_null_q95"),
+                                ("p_perm", f"p_perm_{column}"), ("p_fwer", f"p_fwer_{column}")):  # fmt: skip
+                row[col] = layer_row[source] if source in layer_row else np.nan
             rows.append(row)
     table = pd.DataFrame(rows)
     caption = (f"{name}: per layer, the maximum over heads of the |{comparison.a} − {comparison.b}| difference, "
                f"{genes}, {where}, in both readings: left, max over heads of each head's max |D| (the layers table's "
-               f"max_abs_diff, with its null band and layer p); right, max over heads of each head's mean |D| (no "
-               f"null band: the relabelings' per-head values are not kept; the head holding it carries its "
-               f"family-wise p). h = the head holding the maximum (paper's 1-based number in brackets); dots: every "
+               f"max_abs_diff, with its null band and layer p); right, max over heads of each head's mean |D| (the "
+               f"layers table's max_head_mean_abs_diff, likewise with its null band and layer p; the head holding it "
+               f"carries its family-wise p). h = the head holding the maximum (paper's 1-based number in brackets); dots: every "
                f"head, ringed where its family-wise p ≤ {FWER_LEVEL}; {_null_note(comparison)}.")  # fmt: skip
     return Panel(name, f"maximum over heads: {genes}, {where}", "layers", table, extra={"heads": heads}, caption=caption,
                  draw={"readings": list(READINGS), "contrast": (comparison.a, comparison.b)})

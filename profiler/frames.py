@@ -93,6 +93,7 @@ def layers_table(cmp: Comparison) -> pd.DataFrame:
                 "mean_sq_diff": msd,
                 "rms_diff": np.sqrt(max(msd, 0)) if np.isfinite(msd) else np.nan,
                 "max_abs_diff": df["max_abs_diff"].max(),
+                "max_head_mean_abs_diff": df["mean_abs_diff"].max(),
                 "max_head": -1 if best is None else int(df.at[best, "head"]),
                 "where": "" if best is None else df.at[best, "where"],
                 "max_abs_t": df["max_abs_t"].max(),

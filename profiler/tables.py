@@ -55,6 +55,8 @@ DEFAULT_PERMUTATIONS = 999
 #: p resolves to 1e-5 at this many.
 MAX_PERMUTATIONS = 100_000
 STATS = ("mean_abs_diff", "max_abs_diff")
+#: The layers table's other reading of "maximum difference": the max over heads of each head's mean |D|.
+LAYER_MAX_OF_MEAN = "max_head_mean_abs_diff"
 
 
 def is_special_token(name) -> bool:
@@ -241,18 +243,21 @@ class Comparison:
     def _add_permutation_null(self, nulls: dict) -> None:
         """The null columns of the heads and layers tables from every family's null statistics (``_contrast``):
         null mean, 95th percentile, excess, p_perm and the Westfall–Young p_fwer within each family."""
-        parts = {"heads": {s: [] for s in STATS}, "layers": {s: [] for s in STATS}}
+        stats = {"heads": STATS, "layers": (*STATS, LAYER_MAX_OF_MEAN)}
+        parts = {table: {s: [] for s in names} for table, names in stats.items()}
         for family in self.contrasts:
             mean_abs, max_abs = nulls[family]  # [1 + N, layers, heads]
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # a layer without elements: NaN
-                layer_stats = {"mean_abs_diff": np.nanmean(mean_abs, -1), "max_abs_diff": np.nanmax(max_abs, -1)}
+                layer_stats = {"mean_abs_diff": np.nanmean(mean_abs, -1), "max_abs_diff": np.nanmax(max_abs, -1),
+                               LAYER_MAX_OF_MEAN: np.nanmax(mean_abs, -1)}  # fmt: skip
             for stat, values in (("mean_abs_diff", mean_abs), ("max_abs_diff", max_abs)):
                 parts["heads"][stat].append(values.reshape(len(values), -1))
+            for stat in stats["layers"]:
                 parts["layers"][stat].append(layer_stats[stat])
-        for table in ("heads", "layers"):
+        for table, names in stats.items():
             observed = getattr(self, table)
-            for stat in STATS:
+            for stat in names:
                 null = np.concatenate(parts[table][stat], axis=1)  # [1 + N, rows] in the table's row order
                 obs = observed[stat].to_numpy(dtype=float)
                 with warnings.catch_warnings():

@@ -110,8 +110,9 @@ def test_every_table_has_its_columns_in_order(cmp):
                                        "mean_sq_diff", "rms_diff", "max_abs_diff", "where", "max_abs_t",
                                        "max_t_where", "max_abs_t_cells", "min_q"]  # fmt: skip
     assert list(cmp.layers.columns) == ["layer", "layer_name", "family", "unit", "mean_abs_diff", "noise_floor",
-                                        "excess_over_noise", "mean_sq_diff", "rms_diff", "max_abs_diff", "max_head",
-                                        "where", "max_abs_t", "max_t_head", "max_t_where"]  # fmt: skip
+                                        "excess_over_noise", "mean_sq_diff", "rms_diff", "max_abs_diff",
+                                        "max_head_mean_abs_diff", "max_head", "where", "max_abs_t", "max_t_head",
+                                        "max_t_where"]  # fmt: skip
     assert list(cmp.genes.columns) == ["layer", "head", "gene", *ELEMENT_COLUMNS, "token_id"]
     assert list(cmp.context.columns) == ["layer", "head", "token", *ELEMENT_COLUMNS, "token_id"]
     assert list(cmp.pairs.columns) == ["layer", "head", "gene_a", "gene_b", *ELEMENT_COLUMNS]
@@ -331,7 +332,8 @@ def check_null(cmp, permuted):
     """``cmp``'s null columns against ``permuted``, the comparisons of the same cells under each labeling."""
     for table in ("heads", "layers"):
         observed = getattr(cmp, table)
-        for col in ("mean_abs_diff", "max_abs_diff"):
+        extra = ("max_head_mean_abs_diff",) if table == "layers" else ()  # the other reading of the maximum
+        for col in ("mean_abs_diff", "max_abs_diff", *extra):
             null = np.stack([getattr(p, table)[col].to_numpy(dtype=float) for p in permuted])  # [n, rows]
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
