@@ -292,7 +292,7 @@ class Recorder:
     def _stored_sums(self, layers: list[str]) -> dict[str, np.ndarray] | None:
         """Every sum of ``layers`` as a view of the CPU store (None unless each layer's sums are its slot in
         that order): ``[layers, G, ...]`` arrays that share the kernels' memory."""
-        if not self._store or len(layers) > len(self.layers):
+        if not self._store:
             return None
         out = {}
         for name, t in self.sums[layers[0]].items():
@@ -314,9 +314,9 @@ class Recorder:
     # ----------------------------------------------------------------- result
     def profile(self, meta: dict | None = None) -> Profile:
         """The sums so far as a :class:`Profile` (float64 numpy, layers first). During a session (a checkpoint)
-        the profile gets a copy; once the session has ended (``closed``) each layer's buffers are freed as they
-        are copied, so the hand-over peaks at the sums plus one layer, not twice the sums, and the profile is
-        kept: later calls return the same one."""
+        the profile gets a copy. Once the session has ended (``closed``) the profile takes the CPU store's memory
+        as it is (no copy), or else each layer's buffers are freed as they are copied (the hand-over peaks at the
+        sums plus one layer); the profile is kept: later calls return the same one."""
         if self._handed is not None:
             return self._handed
         if not self.sums:
@@ -324,17 +324,17 @@ class Recorder:
         self.check_finite()
         layers = [layer for layer in self.layers if layer in self.sums]  # in the order they first ran
         sums = self._stored_sums(layers) if self.closed else None  # the closed session's memory, handed over
-        if sums is not None:
+        if sums is None:
+            sums = {name: np.empty((len(layers), *t.shape)) for name, t in self.sums[layers[0]].items()}
+            for i, layer in enumerate(layers):
+                for name, t in self.sums[layer].items():
+                    sums[name][i] = t.cpu().numpy()
+                if self.closed:
+                    del self.sums[layer]
+                    self._views.pop(layer, None)
+        if self.closed:
             self.sums.clear()
             self._views.clear()
-        else:
-            sums = {name: np.empty((len(layers), *t.shape)) for name, t in self.sums[layers[0]].items()}
-        for i, layer in enumerate(layer for layer in layers if layer in self.sums):
-            for name, t in self.sums[layer].items():
-                sums[name][i] = t.cpu().numpy()
-            if self.closed:
-                del self.sums[layer]
-                self._views.pop(layer, None)
         profile = Profile(
             sums,
             layers=layers,

@@ -34,7 +34,7 @@ def sums_bytes(model, n_blocks: int, window: int, n_genes: int, panel: int, map_
         return None
     layers, heads = shape
     spec = StatsSpec(n_groups=n_blocks, window=window, vocab_size=n_genes, panel=tuple(range(panel)),
-                     map_bins=map_bins, map_length=max(map_bins, 1) if map_bins else 0)  # fmt: skip
+                     map_bins=map_bins, map_length=map_bins)  # fmt: skip
     per_layer = sum(int(torch.Size(s).numel()) for s in sum_shapes(spec, heads).values())
     return 8 * layers * per_layer
 
