@@ -10,58 +10,13 @@ Pure compute on ``q, k, v``; no model knowledge. Two entry points with interchan
 
 from __future__ import annotations
 
-import functools
-import warnings
-
 import torch
 
-from .blocked import blocked_cells
+from .accumulator import Accumulator
+from .backends import BACKENDS, Backend, MissingExtra, add_result, get_backend, resolve_backend, triton_available
 from .plan import BatchPlan, build_plan
-from .reduce import CellResults, Target, reduce_into, tiled_zeros
-from .reference import reference_planned
-from .spec import SUMMARIES, Inputs, StatsSpec, check_qkv, empty_sums, sum_shapes
-
-BACKENDS = ("auto", "reference", "torch", "triton")
-
-TRITON_MISSING = 'the triton backend needs Triton, which is not installed here: pip install "attnprof[gpu]"'
-
-
-class MissingExtra(ImportError, ValueError):
-    """An optional dependency is not installed (also a ValueError: the command line reports it as bad input)."""
-
-
-@functools.cache
-def triton_available() -> bool:
-    """True when Triton imports (the ``gpu`` extra); the CPU install and its torch backend need none."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@functools.cache
-def _warn_no_triton() -> None:  # once per process
-    warnings.warn('Triton is not installed here (pip install "attnprof[gpu]" for the fast GPU kernels): '
-                  "the torch backend runs on CUDA instead", RuntimeWarning, stacklevel=4)  # fmt: skip
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """``auto`` is triton on CUDA (torch there too, with a warning, when Triton is not installed) and torch
-    elsewhere; ``triton`` without Triton raises :class:`MissingExtra` saying how to install it."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend == "auto":
-        if torch.device(device).type != "cuda":
-            return "torch"
-        if triton_available():
-            return "triton"
-        _warn_no_triton()
-        return "torch"
-    if backend == "triton" and not triton_available():
-        raise MissingExtra(f'{TRITON_MISSING} (or choose backend="torch")')
-    return backend
-
+from .reduce import CellResults, Target, tiled_zeros
+from .spec import SUMMARIES, StatsSpec, check_qkv, empty_sums, refuse_non_finite, sum_shapes
 
 def attention_stats(
     q: torch.Tensor,
@@ -87,7 +42,7 @@ def attention_stats(
     return, instead of new zeros: it saves a vocabulary-sized pass per call.
     """
     check_qkv(q, k, v, scale)
-    name = resolve_backend(backend, q.device)
+    backend = get_backend(backend, q.device)
     B, H, L, _ = q.shape
     groups = torch.as_tensor(groups, device=q.device)
     if groups.shape != (B,):
@@ -95,11 +50,9 @@ def attention_stats(
     plan = build_plan(spec, groups[None], key_padding_mask, tokens, shape=(B, L), device=q.device)
     sums = _target(into, spec, H, q.device)
     out = planned_stats(q, k, v, plan, [Target({k: v[None] for k, v in sums.items()}, slice(0, 1))],
-                        scale=scale, backend=name)  # fmt: skip
-    if name == "triton":  # its layer calls defer the NaN/Inf verdict (a host sync) to the caller
-        from .triton_stats import raise_if_non_finite  # resolve_backend checked that Triton imports
-
-        raise_if_non_finite(plan, q, k, v)
+                        scale=scale, backend=backend)  # fmt: skip
+    if backend.finish(plan) is not None:  # a verdict the backend deferred (triton: a host sync)
+        refuse_non_finite(q, k, v)
     return out, sums
 
 
@@ -117,23 +70,12 @@ def planned_stats(q, k, v, plan: BatchPlan, targets, *, scale: float | None = No
             f"q has {B} cells of {L} positions on {q.device}, but the batch plan is for {plan.B} cells of "
             f"{plan.L} positions on {plan.device}: build the plan from this batch"
         )
-    name = resolve_backend(backend, q.device)
+    backend = get_backend(backend, q.device)
     with torch.no_grad():  # a forward-only op: the output carries no autograd history
-        if name == "reference":
-            return reference_planned(Inputs(q, k, v, plan.padding, plan.labelings[0], plan.tokens, scale), plan, targets)
-        if name == "torch":
-            out, cells = blocked_cells(q, k, v, plan, scale)
-        else:
-            out, cells = _triton_cells(q, k, v, plan, scale)
+        out, result = backend.cells(q, k, v, plan, scale)
         for target in targets:
-            reduce_into(plan, cells, target)
+            add_result(plan, result, target)
     return out
-
-
-def _triton_cells(q, k, v, plan: BatchPlan, scale: float):
-    from .triton_stats import triton_cells  # imported lazily: needs a working triton
-
-    return triton_cells(q, k, v, plan, scale)
 
 
 def _target(into, spec: StatsSpec, n_heads: int, device) -> dict[str, torch.Tensor]:
@@ -148,6 +90,8 @@ def _target(into, spec: StatsSpec, n_heads: int, device) -> dict[str, torch.Tens
 
 __all__ = [
     "BACKENDS",
+    "Accumulator",
+    "Backend",
     "SUMMARIES",
     "BatchPlan",
     "CellResults",
@@ -157,6 +101,7 @@ __all__ = [
     "attention_stats",
     "build_plan",
     "empty_sums",
+    "get_backend",
     "planned_stats",
     "resolve_backend",
     "sum_shapes",

@@ -120,9 +120,10 @@ class _Features:
 
 def _features(plan, H: int) -> _Features:
     """The plan's feature buffers for H heads, made at its first layer call."""
-    key = ("features", H)
-    if key in plan.cache:
-        return plan.cache[key]
+    return plan.derived(("features", H), lambda: _make_features(plan, H))
+
+
+def _make_features(plan, H: int) -> _Features:
     spec, C = plan.spec, plan.n_counted
     W, K, S, NB = spec.window, len(spec.panel), len(SUMMARIES), spec.map_bins
     widths = {"summary_sum": H * S, "pos_sum": H * W * W, "cells": 1, "pos_count": W * W}
@@ -139,13 +140,12 @@ def _features(plan, H: int) -> _Features:
             cols[k].copy_(plan.cell_counts[k])
     n_sums = sum(w for k, w in widths.items() if k.endswith("_sum"))  # the first columns; squares the last
     w = plan.window
-    plan.cache[key] = f = _Features(
+    return _Features(
         x=x, cols=cols, summary=cols["summary_sum"].view(C, H, S),
         window=cols["pos_sum"].view(C, H, W, W)[:, :, :w, :w],
         pair=cols["pair_sum"].view(C, H, K, K) if K else None, map=cols["map_sum"].view(C, H, NB, NB) if NB else None,
         sums=x[:, :n_sums], squares=x[:, x.shape[1] - n_sums :], genes=_gene_features(plan, H),
     )  # fmt: skip
-    return f
 
 
 #: Most per-cell gene entries (cells x genes x heads) of one chunk of the gene reduction's features.
@@ -196,8 +196,7 @@ def _layer_features(plan, cells: CellResults) -> _Features:
 def _gene_chunks(plan, step: int) -> list:
     """Per chunk of ``step`` genes: ``(v0, v1, pair cells, pair genes - v0, first pair, end pair)``, once
     per plan (pairs are sorted by gene: a chunk of genes is a range of pairs)."""
-    key = ("gene_chunks", step)
-    if key not in plan.cache:
+    def make():
         V = plan.genes.numel()
         edges = torch.arange(0, V + step, step, device=plan.device).clamp(max=V)
         bounds = torch.searchsorted(plan.pair_gene, edges).tolist()
@@ -205,8 +204,9 @@ def _gene_chunks(plan, step: int) -> list:
         for i, v0 in enumerate(range(0, V, step)):
             a, b = bounds[i], bounds[i + 1]
             chunks.append((v0, min(V, v0 + step), _part(plan.pair_cell, a, b), _part(plan.pair_gene, a, b) - v0, a, b))
-        plan.cache[key] = chunks
-    return plan.cache[key]
+        return chunks
+
+    return plan.derived(("gene_chunks", step), make)
 
 
 def _part(t, a: int, b: int):

@@ -86,8 +86,9 @@ cell_counts   what each counted cell adds to ``counts``, float64 ``[C, ...]`` fl
               same matmul as the layer's results.
 host          host lists for CPU loops: ``lengths`` (per batch row); ``counted_lengths``, ``n_window``,
               ``n_context``, ``panel_count`` and ``window_prefix`` (per counted cell).
-cache         a dict for what is derived on first use per head count or chunk size (e.g. ``cu`` =
-              ``cu_seqlens`` as a host list); backends may add their own keys.
+cache         what is derived from the plan on first use (:meth:`BatchPlan.derived`: per head count or chunk size,
+              a backend's kernel inputs, e.g. ``cu`` = ``cu_seqlens`` as a host list): the one cache of a
+              forward's derived state, dropped with the plan.
 """
 
 from __future__ import annotations
@@ -172,11 +173,17 @@ class BatchPlan:
                 "map_count": (NB, NB)}
         return {k: (self.onehot.T @ v).reshape(n, G, *tail[k]) for k, v in self.cell_counts.items()}
 
+    def derived(self, key, make):
+        """``make()``, computed at its first use on this plan and kept in its cache under ``key`` (a name, or a
+        tuple of a name and ints): the one place a backend, the features or the reduction keep what they derive
+        from a plan, so it lives exactly as long as the plan."""
+        if key not in self.cache:
+            self.cache[key] = make()
+        return self.cache[key]
+
     def cache_cu(self) -> list[int]:
         """``cu_seqlens`` as a host list (for CPU loops), once."""
-        if "cu" not in self.cache:
-            self.cache["cu"] = self.cu_seqlens.tolist()
-        return self.cache["cu"]
+        return self.derived("cu", self.cu_seqlens.tolist)
 
 
 def build_plan(

@@ -37,7 +37,7 @@ def panel_positions(toks, real, panel):
 
 
 # ------------------------------------------------------------------ every labeling at once
-@dataclass
+@dataclass(eq=False)
 class Target:
     """Where a layer's sums go: float64 tensors shaped ``[n, G, ...]`` (``sum_shapes`` with a leading
     labeling axis) for the plan's labelings ``labelings`` (a slice of n of them). A target without
@@ -45,23 +45,32 @@ class Target:
 
     genes: ``[V_b]`` slot of each of ``plan.genes`` in the last axis of the ``recv_*`` sums; None when
     that axis is the whole vocabulary (slot = token id).
+
+    The tiling is found once, when the target is made: ``dense`` is the ``[n G, F]`` matrix its dense sums
+    fill side by side (DENSE order, as :func:`tiled_zeros` lays them out; one ``addmm`` adds them all), and
+    ``gene_block`` the ``[n G, rows, V]`` block of its gene sums; None where they do not tile. A target's
+    tensors are fixed for its life: sums in other tensors take a new Target.
     """
 
     sums: dict
     labelings: slice = field(default_factory=lambda: slice(None))
     genes: torch.Tensor | None = None
-    flat: dict = field(default_factory=dict, repr=False)  # names -> (sums, shape, their tiled view), made on first use
+    dense_names: tuple = field(init=False, repr=False)
+    dense: torch.Tensor | None = field(init=False, repr=False)
+    gene_names: tuple = field(init=False, repr=False)
+    gene_block: torch.Tensor | None = field(init=False, repr=False)
 
-    def tiled(self, names: tuple, *shape) -> torch.Tensor | None:
-        """The sums ``names`` (in order) as one ``[n G, F]`` matrix viewed as ``shape`` when they tile one
-        buffer (see :func:`_tiled`; one contiguous sum tiles itself), else None; checked once while those
-        tensors stay."""
-        tensors = tuple(self.sums[k] for k in names)
-        kept = self.flat.get(names)  # by names alone: a replaced tensor (a grown gene axis) replaces the entry
-        if kept is None or kept[1] != shape or any(a is not b for a, b in zip(kept[0], tensors)):
-            flat = _tiled(tensors)
-            kept = self.flat[names] = (tensors, shape, None if flat is None else flat.view(shape))
-        return kept[2]
+    def __post_init__(self):
+        self.dense_names = tuple(k for k in DENSE if k in self.sums)
+        self.dense = _tiled([self.sums[k] for k in self.dense_names]) if self.dense_names else None
+        self.gene_names = tuple(k for k in GENES if k in self.sums)
+        self.gene_block = None
+        if self.gene_names and self.gene_names == GENES[: len(self.gene_names)]:  # sums, counts, squares: a prefix
+            flat = _tiled([self.sums[k] for k in self.gene_names])
+            if flat is not None:
+                first = self.sums[self.gene_names[0]]  # [n, G, H, V]: rows H (+ 1 + H) of V genes
+                rows = (2 * first.shape[2] + 1) if len(self.gene_names) == 3 else first.shape[2] + len(self.gene_names) - 1
+                self.gene_block = flat.view(flat.shape[0], rows, first.shape[-1])
 
 
 def received_pairs(plan, received: torch.Tensor) -> torch.Tensor:
@@ -140,38 +149,36 @@ def reduce_into(plan, cells: CellResults, target: Target) -> None:
     if n == 0:
         return
     assert lab.step == 1, "target labelings must be a contiguous slice"
-    present, onehot_t = _present_rows(plan, lab.start, lab.stop)
+    present, onehot_t, _ = _present_rows(plan, lab.start, lab.stop)
     f = _layer_features(plan, cells)
     _add_dense(target, present, onehot_t, f, n * G)
     if f.genes:
         _add_genes(target, plan, present, onehot_t, f, n, G)
 
 
-def _present_rows(plan, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows of labelings ``start:stop``'s wide group axis that hold a counted cell of the batch, and their
-    ``[P, C]`` one-hot, once per plan: only those rows of a target's sums change, so the reduction writes
+def _present_rows(plan, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """The rows of labelings ``start:stop``'s wide group axis that hold a counted cell of the batch, their
+    ``[P, C]`` one-hot and the rows as a host list, once per plan: only those rows of a target's sums change, so the reduction writes
     ``P <= C`` rows whatever the number of groups (blocks: replicates x subsets can be hundreds)."""
-    key = ("present_rows", start, stop)
-    if key not in plan.cache:
+    def make():
         G, host = plan.n_groups, plan.host["present"]
         lo, hi = bisect.bisect_left(host, start * G), bisect.bisect_left(host, stop * G)  # host ints: no sync
         rows = plan.present[lo:hi]  # labelings are contiguous in the wide axis
-        plan.cache[key] = (rows - start * G, plan.onehot.T.index_select(0, rows))
-        plan.cache[key + ("host",)] = [r - start * G for r in host[lo:hi]]
-    return plan.cache[key]
+        return rows - start * G, plan.onehot.T.index_select(0, rows), [r - start * G for r in host[lo:hi]]
+
+    return plan.derived(("present_rows", start, stop), make)
 
 
 def _add_dense(target: Target, present, onehot_t, f: _Features, rows: int) -> None:
     """``sums[present] += onehot_t @ features`` for the target's dense sums: one matmul when they tile one
     buffer in the features' column order, else one per sum."""
-    names = tuple(k for k in f.cols if k in target.sums)
-    flat = target.tiled(names, rows, -1) if names and names == tuple(f.cols)[: len(names)] else None
-    if flat is not None:
-        flat.index_add_(0, present, onehot_t @ f.prefix(len(names)))
+    names = target.dense_names
+    if target.dense is not None and names == tuple(f.cols)[: len(names)]:
+        target.dense.index_add_(0, present, onehot_t @ f.prefix(len(names)))
         return
     for name in names:
         t, value = target.sums[name], f.cols[name]
-        t_rows = target.tiled((name,), rows, -1)
+        t_rows = _tiled([t])
         if t_rows is not None:
             t_rows.index_add_(0, present, onehot_t @ value)
         else:  # any other layout: rows (labeling, group) of the wide axis
@@ -183,19 +190,18 @@ def _add_dense(target: Target, present, onehot_t, f: _Features, rows: int) -> No
 def _add_genes(target: Target, plan, present, onehot_t, f: _Features, n: int, G: int) -> None:
     """Gene sums of the target's labelings: per gene chunk, one matmul with the present rows' one-hot and one
     scatter-add at (those rows, the target's gene slots) when its gene sums tile one block, else one per sum."""
-    names = tuple(k for k in GENES if k in target.sums)
+    names = target.gene_names
     if not names:
         return
     H = f.summary.shape[1]
     height = {"recv_sum": H, "recv_count": 1, "recv_sq": H}
     rows = sum(height[k] for k in names)
-    V = target.sums[names[0]].shape[-1]
-    block = target.tiled(names, n, G, rows, V) if names == GENES[: len(names)] else None
+    block = target.gene_block
     for g in f.genes:
         slots = _part(plan.genes if target.genes is None else target.genes, g.v0, g.v1)
         if block is not None:
             value = (onehot_t @ g.prefix(rows)).view(len(present), rows, g.v1 - g.v0)
-            _scatter_add(block.view(n * G, rows, V), present, slots, value)
+            _scatter_add(block, present, slots, value)
             continue
         value = (onehot_t @ g.flat).view(len(present), 2 * H + 1, g.v1 - g.v0)
         for name, part in (("recv_sum", slice(0, H)), ("recv_count", H), ("recv_sq", slice(H + 1, None))):
@@ -205,7 +211,7 @@ def _add_genes(target: Target, plan, present, onehot_t, f: _Features, n: int, G:
             try:
                 _scatter_add(t.view(n * G, *t.shape[2:]), present, slots, value[:, part])
             except RuntimeError:  # strides that merge no (labeling, group) axis: row by row
-                for i, r in enumerate(plan.cache[("present_rows", *_labeling_range(target, plan), "host")]):
+                for i, r in enumerate(_present_rows(plan, *_labeling_range(target, plan))[2]):
                     t[r // G, r % G].index_add_(-1, slots, value[i, part])
 
 

@@ -19,27 +19,8 @@ def attention_probs(inp: Inputs) -> torch.Tensor:
     return torch.softmax(scores, dim=-1)
 
 
-def reference_planned(inp: Inputs, plan, targets) -> torch.Tensor:
-    """Every labeling of a plan, one by one from the same P: the oracle for the plan's reductions."""
-    _refuse_non_finite(inp)
-    P = attention_probs(inp)
-    out = torch.einsum("bhij,bhjd->bhid", P, inp.v.float()).to(inp.q.dtype)
-    for target in targets:
-        for i, labeling in enumerate(plan.labelings[target.labelings]):
-            sums = stats_from_probs(P, inp.padding, labeling, inp.tokens, plan.spec)
-            for name, value in sums.items():
-                if name not in target.sums:
-                    continue
-                if name.startswith("recv"):  # onto the target's gene axis (0 off the batch's genes)
-                    slots = plan.genes if target.genes is None else target.genes
-                    dest = target.sums[name][i]
-                    dest.index_add_(dest.dim() - 1, slots, value[..., plan.genes])
-                else:
-                    target.sums[name][i] += value
-    return out
-
-
-def _refuse_non_finite(inp: Inputs) -> None:
+def refuse_non_finite_inputs(inp: Inputs) -> None:
+    """Refuse NaN or Inf in q, k or v (the oracle checks them plainly, one pass each)."""
     if not all(bool(torch.isfinite(x).all()) for x in (inp.q, inp.k, inp.v)):
         refuse_non_finite(inp.q, inp.k, inp.v)
 

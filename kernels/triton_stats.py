@@ -18,7 +18,6 @@ import triton
 
 from .maps import cell_maps
 from .reduce import CellResults
-from .spec import refuse_non_finite
 from .triton_columns import (  # noqa: F401 (the kernels and tables, also read through this module by tests and benches)
     COLUMNS_CONFIGS,
     ENTRIES_CONFIGS,
@@ -123,16 +122,13 @@ class PlanDevice:
     finite: list  # one 0-dim checksum per layer call, in call order: finite iff its q, k, v were
     work: dict = field(default_factory=dict)  # the kernels' buffers, reused by every layer
     panel: tuple | None = None  # the pair means' factors per (cell, head): rows_mean [C H, K, M], member^T [C H, M, K]
-    views: dict = field(default_factory=dict)  # name -> (buffer, shape, its view): see _view
 
 
 def plan_device(plan) -> PlanDevice:
     """The plan's kernel inputs, built at its first layer call (a few ops, no host sync) and kept in
     its cache."""
-    if "triton" not in plan.cache:
-        n = plan.lengths.to(torch.float32)
-        plan.cache["triton"] = PlanDevice(key_bias(plan.padding), extents(plan.padding), n.reciprocal(), [])
-    return plan.cache["triton"]
+    return plan.derived("triton", lambda: PlanDevice(key_bias(plan.padding), extents(plan.padding),
+                                                     plan.lengths.to(torch.float32).reciprocal(), []))
 
 
 def triton_cells(q, k, v, plan, scale: float, *, precision: str | None = None, deterministic: bool | None = None):
@@ -154,7 +150,7 @@ def triton_cells(q, k, v, plan, scale: float, *, precision: str | None = None, d
     dev.finite.append(res.checksum)  # kernel 1 folds every row's lse and output into it
     cells = CellResults(summary=res.summary, window=res.window)
     if spec.gene_stats:  # per (cell, gene) pair: its tokens' column means, summed
-        recv = _view(dev, "received", res.received, (-1, q.shape[1]))
+        recv = res.received.view(-1, q.shape[1])
         if opts.deterministic:  # a fixed-order gather-sum: index_add_ with repeated ids uses float atomics on CUDA
             at, real = occurrences(plan)
             cells.received = (recv[at] * real).sum(1)
@@ -176,7 +172,7 @@ def occurrences(plan) -> tuple[torch.Tensor, torch.Tensor]:
     the pair's first token) and ``real [U, R, 1]`` (1.0 / 0.0), so that ``(x[at] * real).sum(1)`` sums
     each pair's tokens in token order, with no atomics. Once per plan; the one host sync (R) is taken
     with the plan's other per-forward work, not per layer call."""
-    if "occurrences" not in plan.cache:
+    def make():
         pairs, U = plan.gene_pairs, plan.pair_cell.numel()
         order = torch.argsort(pairs, stable=True)  # tokens grouped by pair, each group in token order
         counts = torch.zeros(U, dtype=torch.long, device=pairs.device).index_add_(0, pairs, torch.ones_like(pairs))
@@ -185,8 +181,9 @@ def occurrences(plan) -> tuple[torch.Tensor, torch.Tensor]:
         slot = torch.arange(R, device=pairs.device)
         real = slot < counts[:, None]
         at = plan.gene_src[order][torch.where(real, starts[:, None] + slot, starts[:, None])]
-        plan.cache["occurrences"] = (at, real[:, :, None].float())
-    return plan.cache["occurrences"]
+        return at, real[:, :, None].float()
+
+    return plan.derived("occurrences", make)
 
 
 def _pair_means(plan, dev: PlanDevice, block, H):
@@ -203,16 +200,8 @@ def _pair_means(plan, dev: PlanDevice, block, H):
                           for x in (rows_mean, member.transpose(1, 2)))  # fmt: skip
     rows_mean, member_t = dev.panel
     out = _buffer(dev.work, "pair_means", (C * H, K, K), block.device, torch.float64)  # reused by every layer
-    torch.bmm(torch.bmm(rows_mean, _view(dev, "pair", block, (C * H, M, M)).double()), member_t, out=out)
-    return _view(dev, "pair_means", out, (C, H, K, K))
-
-
-def _view(dev: PlanDevice, name: str, t: torch.Tensor, shape) -> torch.Tensor:
-    """``t.view(shape)``, made once while ``t`` (a buffer every layer reuses) stays."""
-    kept = dev.views.get(name)
-    if kept is None or kept[0] is not t or kept[1] != shape:
-        kept = dev.views[name] = (t, shape, t.view(shape))
-    return kept[2]
+    torch.bmm(torch.bmm(rows_mean, block.view(C * H, M, M).double()), member_t, out=out)
+    return out.view(C, H, K, K)
 
 
 def first_non_finite(plan) -> int | None:
@@ -225,10 +214,3 @@ def first_non_finite(plan) -> int | None:
     bad = ~torch.stack(dev.finite).isfinite()
     dev.finite.clear()
     return int(bad.int().argmax()) if bool(bad.any()) else None
-
-
-def raise_if_non_finite(plan, q, k, v) -> None:
-    """:func:`first_non_finite`, raising the ``ValueError`` of :func:`refuse_non_finite` (which names q, k
-    or v from the last call's tensors)."""
-    if first_non_finite(plan) is not None:
-        refuse_non_finite(q, k, v)

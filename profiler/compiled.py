@@ -5,8 +5,8 @@
 
 - returns the attention output (a new tensor, the dtype and shape of ``q``); its fake implementation
   says just that, so the compiler traces the model around it without running the kernels;
-- mutates ``sums``: the distinct storage buffers of the layer's run sums (``tiled_zeros`` keeps them in
-  one buffer), declared in ``mutates_args`` so the
+- mutates ``sums``: the distinct storage buffers of the layer's run sums (the accumulator's, which
+  keeps the dense sums in one buffer and the gene sums in another), declared in ``mutates_args`` so the
   compiler orders the call and writes them back after a functionalized call (``aot_eager``,
   ``inductor``) as it does for any in-place op. The implementation adds the layer's sums into
   *the tensors it is given* (views of them rebuilt at the layer's own offsets), never into others;
@@ -84,43 +84,16 @@ def _forget(handle: int) -> None:
 
 
 def layer_buffers(recorder, layer: str) -> list[torch.Tensor]:
-    """The distinct storage buffers (each view's ``_base``, or itself) of the layer's sums, in a fixed order."""
-    out = []
-    for t in recorder.sums.get(layer, {}).values():
-        base = t if t._base is None else t._base
-        if not any(base is b for b in out):
-            out.append(base)
-    return out
+    """The distinct storage buffers of the layer's sums (none before its first call), in a fixed order."""
+    acc = recorder.accumulator
+    return [] if acc is None else acc.buffers(layer)
 
 
-@contextlib.contextmanager
 def _given_buffers(recorder, layer: str, given: list[torch.Tensor]):
-    """The layer's sums as views of ``given`` (what the compiled graph passed: the buffers themselves,
-    or their functionalized copies) at their own offsets, strides and shapes, for the call's duration."""
-    own = layer_buffers(recorder, layer)
-    if not given or all(a is b for a, b in zip(own, given)):
-        yield
-        return
-    if len(own) != len(given) or any(a.shape != b.shape or a.stride() != b.stride() for a, b in zip(own, given)):
-        raise RuntimeError(f"attnprof::profiled_attention: layer {layer!r} got sum buffers laid out otherwise")
-    saved = recorder.sums.get(layer)
-
-    def rebased(sums):
-        views = {}
-        for name, t in sums.items():
-            i = next(i for i, b in enumerate(own) if b is (t if t._base is None else t._base))
-            b, g = own[i], given[i]
-            offset = g.storage_offset() + t.storage_offset() - b.storage_offset()
-            views[name] = g.as_strided(t.shape, t.stride(), offset)
-        return views
-
-    try:
-        if saved is not None:
-            recorder.sums[layer] = rebased(saved)
-        yield
-    finally:
-        if saved is not None:
-            recorder.sums[layer] = saved
+    """The layer's sums as views of ``given`` (what the compiled graph passed: the buffers themselves, or their
+    functionalized copies) for the call's duration."""
+    acc = recorder.accumulator
+    return contextlib.nullcontext() if acc is None or not given else acc.rebased(layer, given)
 
 
 def _aliases(out: torch.Tensor, inputs) -> bool:

@@ -1,8 +1,10 @@
-"""Accumulates the kernels' per-batch sums per layer during a profiling run.
+"""The profiling run's side of the model's attention layers: which block each cell counts in, the forward's
+batch plan, and the hand-over of the sums to a :class:`Profile`.
 
-Adapters call :meth:`Recorder.attend` from inside the model's attention
-layers; the caller says before each forward which groups and tokens the batch
-has (:meth:`Recorder.set_batch`). No model knowledge and no math lives here.
+Adapters call :meth:`Recorder.attend` from inside the model's attention layers; the caller says before each
+forward which groups and tokens the batch has (:meth:`Recorder.set_batch`). The recorder talks to a batch
+plan (:func:`~attnprof.kernels.build_plan`, once per forward) and an :class:`~attnprof.kernels.Accumulator`
+(which owns the sums); no model knowledge and no math lives here.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from attnprof.kernels import BatchPlan, StatsSpec, Target, build_plan, planned_stats, sum_shapes, tiled_zeros
+from attnprof.kernels import Accumulator, BatchPlan, StatsSpec, build_plan
 
 from .blocks import Blocks
 from .profile import Profile
@@ -60,21 +62,17 @@ class Recorder:
         )
         self.backend = backend
         self.layers: list[str] = []
-        self.sums: dict[str, dict[str, torch.Tensor]] = {}
-        self._store: dict[str, np.ndarray] = {}  # CPU: family -> [layers, ...] zeros holding every layer's sums
-        self._store_storage: dict[str, torch.UntypedStorage] = {}  # the same memory, as torch storage
+        self.accumulator: Accumulator | None = None  # made at the first layer call, when the head count is known
         self.capacity = 0  # attention modules the adapter swapped: the layers the CPU store has slots for
         self.n_heads: int | None = None
         self._batch = None
         self._calls: dict[str, int] = {}
         self._warned_grad = False
-        self._plan = None  # (plan, padding mask it was built from, that mask's version)
-        self._plan_layers: list[str] = []  # layers called on the plan, in call order (its NaN/Inf verdicts)
-        self._derived: dict = {}  # per_forward's results for this forward
-        # layer -> (its sums as the Target was made from them, the Target: views with a labeling axis, made once)
+        # this forward's derived state, keyed by the mask tensors it came from: what per_forward derived from a
+        # model's mask, and the batch plan built from a padding (see _remember)
+        self._forward: dict = {}
         self.closed = False  # the session ended: profile() hands the sums over, freeing them as it goes
         self._handed: Profile | None = None  # the profile handed over after the session
-        self._views: dict = {}
 
     def _panel_ids(self, panel) -> list[int]:
         if not panel:
@@ -129,11 +127,10 @@ class Recorder:
             raise ValueError(f"block codes must lie in [-1, {len(self.blocks)})")
         if self.genes is not None and tokens is None:
             raise ValueError("gene statistics are on (genes= was given): pass tokens= with the batch's token ids")
-        self.check_finite()  # the previous forward's verdict, before its plan goes
+        self.check_finite()  # the previous forward's verdict, before its plans go
         self._batch = (torch.as_tensor(codes)[None], None if tokens is None else torch.as_tensor(tokens))
-        self._plan = None  # built at the forward's first layer call, where padding and device are known
         self._calls = {}
-        self._derived = {}
+        self._forward = {}  # plans are built at the forward's first layer call, where padding and device are known
 
     def block_codes(self, codes: np.ndarray, replicates=None) -> np.ndarray:
         """The block of every cell (-1: not counted) from its group code and replicate."""
@@ -166,34 +163,25 @@ class Recorder:
         raise (nothing is kept then)."""
         if not isinstance(mask, torch.Tensor):
             return derive(mask, *args)
-        key = (id(mask), _version(mask), derive, *args)
-        hit = self._derived.get(key)
-        if hit is not None and hit[0]() is mask:  # the weak reference rules out a reused id
+        return self._remember(mask, (derive, *args), lambda: derive(mask, *args))
+
+    def _remember(self, tensor: torch.Tensor, key: tuple, make: Callable):
+        """``make()``, kept for this forward under (the tensor, its version, ``key``). The weak reference rules
+        out a reused id; a tensor changed in place has a new version, so it is derived again."""
+        full = (id(tensor), _version(tensor), *key)
+        hit = self._forward.get(full)
+        if hit is not None and hit[0]() is tensor:
             return hit[1]
-        value = derive(mask, *args)
-        self._derived[key] = (weakref.ref(mask), value)
+        value = make()
+        self._forward[full] = (weakref.ref(tensor), value)
         return value
 
     def check_finite(self) -> None:
         """Raise if a layer call since the last check had NaN or Inf in q, k or v. The triton backend
-        defers this verdict (it would wait for the device in every layer): one host sync, taken once
-        per forward (at the next set_batch, when the plan changes, and when the profile is read)."""
-        if self._plan is None or not self._plan_layers:
-            return
-        layers, self._plan_layers = self._plan_layers, []
-        plan = self._plan[0]
-        if "triton" not in plan.cache:  # only the triton backend defers the verdict
-            return
-        from attnprof.kernels.triton_stats import first_non_finite
-
-        bad = first_non_finite(plan)
-        if bad is not None:
-            layer = layers[min(bad, len(layers) - 1)]
-            raise ValueError(
-                f"layer {layer!r}: q, k or v contains NaN or Inf (or the attention scores overflowed): the model's "
-                f"activations are not finite before attention (check the inputs and the dtype; fp16 overflows above "
-                f"65504). The run's sums now hold NaN: fix the cause and profile again."
-            )
+        defers this verdict (it would wait for the device in every layer): one host sync per plan, taken
+        once per forward (at the next set_batch and when the profile is read)."""
+        if self.accumulator is not None:
+            self.accumulator.check_finite()
 
     # ----------------------------------------------------- called by adapters
     def register(self, layer: str) -> None:
@@ -231,85 +219,40 @@ class Recorder:
         elif q.shape[1] != self.n_heads:
             raise ValueError(f"layer {layer!r} has {q.shape[1]} heads, others {self.n_heads}: mixed head counts")
         self.register(layer)
+        if self.accumulator is None:
+            self.accumulator = Accumulator(self.spec, self.n_heads, backend=self.backend, layers=self.capacity)
         try:
-            plan = self._plan_for(q, key_padding_mask)
-            out = planned_stats(q, k, v, plan, self._targets(layer, plan, q.device), scale=scale, backend=self.backend)
+            return self.accumulator.attend(layer, q, k, v, self._plan_for(q, key_padding_mask), scale)
         except ValueError as e:  # name the layer: the kernels know none
             raise ValueError(f"layer {layer!r}: {e}") from e
-        self._plan_layers.append(layer)  # in the order of the plan's NaN/Inf verdicts
-        return out
 
     def _plan_for(self, q, key_padding_mask) -> BatchPlan:
-        """The forward's batch plan, built at its first layer call and reused by the others (a layer
-        with other padding, e.g. of another length, gets its own)."""
-        plan, mask, version = self._plan or (None, None, None)
-        same = plan is not None and plan.device == q.device and (plan.B, plan.L) == (q.shape[0], q.shape[2]) and (
-            (mask is None and key_padding_mask is None)
-            or (mask is not None and key_padding_mask is not None and _version(mask) == version and (
-                # the adapters hand every layer of a forward the same mask object (see per_forward): no sync
-                mask is key_padding_mask
-                # a model that builds a new mask per layer: one comparison (a sync), still no new plan
-                or torch.equal(mask, key_padding_mask)
-            ))
-        )  # fmt: skip
-        if not same:
-            self.check_finite()  # the verdicts of the calls on the plan that goes
-            labelings, tokens = self._batch
-            plan = build_plan(self.spec, labelings.to(q.device), key_padding_mask,
-                              None if tokens is None else tokens.to(q.device),
-                              shape=(q.shape[0], q.shape[2]), device=q.device)  # fmt: skip
-        self._plan = (plan, key_padding_mask, None if key_padding_mask is None else _version(key_padding_mask))
-        return plan
+        """The forward's batch plan for this padding, built at its first layer call and reused by the others:
+        the adapters hand every layer of a forward the same mask object (see per_forward), found with no op and
+        no sync; a model that builds a new mask per layer costs one comparison (a sync), still no new plan. A
+        layer with other padding (e.g. of another length) gets its own plan."""
+        shape = (q.shape[0], q.shape[2], q.device)
+        if key_padding_mask is None:
+            key = ("plan", *shape)
+            if key not in self._forward:
+                self._forward[key] = (None, self._build_plan(q, None))
+            return self._forward[key][1]
 
-    def _targets(self, layer: str, plan: BatchPlan, device) -> list[Target]:
-        if layer not in self.sums:  # tiled: one matmul adds all dense sums of a layer (see tiled_zeros)
-            shapes = {k: (1, *s) for k, s in sum_shapes(self.spec, self.n_heads).items()}
-            tiled = tiled_zeros(shapes, device=device, alloc=self._slot if device.type == "cpu" else None)
-            self.sums[layer] = {k: v[0] for k, v in tiled.items()}
-            self._views[layer] = (dict(self.sums[layer]), Target(tiled, slice(0, 1)))
-        sums, (made_from, target) = self.sums[layer], self._views[layer]
-        if made_from.keys() != sums.keys() or any(made_from[k] is not v for k, v in sums.items()):  # replaced
-            target = Target({k: v[None] for k, v in sums.items()}, slice(0, 1))
-            self._views[layer] = (dict(sums), target)
-        return [target]
+        def find_or_build():  # a plan built from the same memory is stale: that mask was changed in place
+            for _, plan in self._forward.values():
+                if (isinstance(plan, BatchPlan) and (plan.B, plan.L, plan.device) == shape
+                        and plan.padding.data_ptr() != key_padding_mask.data_ptr()
+                        and torch.equal(plan.padding, key_padding_mask)):  # fmt: skip
+                    return plan
+            return self._build_plan(q, key_padding_mask)
 
-    def _slot(self, family: str, shape: tuple) -> torch.Tensor:
-        """The next layer's zero buffer of one family on the CPU: a slot of one numpy array for every layer,
-        allocated at the first call (its pages are the kernel's: untouched ones cost nothing), so the
-        hand-over of a closed session takes the sums as they are, without a copy."""
-        slot = len(self.sums)  # layers take slots in the order they first run
-        if family not in self._store:
-            store = np.zeros((max(self.capacity, 1), *shape))
-            self._store[family] = store
-            self._store_storage[family] = torch.from_numpy(store).untyped_storage()
-        store = self._store[family]
-        if slot >= len(store):  # more layers than the adapter named: this one apart (and copied at the hand-over)
-            return torch.zeros(shape, dtype=torch.float64)
-        # a tensor of its own on the slot's memory (no view of the store: each layer's sums have their own base,
-        # as torch.compile's custom op needs)
-        return torch.empty(0, dtype=torch.float64).set_(self._store_storage[family], slot * store[0].size, shape)
+        return self._remember(key_padding_mask, ("plan", *shape), find_or_build)
 
-    def _stored_sums(self, layers: list[str]) -> dict[str, np.ndarray] | None:
-        """Every sum of ``layers`` as a view of the CPU store (None unless each layer's sums are its slot in
-        that order): ``[layers, G, ...]`` arrays that share the kernels' memory."""
-        if not self._store:
-            return None
-        out = {}
-        for name, t in self.sums[layers[0]].items():
-            store = next((a for a in self._store.values()
-                          if a[0].ctypes.data <= t.data_ptr() < a[0].ctypes.data + a[0].nbytes), None)  # fmt: skip
-            if store is None:
-                return None
-            start = (t.data_ptr() - store.ctypes.data) // 8
-            step = store[0].size
-            for i, layer in enumerate(layers):  # slot i, same offset within it, same strides
-                u = self.sums[layer][name]
-                if u.data_ptr() != store.ctypes.data + 8 * (i * step + start) or u.stride() != t.stride():
-                    return None
-            elem = [8 * s for s in t.stride()]
-            out[name] = np.lib.stride_tricks.as_strided(store.reshape(-1)[start:], (len(layers), *t.shape),
-                                                        (8 * step, *elem), writeable=False)  # fmt: skip
-        return out
+    def _build_plan(self, q, key_padding_mask) -> BatchPlan:
+        labelings, tokens = self._batch
+        return build_plan(self.spec, labelings.to(q.device), key_padding_mask,
+                          None if tokens is None else tokens.to(q.device),
+                          shape=(q.shape[0], q.shape[2]), device=q.device)  # fmt: skip
 
     # ----------------------------------------------------------------- result
     def profile(self, meta: dict | None = None) -> Profile:
@@ -319,22 +262,12 @@ class Recorder:
         sums plus one layer); the profile is kept: later calls return the same one."""
         if self._handed is not None:
             return self._handed
-        if not self.sums:
+        if self.accumulator is None or not self.accumulator.layers:
             raise RuntimeError("nothing was profiled: no attention layer ran inside the profiling context")
         self.check_finite()
-        layers = [layer for layer in self.layers if layer in self.sums]  # in the order they first ran
-        sums = self._stored_sums(layers) if self.closed else None  # the closed session's memory, handed over
-        if sums is None:
-            sums = {name: np.empty((len(layers), *t.shape)) for name, t in self.sums[layers[0]].items()}
-            for i, layer in enumerate(layers):
-                for name, t in self.sums[layer].items():
-                    sums[name][i] = t.cpu().numpy()
-                if self.closed:
-                    del self.sums[layer]
-                    self._views.pop(layer, None)
-        if self.closed:
-            self.sums.clear()
-            self._views.clear()
+        layers = [layer for layer in self.layers if layer in self.accumulator]
+        # labeling 0, the only one kept: a view, so a closed session's store is handed over as it is
+        sums = {name: a[:, 0] for name, a in self.accumulator.to_numpy(layers, release=self.closed).items()}
         profile = Profile(
             sums,
             layers=layers,

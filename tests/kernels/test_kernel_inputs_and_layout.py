@@ -285,7 +285,7 @@ def test_gene_sums_in_chunks_of_genes_equal_the_reference(monkeypatch, chunk):
 def _tiled_setup(N=2, H=2, seed=5):
     """A plan with genes, a panel and N permutation labelings, a layer's CellResults (torch backend),
     and sums shaped for a full target (with squares) and a compact permutation target."""
-    from attnprof.kernels import blocked_cells
+    from attnprof.kernels.blocked import blocked_cells
     from attnprof.kernels.spec import empty_sums
 
     q, k, v, padding, groups, tokens = random_batch(seed, 5, H, 9, 8, 2)
@@ -380,25 +380,25 @@ def test_sums_that_are_not_contiguous_or_not_a_prefix_are_added_exactly():
                 torch.testing.assert_close(part[n], want[n], atol=0, rtol=0, msg=n)
 
 
-def test_target_views_are_made_once_and_remade_when_a_sum_is_replaced(monkeypatch):
-    from attnprof.kernels import Target, reduce, tiled_zeros
+def test_a_target_finds_its_tiling_once_when_made():
+    """The tiling is found when the Target is made (no cache to go stale): tiled_zeros' dense sums are one
+    [n G, F] matrix over their memory, the gene sums one [n G, 2H + 1, V] block; sums in separate tensors, or
+    strided otherwise, tile nothing."""
+    from attnprof.kernels import Target, tiled_zeros
 
-    sums = tiled_zeros({"summary_sum": (1, 2, 3, 4), "pos_sum": (1, 2, 3, 2, 2)})
-    names = ("summary_sum", "pos_sum")
-    calls = []
-    monkeypatch.setattr(reduce, "_tiled", lambda tensors, _f=reduce._tiled: calls.append(1) or _f(tensors))
-    target = Target(sums)
-    first = target.tiled(names, 2, -1)
-    assert first is not None and target.tiled(names, 2, -1) is first and len(calls) == 1
-    assert target.tiled(names, 1, 2, -1) is not first and len(calls) == 2  # another shape: made again
-    sums["pos_sum"] = torch.zeros(1, 2, 3, 2, 2, dtype=torch.float64)  # replaced (e.g. a grown axis)
-    assert target.tiled(names, 1, 2, -1) is None
-    separate = Target({"a": torch.zeros(2, 3, 4, dtype=torch.float64)})
-    rows = separate.tiled(("a",), 6, -1)
-    assert rows.shape == (6, 4) and separate.tiled(("a",), 6, -1) is rows
-    separate.sums["a"] = torch.zeros(2, 3, 4, dtype=torch.float64)
-    assert separate.tiled(("a",), 6, -1) is not rows and separate.tiled(("a",), 6, -1).data_ptr() == separate.sums["a"].data_ptr()
-    assert Target({"a": torch.zeros(4, 3, 2, dtype=torch.float64).transpose(0, 2)}).tiled(("a",), 6, -1) is None
+    shapes = {"summary_sum": (1, 2, 3, 4), "pos_sum": (1, 2, 3, 2, 2), "recv_sum": (1, 2, 3, 5),
+              "recv_count": (1, 2, 5), "recv_sq": (1, 2, 3, 5)}  # fmt: skip
+    target = Target(tiled_zeros(shapes))
+    assert target.dense_names == ("summary_sum", "pos_sum") and target.dense.shape == (2, 12 + 12)
+    assert target.dense.data_ptr() == target.sums["summary_sum"].data_ptr()
+    assert target.gene_names == ("recv_sum", "recv_count", "recv_sq") and target.gene_block.shape == (2, 7, 5)
+    target.dense[1, 12] = 1.0  # group 1's first pos_sum entry
+    assert target.sums["pos_sum"][0, 1, 0, 0, 0] == 1.0
+    separate = Target({name: torch.zeros(shape, dtype=torch.float64) for name, shape in shapes.items()})
+    assert separate.dense is None and separate.gene_block is None
+    no_counts = Target({k: v for k, v in tiled_zeros(shapes).items() if k != "recv_count"})
+    assert no_counts.gene_block is None  # sums and squares without the counts between them: no prefix of GENES
+    assert Target({"summary_sum": torch.zeros(4, 3, 2, 1, dtype=torch.float64).transpose(0, 2)}).dense is None
 
 
 def test_the_tiled_layout_check_tests_each_property_alone():

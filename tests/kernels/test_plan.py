@@ -179,7 +179,7 @@ def test_all_labelings_at_once_equal_separate_calls(B, H, L, G, N, backend, pane
 def test_tiled_sums_equal_separate_sums(B, H, L, N, panel, wide, chunk, seed):
     """Sums laid out by tiled_zeros (one matmul per target) == sums in separate tensors (one per sum),
     for a full and a compact permutation target, a window wider than the batch and chunked genes."""
-    from attnprof.kernels import features, reduce, tiled_zeros
+    from attnprof.kernels import features, tiled_zeros
 
     q, k, v, padding, groups, tokens = random_batch(seed, B, H, L, 16, 2)
     g = torch.Generator().manual_seed(seed)
@@ -201,7 +201,7 @@ def test_tiled_sums_equal_separate_sums(B, H, L, N, panel, wide, chunk, seed):
                 planned_stats(q, k, v, plan, targets, backend="torch")
         finally:
             features.GENE_CHUNK = saved
-        tiled = [t.tiled(tuple(n for n in reduce.DENSE if n in t.sums), -1) is not None for t in targets]
+        tiled = [t.dense is not None for t in targets]
         assert tiled == [layout == "tiled"] * 2 or N == 0
         sums[layout] = full, null
     for a, b in zip(sums["tiled"], sums["separate"]):

@@ -212,9 +212,9 @@ def test_model_is_restored_also_after_an_exception():
             recorder.set_batch(groups=[0])
             model(tokens)
     assert _hooks(model) == 0 and torch.overrides._get_current_function_mode_stack() == []
-    before = {k: v.clone() for k, v in recorder.sums["blocks.0.attn"].items()}
+    before = {k: v.clone() for k, v in recorder.accumulator.sums("blocks.0.attn").items()}
     model(tokens)  # no longer intercepted: the sums do not move
-    assert all(torch.equal(before[k], v) for k, v in recorder.sums["blocks.0.attn"].items())
+    assert all(torch.equal(before[k], v) for k, v in recorder.accumulator.sums("blocks.0.attn").items())
 
 
 @pytest.mark.parametrize(

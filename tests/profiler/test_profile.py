@@ -98,16 +98,16 @@ def test_validate_reports_small_errors():
 
 def test_validate_catches_a_wrong_backend(monkeypatch):
     """A backend that is off by a little is reported, not hidden."""
-    import attnprof.kernels as K
+    from attnprof.kernels.backends import TorchBackend
 
-    real = K.blocked_cells
+    real = TorchBackend.cells
 
-    def off_by_a_bit(q, k, v, plan, scale):
-        out, cells = real(q, k, v, plan, scale)
+    def off_by_a_bit(self, q, k, v, plan, scale):
+        out, cells = real(self, q, k, v, plan, scale)
         cells.window.mul_(1.001)
         return out, cells
 
-    monkeypatch.setattr(K, "blocked_cells", off_by_a_bit)
+    monkeypatch.setattr(TorchBackend, "cells", off_by_a_bit)
     m = model()
     x, tokens, padding, labels = data()
     table = attnprof.validate(m, (x, None, padding), groups=labels, tokens=tokens, genes=VOCAB, backend="torch")

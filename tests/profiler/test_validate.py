@@ -11,6 +11,7 @@ import transformers
 
 import attnprof
 import attnprof.kernels as K
+from attnprof.kernels.backends import ReferenceBackend, TorchBackend
 from attnprof.cli import main
 from attnprof.singlecell.demo import demo_model, write_demo_inputs
 
@@ -52,27 +53,26 @@ def swap_heads(recv):
 
 
 def inject_torch_bug(monkeypatch):
-    real = K.blocked_cells
+    real = TorchBackend.cells
 
-    def wrong(q, k, v, plan, scale):
-        out, cells = real(q, k, v, plan, scale)
+    def wrong(self, q, k, v, plan, scale):
+        out, cells = real(self, q, k, v, plan, scale)
         cells.received[:, [0, 1]] = cells.received[:, [1, 0]].clone()  # [pairs, heads]
         return out, cells
 
-    monkeypatch.setattr(K, "blocked_cells", wrong)
+    monkeypatch.setattr(TorchBackend, "cells", wrong)
 
 
 def inject_reference_bug(monkeypatch):
-    real = K.reference_planned
+    real = ReferenceBackend.cells
 
-    def wrong(inp, plan, targets):
-        out = real(inp, plan, targets)
-        for target in targets:  # one batch per check: the targets hold just this batch's sums
-            for name in ("recv_sum", "recv_sq"):  # [labelings, G, H, V]
-                swap_heads(target.sums[name])
-        return out
+    def wrong(self, q, k, v, plan, scale):
+        out, result = real(self, q, k, v, plan, scale)
+        for name in ("recv_sum", "recv_sq"):  # [labelings, G, H, V_b]: this batch's sums
+            swap_heads(result.sums[name])
+        return out, result
 
-    monkeypatch.setattr(K, "reference_planned", wrong)
+    monkeypatch.setattr(ReferenceBackend, "cells", wrong)
 
 
 def test_an_injected_wrong_backend_fails(monkeypatch):
