@@ -254,7 +254,7 @@ def _ticks(n: int, most: int = 16) -> list[int]:
 def save_figures(profile: Profile, comparison: Comparison, directory, *, layer: int | None = None,
                  head: int | None = None, groups=None, gallery=None, gallery_group=None,
                  formats=("png", "pdf")) -> list[Path]:  # fmt: skip
-    """Write the figures as PNG and PDF.
+    """Write the figures in each of ``formats`` (default PNG and PDF); returns the paths written.
 
     attention_maps: one head's maps for ``groups`` (default: the compared two, with their difference);
     the head defaults to the strongest gene (else position) difference by permutation p or excess.

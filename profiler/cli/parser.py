@@ -12,7 +12,8 @@ from .common import MIN_CELLS_HELP, OVERWRITE_HELP
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="attnprof",
-        description="Exact group-wise attention statistics of transformer models (Nicheformer front end).",
+        description="Exact group-wise attention statistics of transformer models (single-cell front ends: "
+        "Nicheformer, Geneformer, scGPT).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_run_parser(sub)
