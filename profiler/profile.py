@@ -32,8 +32,9 @@ class Profile:
     n_heads:   heads per layer.
     window:    position window W.
     n_context: leading context tokens C used for ``context_mass``.
-    genes:     names of the token ids (the vocabulary), or None without gene statistics.
-    panel:     token ids of the gene-pair panel.
+    genes:     names on the gene axis: the vocabulary, or only the ids the data can hold (their token ids
+               then in ``meta["token_ids"]``); None without gene statistics.
+    panel:     the gene-pair panel as positions on the gene axis (token ids when ``genes`` is the vocabulary).
     meta:      free-form run metadata (JSON-serializable), e.g. the model and options.
                ``meta["data"]["cells_digest"]``, where present, names the set of cells
                profiled: merging two profiles of the same cells is refused.
