@@ -137,8 +137,8 @@ def _top(ax) -> float:
 
 
 def plot_attention_maps(profile: Profile, layer: int, head: int, groups=None) -> Figure:
-    """One head's group-averaged attention maps for every group side by side (Ext. Data Fig. 4A–C style),
-    plus the difference of the first two when two groups are shown."""
+    """One head's group-averaged attention maps of ``groups`` (default: every group) side by side (Ext. Data
+    Fig. 4A–C style), plus their difference when exactly two are shown."""
     groups = list(groups) if groups is not None else list(profile.groups)
     maps = [attention_map(profile, g, layer, head) for g in groups]
     vmax = _map_vmax(maps)
