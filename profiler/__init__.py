@@ -1,8 +1,8 @@
 """attnprof: exact group-wise attention statistics for transformer models.
 
 Swap fused kernels into a model's attention layers (:class:`Profiler`), run
-batches as usual, and get a :class:`Profile` of group-wise sums per layer and
-head; ``profile.compare(a, b)`` turns it into difference tables.
+batches as usual, and get a :class:`Profile` of sums per layer, head and block
+(replicate of a group); ``profile.compare(a, b)`` turns it into difference tables.
 """
 
 from attnprof.kernels import BACKENDS, SUMMARIES, StatsSpec, attention_stats

@@ -49,7 +49,8 @@ def nothing_to_compare(profile, a, b, min_cells: int) -> str | None:
 
     Nothing to compare: a group has fewer than ``min_cells`` cells, every cell had zero counts in the
     vocabulary genes (only its context tokens were profiled), or no element of any family (position,
-    gene, pair) was seen in at least ``min_cells`` cells of both groups.
+    gene, pair) was seen in at least ``min_cells`` cells of both groups (with replicates: in at least
+    ``min_cells`` cells of each of ``MIN_REPLICATES`` replicates per group).
     """
     cells = profile.cells
     a, b = profile.groups[profile.group_index(a)], profile.groups[profile.group_index(b)]

@@ -72,7 +72,8 @@ def shard(n: int, rank: int, world: int) -> np.ndarray:
 def all_reduce_profile(profile: Profile) -> Profile:
     """The sum of every rank's profile, on every rank (one all-reduce of one flat float64 buffer).
 
-    Refuses, on every rank, profiles whose layout or model differs between ranks.
+    Refuses, on every rank, profiles whose layout, blocks or model differ between ranks. The result has no
+    ``cell_ids`` (unknown: merging it is not checked for shared cells).
     """
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("all_reduce_profile needs torch.distributed initialized (e.g. run under torchrun)")

@@ -110,8 +110,8 @@ def maximum_panel(name: str, comparison: Comparison, family: str, genes: str, wh
 
 
 def within_panel(profile: Profile, a, b, keys: dict, maps_by: str, within, family: str, options: dict) -> Panel:
-    """F: the maximum panel within one subset (``within`` = (key, value), default the largest value of the
-    subset-by key)."""
+    """F: the maximum panel within one subset (``within`` = (key, value); default: among the subset-by keys other
+    than ``maps_by``, one naming a cell type, else the first, and its value with the most cells)."""
     if within is None:
         candidates = [k for k in list(keys)[1:] if k != maps_by] or list(keys)[1:]
         if not candidates:

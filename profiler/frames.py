@@ -1,6 +1,7 @@
 """The tables of a :class:`~attnprof.tables.Comparison` as pandas frames, and their export.
 
-Heads and layers (per head and layer of every family, the paper's mean over heads and max over heads),
+Heads and layers (per head and layer of every family; per layer the paper's mean over heads and max over
+heads, and the max over heads of mean |D|),
 elements (genes, context tokens, gene pairs, most significant first) and head summaries; the gene table as
 AnnData. Everything here reads the comparison's contrasts; nothing computes a statistic.
 """

@@ -60,7 +60,7 @@ def cell_ids(source: str, obs_names) -> np.ndarray:
     The file's name, not its folder: shards read on different machines see one file at different paths.
     pandas' hash_array (SipHash with a fixed key) is stable across runs and machines. 8 bytes per cell:
     8 MB per million cells in the profile, hashed in well under a second. Two different cells collide
-    with probability about n**2 / 2**65 (1e-5 for 10 million cells), which would only refuse a merge.
+    with probability about n**2 / 2**65 (3e-6 for 10 million cells), which would only refuse a merge.
     """
     import pandas as pd
 

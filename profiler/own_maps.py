@@ -20,8 +20,8 @@ from .adapters.mha import fastpath_disabled, find_mha
 
 def own_maps(model: nn.Module, inputs, each: Callable) -> tuple[str, list] | None:
     """``(how, [each(P, padding) per layer])``: ``each`` gets every layer's maps ``P [B, H, L, L]`` (float32,
-    in model order) with the key padding ``[B, L]`` (True = padding) as soon as they exist, so that only one
-    layer's maps are held at a time.
+    in model order) with the key padding ``[B, L]`` (True = padding) as soon as they exist: for
+    ``nn.MultiheadAttention`` only one layer's maps are held at a time (transformers returns every layer's at once).
 
     None when the model cannot show its maps (neither ``nn.MultiheadAttention`` nor a transformers model).
     """

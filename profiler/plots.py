@@ -137,8 +137,8 @@ def _top(ax) -> float:
 
 
 def plot_attention_maps(profile: Profile, layer: int, head: int, groups=None) -> Figure:
-    """One head's group-averaged attention maps for every group side by side (Ext. Data Fig. 4A–C style),
-    plus the difference of the first two when two groups are shown."""
+    """One head's group-averaged attention maps of ``groups`` (default: every group) side by side (Ext. Data
+    Fig. 4A–C style), plus their difference when exactly two are shown."""
     groups = list(groups) if groups is not None else list(profile.groups)
     maps = [attention_map(profile, g, layer, head) for g in groups]
     vmax = _map_vmax(maps)
@@ -254,7 +254,7 @@ def _ticks(n: int, most: int = 16) -> list[int]:
 def save_figures(profile: Profile, comparison: Comparison, directory, *, layer: int | None = None,
                  head: int | None = None, groups=None, gallery=None, gallery_group=None,
                  formats=("png", "pdf")) -> list[Path]:  # fmt: skip
-    """Write the figures as PNG and PDF.
+    """Write the figures in each of ``formats`` (default PNG and PDF); returns the paths written.
 
     attention_maps: one head's maps for ``groups`` (default: the compared two, with their difference);
     the head defaults to the strongest gene (else position) difference by permutation p or excess.

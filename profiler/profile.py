@@ -32,15 +32,17 @@ class Profile:
     n_heads:   heads per layer.
     window:    position window W.
     n_context: leading context tokens C used for ``context_mass``.
-    genes:     names of the token ids (the vocabulary), or None without gene statistics.
-    panel:     token ids of the gene-pair panel.
+    genes:     names on the gene axis: the vocabulary, or only the ids the data can hold (their token ids
+               then in ``meta["token_ids"]``); None without gene statistics.
+    panel:     the gene-pair panel as positions on the gene axis (token ids when ``genes`` is the vocabulary).
     meta:      free-form run metadata (JSON-serializable), e.g. the model and options.
                ``meta["data"]["cells_digest"]``, where present, names the set of cells
                profiled: merging two profiles of the same cells is refused.
     blocks:    the :class:`~attnprof.blocks.Blocks` (replicates, or pseudo-replicates of cells) the sums
                are kept apart for; default one pseudo-replicate block per group.
-    cell_ids:  sorted uint64 identities of the counted cells (:func:`cell_ids`), or None when
-               unknown: merging profiles that share any cell is refused, naming the count.
+    cell_ids:  sorted uint64 identities of the counted cells (:func:`attnprof.merging.cell_ids`), or None
+               when unknown: merging profiles that share any cell is refused, naming the count.
+    map_length: the positions the whole-context maps' bins cover (0: no maps).
     """
 
     sums: dict[str, np.ndarray]
@@ -54,7 +56,7 @@ class Profile:
     meta: dict = field(default_factory=dict)
     blocks: Blocks | None = None
     cell_ids: np.ndarray | None = None
-    map_length: int = 0  # the positions the whole-context maps' bins cover (0: no maps; bins: map_sum's shape)
+    map_length: int = 0  # bins per axis: map_sum's last axis
 
     def __post_init__(self):
         if self.blocks is None:

@@ -5,7 +5,7 @@ For a contrast (a, b) every element (a position pair, a gene, a gene pair, a hea
 each replicate's mean over its cells, compared across replicates; without, cells as replicates (said in
 ``Comparison.unit``). Heads and layers are then summarized as in the Nicheformer paper: per layer, the
 mean over heads of the mean |D| ("average attention difference") and the max over heads of the max |D|
-("maximum attention difference").
+("maximum attention difference"; its other reading, the max over heads of the mean |D|, stands beside it).
 
 Every summary is set against chance. Beside mean |D| stand its noise floor (sqrt(2/pi)·SE averaged the
 same way) and an unbiased estimate of the mean squared difference, mean(D² − SE²), with its root: unlike
@@ -74,7 +74,8 @@ class Comparison:
                the gene family restricted to the set's genes).
     within:    the subset compared in (``{"cell_type": "HY GABA"}``; empty: all cells); ``profile`` is then the
                profile's view (:meth:`attnprof.Profile.view`), whose blocks add up each replicate's cells.
-    layers:    one row per layer and family: mean over heads and max over heads.
+    layers:    one row per layer and family: mean over heads of mean |D|, max over heads of max |D| and
+               ``max_head_mean_abs_diff`` (max over heads of mean |D|).
     genes:     one row per layer, head and gene valid in both groups, most significant first (Welch p, then
                |t|); context and special tokens are not genes.
     context:   the same for the context and special tokens (``<species:mouse>``, ...).
@@ -90,7 +91,8 @@ class Comparison:
     root, clipped at 0), ``max_abs_t`` with the element that holds it, and, with permutations, per
     statistic (``mean_abs_diff``, ``max_abs_diff``): ``<stat>_null_mean``, ``<stat>_null_q95``,
     ``<stat>_excess``, ``p_perm_<stat>`` and ``p_fwer_<stat>`` (Westfall–Young, across all layers x heads
-    of the family; for layers, across layers).
+    of the family; for layers, across layers, and also for ``max_head_mean_abs_diff``). Gene and context rows
+    also carry ``token_id``.
     """
 
     def __init__(self, profile: Profile, a, b, min_cells: int | None = None, permutations: int | None = None, *,
@@ -241,7 +243,7 @@ class Comparison:
         return (_stacked(unit) if unit else cell), cell, np.stack(left), null
 
     def _add_permutation_null(self, nulls: dict) -> None:
-        """The null columns of the heads and layers tables from every family's null statistics (``_contrast``):
+        """The null columns of the heads and layers tables from every family's null statistics (:meth:`contrast_of`):
         null mean, 95th percentile, excess, p_perm and the Westfall–Young p_fwer within each family."""
         stats = {"heads": STATS, "layers": (*STATS, LAYER_MAX_OF_MEAN)}
         parts = {table: {s: [] for s in names} for table, names in stats.items()}

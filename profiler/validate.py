@@ -54,7 +54,9 @@ def validate(
 
     inputs: the model's arguments, a tuple (positional) or a dict (keyword).
     groups: the batch's group labels or codes; ``group_names`` defaults to the sorted labels.
-    options: the other :class:`attnprof.Profiler` options (genes, window, panel, n_context, adapter).
+    tokens: the batch's token ids ``[B, L]`` (needed with gene statistics, as ``Profiler.set_batch``).
+    options: the other :class:`attnprof.Profiler` options (genes, window, panel, n_context, adapter, ...); the
+             own maps' sums use only genes, window, panel and n_context.
 
     One row per compared quantity: the model output against the plain run, then every sum
     against ``reference`` and, where the model can show its maps, against the sums of its own

@@ -1,4 +1,4 @@
-"""``attnprof demo``: generate a small dataset and model, then run ``attnprof run`` on them."""
+"""``attnprof demo``: generate a small dataset and model, run ``attnprof run`` on them, then ``attnprof figure``."""
 
 from __future__ import annotations
 

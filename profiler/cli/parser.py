@@ -12,7 +12,8 @@ from .common import MIN_CELLS_HELP, OVERWRITE_HELP
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="attnprof",
-        description="Exact group-wise attention statistics of transformer models (Nicheformer front end).",
+        description="Exact group-wise attention statistics of transformer models (single-cell front ends: "
+        "Nicheformer, Geneformer, scGPT).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_run_parser(sub)
@@ -64,8 +65,10 @@ def _add_input_options(p: argparse.ArgumentParser) -> None:
         t.add_argument(f"--{kind}-key", metavar="KEY",
                        help=f"obs column with each cell's {kind} (names or ids); overrides --{kind}")
     f = p.add_argument_group("Geneformer and scGPT")
-    f.add_argument("--token-dictionary", help="Geneformer token dictionary (.pkl; a pickle: trusted files only)")
-    f.add_argument("--gene-medians", help="Geneformer gene median dictionary (.pkl; a pickle: trusted files only)")
+    f.add_argument("--token-dictionary",
+                   help="Geneformer token dictionary (.pkl; read as plain data unless --trust-checkpoint)")
+    f.add_argument("--gene-medians",
+                   help="Geneformer gene median dictionary (.pkl; read as plain data unless --trust-checkpoint)")
     f.add_argument("--counts-key", default="n_counts", help="obs column of total counts for Geneformer (default n_counts)")
     f.add_argument("--max-length", type=int,
                    help="tokens per cell (default: Geneformer 2048 (V1) or 4096 (V2); scGPT 1200)")
@@ -148,8 +151,8 @@ def _add_permutation_options(p, saved: bool = False) -> None:
                    + ("the profiles' run's" if saved else f"{DEFAULT_PERMUTATIONS}: 0.001")
                    + "; all distinct relabelings when the design has fewer; 0 turns them off)")
     p.add_argument("--permutation-seed", type=int, default=None if saved else 0, metavar="SEED",
-                   help="seed of the random relabelings and of the pseudo-replicate blocks; shards of one run need "
-                   "the same (default 0)")
+                   help="seed of the random relabelings" + (" (default: the profiles' run's)" if saved else
+                   " and of the pseudo-replicate blocks; shards of one run need the same (default 0)"))
 
 
 def add_merge_parser(sub) -> None:
@@ -179,7 +182,7 @@ def add_demo_parser(sub) -> None:
         "demo",
         help="generate a small dataset and model, then profile them (no download)",
         description="Generate a MERFISH-like dataset with planted sex-biased genes, a matching vocabulary, "
-        "means and a seeded small Nicheformer, then run `attnprof run` on them.",
+        "means and a seeded small Nicheformer, then run `attnprof run` and `attnprof figure` on them.",
     )
     p.add_argument("--out", default="attnprof_demo", help="output folder (default: attnprof_demo)")
     p.add_argument("--cells", type=int, default=400, help="cells to generate (default 400)")
@@ -198,8 +201,8 @@ def add_validate_parser(sub) -> None:
         "validate",
         help="check the fast backend against the reference and the model's own maps on a sample of cells",
         description="Profile a sample of cells with the fast backend, with `reference` and from the model's own "
-        "attention maps (need_weights=True); print the error table, naming the backend that ran, and exit "
-        "with status 1 when any error exceeds the tolerance.",
+        "attention maps (need_weights=True, or output_attentions=True for transformers models); print the error "
+        "table, naming the backend that ran, and exit with status 1 when any error exceeds the tolerance.",
     )
     _add_input_options(p)
     p.add_argument("--groupby", help="obs column of the groups (default: all cells in one group)")
@@ -286,9 +289,9 @@ def add_figure_parser(sub) -> None:
         description="Draw panels A-G of the Nicheformer paper's Extended Data Fig. 4 from a run's profile.npz: one "
         "head's maps per value of a key (A: the head that differs least between the values, B: most), a gallery of "
         "heads (C), the average over heads of |D| per layer for all genes (D) and a gene set (E), and the maximum "
-        "over heads, both readings, within a subset (F) and over all cells (G). Writes OUT/figure/: figure.png (and .pdf), "
-        "panel_X.png and panel_X.csv per panel, captions.md. Layers and heads: attnprof's 0-based numbers (the "
-        "paper's 1-based ones beside them). See docs/figure.md.",
+        "over heads, both readings, within a subset (F) and over all cells (G). Writes OUT/figure/: figure.png (and "
+        ".pdf with --pdf), panel_X.png and panel_X.csv per panel, captions.md. Layers and heads: attnprof's 0-based "
+        "numbers (the paper's 1-based ones beside them). See docs/figure.md.",
     )
     p.add_argument("run", metavar="OUT", help="a run folder (with profile.npz) or a profile .npz file")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="groups to compare (default: the run's contrast)")

@@ -25,9 +25,8 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 #: Labelings and elements per chunk. The products are laid out [heads x elements, labelings] so that the
-#: reductions over elements add whole contiguous rows (vectorized); [256 x 16 heads x 256] float32 blocks
-#: (4 MB) measured fastest on this project's CPUs (0.8 ns per element and labeling, against 1.4-4 ns for
-#: the [labelings, elements] layout).
+#: reductions over elements add whole contiguous rows (vectorized): measured fastest on this project's CPUs
+#: (0.8 ns per element and labeling, against 1.4-4 ns for the [labelings, elements] layout).
 LABEL_CHUNK, ELEMENT_CHUNK = 512, 256
 #: Elements held by one set of units take the linear path when at least this many share it (fewer: general).
 MIN_PATTERN = 16

@@ -3,7 +3,8 @@
 Under the null hypothesis the group labels of replicates (animals, donors) are exchangeable within a
 stratum (batch, section), so a test relabels whole replicates, never single cells. When the distinct
 relabelings are fewer than the permutations asked for, all of them are enumerated (an exact test: with
-3 vs 3 animals there are 20, so no p below 1/20 = 0.05); otherwise they are drawn at random (Monte Carlo).
+3 vs 3 animals there are 20, and the observed labeling's mirror image ties it, so no p of |D| below
+2/20 = 0.1); otherwise they are drawn at random (Monte Carlo).
 """
 
 from __future__ import annotations
