@@ -183,7 +183,7 @@ class Accumulator:
     def _slotted(self, layer: str) -> bool:
         """Every buffer of ``layer`` is its slot of the CPU store."""
         slot = self.layers.index(layer)
-        return all(f in self._store and b.data_ptr() == self._store[f][slot].ctypes.data
+        return slot < self.capacity and all(f in self._store and b.data_ptr() == self._store[f][slot].ctypes.data
                    for f, b in self._buffers[layer].items())  # fmt: skip
 
     def _store_views(self, n_layers: int) -> dict[str, np.ndarray]:

@@ -37,9 +37,9 @@ class KernelResults:
     """Per counted cell (in the order of ``cells``), what the kernels compute for a layer's sums."""
 
     summary: torch.Tensor  # [C, H, 4] float32: means over real rows, in the order of SUMMARIES
-    received: torch.Tensor | None  # [C, L, H] float32: mean over real rows of P (0 at padded keys)
+    received: torch.Tensor | None  # [C L, H] float32: mean over real rows of P (0 at padded keys), row c L + key
     window: torch.Tensor  # [C, H, W, W] float32: P among positions < W (0 where either is padding)
-    pair: torch.Tensor | None  # [C, H, M, M] float32: P among each cell's panel positions
+    pair: torch.Tensor | None  # [C H, M, M] float32: P among each cell's panel positions
     checksum: torch.Tensor  # 0-dim: sum of every cell's summaries, NaN or Inf if any q, k, v entry was
 
 
@@ -79,7 +79,7 @@ def cell_results(
     qk_scale = scale * LOG2E
     recv = None
     if received:
-        recv = _buffer(work, "received", (C, L, H), q.device)  # [C, L, H]: rows gathered per token
+        recv = _buffer(work, "received", (C * L, H), q.device)  # [C L, H]: the rows the reduction gathers per token
         grid = lambda meta: (C * H * triton.cdiv(L, meta["BLOCK_N"]),)  # noqa: E731
         cols = tiles.get("columns")
         args = (q, k, bias, term, extent, inv_n, cells, recv, cols if cols is not None else extent,
@@ -90,7 +90,8 @@ def cell_results(
     pair = None
     if panel_pos is not None and panel_pos.shape[1]:
         M = panel_pos.shape[1]
-        pair = _entries(work, "pair", q, k, bias, term, extent, cells, panel_pos, M, common, L, qk_scale, meta)
+        pair = _entries(work, "pair", q, k, bias, term, extent, cells, panel_pos, M, common, L, qk_scale, meta,
+                        shape=(C * H, M, M))  # as the pair means' batched matmul takes it  # fmt: skip
     return out, KernelResults(summary, recv, win, pair, every.sum())
 
 
@@ -100,9 +101,10 @@ def _buffer(work: dict, name: str, shape, device, dtype=torch.float32) -> torch.
     return work[name]
 
 
-def _entries(work, name, q, k, bias, term, extent, cells, pos, W, common, L, qk_scale, meta):
+def _entries(work, name, q, k, bias, term, extent, cells, pos, W, common, L, qk_scale, meta, shape=None):
+    """The kernel writes ``[C, H, W, W]`` contiguous; ``shape`` allocates that memory viewed otherwise."""
     C, H = cells.shape[0], q.shape[1]
-    block = _buffer(work, name, (C, H, W, W), q.device)
+    block = _buffer(work, name, shape or (C, H, W, W), q.device)
     grid = lambda m: (C * H * triton.cdiv(W, m["BLOCK_M"]) * triton.cdiv(W, m["BLOCK_N"]),)  # noqa: E731
     meta = dict(meta)
     deterministic = meta.pop("deterministic")
@@ -150,7 +152,7 @@ def triton_cells(q, k, v, plan, scale: float, *, precision: str | None = None, d
     dev.finite.append(res.checksum)  # kernel 1 folds every row's lse and output into it
     cells = CellResults(summary=res.summary, window=res.window)
     if spec.gene_stats:  # per (cell, gene) pair: its tokens' column means, summed
-        recv = res.received.view(-1, q.shape[1])
+        recv = res.received
         if opts.deterministic:  # a fixed-order gather-sum: index_add_ with repeated ids uses float atomics on CUDA
             at, real = occurrences(plan)
             cells.received = (recv[at] * real).sum(1)
@@ -192,16 +194,19 @@ def _pair_means(plan, dev: PlanDevice, block, H):
     K = len(plan.spec.panel)
     if block is None:  # no counted cell holds a panel id
         return torch.zeros(plan.n_counted, H, K, K, dtype=torch.float64, device=plan.device)
-    C, M = block.shape[0], block.shape[-1]
+    C = plan.n_counted
     if dev.panel is None or dev.panel[0].shape[0] != C * H:  # once per plan: [C H, K, M] and [C H, M, K]
         member = plan.panel_member  # [C, K, M] float64
         rows_mean = member / member.sum(-1, keepdim=True).clamp(min=1)
         dev.panel = tuple(x[:, None].expand(-1, H, -1, -1).reshape(C * H, *x.shape[1:])
                           for x in (rows_mean, member.transpose(1, 2)))  # fmt: skip
     rows_mean, member_t = dev.panel
-    out = _buffer(dev.work, "pair_means", (C * H, K, K), block.device, torch.float64)  # reused by every layer
-    torch.bmm(torch.bmm(rows_mean, block.view(C * H, M, M).double()), member_t, out=out)
-    return out.view(C, H, K, K)
+    if "pair_means" not in dev.work or dev.work["pair_means"][0].shape[0] != C * H:  # reused by every layer: the matmul's [C H, K, K] out, and the same as [C, H, K, K]
+        out = torch.empty(C * H, K, K, dtype=torch.float64, device=block.device)
+        dev.work["pair_means"] = (out, out.view(C, H, K, K))
+    out, means = dev.work["pair_means"]
+    torch.bmm(torch.bmm(rows_mean, block.double()), member_t, out=out)
+    return means
 
 
 def first_non_finite(plan) -> int | None:

@@ -1,5 +1,6 @@
 """The profiled layer call as one ``torch.library`` custom op, so that a profiled model runs under
-``torch.compile`` (and, on CUDA, can be captured by CUDA graphs: the triton layer call never syncs).
+``torch.compile``. The triton layer call never syncs, so the op itself does not stand in the way of CUDA-graph
+capture; the model around it still breaks the graph (docs/gpu.md, section 3).
 
 ``attnprof::profiled_attention(q, k, v, key_padding_mask?, sums[], handle, layer, scale?) -> out``
 
@@ -11,8 +12,8 @@
   ``inductor``) as it does for any in-place op. The implementation adds the layer's sums into
   *the tensors it is given* (views of them rebuilt at the layer's own offsets), never into others;
 - ``handle`` names the profiling recorder (an id registered by :func:`compiled_attend`), whose
-  per-forward state (the batch plan, the call counts, the NaN/Inf verdicts) lives in Python
-  objects the graph never reads.
+  per-forward state (the batch plan, the call counts; the accumulator's NaN/Inf verdicts) lives in
+  Python objects the graph never reads.
 
 A layer's sums are allocated at its first call (their shape needs the head count): that call passes no
 buffers (nothing of the graph's is mutated) and later calls pass them, so the compiler retraces once

@@ -41,6 +41,7 @@ class Profiler:
                whatever its padded length; a real token beyond it is refused).
     backend:   ``auto`` (triton on CUDA, torch on CPU), ``torch``, ``triton`` or ``reference``.
     adapter:   ``auto`` or an adapter name from ``attnprof.adapters.ADAPTERS``.
+    meta:      extra facts to keep in ``profile.meta`` (with the backend, adapter and model class).
     """
 
     def __init__(
@@ -104,8 +105,8 @@ class Profiler:
         """Before each forward: the group of every cell (names or codes), the token ids [B, L] and, when the
         profiler was given ``replicates=``, every cell's replicate name.
 
-        Permutations no longer run here: ``profile.compare(a, b, permutations=N)`` relabels whole replicates
-        from the kept block sums (``null_groups`` raises, saying so).
+        Permutations are drawn at compare time: ``profile.compare(a, b, permutations=N)`` relabels whole
+        replicates from the kept block sums (``null_groups`` raises a TypeError saying so).
         """
         self.recorder.set_batch(groups, tokens, replicates, null_groups)
 
