@@ -1,4 +1,4 @@
-"""Nicheformer as a model family like the others: its tokenizer, its model call, its files.
+"""The Nicheformer front end, a model family like the others: its tokenizer and its model call.
 
 The tokens are both the model's input and the ids the gene statistics count; a cell with no count in a
 vocabulary gene is still profiled, with only its context tokens (upstream tokenizes it so), and counted.
@@ -9,32 +9,15 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-import torch
 
-from .family import FrontEnd
-from .tokenize import Tokenizer, align_genes, count_matrix, gene_names, iter_token_chunks
-from .vocab import GENE_OFFSET, N_CONTEXT, PAD, Vocabulary, as_vocabulary
-
-
-class TokenModel(FrontEnd):
-    """A model called on a batch of token ids that are also the gene ids (the default of a run loop)."""
-
-    name = "tokens"
-    adapter = "auto"
-    keeps_context_only = False
-
-    def gene_ids(self, codes: torch.Tensor) -> torch.Tensor:
-        return codes
-
-    def inputs(self, codes: torch.Tensor) -> tuple:
-        return (codes,)
-
-    def forward(self, model, codes: torch.Tensor):
-        return model(codes)
+from ..alignment import align_genes, count_matrix, gene_names
+from ..family import TokenModel
+from ..vocab import GENE_OFFSET, N_CONTEXT, PAD, Vocabulary, as_vocabulary
+from .tokenizer import Tokenizer, iter_token_chunks
 
 
 class NicheformerFront(TokenModel):
-    """Nicheformer's tokenizer (:class:`~attnprof.singlecell.tokenize.Tokenizer`) and model call."""
+    """Nicheformer's tokenizer (:class:`~attnprof.singlecell.nicheformer.tokenizer.Tokenizer`) and model call."""
 
     name = "nicheformer"
     n_context = N_CONTEXT
@@ -74,7 +57,7 @@ def nicheformer_front(model, adata, vocab=None, means=None, *, layer=None, use_r
                       **context) -> NicheformerFront:  # fmt: skip
     """The front end of a Nicheformer ``model`` (anything with ``n_tokens`` and ``context_length``) over
     ``adata``: its vocabulary (default: the data's genes), checked against the model, and its tokenizer
-    (``means`` and the context options of :class:`~attnprof.singlecell.tokenize.Tokenizer`)."""
+    (``means`` and the context options of :class:`~attnprof.singlecell.nicheformer.tokenizer.Tokenizer`)."""
     n_tokens, context_length = model_shape(model)
     if vocab is None:
         vocab = Vocabulary(gene_names(count_matrix(adata, layer, use_raw)[1], gene_key), source="the data's genes")

@@ -30,7 +30,7 @@ is then every other cell's); else the cell is refused before the run.
 Upstream quirks, named: the dissociated notebook tests the *rounded* mean for 0
 (``np.where(rounded_values == 0, 1, ...)``), the CosMx and Xenium notebooks the
 unrounded one; ``tokenize_data``'s ``+= m == 0`` makes both the same
-(:func:`.vocab.technology_means`). The dissociated notebook also subsets its
+(:func:`technology_means`). The dissociated notebook also subsets its
 means and data to the vocabulary genes present in the data (``[kept]``,
 ``common_genes``: 483 genes), which would number the genes by their position
 among those; the tokens it recorded (cell outputs with ids such as 20301) are
@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .vocab import ASSAY, CONTEXT_TABLES, MODALITY, N_CONTEXT, context_id, load_means, technology_means
+from ..vocab import ASSAY, CONTEXT_TABLES, MODALITY, N_CONTEXT, context_id
 
 #: The technology key of every dissociated cell (by modality), as upstream's dissociated_mean_script.npy.
 DISSOCIATED = "dissociated"
@@ -67,6 +67,61 @@ UNPAIRED_MEANS = {"iss_mean_script.npy": "ISS (in situ sequencing) has no Nichef
 #: The context kinds, in token order.
 KINDS = ("species", "assay", "modality")
 _ASSAY_NAMES = {i: name for name, i in ASSAY.items()}
+
+
+def load_means(means, n_genes: int) -> np.ndarray:
+    """The technology mean vector as stored (a ``.npy`` path or an array), one entry per vocabulary gene.
+
+    Entries are kept as they are, NaN and negative ones included (the
+    published MERFISH file has both): what a mean becomes is the
+    tokenization's business, see :func:`technology_means`.
+    """
+    source = str(means) if isinstance(means, (str, Path)) else "the means array"
+    from_file = isinstance(means, (str, Path))
+    if isinstance(means, (str, Path)):
+        if not Path(means).exists():
+            raise FileNotFoundError(f"technology mean file {means} does not exist")
+        means = np.load(means, allow_pickle=False)
+    means = np.asarray(means, dtype=np.float64).ravel()
+    if means.size != n_genes:
+        raise ValueError(
+            f"{source} has {means.size} entries but the vocabulary has {n_genes} genes: "
+            f"the mean vector must be the one made for this vocabulary (same genes, same order)"
+        )
+    if from_file and np.any(means < 0) and not np.any(means > 0):  # a few negative means occur; all is another file
+        raise ValueError(
+            f"{source} has no positive mean (its {means.size} entries are negative, zero or NaN), so every gene "
+            f"would be ranked by a negated score: pass the technology's mean vector (*_mean_script.npy)"
+        )
+    return means
+
+
+#: The two ways Nicheformer's public code prepares means and tokenizes (see tokenizer.py).
+TOKENIZATIONS = ("notebook", "dataset")
+
+
+def technology_means(means: np.ndarray, tokenization: str) -> np.ndarray:
+    """The divisor per gene, prepared as Nicheformer's ``tokenization`` path prepares it.
+
+    ``notebook`` (the "Technology mean" cell of notebooks/tokenization/*.ipynb,
+    then ``tokenize_data``): NaN -> 0 (``np.nan_to_num``, which also turns +-inf
+    into +-1.8e308), round half up as ``where(m % 1 >= 0.5, ceil, floor)`` (so
+    -2370.27 -> -2370), then every 0 -> 1. Negative means stay negative.
+
+    ``dataset`` (``NicheformerDataset``): only 0 -> 1; NaN stays NaN, so a
+    NaN-mean gene scores NaN in every cell, and negative means stay negative.
+    """
+    if tokenization not in TOKENIZATIONS:
+        raise ValueError(f"unknown tokenization {tokenization!r}; choose one of: {', '.join(TOKENIZATIONS)}")
+    m = np.array(means, dtype=np.float64)
+    if tokenization == "notebook":
+        m = np.nan_to_num(m)
+        rounded = np.where((m % 1) >= 0.5, np.ceil(m), np.floor(m))
+        # the notebooks test the unrounded mean here (the dissociated one the rounded);
+        # tokenize_data's `+= m == 0` below turns every remaining 0 (and -0.0) into 1 either way
+        m = np.where(m == 0, 1.0, rounded)
+    m += m == 0
+    return m
 
 
 def technology_key(key) -> str:

@@ -44,16 +44,16 @@ pass over the cells first checks the counts (:mod:`.counts`).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
 
-from .alignment import GeneAlignment, align_genes, count_matrix, gene_names  # noqa: F401 (public here)
+from ..alignment import GeneAlignment, align_genes, count_matrix, gene_names
+from ..batches import TokenChunk
+from ..vocab import GENE_OFFSET, N_CONTEXT, PAD, as_vocabulary, context_id
 from .argsort import SMALL_QUICKSORT, argsort_segments, compiled_available
 from .counts import expm1, inspect_counts, read_rows
-from .technologies import TechnologyMeans, means_entries, obs_context
-from .vocab import GENE_OFFSET, N_CONTEXT, PAD, TOKENIZATIONS, as_vocabulary, context_id
+from .technologies import TOKENIZATIONS, TechnologyMeans, means_entries, obs_context
 
 TARGET_SUM = 10_000.0
 
@@ -255,18 +255,6 @@ def _check_counts(X: sp.csr_matrix) -> None:
 
 
 # ------------------------------------------------------------------ streaming
-@dataclass
-class TokenChunk:
-    """Tokens of some cells: their row positions in the AnnData, tokens ``[n, width]``, lengths."""
-
-    rows: np.ndarray
-    tokens: np.ndarray
-    lengths: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-
 def iter_token_chunks(
     adata,
     tokenizer: Tokenizer,
