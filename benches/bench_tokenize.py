@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from attnprof.singlecell import argsort, tokenize
-from attnprof.singlecell.tokenize import Tokenizer, align_genes
+from attnprof.singlecell.nicheformer import argsort
+from attnprof.singlecell.nicheformer import tokenizer as tokenize
+from attnprof.singlecell.nicheformer.tokenizer import Tokenizer, align_genes
 
 numba = pytest.importorskip("numba")
 N_GENES = 500

@@ -18,7 +18,7 @@ case $group in
             tests='"tests/kernels/test_kernels.py", "tests/kernels/test_plan.py", "tests/kernels/test_kernel_inputs_and_layout.py"' ;;
   tables)   mutate='"src/attnprof/tables.py", "src/attnprof/frames.py"'
             tests='"tests/statistics/test_tables.py", "tests/statistics/test_significance.py", "tests/statistics/test_table_layout_and_p_values.py"' ;;
-  tokenize) mutate='"src/attnprof/singlecell/tokenize.py", "src/attnprof/singlecell/alignment.py"'
+  tokenize) mutate='"src/attnprof/singlecell/nicheformer/tokenizer.py", "src/attnprof/singlecell/alignment.py"'
             tests='"tests/singlecell/test_tokenize.py", "tests/singlecell/test_upstream_tokens.py", "tests/singlecell/test_counts.py", "tests/singlecell/test_tokenize_edges.py"' ;;
   adapters) mutate='"src/attnprof/adapters/*"'
             tests='"tests/profiler/test_adapter_sdpa.py", "tests/profiler/test_adapter_hf.py", "tests/profiler/test_mha.py", "tests/profiler/test_adapter_refusals_and_edges.py"' ;;

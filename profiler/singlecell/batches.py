@@ -1,4 +1,4 @@
-"""Which cells to profile, in which group, and how they are cut into batches.
+"""Which cells to profile, in which group, and how their tokens (:class:`TokenChunk`) are cut into batches.
 
 Batches cut work two ways. Cells are bucketed by length (sorted within
 buckets of a few thousand cells), and each batch's trailing padding is
@@ -18,8 +18,19 @@ import pandas as pd
 import torch
 
 from ..checks import SHOWN, describe_groups
-from .tokenize import TokenChunk
 from .vocab import PAD
+
+
+@dataclass
+class TokenChunk:
+    """Tokens of some cells: their row positions in the AnnData, tokens ``[n, width]``, lengths."""
+
+    rows: np.ndarray
+    tokens: np.ndarray
+    lengths: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.rows)
 
 
 @dataclass

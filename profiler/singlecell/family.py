@@ -24,7 +24,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .tokenize import TokenChunk, align_genes, count_matrix, gene_names
+from .alignment import align_genes, count_matrix, gene_names
+from .batches import TokenChunk
 from .vocab import PAD
 
 @dataclass(frozen=True)
@@ -53,9 +54,9 @@ class Packing:
 
 
 class FrontEnd:
-    """One model family's tokenizer and model call (subclasses: Geneformer, scGPT).
+    """One model family's tokenizer and model call (subclasses: each family's front end, and :class:`TokenModel`).
 
-    Attributes set by subclasses: ``name``, ``adapter`` (``hf`` or ``mha``),
+    Attributes set by subclasses: ``name``, ``adapter`` (``hf``, ``mha`` or ``auto``),
     ``tokenizer`` (with ``vocab``, ``draws``, ``start``, ``tokenize`` and ``settings()``), ``genes``
     (token id -> name), ``n_context`` (leading special tokens), ``context_length``.
     """
@@ -92,6 +93,23 @@ class FrontEnd:
 
     def left_out_message(self, n: int) -> str:
         return f"{n} cells have no counts in vocabulary genes and were left out"
+
+
+class TokenModel(FrontEnd):
+    """A model called on a batch of token ids that are also the gene ids (the default of a run loop)."""
+
+    name = "tokens"
+    adapter = "auto"
+    keeps_context_only = False
+
+    def gene_ids(self, codes: torch.Tensor) -> torch.Tensor:
+        return codes
+
+    def inputs(self, codes: torch.Tensor) -> tuple:
+        return (codes,)
+
+    def forward(self, model, codes: torch.Tensor):
+        return model(codes)
 
 
 def iter_family_chunks(

@@ -24,7 +24,7 @@ from ..distributed import shard as shard_indices
 from ..profile import Profile
 from ..session import Profiler
 from .batches import Batch, CellSelection, make_batches
-from .nicheformer_front import TokenModel
+from .family import TokenModel
 
 
 def profile_batches(

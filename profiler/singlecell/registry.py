@@ -1,7 +1,9 @@
 """The registry of model families: how each is recognized, which options it reads, how it loads.
 
 One table, :data:`FAMILIES`: the run, validate and the command line know no family by name. Each family
-is a front end (:class:`~attnprof.singlecell.family.FrontEnd`) over its own model, tokenizer and files.
+is a sub-package (``nicheformer``, ``geneformer``, ``scgpt``) with a front end
+(:class:`~attnprof.singlecell.family.FrontEnd`) over its own model, tokenizer and files; this module imports a
+family only when it loads one.
 """
 
 from __future__ import annotations
@@ -130,9 +132,8 @@ def load_family(options: dict, adata) -> tuple:
 def _load_nicheformer(options: dict, adata) -> tuple:
     """A Nicheformer checkpoint with its vocabulary, or without ``model`` an untrained small one over the data's
     genes (said in a warning), and its front end."""
-    from .nicheformer import load_nicheformer, small_nicheformer
-    from .nicheformer_front import nicheformer_front
-    from .tokenize import count_matrix, gene_names
+    from .alignment import count_matrix, gene_names
+    from .nicheformer import load_nicheformer, nicheformer_front, small_nicheformer
     from .vocab import Vocabulary
 
     model_path, vocab = options.get("model"), options.get("vocab")

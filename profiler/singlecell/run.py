@@ -34,7 +34,7 @@ from ..profile import Profile
 from .batches import ordered_values, select_cells
 from .budget import check_memory
 from .loop import _Run, cells_digest, plan_cells, profile_batches
-from .nicheformer_front import nicheformer_front
+from .nicheformer.front import nicheformer_front
 from .write import write_outputs
 
 __all__ = ["profile_anndata", "profile_batches", "write_outputs", "model_description"]
@@ -91,7 +91,7 @@ def profile_anndata(
     vocab:    the model's gene list (Vocabulary, path or names); default: the data's own genes.
     means:    the technology mean vector (array or ``.npy``); default: all ones. Several technologies: a
               folder of the published ``*_mean_script.npy`` files or ``{assay or "dissociated": file}``;
-              each cell is divided by its technology's (see :mod:`attnprof.singlecell.technologies`).
+              each cell is divided by its technology's (see :mod:`attnprof.singlecell.nicheformer.technologies`).
     panel:    gene names whose pairwise attention is summed.
     layer, use_raw, gene_key: where the counts and gene names are (default ``X`` and var names).
     subset:   an obs query, e.g. ``"cell_type == 'neuron'"``.
@@ -99,7 +99,7 @@ def profile_anndata(
     species_key, assay_key, modality_key: obs columns with each cell's context (names or ids); a key
               overrides the run-wide value. Unknown values, and cells whose technology has no means, are
               refused before any cell is profiled.
-    tokenization: ``"notebook"`` or ``"dataset"``, the upstream path to reproduce (see tokenize.py).
+    tokenization: ``"notebook"`` or ``"dataset"``, the upstream path to reproduce (see :mod:`attnprof.singlecell.nicheformer.tokenizer`).
     window:   position window of the per-head maps (at most the model's context length).
     map_bins: bins per axis of each head's whole-context map (e.g. 32: the context length in 32 x 32 bins; 0:
               none), per block like every sum (``profile.binned_map(group, layer, head)``).
@@ -131,7 +131,7 @@ def profile_anndata(
               run (data, cells, model or options) is refused. Deleted when the run succeeds.
               With shards each keeps its own file, ``<name>.shard<i>of<n>.npz``.
 
-    family:   the model family's :class:`~attnprof.singlecell.family.FrontEnd` (Geneformer, scGPT; see
+    family:   the model family's :class:`~attnprof.singlecell.family.FrontEnd` (any family's; see
               ``attnprof.singlecell.registry``) that tokenizes and calls ``model`` in its family's way; ``vocab``,
               ``means`` and the context tokens are then unused. Default: Nicheformer's, built from them.
 

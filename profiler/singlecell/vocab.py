@@ -1,4 +1,4 @@
-"""Nicheformer's token layout: special and context ids, the gene vocabulary, the technology means.
+"""The gene vocabulary every family's tokenizer aligns the data to, in Nicheformer's token layout.
 
 Token ids (from Nicheformer's public code):
 
@@ -166,56 +166,18 @@ def as_vocabulary(vocab) -> Vocabulary:
     return Vocabulary(list(vocab))
 
 
-def load_means(means, n_genes: int) -> np.ndarray:
-    """The technology mean vector as stored (a ``.npy`` path or an array), one entry per vocabulary gene.
-
-    Entries are kept as they are, NaN and negative ones included (the
-    published MERFISH file has both): what a mean becomes is the
-    tokenization's business, see :func:`technology_means`.
-    """
-    source = str(means) if isinstance(means, (str, Path)) else "the means array"
-    from_file = isinstance(means, (str, Path))
-    if isinstance(means, (str, Path)):
-        if not Path(means).exists():
-            raise FileNotFoundError(f"technology mean file {means} does not exist")
-        means = np.load(means, allow_pickle=False)
-    means = np.asarray(means, dtype=np.float64).ravel()
-    if means.size != n_genes:
-        raise ValueError(
-            f"{source} has {means.size} entries but the vocabulary has {n_genes} genes: "
-            f"the mean vector must be the one made for this vocabulary (same genes, same order)"
-        )
-    if from_file and np.any(means < 0) and not np.any(means > 0):  # a few negative means occur; all is another file
-        raise ValueError(
-            f"{source} has no positive mean (its {means.size} entries are negative, zero or NaN), so every gene "
-            f"would be ranked by a negated score: pass the technology's mean vector (*_mean_script.npy)"
-        )
-    return means
+#: Names that moved to the Nicheformer family (:mod:`attnprof.singlecell.nicheformer.technologies`).
+_MOVED = ("load_means", "technology_means", "TOKENIZATIONS")
 
 
-#: The two ways Nicheformer's public code prepares means and tokenizes (see tokenize.py).
-TOKENIZATIONS = ("notebook", "dataset")
+def __getattr__(name: str):
+    """The moved names, with a DeprecationWarning; resolved by name on first use, so this shared module imports
+    no model family."""
+    if name in _MOVED:
+        import importlib
 
-
-def technology_means(means: np.ndarray, tokenization: str) -> np.ndarray:
-    """The divisor per gene, prepared as Nicheformer's ``tokenization`` path prepares it.
-
-    ``notebook`` (the "Technology mean" cell of notebooks/tokenization/*.ipynb,
-    then ``tokenize_data``): NaN -> 0 (``np.nan_to_num``, which also turns +-inf
-    into +-1.8e308), round half up as ``where(m % 1 >= 0.5, ceil, floor)`` (so
-    -2370.27 -> -2370), then every 0 -> 1. Negative means stay negative.
-
-    ``dataset`` (``NicheformerDataset``): only 0 -> 1; NaN stays NaN, so a
-    NaN-mean gene scores NaN in every cell, and negative means stay negative.
-    """
-    if tokenization not in TOKENIZATIONS:
-        raise ValueError(f"unknown tokenization {tokenization!r}; choose one of: {', '.join(TOKENIZATIONS)}")
-    m = np.array(means, dtype=np.float64)
-    if tokenization == "notebook":
-        m = np.nan_to_num(m)
-        rounded = np.where((m % 1) >= 0.5, np.ceil(m), np.floor(m))
-        # the notebooks test the unrounded mean here (the dissociated one the rounded);
-        # tokenize_data's `+= m == 0` below turns every remaining 0 (and -0.0) into 1 either way
-        m = np.where(m == 0, 1.0, rounded)
-    m += m == 0
-    return m
+        new = "attnprof.singlecell.nicheformer.technologies"
+        warnings.warn(f"attnprof.singlecell.vocab.{name} moved to {new}.{name}; import it from there",
+                      DeprecationWarning, stacklevel=2)  # fmt: skip
+        return getattr(importlib.import_module(new), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

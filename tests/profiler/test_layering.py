@@ -24,6 +24,7 @@ CONTRACTS = (
     "core imports no single-cell front end and no command line",
     "statistics import no torch",
     "no import cycles between the modules of a package",
+    "model families are independent of each other",
 )
 LINT = "import sys; from importlinter.cli import lint_imports; sys.exit(lint_imports(config_filename=sys.argv[1], no_cache=True, no_logo=True))"  # noqa: E501
 
@@ -65,6 +66,8 @@ def test_the_contracts_hold(tmp_path):
         ("statistics/welch.py", "from attnprof.kernels import SUMMARIES", CONTRACTS[2]),  # torch through the kernels
         ("statistics/effects.py", "import pandas", CONTRACTS[2]),
         ("tables.py", "import attnprof.cli", CONTRACTS[3]),  # cli imports tables: a cycle
+        ("singlecell/geneformer/front.py", "from attnprof.singlecell.scgpt import ScGPT", CONTRACTS[4]),
+        ("singlecell/nicheformer/tokenizer.py", "import attnprof.singlecell.geneformer.tokenizer", CONTRACTS[4]),
     ],
 )  # fmt: skip
 def test_a_planted_violation_fails_the_check(tmp_path, where, line, broken):

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from attnprof.singlecell.counts import log1p_tolerance
-from attnprof.singlecell.tokenize import tokenize_anndata
+from attnprof.singlecell.nicheformer.counts import log1p_tolerance
+from attnprof.singlecell.nicheformer.tokenizer import tokenize_anndata
 
 N_CELLS, N_GENES = 120, 500
 GENES = [f"g{i}" for i in range(N_GENES)]

@@ -14,7 +14,7 @@ from attnprof.singlecell import (
     select_cells,
     tokenize_anndata,
 )
-from attnprof.singlecell.tokenize import Tokenizer, iter_token_chunks
+from attnprof.singlecell.nicheformer.tokenizer import Tokenizer, iter_token_chunks
 from helpers import demo_fixtures
 
 # context 48 < the longest cells: truncation happens, and the window (32) is shorter than most cells

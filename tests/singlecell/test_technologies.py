@@ -22,8 +22,8 @@ from attnprof import Profile
 from attnprof.cli import main
 from attnprof.singlecell import profile_anndata, small_nicheformer
 from attnprof.singlecell.demo import write_demo_inputs
-from attnprof.singlecell.technologies import PUBLISHED_MEANS, published_folder
-from attnprof.singlecell.tokenize import Tokenizer, tokenize_anndata
+from attnprof.singlecell.nicheformer.technologies import PUBLISHED_MEANS, published_folder
+from attnprof.singlecell.nicheformer.tokenizer import Tokenizer, tokenize_anndata
 
 NAN = np.nan
 N_GENES = 40

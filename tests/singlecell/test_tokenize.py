@@ -12,8 +12,9 @@ import scipy.sparse as sp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attnprof.singlecell.tokenize import Tokenizer, align_genes, iter_token_chunks, tokenize_anndata
-from attnprof.singlecell.vocab import ASSAY, MODALITY, SPECIES, Vocabulary, context_id, load_means, technology_means
+from attnprof.singlecell.nicheformer.tokenizer import Tokenizer, align_genes, iter_token_chunks, tokenize_anndata
+from attnprof.singlecell.nicheformer.technologies import load_means, technology_means
+from attnprof.singlecell.vocab import ASSAY, MODALITY, SPECIES, Vocabulary, context_id
 
 # ---------------------------------------------------------------- the example
 # vocabulary index: 0 Actb, 1 Gfap, 2 Mbp, 3 Snap25, 4 Sst, 5 Xist -> token ids 30..35

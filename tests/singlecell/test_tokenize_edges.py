@@ -1,4 +1,4 @@
-"""Tests that kill the mutants mutmut left alive in profiler/singlecell/tokenize.py
+"""Tests that kill the mutants mutmut left alive in profiler/singlecell/nicheformer/tokenizer.py
 (``scripts/mutation.sh tokenize``): defaults, where the counts come from, exact messages, the caller's data
 left untouched, row checks, and what a tokenizer's settings record. Public functions only.
 
@@ -49,8 +49,9 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from attnprof.singlecell.tokenize import Tokenizer, align_genes, count_matrix, iter_token_chunks, tokenize_anndata
-from attnprof.singlecell.vocab import PAD, TOKENIZATIONS, Vocabulary, context_id
+from attnprof.singlecell.nicheformer.tokenizer import Tokenizer, align_genes, count_matrix, iter_token_chunks, tokenize_anndata
+from attnprof.singlecell.nicheformer.technologies import TOKENIZATIONS
+from attnprof.singlecell.vocab import PAD, Vocabulary, context_id
 
 GENES = [f"g{i}" for i in range(6)]
 
@@ -247,7 +248,7 @@ def test_without_numba_tied_cells_still_go_through_the_quicksort(monkeypatch):
     # path) have numba's quicksort order, not index order; the pure-Python fallback must find those ties
     import sys
 
-    import attnprof.singlecell.argsort as argsort
+    import attnprof.singlecell.nicheformer.argsort as argsort
 
     genes = [f"h{i}" for i in range(40)]
     alignment = align_genes(genes, genes)

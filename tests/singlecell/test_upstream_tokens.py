@@ -31,8 +31,8 @@ import scipy.sparse as sp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attnprof.singlecell.argsort import numba_argsort
-from attnprof.singlecell.tokenize import tokenize_anndata
+from attnprof.singlecell.nicheformer.argsort import numba_argsort
+from attnprof.singlecell.nicheformer.tokenizer import tokenize_anndata
 
 NAN = np.nan
 # 40 vocabulary genes; means with NaN (5), zeros, negatives (as the published MERFISH file) and
@@ -176,7 +176,7 @@ def test_equal_to_upstream_restated_on_non_integer_values(case, tokenization, se
 
 
 def test_same_tokens_without_numba(monkeypatch):
-    import attnprof.singlecell.argsort as argsort
+    import attnprof.singlecell.nicheformer.argsort as argsort
 
     monkeypatch.setitem(__import__("sys").modules, "numba", None)  # `import numba` now fails
     monkeypatch.setattr(argsort, "_SORTS", {})
