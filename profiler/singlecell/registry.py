@@ -13,6 +13,9 @@ import warnings
 from pathlib import Path
 
 FAMILIES = ("nicheformer", "geneformer", "scgpt")
+#: The family of a model given without one (``profile_anndata(model, ...)`` with no ``family=``, ``attnprof run``
+#: without ``--model`` or ``--family``): the family attnprof was first built for.
+DEFAULT_FAMILY = "nicheformer"
 
 
 def detect_family(model_path) -> str | None:
@@ -113,7 +116,7 @@ def load_family(options: dict, adata) -> tuple:
     """(model, front end) from the command line's options (``vars(args)``): the family as given or detected from
     ``model`` (default Nicheformer), its options checked, its files loaded."""
     model_path = options.get("model")
-    family = options.get("family") or (detect_family(model_path) if model_path else None) or "nicheformer"
+    family = options.get("family") or (detect_family(model_path) if model_path else None) or DEFAULT_FAMILY
     check_family_options(family, options)
     if family == "nicheformer":
         return _load_nicheformer(options, adata)
@@ -127,6 +130,14 @@ def load_family(options: dict, adata) -> tuple:
     if family == "scgpt":  # embed mode draws as embed_data's DataLoader workers do (docs/reliability.md)
         front = front.with_loader(options.get("scgpt_workers"), options.get("scgpt_batch_size"))
     return model, front
+
+
+def default_front_end(model, adata, vocab=None, means=None, **reading_and_context):
+    """The front end of a model given without its family (:data:`DEFAULT_FAMILY`'s), built from the run's
+    vocabulary, technology means, where the counts are and the context tokens."""
+    from .nicheformer import nicheformer_front
+
+    return nicheformer_front(model, adata, vocab, means, **reading_and_context)
 
 
 def _load_nicheformer(options: dict, adata) -> tuple:

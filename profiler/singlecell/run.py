@@ -34,7 +34,7 @@ from ..profile import Profile
 from .batches import ordered_values, select_cells
 from .budget import check_memory
 from .loop import _Run, cells_digest, plan_cells, profile_batches
-from .nicheformer.front import nicheformer_front
+from .registry import default_front_end
 from .write import write_outputs
 
 __all__ = ["profile_anndata", "profile_batches", "write_outputs", "model_description"]
@@ -133,7 +133,8 @@ def profile_anndata(
 
     family:   the model family's :class:`~attnprof.singlecell.family.FrontEnd` (any family's; see
               ``attnprof.singlecell.registry``) that tokenizes and calls ``model`` in its family's way; ``vocab``,
-              ``means`` and the context tokens are then unused. Default: Nicheformer's, built from them.
+              ``means`` and the context tokens are then unused. Default: the registry's default family's
+              (Nicheformer), built from them.
 
     Returns a :class:`attnprof.Profile` whose genes are the names of the token ids the data can hold (every id
     with ``all_genes``; ``meta["token_ids"]`` their ids) and ``n_context`` the family's context tokens.
@@ -144,11 +145,11 @@ def profile_anndata(
     shard, distributed = _this_shard(shard)
     with _opened(adata) as (adata, source):
         selection = select_cells(adata.obs, groupby, groups=groups, subset=subset)
-        front = family or nicheformer_front(
+        front = family or default_front_end(
             model, adata, vocab, means, layer=layer, use_raw=use_raw, gene_key=gene_key, species=species,
             assay=assay, modality=modality, tokenization=tokenization, species_key=species_key,
             assay_key=assay_key, modality_key=modality_key,
-        )  # the default family: Nicheformer
+        )
         context_length = front.context_length
         _check_options(window, context_length, chunk_size, bucket_size, map_bins)
         obs = adata.obs.iloc[selection.rows]
