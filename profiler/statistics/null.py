@@ -43,7 +43,16 @@ def head_null(X: np.ndarray, V: np.ndarray, in_a: np.ndarray, threshold: float, 
     keep:      bool [elements], elements that may count at all (e.g. genes but not context tokens).
     threads:   worker threads (default: the CPUs); numpy releases the GIL in its loops.
     Returns ``mean_abs`` and ``max_abs``, float64 [labelings, heads], NaN where a head has no element.
+
+    A labeling and its mirror image (the groups swapped) have equal statistics in exact arithmetic (|D| is the
+    same), so each pair is computed once: in float32 their sums would round apart, and the observed labeling's
+    tie with its mirror image, which the smallest p relies on, could break.
     """
+    in_a = np.asarray(in_a, dtype=bool)
+    first, of_row = _mirror_pairs(in_a)
+    if len(first) < len(in_a):
+        mean_abs, max_abs = head_null(X, V, in_a[first], threshold, keep, threads)
+        return mean_abs[of_row], max_abs[of_row]
     U, H, E = X.shape
     threshold = max(threshold, 1)  # a group holding none of an element has no mean
     keep = np.ones(E, dtype=bool) if keep is None else np.asarray(keep, dtype=bool)
@@ -86,6 +95,21 @@ def head_null(X: np.ndarray, V: np.ndarray, in_a: np.ndarray, threshold: float, 
         mean_abs = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
     max_abs = np.where(counts > 0, maxes, np.nan)
     return mean_abs.T, max_abs.T
+
+
+def _mirror_pairs(in_a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(first, of_row)``: the labelings to compute (the first of each mirror pair, and every unpaired one, in
+    order) and, for every labeling, its row among them."""
+    rows = {row.tobytes(): i for i, row in enumerate(in_a)}
+    first, of_row = [], np.empty(len(in_a), dtype=np.int64)
+    for i, row in enumerate(in_a):
+        j = rows.get((~row).tobytes())
+        if j is not None and j < i:  # the mirror image came first: share its row
+            of_row[i] = of_row[j]
+        else:
+            of_row[i] = len(first)
+            first.append(i)
+    return np.asarray(first, dtype=np.int64), of_row
 
 
 def _chunks(idx: np.ndarray):
