@@ -14,6 +14,8 @@ them into the group sums of every labeling of the plan.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -29,6 +31,54 @@ FUSED_MIN_SCORES = 2**18
 
 #: Scores per eager block (heads x rows x keys): 2**20 fp32 = 4 MiB (measured fastest here).
 BLOCK_ELEMS = 2**20
+
+
+@dataclass(frozen=True, eq=False)
+class BatchRows:
+    """The torch backend's view of a plan: where every query row and packed token of the whole batch is, as the
+    fused batch kernel takes them (derived once per plan by :func:`batch_rows`)."""
+
+    cu_q: torch.Tensor  # [B + 1] int64: each cell's L query rows start at b L
+    q_rows: torch.Tensor  # [B L] int64 flat index b L + position of every query row, each cell's real positions
+    #                       first (ascending), then its padded ones (they get an output too, over the real keys)
+    k_rows: torch.Tensor  # [T] int64 flat index b L + position of every packed real token
+    token_cell: torch.Tensor  # [T] int64 the cell of each packed real token
+    counted_slot: torch.Tensor  # [B] int64 each cell's index among the counted cells, -1 if not counted
+    n_window: torch.Tensor  # [B] int64 real positions < W per batch row (0 for uncounted cells)
+    n_context: torch.Tensor  # [B] int64 real positions < n_context per batch row (0 for uncounted cells)
+    panel_slot: torch.Tensor  # [T] int64 per packed token: its index m among its cell's panel tokens, or -1
+    panel_at: torch.Tensor  # [C, M] int64 panel positions as indices into the cell's packed tokens, -1 past its count
+    packed_counted: torch.Tensor  # [T_c] int64 the packed indices of the counted cells' tokens (gene_src's order)
+
+
+def batch_rows(plan: BatchPlan) -> BatchRows:
+    """The plan's :class:`BatchRows`, derived at its first use and kept in the plan's cache."""
+    return plan.derived("torch rows", lambda: _batch_rows(plan))
+
+
+def _batch_rows(plan: BatchPlan) -> BatchRows:
+    B, L, dev, counted = plan.B, plan.L, plan.device, plan.counted
+    token_cell = plan.token_index // L
+    query_pos = torch.argsort(plan.padding.to(torch.uint8), dim=1, stable=True)  # real positions first
+    counted_slot = torch.full((B,), -1, dtype=torch.long, device=dev)
+    counted_slot[counted] = torch.arange(plan.n_counted, device=dev)
+    per_row = lambda x: torch.zeros(B, dtype=torch.long, device=dev).index_copy_(0, counted, x)  # noqa: E731
+    panel_pos = plan.panel_pos
+    rank = plan.real[counted].long().cumsum(1) - 1  # index of each real position among the cell's real tokens
+    panel_at = torch.where(panel_pos >= 0, rank.gather(1, panel_pos.clamp(min=0)), -1)
+    slot_map = torch.full((B, L), -1, dtype=torch.long, device=dev)
+    if panel_pos.shape[1]:
+        has = panel_pos >= 0
+        m = torch.arange(panel_pos.shape[1], device=dev).expand_as(panel_pos)
+        slot_map[counted[:, None].expand_as(panel_pos)[has], panel_pos[has]] = m[has]
+    return BatchRows(
+        cu_q=torch.arange(0, (B + 1) * L, L, device=dev),
+        q_rows=(torch.arange(B, device=dev)[:, None] * L + query_pos).reshape(-1),
+        k_rows=plan.token_index, token_cell=token_cell, counted_slot=counted_slot,
+        n_window=per_row(plan.n_window), n_context=per_row(plan.n_context),
+        panel_slot=slot_map.reshape(-1)[plan.token_index], panel_at=panel_at,
+        packed_counted=(counted_slot[token_cell] >= 0).nonzero().flatten(),
+    )  # fmt: skip
 
 
 def blocked_stats(inp: Inputs, spec: StatsSpec, sums=None, block_elems: int = BLOCK_ELEMS):
@@ -76,7 +126,7 @@ def blocked_cells(q, k, v, plan: BatchPlan, scale: float, block_elems: int = BLO
             o = F.scaled_dot_product_attention(qb, kb, vb, scale=scale)
             finite &= torch.isfinite(o.sum())  # no log-sum-exp here: the output shows any NaN or Inf
         else:
-            at = plan.panel_at[c, : host["panel_count"][c]] if spec.panel else None
+            at = batch_rows(plan).panel_at[c, : host["panel_count"][c]] if spec.panel else None
             bins = key_onehot(plan, b) if NB else None
             o, cell = _cell_stats(qb, kb, vb, host["n_window"][c], host["n_context"][c], at, scale, block_elems, bins)
             finite &= cell["finite"]
@@ -116,27 +166,26 @@ def _fused_batch(q, k, v, plan: BatchPlan, scale: float):
     B, H, L, D = q.shape
     C, W = plan.n_counted, plan.window
 
-    def pack(x, cell, pos):  # [B, H, L, D] -> [rows, H, D] fp32, one gather
-        return x.transpose(1, 2)[cell, pos].float()
+    rows = batch_rows(plan)
 
-    qp = pack(q, plan.query_cell, plan.query_pos).mul_(scale)
-    kp, vp = pack(k, plan.token_cell, plan.positions), pack(v, plan.token_cell, plan.positions)
-    if "cu_q" not in plan.cache:
-        plan.cache["cu_q"] = torch.arange(0, (B + 1) * L, L, device=q.device)
-        plan.cache["q_rows"] = plan.query_cell * L + plan.query_pos
+    def pack(x, at):  # [B, H, L, D] -> [rows, H, D] fp32, one gather
+        return x.transpose(1, 2).reshape(B * L, H, D)[at].float()
+
+    qp = pack(q, rows.q_rows).mul_(scale)
+    kp, vp = pack(k, rows.k_rows), pack(v, rows.k_rows)
     outp, lse, row_stats, colsum, window, pair_block, check, map_rows = fused_rows.batch_rows(
-        qp, kp, vp, plan.cache["cu_q"], plan.cu_seqlens, plan.counted_slot, plan.n_context_all,
-        plan.n_window_all, plan.panel_slot, plan.panel_at, C, W,
+        qp, kp, vp, rows.cu_q, plan.cu_seqlens, rows.counted_slot, rows.n_context,
+        rows.n_window, rows.panel_slot, rows.panel_at, C, W,
         map_edges=None if plan.maps is None else plan.maps.edges,
     )  # fmt: skip
     if not bool(torch.isfinite(lse.sum() + check.sum())):  # see _cell_stats: no extra pass
         refuse_non_finite(q, k, v)
     # [B, L, H, D] memory, as the model's next projection wants it; returned as the [B, H, L, D] view
     out = q.new_empty(B, L, H, D)
-    out.view(B * L, H, D).index_copy_(0, plan.cache["q_rows"], outp.to(q.dtype))
+    out.view(B * L, H, D).index_copy_(0, rows.q_rows, outp.to(q.dtype))
     out = out.transpose(1, 2)
     lengths = plan.lengths.to(torch.float32)
-    per_cell = q.new_zeros(B, H, 4, dtype=torch.float32).index_add_(0, plan.token_cell, row_stats.transpose(0, 1))
+    per_cell = q.new_zeros(B, H, 4, dtype=torch.float32).index_add_(0, rows.token_cell, row_stats.transpose(0, 1))
     cells = CellResults(summary=(per_cell / lengths[:, None, None])[plan.counted], window=window)
     for c, prefix in enumerate(plan.host["window_prefix"]):  # padding inside the window: to positions
         if not prefix:
@@ -146,9 +195,9 @@ def _fused_batch(q, k, v, plan: BatchPlan, scale: float):
             moved[:, iw[:, None], iw[None, :]] = window[c, :, :nw, :nw]
             window[c] = moved
     if plan.spec.gene_stats:
-        colmean = colsum / lengths[plan.token_cell]
+        colmean = colsum / lengths[rows.token_cell]
         r = colmean.new_zeros(plan.pair_cell.numel(), H)
-        cells.received = r.index_add_(0, plan.gene_pairs, colmean[:, plan.packed_counted].T)
+        cells.received = r.index_add_(0, plan.gene_pairs, colmean[:, rows.packed_counted].T)
     if plan.spec.panel:
         cells.pair = pair_means(plan, pair_block)
     if plan.maps is not None:

@@ -10,6 +10,8 @@ reduced into all labelings together, so another labeling costs reductions, not a
 Notation: B cells of L positions; H heads; G groups; N + 1 labelings (labeling 0 is the observed
 one); C counted cells (counted in at least one labeling); T real tokens of all cells; K panel ids;
 W = min(spec.window, L). Every tensor is on ``plan.device``; host-side copies are marked *host*.
+The plan holds what every backend reads; a backend derives its own view once per plan
+(:meth:`BatchPlan.derived`), e.g. the torch backend's all-cell rows for its fused batch kernel.
 Building the plan syncs with the device once; a layer call using it needs no further host sync.
 
 A backend on a plan
@@ -49,8 +51,6 @@ present       ``[P]`` int64 the columns of ``onehot`` that hold a cell, ascendin
               groups or 2,000 blocks.
 n_window      ``[C]`` int64 real positions < W of each counted cell (positions < W that are real).
 n_context     ``[C]`` int64 real positions < spec.n_context of each counted cell.
-window_prefix ``[C]`` bool: the cell's real positions < W are exactly ``0 .. n_window - 1`` (no
-              padding inside the window), so its window is a plain slice.
 genes         ``[V_b]`` int64 sorted token ids held by real tokens of counted cells: the batch's gene
               axis. Gene sums of :func:`planned_stats` run over it, not over the whole vocabulary.
 gene_src      ``[T_c]`` int64 flat index ``c * L + position`` (into a per-counted-cell ``[C, L]`` array)
@@ -61,20 +61,7 @@ pair_cell     ``[U]`` int64 counted cell of each pair; ``pair_gene``: ``[U]`` sl
               pairs are sorted by gene, then cell (``pair_gene`` is non-decreasing).
 panel_pos     ``[C, M]`` int64 positions (in ``[0, L)``) where each counted cell holds panel ids,
               ascending, -1 past the cell's count; M = the most any cell holds (0 without a panel).
-panel_at      ``[C, M]`` int64 the same as indices into the cell's real tokens (its packed slice).
 panel_member  ``[C, K, M]`` float64: panel id k sits at ``panel_pos[c, m]``.
-query_cell, query_pos
-              ``[B * L]`` int64 the cell and position of every query row, cells in order, each
-              cell's real positions first (ascending), then its padded ones: the packing of queries
-              for a kernel that also gives padded rows their output (over the real keys).
-token_cell    ``[T]`` int64 the cell of each packed real token.
-counted_slot  ``[B]`` int64 each cell's index among the counted cells, -1 if not counted.
-n_window_all, n_context_all
-              ``[B]`` int64 ``n_window`` and ``n_context`` per batch row (0 for uncounted cells).
-panel_slot    ``[T]`` int64 per packed real token: its index m among its cell's panel tokens
-              (``panel_pos[c, m]`` is its position), or -1.
-packed_counted ``[T_c]`` int64 indices into the packed tokens of the counted cells' tokens, in the
-              order of ``gene_src`` / ``gene_pairs``.
 counts        (computed when asked) the q, k, v-free sums of all labelings, float64, labeling axis first: ``cells
               [N+1, G]``, ``pos_count [N+1, G, W', W']`` (W' = spec.window), ``recv_count
               [N+1, G, V_b]``, ``pair_count [N+1, G, K, K]``.
@@ -85,7 +72,8 @@ cell_counts   what each counted cell adds to ``counts``, float64 ``[C, ...]`` fl
               [C, K^2]`` (``counts`` = ``onehot.T @ cell_counts``): the reduction adds the counts in the
               same matmul as the layer's results.
 host          host lists for CPU loops: ``lengths`` (per batch row); ``counted_lengths``, ``n_window``,
-              ``n_context``, ``panel_count`` and ``window_prefix`` (per counted cell).
+              ``n_context``, ``panel_count`` and ``window_prefix`` (per counted cell: its real positions < W are
+              exactly ``0 .. n_window - 1``, so its window is a plain slice).
 cache         what is derived from the plan on first use (:meth:`BatchPlan.derived`: per head count or chunk size,
               a backend's kernel inputs, e.g. ``cu`` = ``cu_seqlens`` as a host list): the one cache of a
               forward's derived state, dropped with the plan.
@@ -124,24 +112,14 @@ class BatchPlan:
     present: torch.Tensor
     n_window: torch.Tensor
     n_context: torch.Tensor
-    window_prefix: torch.Tensor
     genes: torch.Tensor
     gene_pairs: torch.Tensor
     gene_src: torch.Tensor
     pair_cell: torch.Tensor
     pair_gene: torch.Tensor
     panel_pos: torch.Tensor
-    panel_at: torch.Tensor
     panel_member: torch.Tensor
     host: dict
-    query_cell: torch.Tensor = None
-    query_pos: torch.Tensor = None
-    token_cell: torch.Tensor = None
-    counted_slot: torch.Tensor = None
-    n_window_all: torch.Tensor = None
-    n_context_all: torch.Tensor = None
-    panel_slot: torch.Tensor = None
-    packed_counted: torch.Tensor = None
     tokens: torch.Tensor | None = None
     cell_counts: dict = None
     maps: MapPlan | None = None
@@ -246,12 +224,10 @@ def build_plan(
 
     K = len(spec.panel)
     panel_pos = torch.zeros(C, 0, dtype=torch.long, device=dev)
-    panel_at, panel_member = panel_pos, torch.zeros(C, K, 0, dtype=torch.float64, device=dev)
+    panel_member = torch.zeros(C, K, 0, dtype=torch.float64, device=dev)
     if spec.panel:
         panel = torch.tensor(spec.panel, dtype=torch.long, device=dev)
         panel_pos, panel_member = panel_positions(tokens[counted], creal, panel)
-        rank = creal.long().cumsum(1) - 1  # index of each real position among the cell's real tokens
-        panel_at = torch.where(panel_pos >= 0, rank.gather(1, panel_pos.clamp(min=0)), -1)
         present = (panel_member.sum(-1) > 0).double()
         pairs = (present[:, :, None] * present[:, None, :]).reshape(C, K * K)
         cell_counts["pair_count"] = pairs
@@ -259,22 +235,6 @@ def build_plan(
     maps = None
     if spec.map_bins:
         maps, cell_counts["map_count"] = build_maps(spec, real, counted)
-
-    # all-cell views for kernels that take the whole batch at once
-    token_cell = token_index // L
-    query_pos = torch.argsort(padding.to(torch.uint8), dim=1, stable=True)  # real positions first
-    query_cell = torch.arange(B, device=dev)[:, None].expand(B, L).reshape(-1)
-    counted_slot = torch.full((B,), -1, dtype=torch.long, device=dev)
-    counted_slot[counted] = torch.arange(C, device=dev)
-    n_window_all = torch.zeros(B, dtype=torch.long, device=dev).index_copy_(0, counted, n_window)
-    n_context_all = torch.zeros(B, dtype=torch.long, device=dev).index_copy_(0, counted, n_context)
-    slot_map = torch.full((B, L), -1, dtype=torch.long, device=dev)
-    if panel_pos.shape[1]:
-        has = panel_pos >= 0
-        m = torch.arange(panel_pos.shape[1], device=dev).expand_as(panel_pos)
-        slot_map[counted[:, None].expand_as(panel_pos)[has], panel_pos[has]] = m[has]
-    panel_slot = slot_map.reshape(-1)[token_index]
-    packed_counted = (counted_slot[token_cell] >= 0).nonzero().flatten()
 
     present = onehot.any(0).nonzero().flatten()
     host = {
@@ -290,10 +250,7 @@ def build_plan(
         spec=spec, B=B, L=L, n_labelings=n_lab, padding=padding, real=real, labelings=labelings,
         lengths=lengths, cu_seqlens=cu_seqlens, max_len=max(host["lengths"]), token_index=token_index,
         positions=positions, counted=counted, counted_host=counted.tolist(), groups=groups, onehot=onehot,
-        present=present, n_window=n_window, n_context=n_context, window_prefix=window_prefix, genes=genes,
+        present=present, n_window=n_window, n_context=n_context, genes=genes,
         gene_pairs=gene_pairs, gene_src=gene_src, pair_cell=pair_cell, pair_gene=pair_gene,
-        panel_pos=panel_pos, panel_at=panel_at, panel_member=panel_member, host=host,
-        tokens=tokens, query_cell=query_cell, query_pos=query_pos.reshape(-1), token_cell=token_cell,
-        counted_slot=counted_slot, n_window_all=n_window_all, n_context_all=n_context_all,
-        panel_slot=panel_slot, packed_counted=packed_counted, cell_counts=cell_counts, maps=maps,
+        panel_pos=panel_pos, panel_member=panel_member, host=host, tokens=tokens, cell_counts=cell_counts, maps=maps,
     )  # fmt: skip

@@ -54,6 +54,7 @@ import pytest
 import torch
 
 from attnprof.kernels import StatsSpec, attention_stats, build_plan, sum_shapes
+from attnprof.kernels.blocked import batch_rows
 from attnprof.kernels.spec import MAX_WINDOW, check_inputs
 from helpers import assert_sums_close, random_batch, spec_for
 
@@ -250,17 +251,18 @@ def test_plan_fields_without_a_panel_or_genes():
     plan = build_plan(StatsSpec(n_groups=2, window=2), labelings, padding)
     C = 3  # every cell is counted in some labeling
     assert plan.panel_pos.shape == (C, 0) and plan.panel_pos.dtype == torch.int64
-    assert plan.panel_at.shape == (C, 0) and plan.panel_at.dtype == torch.int64
+    rows = batch_rows(plan)  # the torch backend's view of the plan
+    assert rows.panel_at.shape == (C, 0) and rows.panel_at.dtype == torch.int64
     assert plan.panel_member.shape == (C, 0, 0) and plan.panel_member.dtype == torch.float64
-    assert plan.host["panel_count"] == [0, 0, 0] and plan.panel_slot.eq(-1).all()
+    assert plan.host["panel_count"] == [0, 0, 0] and rows.panel_slot.eq(-1).all()
     for name in ("genes", "gene_pairs", "gene_src", "pair_cell", "pair_gene"):
         field = getattr(plan, name)
         assert field.numel() == 0 and field.dtype == torch.int64, name
     assert torch.equal(plan.real, ~padding) and torch.equal(plan.groups, labelings)
-    assert plan.host["counted_lengths"] == [2, 1, 3] and plan.counted_slot.tolist() == [0, 1, 2]
+    assert plan.host["counted_lengths"] == [2, 1, 3] and rows.counted_slot.tolist() == [0, 1, 2]
     partly = build_plan(StatsSpec(n_groups=2, window=2), torch.tensor([[-1, 0, 1]]), padding)
     assert partly.host["counted_lengths"] == [1, 3] and torch.equal(partly.groups, torch.tensor([[0, 1]]))
-    assert partly.counted_slot.tolist() == [-1, 0, 1]
+    assert batch_rows(partly).counted_slot.tolist() == [-1, 0, 1]
 
 
 @pytest.mark.parametrize("chunk", [2, 4])

@@ -11,6 +11,7 @@ from torch import nn
 
 import attnprof
 from attnprof.kernels import StatsSpec, Target, attention_stats, build_plan, empty_sums, planned_stats
+from attnprof.kernels.blocked import batch_rows
 
 from helpers import assert_sums_close, random_batch, spec_for
 
@@ -58,7 +59,7 @@ def test_plan_fields_by_hand():
                 expected_onehot[c, lab * 3 + g] = 1
     torch.testing.assert_close(plan.onehot, expected_onehot)
     assert plan.n_window.tolist() == [3, 1, 2, 3]
-    assert plan.window_prefix.tolist() == [True, True, False, True]
+    assert plan.host["window_prefix"] == [True, True, False, True]
     assert plan.n_context.tolist() == [2, 1, 1, 2]
     # the batch's gene axis: ids of real tokens of counted cells only
     assert plan.genes.tolist() == [0, 1, 2, 3, 5, 7, 9]  # cell 2's padded 5s are not held
@@ -68,7 +69,7 @@ def test_plan_fields_by_hand():
     assert plan.pair_gene.tolist() == sorted(plan.pair_gene.tolist())
     # panel (7, 2, 4): id 4 is absent everywhere; cell 3 holds none of the panel
     assert plan.panel_pos.tolist() == [[1, 2, 3], [0, -1, -1], [0, 3, -1], [-1, -1, -1]]
-    assert plan.panel_at.tolist() == [[1, 2, 3], [0, -1, -1], [0, 2, -1], [-1, -1, -1]]
+    assert batch_rows(plan).panel_at.tolist() == [[1, 2, 3], [0, -1, -1], [0, 2, -1], [-1, -1, -1]]  # the torch backend's view
     assert plan.panel_member[0].tolist() == [[0, 1, 0], [1, 0, 1], [0, 0, 0]]
     assert plan.host["panel_count"] == [3, 1, 2, 0]
     # counts of both labelings: group 1 is empty in labeling 0
