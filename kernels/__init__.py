@@ -64,12 +64,7 @@ def planned_stats(q, k, v, plan: BatchPlan, targets, *, scale: float | None = No
     them is refused from the row log-sum-exp and the output, which the pass computes anyway.
     """
     scale = check_qkv(q, k, v, scale)
-    B, H, L, _ = q.shape
-    if (B, L) != (plan.B, plan.L) or q.device != plan.device:
-        raise ValueError(
-            f"q has {B} cells of {L} positions on {q.device}, but the batch plan is for {plan.B} cells of "
-            f"{plan.L} positions on {plan.device}: build the plan from this batch"
-        )
+    plan.check_fits(q)
     backend = get_backend(backend, q.device)
     with torch.no_grad():  # a forward-only op: the output carries no autograd history
         out, result = backend.cells(q, k, v, plan, scale)

@@ -54,11 +54,7 @@ class Accumulator:
     def attend(self, layer: str, q, k, v, plan: BatchPlan, scale: float | None = None) -> torch.Tensor:
         """One layer call: the backend's output, its result added into ``layer``'s sums."""
         scale = check_qkv(q, k, v, scale)
-        if (q.shape[0], q.shape[2]) != (plan.B, plan.L) or q.device != plan.device:
-            raise ValueError(
-                f"q has {q.shape[0]} cells of {q.shape[2]} positions on {q.device}, but the batch plan is for "
-                f"{plan.B} cells of {plan.L} positions on {plan.device}: build the plan from this batch"
-            )
+        plan.check_fits(q)
         backend = get_backend(self.backend, q.device)
         with torch.no_grad():
             out, result = backend.cells(q, k, v, plan, scale)

@@ -151,6 +151,15 @@ class BatchPlan:
                 "map_count": (NB, NB)}
         return {k: (self.onehot.T @ v).reshape(n, G, *tail[k]) for k, v in self.cell_counts.items()}
 
+    def check_fits(self, q: torch.Tensor) -> None:
+        """Refuse a layer's ``q [B, H, L, D]`` of another batch than the plan's (shape or device)."""
+        B, _, L, _ = q.shape
+        if (B, L) != (self.B, self.L) or q.device != self.device:
+            raise ValueError(
+                f"q has {B} cells of {L} positions on {q.device}, but the batch plan is for {self.B} cells of "
+                f"{self.L} positions on {self.device}: build the plan from this batch"
+            )
+
     def derived(self, key, make):
         """``make()``, computed at its first use on this plan and kept in its cache under ``key`` (a name, or a
         tuple of a name and ints): the one place a backend, the features or the reduction keep what they derive
