@@ -115,26 +115,25 @@ def _fused_batch(q, k, v, plan: BatchPlan, scale: float):
     padded rows' output, the summaries, window and panel entries all inside it."""
     B, H, L, D = q.shape
     C, W = plan.n_counted, plan.window
-
-    def pack(x, cell, pos):  # [B, H, L, D] -> [rows, H, D] fp32, one gather
-        return x.transpose(1, 2)[cell, pos].float()
-
-    qp = pack(q, plan.query_cell, plan.query_pos).mul_(scale)
-    kp, vp = pack(k, plan.token_cell, plan.positions), pack(v, plan.token_cell, plan.positions)
     if "cu_q" not in plan.cache:
         plan.cache["cu_q"] = torch.arange(0, (B + 1) * L, L, device=q.device)
         plan.cache["q_rows"] = plan.query_cell * L + plan.query_pos
+        plan.cache["k_rows"] = plan.token_cell * L + plan.positions
+
+    def rows(x):  # [B, H, L, D] -> [B * L, H, D] fp32 over the same memory (a view of the projections)
+        return x.float().transpose(1, 2).reshape(B * L, H, D)
+
+    # the kernel gathers each head's rows itself (q scaled as it goes): no packed copies of q, k, v
     outp, lse, row_stats, colsum, window, pair_block, check, map_rows = fused_rows.batch_rows(
-        qp, kp, vp, plan.cache["cu_q"], plan.cu_seqlens, plan.counted_slot, plan.n_context_all,
+        rows(q), rows(k), rows(v), plan.cache["cu_q"], plan.cu_seqlens, plan.counted_slot, plan.n_context_all,
         plan.n_window_all, plan.panel_slot, plan.panel_at, C, W,
         map_edges=None if plan.maps is None else plan.maps.edges,
+        q_rows=plan.cache["q_rows"], k_rows=plan.cache["k_rows"], scale=scale,
     )  # fmt: skip
     if not bool(torch.isfinite(lse.sum() + check.sum())):  # see _cell_stats: no extra pass
         refuse_non_finite(q, k, v)
     # [B, L, H, D] memory, as the model's next projection wants it; returned as the [B, H, L, D] view
-    out = q.new_empty(B, L, H, D)
-    out.view(B * L, H, D).index_copy_(0, plan.cache["q_rows"], outp.to(q.dtype))
-    out = out.transpose(1, 2)
+    out = outp.view(B, L, H, D).to(q.dtype).transpose(1, 2)
     lengths = plan.lengths.to(torch.float32)
     per_cell = q.new_zeros(B, H, 4, dtype=torch.float32).index_add_(0, plan.token_cell, row_stats.transpose(0, 1))
     cells = CellResults(summary=(per_cell / lengths[:, None, None])[plan.counted], window=window)

@@ -142,17 +142,21 @@ def cell_rows(q, k, v, rows: int | None = None, fast_exp: bool = True):
 
 
 def batch_rows(q, k, v, cu_q, cu_k, slot, n_context, n_window, panel_slot, panel_at, n_counted: int, W: int,
-               fast_exp: bool = True, map_edges=None):
+               fast_exp: bool = True, map_edges=None, q_rows=None, k_rows=None, scale: float = 1.0):
     """Every cell of a batch in one call (the per-cell loop runs in the compiled kernel).
 
-    q: ``[Tq, H, D]`` fp32, already scaled, cells packed by ``cu_q [B + 1]``: each cell's n real rows
-    first (in the order of its keys), then output-only rows. k, v: ``[Tk, H, D]`` the real tokens,
-    packed by ``cu_k``. Per cell: ``slot`` (its counted-cell index, -1 if not counted), ``n_context``
-    and ``n_window`` (leading real tokens in the context and the window). Per real token:
+    q: ``[Tq, H, D]`` fp32, cells packed by ``cu_q [B + 1]``: each cell's n real rows first (in the
+    order of its keys), then output-only rows; scaled by ``scale`` in the kernel (``q * scale`` in fp32).
+    k, v: ``[Tk, H, D]`` the real tokens, packed by ``cu_k``. Given ``q_rows [Tq]`` (``k_rows [Tk]``),
+    q (k and v) is instead ``[R, H, D]`` with any row and head strides (e.g. views of a fused projection)
+    and packed row i is its row ``q_rows[i]``: the kernel gathers each head's rows itself, and ``out`` is
+    ``[R, H, D]`` in q's rows (every row of q must be some packed row's). Per cell: ``slot`` (its
+    counted-cell index, -1 if not counted), ``n_context`` and ``n_window`` (leading real tokens in the
+    context and the window). Per real token:
     ``panel_slot`` (its index among the cell's panel tokens, or -1); ``panel_at [C, M]`` the panel
     tokens' indices among the cell's real tokens (-1 past the count).
 
-    Returns ``out [Tq, H, D]``, ``lse [H, Tq]``, ``row_stats [H, Tk, 4]`` (entropy, context mass, self
+    Returns ``out [Tq, H, D]`` (``[R, H, D]`` given ``q_rows``), ``lse [H, Tq]``, ``row_stats [H, Tk, 4]`` (entropy, context mass, self
     mass, row max per real row), ``colsum [H, Tk]``, ``window [C, H, W, W]`` (P among each counted
     cell's first ``n_window`` real tokens), ``pair [C, H, M, M]`` (P among its panel tokens),
     ``check [B * H]`` (the sum of each task's outputs: NaN or Inf where an output is not finite) and
@@ -165,4 +169,4 @@ def batch_rows(q, k, v, cu_q, cu_k, slot, n_context, n_window, panel_slot, panel
         raise RuntimeError(f"the fused CPU row kernel is not available: {_failed}")
     edges = cu_k.new_zeros(0, dtype=torch.long) if map_edges is None else map_edges
     return mod.batch_rows(q, k, v, cu_q, cu_k, slot, n_context, n_window, panel_slot, panel_at,
-                          int(n_counted), int(W), fast_exp, edges)  # fmt: skip
+                          int(n_counted), int(W), fast_exp, edges, q_rows, k_rows, float(scale))  # fmt: skip
