@@ -165,25 +165,22 @@ def _fused_batch(q, k, v, plan: BatchPlan, scale: float):
     padded rows' output, the summaries, window and panel entries all inside it."""
     B, H, L, D = q.shape
     C, W = plan.n_counted, plan.window
-
     rows = batch_rows(plan)
 
-    def pack(x, at):  # [B, H, L, D] -> [rows, H, D] fp32, one gather
-        return x.transpose(1, 2).reshape(B * L, H, D)[at].float()
+    def flat(x):  # [B, H, L, D] -> [B * L, H, D] fp32 over the same memory (a view of the projections)
+        return x.float().transpose(1, 2).reshape(B * L, H, D)
 
-    qp = pack(q, rows.q_rows).mul_(scale)
-    kp, vp = pack(k, rows.k_rows), pack(v, rows.k_rows)
+    # the kernel gathers each head's rows itself (q scaled as it goes): no packed copies of q, k, v
     outp, lse, row_stats, colsum, window, pair_block, check, map_rows = fused_rows.batch_rows(
-        qp, kp, vp, rows.cu_q, plan.cu_seqlens, rows.counted_slot, rows.n_context,
+        flat(q), flat(k), flat(v), rows.cu_q, plan.cu_seqlens, rows.counted_slot, rows.n_context,
         rows.n_window, rows.panel_slot, rows.panel_at, C, W,
         map_edges=None if plan.maps is None else plan.maps.edges,
+        q_rows=rows.q_rows, k_rows=rows.k_rows, scale=scale,
     )  # fmt: skip
     if not bool(torch.isfinite(lse.sum() + check.sum())):  # see _cell_stats: no extra pass
         refuse_non_finite(q, k, v)
     # [B, L, H, D] memory, as the model's next projection wants it; returned as the [B, H, L, D] view
-    out = q.new_empty(B, L, H, D)
-    out.view(B * L, H, D).index_copy_(0, rows.q_rows, outp.to(q.dtype))
-    out = out.transpose(1, 2)
+    out = outp.view(B, L, H, D).to(q.dtype).transpose(1, 2)
     lengths = plan.lengths.to(torch.float32)
     per_cell = q.new_zeros(B, H, 4, dtype=torch.float32).index_add_(0, rows.token_cell, row_stats.transpose(0, 1))
     cells = CellResults(summary=(per_cell / lengths[:, None, None])[plan.counted], window=window)

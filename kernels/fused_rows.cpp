@@ -1,6 +1,6 @@
 // attnprof's fused CPU row kernels (see attnprof/kernels/fused_rows.py for the Python side).
 //
-// cell_rows: one cell, [H, n, D]; batch_rows: a packed batch, [rows, H, D]. Per task (a head and a
+// cell_rows: one cell, [H, n, D]; batch_rows: a batch, [rows, H, D]. Per task (a head and a
 // range of row blocks, or a cell and a head) a block of scores S = Q K^T by a single-threaded matrix
 // product, then per row (while it is in L1) the max, exp(s - max) in place with z and sum e (s - max)
 // in the same loop, the column sums; then E V scaled by 1 / z. Tasks run under at::parallel_for.
@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <vector>
 
 using Vec = at::vec::Vectorized<float>;
@@ -188,14 +189,26 @@ std::vector<at::Tensor> cell_rows(at::Tensor q, at::Tensor k, at::Tensor v, int6
 }
 
 // A whole batch in one call: task (cell b, head h) owns every output it writes (no partials).
-// q, k, v, out are [rows, H, D] (a row of every head together, as projections give them).
-// Queries of cell b: rows cu_q[b] .. cu_q[b+1] of q, its n real rows first (in key order), then
-// output-only rows (padded positions); keys: rows cu_k[b] .. cu_k[b+1] of k and v (n real tokens).
+// q, k, v, out are [rows, H, D] (a row of every head together, as projections give them; q, k, v with any
+// row and head strides). Queries of cell b: packed rows cu_q[b] .. cu_q[b+1], its n real rows first (in key
+// order), then output-only rows (padded positions); keys: packed rows cu_k[b] .. cu_k[b+1] (n real tokens).
+// A packed row is a row of q (of k, v) through q_map (k_map), or itself. A task gathers its head's keys and
+// values into contiguous [n x D] buffers (contiguous operands: MKL packs them faster than rows H D apart)
+// and each block's queries (times the scale), and writes its output rows scaled by 1 / z through q_map.
 // Whole-context maps (NB > 0): map bin c holds the cell's keys medges[b][c] .. medges[b][c+1] (a run: bins
 // are runs of positions and keys are in position order), and its real rows likewise. The rows of one query
 // bin are added up while in L1 (one vectorized pass per row, as the column sums), and when the query bin
 // ends that sum is reduced over the key bins' runs into the bin's row of maps[c, h], in float64 (the task
 // owns it): NB short sums per query bin, not per row.
+
+// q, k or v: packed row r of head h at p + map(r) * row_stride + h * head_stride (map: identity if null).
+struct Rows {
+  const float* p;
+  int64_t row_stride, head_stride;
+  const int64_t* rows;
+  inline int64_t map(int64_t r) const { return rows ? rows[r] : r; }
+  inline const float* row(int64_t r, int64_t h) const { return p + map(r) * row_stride + h * head_stride; }
+};
 
 // The summed rows of query bin a (qsum, n keys) into maps row a: one run sum per key bin; qsum is zeroed.
 static inline void flush_query_bin(float* qsum, int64_t n, const int64_t* edge, int64_t NB, double* row) {
@@ -203,43 +216,52 @@ static inline void flush_query_bin(float* qsum, int64_t n, const int64_t* edge, 
   std::fill(qsum, qsum + n, 0.f);
 }
 template <bool FAST>
-static void batch_impl(const float* q, const float* k, const float* v, const int64_t* cu_q,
+static void batch_impl(const Rows& q, const Rows& k, const Rows& v, float scale, const int64_t* cu_q,
                        const int64_t* cu_k, const int64_t* slot, const int64_t* nctx,
                        const int64_t* nwin, const int64_t* pslot, const int64_t* pat, float* out,
                        float* lse, float* rstat, float* colsum, float* win, float* pair, float* check,
                        const int64_t* medges, double* maps, int64_t B, int64_t H, int64_t Tq, int64_t Tk,
                        int64_t D, int64_t W, int64_t M, int64_t NB) {
   at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> sbuf, zinv, qsum;
+    std::vector<float> sbuf, zinv, qsum, kbuf, vbuf, qbuf, obuf;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / H, h = t % H;
       const int64_t q0 = cu_q[b], mq = cu_q[b + 1] - q0, k0 = cu_k[b], n = cu_k[b + 1] - k0;
       const int64_t c = slot[b], nc = nctx[b], nw = nwin[b];
-      const int64_t HD = H * D;  // row stride
-      const float* qh = q + q0 * HD + h * D;
-      const float* kh = k + k0 * HD + h * D;
-      const float* vh = v + k0 * HD + h * D;
-      float* oh = out + q0 * HD + h * D;
+      const int64_t HD = H * D;  // row stride of out
       float* cs = colsum + h * Tk + k0;
       std::fill(cs, cs + n, 0.f);
       const int64_t rows = std::max<int64_t>(32, std::min<int64_t>(128, (1 << 18) / std::max<int64_t>(n, 1)));
-      sbuf.resize(rows * n);
-      zinv.resize(rows);
+      sbuf.resize(rows * n); zinv.resize(rows); qbuf.resize(rows * D); obuf.resize(rows * D);
+      kbuf.resize(n * D); vbuf.resize(n * D);
       if (mq == 0) { check[t] = 0.f; continue; }
+      for (int64_t u = 0; u < n; ++u) {  // this head's keys and values, gathered in key order
+        std::copy_n(k.row(k0 + u, h), D, kbuf.data() + u * D);
+        std::copy_n(v.row(k0 + u, h), D, vbuf.data() + u * D);
+      }
       const bool binned = NB > 0 && c >= 0;
       const int64_t* edge = binned ? medges + b * (NB + 1) : nullptr;
       double* map_rows = binned ? maps + (c * H + h) * NB * NB : nullptr;
       int64_t qbin = 0;  // the query bin of the rows summed in qsum (rows ascend)
       if (binned) qsum.assign(n, 0.f);
-      const at::Tensor KT = view2d(kh, D, n, 1, HD);  // K^T [D x n] of head h
-      const at::Tensor Vh = view2d(vh, n, D, HD, 1);  // V [n x D] of head h
+      const at::Tensor KT = view2d(kbuf.data(), D, n, 1, D);  // K^T [D x n] of head h
+      const at::Tensor Vh = view2d(vbuf.data(), n, D, D, 1);  // V [n x D] of head h
       at::Tensor Sfull = view2d(sbuf.data(), rows, n, n, 1);
+      at::Tensor Qfull = view2d(qbuf.data(), rows, D, D, 1), Ofull = view2d(obuf.data(), rows, D, D, 1);
       double osum = 0.0;
+      const Vec vscale(scale);
       for (int64_t r0 = 0; r0 < mq; r0 += rows) {
         const int64_t r = std::min(rows, mq - r0);
         float* S = sbuf.data();
         at::Tensor Sv = r == rows ? Sfull : view2d(S, r, n, n, 1);
-        mm(Sv, view2d(qh + r0 * HD, r, D, HD, 1), KT);  // S [r x n] = Q[r0 : r0 + r] K^T
+        for (int64_t i = 0; i < r; ++i) {  // the block's queries, gathered and scaled (q * scale in fp32)
+          const float* src = q.row(q0 + r0 + i, h);
+          float* dst = qbuf.data() + i * D;
+          int64_t j = 0;
+          for (; j + Vec::size() <= D; j += Vec::size()) (Vec::loadu(src + j) * vscale).store(dst + j);
+          for (; j < D; ++j) dst[j] = src[j] * scale;
+        }
+        mm(Sv, r == rows ? Qfull : view2d(qbuf.data(), r, D, D, 1), KT);  // S [r x n] = Q[r0 : r0 + r] K^T
         for (int64_t i = 0; i < r; ++i) {
           float* s = S + i * n;
           float m, z, w;
@@ -282,21 +304,21 @@ static void batch_impl(const float* q, const float* k, const float* v, const int
             for (; j < n; ++j) qs[j] += s[j] * iz;
           }
         }
-        float* O = oh + r0 * HD;
-        at::Tensor Ov = view2d(O, r, D, HD, 1);
+        at::Tensor Ov = r == rows ? Ofull : view2d(obuf.data(), r, D, D, 1);
         mm(Ov, Sv, Vh);  // O [r x D] = E V
-        for (int64_t i = 0; i < r; ++i) {
+        for (int64_t i = 0; i < r; ++i) {  // scaled by 1 / z into the query's row of out
           const Vec viz(zinv[i]);
-          float* o = O + i * HD;
+          const float* ob = obuf.data() + i * D;
+          float* o = out + q.map(q0 + r0 + i) * HD + h * D;
           Vec acc(0.f);
           int64_t j = 0;
           for (; j + Vec::size() <= D; j += Vec::size()) {
-            Vec x = Vec::loadu(o + j) * viz;
+            Vec x = Vec::loadu(ob + j) * viz;
             x.store(o + j);
             acc = acc + x;
           }
           float tail = 0.f;
-          for (; j < D; ++j) { o[j] *= zinv[i]; tail += o[j]; }
+          for (; j < D; ++j) { o[j] = ob[j] * zinv[i]; tail += o[j]; }
           osum += at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc) + tail;
         }
       }
@@ -309,15 +331,22 @@ static void batch_impl(const float* q, const float* k, const float* v, const int
 std::vector<at::Tensor> batch_rows(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor cu_q,
                                    at::Tensor cu_k, at::Tensor slot, at::Tensor nctx, at::Tensor nwin,
                                    at::Tensor pslot, at::Tensor pat, int64_t C, int64_t W,
-                                   bool fast_exp, at::Tensor medges) {
+                                   bool fast_exp, at::Tensor medges, std::optional<at::Tensor> q_map,
+                                   std::optional<at::Tensor> k_map, double scale) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes() && q.size(1) == k.size(1) &&
               q.size(2) == k.size(2), "q [Tq, H, D], k and v [Tk, H, D]");
   TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
               v.scalar_type() == at::kFloat, "fp32 only");
-  q = q.contiguous(); k = k.contiguous(); v = v.contiguous();
-  const int64_t H = q.size(1), Tq = q.size(0), Tk = k.size(0), D = q.size(2);
-  const int64_t B = cu_q.numel() - 1, M = pat.size(1);
-  auto out = at::empty_like(q);
+  auto rowwise = [](at::Tensor x) { return x.stride(2) == 1 ? x : x.contiguous(); };  // any row, head strides
+  q = rowwise(q); k = rowwise(k); v = rowwise(v);
+  auto i64 = [](at::Tensor x) { return x.to(at::kLong).contiguous(); };
+  // q_map, k_map: the row of q (of k and v) of each packed row; none: the rows are packed already
+  const bool qmap = q_map.has_value(), kmap = k_map.has_value();
+  const at::Tensor q_rows = qmap ? i64(*q_map) : at::Tensor(), k_rows = kmap ? i64(*k_map) : at::Tensor();
+  const int64_t H = q.size(1), Tq = qmap ? q_rows.numel() : q.size(0), Tk = kmap ? k_rows.numel() : k.size(0);
+  const int64_t D = q.size(2), B = cu_q.numel() - 1, M = pat.size(1);
+  // out: q's row space ([rows of q, H, D], contiguous); each packed query row writes its own row
+  auto out = at::empty({q.size(0), H, D}, q.options());
   auto lse = at::empty({H, Tq}, q.options());
   auto rstat = at::zeros({H, Tk, 4}, q.options());
   auto colsum = at::empty({H, Tk}, q.options());
@@ -327,11 +356,13 @@ std::vector<at::Tensor> batch_rows(at::Tensor q, at::Tensor k, at::Tensor v, at:
   const int64_t NB = medges.dim() == 2 ? medges.size(1) - 1 : 0;
   TORCH_CHECK(NB == 0 || medges.size(0) == B, "map edges must be [B, NB + 1]");
   auto maps = at::zeros({C, H, NB, NB}, q.options().dtype(at::kDouble));
-  auto i64 = [](at::Tensor x) { return x.to(at::kLong).contiguous(); };
   cu_q = i64(cu_q); cu_k = i64(cu_k); slot = i64(slot); nctx = i64(nctx); nwin = i64(nwin);
   pslot = i64(pslot); pat = i64(pat); medges = i64(medges);
   auto impl = fast_exp ? batch_impl<true> : batch_impl<false>;  // one signature, two exponentials
-  impl(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), cu_q.data_ptr<int64_t>(),
+  auto rows = [](const at::Tensor& x, bool mapped, const at::Tensor& map) {
+    return Rows{x.data_ptr<float>(), x.stride(0), x.stride(1), mapped ? map.data_ptr<int64_t>() : nullptr};
+  };
+  impl(rows(q, qmap, q_rows), rows(k, kmap, k_rows), rows(v, kmap, k_rows), (float)scale, cu_q.data_ptr<int64_t>(),
        cu_k.data_ptr<int64_t>(), slot.data_ptr<int64_t>(), nctx.data_ptr<int64_t>(), nwin.data_ptr<int64_t>(),
        pslot.data_ptr<int64_t>(), pat.data_ptr<int64_t>(), out.data_ptr<float>(), lse.data_ptr<float>(),
        rstat.data_ptr<float>(), colsum.data_ptr<float>(), win.data_ptr<float>(), pair.data_ptr<float>(),

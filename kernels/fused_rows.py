@@ -47,21 +47,29 @@ def _enabled() -> bool:
     return os.environ.get("ATTNPROF_FUSED", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def _flags() -> tuple[str, list[str]]:
-    cap = "DEFAULT"
-    try:
-        cap = torch.backends.cpu.get_cpu_capability()
-    except Exception:  # pragma: no cover - very old torch
-        pass
+#: Per CPU capability, the flags that make the ATen vec headers pick that capability's code (as ATen
+#: builds its own kernels): 16 fp32 lanes on AVX512 (about 15% off the kernel there), 8 on AVX2. Every
+#: compiler that builds torch's C++17 headers (GCC >= 9, Clang >= 5) takes the AVX512 flags.
+_ISA_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "DEFAULT": [],
+}  # fmt: skip
+
+
+def _flags(cap: str | None = None) -> tuple[str, list[str]]:
+    """``(capability, compiler flags)``: torch's CPU capability (``ATEN_CPU_CAPABILITY`` lowers it) or ``cap``."""
+    if cap is None:
+        cap = "DEFAULT"
+        try:
+            cap = torch.backends.cpu.get_cpu_capability()
+        except Exception:  # pragma: no cover - very old torch
+            pass
+    cap = cap if cap in _ISA_FLAGS else "DEFAULT"
     # -fopenmp: at::parallel_for is a header template that is only parallel when compiled with
     # OpenMP (ATen's default backend); the process already has torch's libgomp loaded.
-    flags = ["-O3", "-fopenmp"]
-    if cap in ("AVX2", "AVX512"):  # the ATen vec headers pick AVX2 code from these macros
-        flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-        cap = "AVX2"
-    else:
-        cap = "DEFAULT"
-    return cap, flags
+    return cap, ["-O3", "-fopenmp", *_ISA_FLAGS[cap]]
 
 
 def _sources() -> dict[str, bytes]:
@@ -128,17 +136,21 @@ def cell_rows(q, k, v, rows: int | None = None, fast_exp: bool = True):
 
 
 def batch_rows(q, k, v, cu_q, cu_k, slot, n_context, n_window, panel_slot, panel_at, n_counted: int, W: int,
-               fast_exp: bool = True, map_edges=None):
+               fast_exp: bool = True, map_edges=None, q_rows=None, k_rows=None, scale: float = 1.0):
     """Every cell of a batch in one call (the per-cell loop runs in the compiled kernel).
 
-    q: ``[Tq, H, D]`` fp32, already scaled, cells packed by ``cu_q [B + 1]``: each cell's n real rows
-    first (in the order of its keys), then output-only rows. k, v: ``[Tk, H, D]`` the real tokens,
-    packed by ``cu_k``. Per cell: ``slot`` (its counted-cell index, -1 if not counted), ``n_context``
-    and ``n_window`` (leading real tokens in the context and the window). Per real token:
+    q: ``[Tq, H, D]`` fp32, cells packed by ``cu_q [B + 1]``: each cell's n real rows first (in the
+    order of its keys), then output-only rows; scaled by ``scale`` in the kernel (``q * scale`` in fp32).
+    k, v: ``[Tk, H, D]`` the real tokens, packed by ``cu_k``. Given ``q_rows [Tq]`` (``k_rows [Tk]``),
+    q (k and v) is instead ``[R, H, D]`` with any row and head strides (e.g. views of a fused projection)
+    and packed row i is its row ``q_rows[i]``: the kernel gathers each head's rows itself, and ``out`` is
+    ``[R, H, D]`` in q's rows (every row of q must be some packed row's). Per cell: ``slot`` (its
+    counted-cell index, -1 if not counted), ``n_context`` and ``n_window`` (leading real tokens in the
+    context and the window). Per real token:
     ``panel_slot`` (its index among the cell's panel tokens, or -1); ``panel_at [C, M]`` the panel
     tokens' indices among the cell's real tokens (-1 past the count).
 
-    Returns ``out [Tq, H, D]``, ``lse [H, Tq]``, ``row_stats [H, Tk, 4]`` (entropy, context mass, self
+    Returns ``out [Tq, H, D]`` (``[R, H, D]`` given ``q_rows``), ``lse [H, Tq]``, ``row_stats [H, Tk, 4]`` (entropy, context mass, self
     mass, row max per real row), ``colsum [H, Tk]``, ``window [C, H, W, W]`` (P among each counted
     cell's first ``n_window`` real tokens), ``pair [C, H, M, M]`` (P among its panel tokens),
     ``check [B * H]`` (the sum of each task's outputs: NaN or Inf where an output is not finite) and
@@ -151,4 +163,4 @@ def batch_rows(q, k, v, cu_q, cu_k, slot, n_context, n_window, panel_slot, panel
         raise RuntimeError(f"the fused CPU row kernel is not available: {_failed}")
     edges = cu_k.new_zeros(0, dtype=torch.long) if map_edges is None else map_edges
     return mod.batch_rows(q, k, v, cu_q, cu_k, slot, n_context, n_window, panel_slot, panel_at,
-                          int(n_counted), int(W), fast_exp, edges)  # fmt: skip
+                          int(n_counted), int(W), fast_exp, edges, q_rows, k_rows, float(scale))  # fmt: skip
