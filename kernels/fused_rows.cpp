@@ -388,9 +388,12 @@ at::Tensor exp_check(at::Tensor x, bool fast) {
   return y;
 }
 
+void scatter_rows_add(at::Tensor t, const at::Tensor& rows, const at::Tensor& slots, const at::Tensor& value);  // scatter_rows.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cell_rows", &cell_rows, "one cell's fused row pass");
   m.def("batch_rows", &batch_rows, "a packed batch's fused row pass");
+  m.def("scatter_rows_add", &scatter_rows_add, "t[rows, m, slots] += value, a task per (row, m)");
   m.def("set_force_mm", &set_force_mm, "tests: products through the dispatcher's at::mm_out");
   m.def("exp_check", &exp_check, "tests: the kernel's vectorized exp, elementwise");
 }

@@ -16,8 +16,10 @@ single-threaded matrix product (ATen's CPU ``mm`` on views, i.e. libtorch's BLAS
 ``1 / z``. Tasks run under ``at::parallel_for``; each task writes its own column-sum partial, and
 the partials are added in a fixed order, so results do not depend on the thread count.
 
-The C++ lives in ``fused_rows.cpp`` beside this file (package data). It is built on first use with
-``torch.utils.cpp_extension.load`` through :func:`attnprof.kernels.cpp_build.load_extension`: one folder
+The same extension holds the CPU scatter of gene sums, :func:`scatter_rows_add` (``scatter_rows.cpp``).
+
+The C++ lives in ``fused_rows.cpp`` and ``scatter_rows.cpp`` beside this file (package data). It is built on
+first use with ``torch.utils.cpp_extension.load`` through :func:`attnprof.kernels.cpp_build.load_extension`: one folder
 per environment and binary (source, torch, compiler, flags, Python), a build announced on stderr with
 its reason, a lock that names its owner and is cleared when that owner is gone; later processes only
 load it. :func:`available` says whether it could be built; on failure it warns once and callers fall
@@ -36,7 +38,7 @@ import torch
 #: Scores per row block (rows x keys fp32): 2**18 = 1 MiB, about one core's L2; rows in [32, 128].
 BLOCK_ELEMS = 2**18
 
-SOURCES = ("fused_rows.cpp",)  # package data beside this file
+SOURCES = ("fused_rows.cpp", "scatter_rows.cpp")  # package data beside this file
 
 _lock = threading.Lock()
 _module = None
@@ -164,3 +166,13 @@ def batch_rows(q, k, v, cu_q, cu_k, slot, n_context, n_window, panel_slot, panel
     edges = cu_k.new_zeros(0, dtype=torch.long) if map_edges is None else map_edges
     return mod.batch_rows(q, k, v, cu_q, cu_k, slot, n_context, n_window, panel_slot, panel_at,
                           int(n_counted), int(W), fast_exp, edges, q_rows, k_rows, float(scale))  # fmt: skip
+
+
+def scatter_rows_add(t, rows, slots, value) -> None:
+    """``t[rows[p], m, slots[j]] += value[p, m, j]`` for float64 CPU ``t [R, M, V]`` and ``value [P, M, J]``
+    (any strides; ``rows`` distinct): the sums of ``index_put_`` with ``accumulate``, bit for bit, on every
+    thread instead of one. Call only when :func:`available` is True."""
+    mod = _load()
+    if mod is None:
+        raise RuntimeError(f"the fused CPU kernels are not available: {_failed}")
+    mod.scatter_rows_add(t, rows.long().contiguous(), slots.long().contiguous(), value)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import fused_rows
 from .features import DENSE, GENES, CellResults, _Features, _layer_features, _part  # noqa: F401 (CellResults: public here too)
 
 
@@ -222,7 +223,14 @@ def _labeling_range(target: Target, plan) -> tuple[int, int]:
 
 def _scatter_add(t: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, value: torch.Tensor) -> None:
     """``t[rows, ..., slots] += value`` (``value``: [P, (middle,) slots]) in one op: each (row, slot) once, so
-    no entry is added to twice (no float atomics racing on a GPU)."""
+    no entry is added to twice (no float atomics racing on a GPU). On the CPU the fused extension's
+    :func:`~.fused_rows.scatter_rows_add` when built (the same sums on every thread: ``index_put_`` with
+    ``accumulate`` runs on one there, and so do the page faults of a fresh store's first touch)."""
+    if t.device.type == "cpu" and t.dim() in (2, 3) and fused_rows.available():
+        if t.dim() == 2:
+            t, value = t.unsqueeze(1), value.unsqueeze(1)
+        fused_rows.scatter_rows_add(t, rows, slots, value)
+        return
     middle = t.dim() - 2
     index = [rows.view(-1, *[1] * (middle + 1))]
     index += [torch.arange(t.shape[1 + i], device=t.device).view(-1, *[1] * (middle - i)) for i in range(middle)]

@@ -1,4 +1,4 @@
-"""The fused CPU row kernel equals the eager row pass of the torch backend."""
+"""The fused CPU row kernel equals the eager row pass of the torch backend; its gene scatter, ``index_put_``."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from attnprof.kernels import fused_rows
 from helpers import skip_unless_built
 
 ATOL = RTOL = 1e-5
+THREADS = torch.get_num_threads()
 
 
 @pytest.fixture(scope="module")
@@ -166,3 +168,63 @@ def test_built_once_per_environment_in_a_keyed_folder(built):
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "attnprof:" not in done.stderr, done.stderr  # no build, no lock message
     assert done.stdout.strip() == built.__file__
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_scatter_rows_add_equals_index_put_bit_for_bit(built, data):
+    """The CPU gene scatter adds what ``index_put_`` with accumulate adds, bit for bit: any rows (distinct),
+    slots (repeats too), strides of the sums and of the values, 2-D sums (``recv_count``) and 3-D blocks, on
+    one thread or several."""
+    from attnprof.kernels import reduce
+
+    R, M, V = data.draw(st.integers(1, 6)), data.draw(st.integers(1, 5)), data.draw(st.integers(1, 40))
+    P = data.draw(st.integers(0, R))
+    J = data.draw(st.integers(0, 60))
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    rows = torch.randperm(R, generator=g)[:P]
+    slots = torch.randint(V, (J,), generator=g)
+    value = torch.randn(M, P, J, generator=g, dtype=torch.float64).transpose(0, 1)  # not contiguous
+    start = torch.randn(R, V, M, generator=g, dtype=torch.float64).permute(0, 2, 1)  # sums with other strides
+    two_d = data.draw(st.booleans())
+    if two_d:
+        start, value = start[:, 0], value[:, 0]
+    want = start.clone()
+    index = (rows.view(-1, 1, 1), torch.arange(M).view(-1, 1), slots) if not two_d else (rows.view(-1, 1), slots)
+    want.index_put_(index, value, accumulate=True)
+    got = start.clone()  # the same strides
+    torch.set_num_threads(data.draw(st.sampled_from([1, 2])))
+    try:
+        reduce._scatter_add(got, rows, slots, value)
+    finally:
+        torch.set_num_threads(THREADS)
+    assert torch.equal(got, want)
+
+
+def test_gene_scatter_on_the_cpu_is_the_extensions(built, monkeypatch):
+    """With the extension built, the CPU scatter dispatches no aten op (it is the C++ call); without it, the
+    fallback is one ``index_put_``. Both add the same sums."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from attnprof.kernels import reduce
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    value = torch.arange(2 * 3 * 4, dtype=torch.float64).view(2, 3, 4)
+    rows, slots = torch.tensor([3, 0]), torch.tensor([5, 1, 2, 7])
+    sums = {}
+    for fused in ("1", "0"):
+        monkeypatch.setenv("ATTNPROF_FUSED", fused)
+        t = torch.ones(4, 3, 8, dtype=torch.float64)
+        with Ops() as ops:
+            reduce._scatter_add(t, rows, slots, value)
+        assert ("index_put_" in ops.names) == (fused == "0"), ops.names
+        sums[fused] = t
+    assert torch.equal(sums["1"], sums["0"])

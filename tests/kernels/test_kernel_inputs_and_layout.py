@@ -330,14 +330,15 @@ def _aten_ops(fn) -> list[str]:
     return ops
 
 
-def test_tiled_sums_take_one_matmul_per_target_and_separate_sums_one_per_sum():
+def test_tiled_sums_take_one_matmul_per_target_and_separate_sums_one_per_sum(monkeypatch):
     """Which path each layout takes (the results are equal either way: tests/test_plan.py): sums from
     tiled_zeros take one matmul and one index_add_ (the rows holding a cell) per target for every dense sum and
-    count, and per gene chunk one matmul and one scatter-add (index_put_) for the gene sums; separate sums one
-    index_add_ per dense sum and one scatter-add per gene sum. No op count depends on the batch."""
+    count, and per gene chunk one matmul and one scatter-add (index_put_ on a GPU, as here) for the gene sums;
+    separate sums one index_add_ per dense sum and one scatter-add per gene sum. No op count depends on the batch."""
     from attnprof.kernels import tiled_zeros
     from attnprof.kernels.features import DENSE, GENES, _features
 
+    monkeypatch.setenv("ATTNPROF_FUSED", "0")  # the GPU's path: the CPU's scatter is the C++ extension's, no aten op
     plan, cells, shapes, compact = _tiled_setup()
     chunks = len(_features(plan, 2).genes)  # the plan's buffers exist before the count (made once per plan)
     tiled = _aten_ops(lambda: _reduced(plan, cells, tiled_zeros(shapes), tiled_zeros(compact)))

@@ -104,6 +104,7 @@ class OpLog(TorchDispatchMode):
 @pytest.fixture
 def oplog(monkeypatch):
     """An OpLog that also sees kernel launches, ``tolist()`` and ``numpy()``; enter it with ``with``."""
+    monkeypatch.setenv("ATTNPROF_FUSED", "0")  # the GPU's ops: the CPU's gene scatter is a call of the C++ extension
     log = OpLog()
     launch = interpreter.GridExecutor.__call__
 
@@ -213,6 +214,7 @@ def per_layer(oplog_factory, profiled, B: int = 4, warm: bool = True) -> collect
 @pytest.fixture
 def launch_counting(monkeypatch):
     """A factory of OpLogs that each see kernel launches (one log active at a time)."""
+    monkeypatch.setenv("ATTNPROF_FUSED", "0")  # the GPU's ops: the CPU's gene scatter is a call of the C++ extension
     launch = interpreter.GridExecutor.__call__
 
     def factory():
