@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import collections
 import pickle
+import re
 
 import numpy as np
 
-_scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
+#: numpy's scalar reconstructor (numpy 2 moved ``numpy.core`` to ``numpy._core``).
+NUMPY_SCALAR = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
 #: (module, name) -> object: the globals plain data needs (numpy 1 and 2 spell the scalar's module apart).
 PLAIN_GLOBALS = {
     ("builtins", "set"): set,
@@ -21,8 +23,8 @@ PLAIN_GLOBALS = {
     ("builtins", "complex"): complex,
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("numpy", "dtype"): np.dtype,
-    ("numpy.core.multiarray", "scalar"): _scalar,
-    ("numpy._core.multiarray", "scalar"): _scalar,
+    ("numpy.core.multiarray", "scalar"): NUMPY_SCALAR,
+    ("numpy._core.multiarray", "scalar"): NUMPY_SCALAR,
 }
 
 
@@ -36,6 +38,12 @@ class NotPlainData(pickle.UnpicklingError):
 
 class UntrustedPickle(ValueError):
     """A pickle that would run code, read without trust: the message names the global and the flag."""
+
+
+def refused_global(error: Exception) -> str:
+    """`` (e.g. module.Name)``: the global a ``torch.load(weights_only=True)`` refusal names, or "" if none."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+)|but got <class '([^']+)'>", str(error))
+    return f" (e.g. {found.group(1) or found.group(2)})" if found else ""
 
 
 class _PlainUnpickler(pickle.Unpickler):

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import pickle
-import re
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from ...safe_pickle import UntrustedPickle, load_plain
+from ...safe_pickle import UntrustedPickle, load_plain, refused_global
 
 
 def read_dictionary(path, what: str, trust: bool = False) -> dict:
@@ -94,8 +93,7 @@ def load_geneformer_model(folder, *, trust_checkpoint: bool = False, quiet: bool
                 **source, attn_implementation="eager", add_pooling_layer=False, output_loading_info=True,
             )  # fmt: skip
     except pickle.UnpicklingError as e:  # torch's weights_only refusal of a .bin holding Python objects
-        found = re.search(r"Unsupported global: GLOBAL (\S+)|but got <class '([^']+)'>", str(e))
-        what = f" (e.g. {found.group(1) or found.group(2)})" if found else ""
+        what = refused_global(e)
         raise ValueError(
             f"{folder}'s weights hold Python objects besides tensors{what}: loading them would run code from the "
             f"file; if you trust it, pass --trust-checkpoint (or use its model.safetensors)"

@@ -7,13 +7,13 @@ The training heads of the checkpoints (``classifier_head``, ``pooler_head``,
 from __future__ import annotations
 
 import pickle
-import re
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ...safe_pickle import NUMPY_SCALAR, refused_global
 from ..vocab import EXTRA_EMBEDDINGS
 from .model import HPARAM_NAMES, Nicheformer, NicheformerConfig
 
@@ -55,10 +55,9 @@ def load_nicheformer(path, *, n_heads: int | None = None, trust_checkpoint: bool
 
 def _numpy_float64_scalars() -> list:
     """Exactly what unpickling a numpy float64 scalar needs, under numpy 2's and numpy 1's module names."""
-    scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
     return [
-        (scalar, "numpy._core.multiarray.scalar"),
-        (scalar, "numpy.core.multiarray.scalar"),  # checkpoints written with numpy < 2
+        (NUMPY_SCALAR, "numpy._core.multiarray.scalar"),
+        (NUMPY_SCALAR, "numpy.core.multiarray.scalar"),  # checkpoints written with numpy < 2
         np.dtype,
         type(np.dtype(np.float64)),  # numpy.dtypes.Float64DType
     ]
@@ -76,8 +75,7 @@ def _read(path: Path, trust: bool):
         if trust or "Unsupported operand" in str(e):  # garbage, not pickled objects: the flag would not help
             detail = f": {e}" if trust else ""
             raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupted?){detail}") from e
-        found = re.search(r"Unsupported global: GLOBAL (\S+)|but got <class '([^']+)'>", str(e))
-        what = f" (e.g. {found.group(1) or found.group(2)})" if found else ""
+        what = refused_global(e)
         raise ValueError(
             f"{path} holds Python objects besides tensors{what}, which weights_only loading refuses; "
             f"if you trust the file, load it with trust_checkpoint=True (--trust-checkpoint)"
